@@ -1,0 +1,267 @@
+"""RT Ion Plan reading: beams, room, energy layers and spots (standard and SHI private tags)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from .errors import CaseError
+
+RT_ION_PLAN_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.8"
+ROOM_PATTERN = re.compile(r"G[^0-9]*([12])(?![0-9])")
+# SHI line-scanning private tags mirroring ScanSpotPositionMap / ScanSpotMetersetWeights.
+PRIVATE_SPOT_POSITIONS = (0x300B, 0x1094)
+PRIVATE_SPOT_WEIGHTS = (0x300B, 0x1096)
+
+
+@dataclass
+class Layer:
+    """One energy layer: a run of consecutive control points with equal NominalBeamEnergy."""
+
+    energy_mev: float
+    mu: float
+    spot_xy_mm: list[tuple[float, float]] = field(default_factory=list)
+    spot_mu: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Beam:
+    number: int
+    name: str
+    description: str
+    machine: str
+    delivery_type: str
+    is_setup: bool
+    gantry_angle: float
+    isocenter_mm: tuple[float, float, float]
+    snout_position_mm: float | None
+    range_shifters: int
+    layers: list[Layer]
+
+    @property
+    def sanitized_name(self) -> str:
+        return sanitize_beam_name(self.name)
+
+
+@dataclass
+class Plan:
+    path: Path
+    sop_instance_uid: str
+    patient_id: str
+    room: str  # "G1" or "G2"
+    beams: list[Beam]
+
+    @property
+    def treatment_beams(self) -> list[Beam]:
+        return [b for b in self.beams if not b.is_setup]
+
+    def beam(self, number: int) -> Beam | None:
+        return next((b for b in self.beams if b.number == number), None)
+
+
+def sanitize_beam_name(name: str) -> str:
+    """The folder name mqi_interpreter and MOQUI use for a beam (`1G180:TX` -> `1G180_TX`)."""
+    return re.sub(r"[^a-zA-Z0-9_\-]", "_", name)
+
+
+def room_of_machine(machine_name: str) -> str | None:
+    match = ROOM_PATTERN.search(machine_name or "")
+    return f"G{match.group(1)}" if match else None
+
+
+def is_rt_ion_plan(path: Path) -> bool:
+    """True for a DICOM RT Ion Plan; reads the header only."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Modality", "SOPClassUID"])
+    except (InvalidDicomError, OSError, AttributeError, ValueError, TypeError):
+        return False
+    return ds.get("Modality") == "RTPLAN" and str(ds.get("SOPClassUID", "")) == RT_ION_PLAN_SOP_CLASS
+
+
+def find_plan(case_dir: Path) -> Path:
+    """The case's single RT Ion Plan, at the top or one/two levels down, found by Modality."""
+    candidates: list[Path] = []
+    rtplans_other: list[Path] = []
+    for path in sorted(case_dir.rglob("*")):
+        depth = len(path.relative_to(case_dir).parts)
+        if depth > 3 or not path.is_file() or path.suffix.lower() not in (".dcm", ""):
+            continue
+        if path.suffix == "" and not path.name.upper().startswith("RP"):
+            continue
+        if is_rt_ion_plan(path):
+            candidates.append(path)
+        elif path.suffix.lower() == ".dcm" and _is_rtplan_modality(path):
+            rtplans_other.append(path)
+    if not candidates:
+        if rtplans_other:
+            raise CaseError(rtplans_other[0], "RTPLAN is not an RT Ion Plan (wrong SOP class)")
+        raise CaseError(case_dir, "no RT Ion Plan (Modality RTPLAN, SOP class RT Ion Plan) found")
+    if len(candidates) > 1:
+        names = ", ".join(str(p.relative_to(case_dir)) for p in candidates)
+        raise CaseError(case_dir, f"more than one RT Ion Plan found: {names}")
+    return candidates[0]
+
+
+def _is_rtplan_modality(path: Path) -> bool:
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Modality"])
+    except (InvalidDicomError, OSError, AttributeError, ValueError, TypeError):
+        return False
+    return ds.get("Modality") == "RTPLAN"
+
+
+def _float32_array(element: object) -> np.ndarray:
+    """Decode a private float32 array that pydicom may hand over as raw UN bytes."""
+    value = getattr(element, "value", element)
+    if isinstance(value, bytes | bytearray):
+        return np.frombuffer(bytes(value), dtype="<f4").astype(np.float64)
+    return np.asarray(value if isinstance(value, list | tuple) else [value], dtype=np.float64)
+
+
+def _control_point_spots(cp: Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """Spot positions (N, 2) and weights (N,) of one control point, standard tags first."""
+    if "ScanSpotPositionMap" in cp and "ScanSpotMetersetWeights" in cp:
+        positions = np.asarray(cp.ScanSpotPositionMap, dtype=np.float64)
+        weights = np.asarray(
+            cp.ScanSpotMetersetWeights
+            if isinstance(cp.ScanSpotMetersetWeights, list | tuple | pydicom.multival.MultiValue)
+            else [cp.ScanSpotMetersetWeights],
+            dtype=np.float64,
+        )
+    elif PRIVATE_SPOT_POSITIONS in cp and PRIVATE_SPOT_WEIGHTS in cp:
+        positions = _float32_array(cp[PRIVATE_SPOT_POSITIONS])
+        weights = _float32_array(cp[PRIVATE_SPOT_WEIGHTS])
+    else:
+        return np.empty((0, 2)), np.empty(0)
+    if positions.size != 2 * weights.size:
+        raise ValueError(f"control point {cp.get('ControlPointIndex')}: {positions.size} spot coordinates for {weights.size} weights")
+    return positions.reshape(-1, 2), weights
+
+
+def _beam_meterset(ds: Dataset, beam_number: int) -> float | None:
+    for group in ds.get("FractionGroupSequence", []):
+        for ref in group.get("ReferencedBeamSequence", []):
+            if int(ref.ReferencedBeamNumber) == beam_number and ref.get("BeamMeterset") is not None:
+                return float(ref.BeamMeterset)
+    return None
+
+
+def _layers(ds: Dataset, beam: Dataset) -> list[Layer]:
+    cps = list(beam.get("IonControlPointSequence", []))
+    if not cps:
+        return []
+    final = float(beam.get("FinalCumulativeMetersetWeight") or 0) or None
+    meterset = _beam_meterset(ds, int(beam.BeamNumber))
+    # Meterset weights are relative; scale to MU when the fraction group gives the beam's MU.
+    mu_per_weight = meterset / final if meterset and final else 1.0
+    layers: list[Layer] = []
+    energy: float | None = None
+    start_weight = 0.0
+    for cp in cps:
+        cp_energy = float(cp.NominalBeamEnergy) if "NominalBeamEnergy" in cp else energy
+        if cp_energy is None:
+            raise ValueError(f"beam {beam.BeamNumber}: first control point has no NominalBeamEnergy")
+        weight = float(cp.get("CumulativeMetersetWeight") or 0.0)
+        if energy is None or cp_energy != energy:
+            layers.append(Layer(energy_mev=cp_energy, mu=0.0))
+            energy = cp_energy
+            start_weight = weight
+        layer = layers[-1]
+        layer.mu = (weight - start_weight) * mu_per_weight
+        positions, weights = _control_point_spots(cp)
+        for (x, y), w in zip(positions, weights, strict=True):
+            if w > 0:
+                layer.spot_xy_mm.append((float(x), float(y)))
+                layer.spot_mu.append(float(w) * mu_per_weight)
+    return layers
+
+
+def _is_setup_beam(beam: Dataset) -> bool:
+    return (
+        str(beam.get("BeamName", "")).strip().upper() == "SETUP"
+        or str(beam.get("BeamDescription", "")).strip() == "Site Setup"
+        or str(beam.get("TreatmentDeliveryType", "")).strip().upper() == "SETUP"
+    )
+
+
+def read_plan(path: Path) -> Plan:
+    """Parse an RT Ion Plan; raises CaseError naming the file for anything unusable."""
+    try:
+        ds = pydicom.dcmread(path)
+    except (InvalidDicomError, OSError) as exc:
+        raise CaseError(path, f"cannot read DICOM: {exc}") from exc
+    if str(ds.get("SOPClassUID", "")) != RT_ION_PLAN_SOP_CLASS:
+        raise CaseError(path, f"not an RT Ion Plan (SOP class {ds.get('SOPClassUID')})")
+    beams: list[Beam] = []
+    rooms: set[str] = set()
+    for beam in ds.get("IonBeamSequence", []):
+        machine = str(beam.get("TreatmentMachineName", ""))
+        setup = _is_setup_beam(beam)
+        try:
+            layers = [] if setup else _layers(ds, beam)
+        except ValueError as exc:
+            raise CaseError(path, str(exc)) from exc
+        if not setup:
+            room = room_of_machine(machine)
+            if room is None:
+                raise CaseError(path, f"beam {beam.BeamNumber}: unknown room in TreatmentMachineName {machine!r} (expected G1 or G2)")
+            rooms.add(room)
+        first_cp = beam.IonControlPointSequence[0] if beam.get("IonControlPointSequence") else Dataset()
+        iso = first_cp.get("IsocenterPosition") or [0.0, 0.0, 0.0]
+        snout = first_cp.get("SnoutPosition")
+        beams.append(
+            Beam(
+                number=int(beam.BeamNumber),
+                name=str(beam.get("BeamName", f"Beam{beam.BeamNumber}")),
+                description=str(beam.get("BeamDescription", "")),
+                machine=machine,
+                delivery_type=str(beam.get("TreatmentDeliveryType", "")),
+                is_setup=setup,
+                gantry_angle=float(first_cp.get("GantryAngle") or 0.0),
+                isocenter_mm=(float(iso[0]), float(iso[1]), float(iso[2])),
+                snout_position_mm=None if snout is None else float(snout),
+                range_shifters=int(beam.get("NumberOfRangeShifters") or 0),
+                layers=layers,
+            )
+        )
+    if not any(not b.is_setup for b in beams):
+        raise CaseError(path, "plan has no treatment beam")
+    if len(rooms) > 1:
+        raise CaseError(path, f"mixed rooms in one plan: {', '.join(sorted(rooms))}")
+    return Plan(
+        path=path,
+        sop_instance_uid=str(ds.SOPInstanceUID),
+        patient_id=str(ds.get("PatientID", "")),
+        room=rooms.pop(),
+        beams=beams,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Summarize an RT Ion Plan as JSON (beams, layers, spots).")
+    parser.add_argument("plan", type=Path, help="RT Ion Plan file or a case folder holding one")
+    args = parser.parse_args(argv)
+    try:
+        path = find_plan(args.plan) if args.plan.is_dir() else args.plan
+        plan = read_plan(path)
+    except CaseError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    summary = asdict(plan)
+    summary["path"] = str(plan.path)
+    json.dump(summary, sys.stdout, indent=1)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
