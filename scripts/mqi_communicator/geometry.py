@@ -47,6 +47,7 @@ PLANE_DEPTH_MM = 20.0
 # phantom surface (which sits 20 mm before the isocentre, as in 2 cm mode).
 PHANTOM_3D = Grid(nx=200, ny=200, nz=175, spacing_mm=(2.0, 2.0, 2.0), first_centre_mm=(-199.0, -199.0, 1.0))
 
+
 # MOQUI names its output `<BeamName>_<k>_Dose.raw`; k is 2 in 2 cm mode, 3 with a range shifter.
 def output_index(range_shifters: int) -> int:
     return 3 if range_shifters > 0 else 2
@@ -64,5 +65,7 @@ def read_raw(path: str, grid: Grid) -> np.ndarray:
     """Read a raw dose file into an array of `grid.shape`; the size must match exactly."""
     data = np.fromfile(path, dtype="<f8")
     if data.size * 8 != grid.n_bytes:
-        raise ValueError(f"{path}: {data.size * 8} bytes, expected {grid.n_bytes} for a {grid.nx}x{grid.ny}x{grid.nz} float64 grid")
+        raise ValueError(
+            f"{path}: {data.size * 8} bytes, expected {grid.n_bytes} for a {grid.nx}x{grid.ny}x{grid.nz} float64 grid"
+        )
     return data.reshape(grid.shape)

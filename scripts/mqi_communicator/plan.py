@@ -143,7 +143,9 @@ def _control_point_spots(cp: Dataset) -> tuple[np.ndarray, np.ndarray]:
     else:
         return np.empty((0, 2)), np.empty(0)
     if positions.size != 2 * weights.size:
-        raise ValueError(f"control point {cp.get('ControlPointIndex')}: {positions.size} spot coordinates for {weights.size} weights")
+        raise ValueError(
+            f"control point {cp.get('ControlPointIndex')}: {positions.size} spot coordinates for {weights.size} weights"
+        )
     return positions.reshape(-1, 2), weights
 
 
@@ -213,7 +215,10 @@ def read_plan(path: Path) -> Plan:
         if not setup:
             room = room_of_machine(machine)
             if room is None:
-                raise CaseError(path, f"beam {beam.BeamNumber}: unknown room in TreatmentMachineName {machine!r} (expected G1 or G2)")
+                raise CaseError(
+                    path,
+                    f"beam {beam.BeamNumber}: unknown room in TreatmentMachineName {machine!r} (expected G1 or G2)",
+                )
             rooms.add(room)
         first_cp = beam.IonControlPointSequence[0] if beam.get("IonControlPointSequence") else Dataset()
         iso = first_cp.get("IsocenterPosition") or [0.0, 0.0, 0.0]

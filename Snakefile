@@ -1,0 +1,23 @@
+# mqi_communicator: delivered-dose check of proton treatments with MOQUI.
+# This file only wires things up; stages live in rules/, logic in scripts/mqi_communicator/.
+from snakemake.utils import min_version, validate
+
+
+min_version("9.20")
+
+
+configfile: "config/config.yaml"
+
+
+validate(config, "config/schema/config.schema.yaml")
+
+
+include: "rules/common.smk"
+include: "rules/intake.smk"
+include: "rules/interpret.smk"
+
+
+rule all:
+    input:
+        all_targets(),
+    default_target: True

@@ -1,0 +1,53 @@
+"""The workflow configuration as the CLIs see it: validated by the same JSON schema, with defaults.
+
+Rules pass the exact configuration Snakemake resolved as inline JSON (`--settings '{...}'`);
+a person running a CLI by hand passes the YAML file (`--settings config/config.yaml`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "config" / "schema" / "config.schema.yaml"
+
+
+def _extend_with_defaults(validator_class: Any) -> Any:
+    """A validator that fills in each property's `default`, like snakemake.utils.validate."""
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator: Any, properties: dict[str, Any], instance: Any, schema: Any) -> Any:
+        if isinstance(instance, dict):
+            for name, sub in properties.items():
+                if "default" in sub:
+                    instance.setdefault(name, sub["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+def validate(config: dict[str, Any]) -> dict[str, Any]:
+    """Validate in place and fill defaults; raises ValueError naming the offending key."""
+    schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    validator = _extend_with_defaults(jsonschema.Draft202012Validator)(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = []
+        for error in errors:
+            key = ".".join(str(p) for p in error.absolute_path) or "(top level)"
+            lines.append(f"config key '{key}': {error.message}")
+        raise ValueError("invalid configuration:\n  " + "\n  ".join(lines))
+    return config
+
+
+def load(value: str) -> dict[str, Any]:
+    """Inline JSON (starts with `{`) or a YAML/JSON file path; validated, defaults filled."""
+    text = value if value.lstrip().startswith("{") else Path(value).read_text()
+    loaded = json.loads(text) if value.lstrip().startswith("{") else yaml.safe_load(text)
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{value}: configuration must be a mapping")
+    return validate(loaded)

@@ -1,0 +1,317 @@
+"""Realistic synthetic cases: an RT Ion Plan (setup beam + treatment beams) and delivery folders
+with PlanInfo.txt, PlanRange.txt and PTN logs as the Sumitomo machine writes them, beam-off
+samples included. Used by the tests, the benchmarks and to make the bundled sample cases.
+
+    python -m tests.casegen --out sample_cases --sample
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import shutil
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from mqi_communicator import ptn
+from mqi_communicator.plan import RT_ION_PLAN_SOP_CLASS
+
+# The clinic's room calibrations (DESIGN §2), used to turn positions and MU into raw values.
+ROOMS = {
+    "G1": ptn.RoomCalibration(0.0600745, 16384, 16384, 0.010959, 0.0116412, 2.1125e-8),
+    "G2": ptn.RoomCalibration(0.06, 24580, 32772, 0.0072600, 0.0071411, 2.12e-8),
+}
+RANGE_FACTORS = (0.3404, 1.0, 2.978723404255319, 8.936170212765957, 26.80851063829787)
+PARKED_MM = (295.0, -233.0)  # where the machine parks the beam between spots (reference data)
+
+
+@dataclass
+class BeamSpec:
+    number: int
+    name: str
+    energies_mev: Sequence[float]
+    spots_xy_mm: Sequence[Sequence[tuple[float, float]]]  # per layer
+    spot_mu: float = 0.02
+    gantry_angle: float = 0.0
+    setup: bool = False
+
+
+@dataclass
+class CaseSpec:
+    patient_id: str = "PSEUDO001"
+    room: str = "G2"
+    machine: str | None = None
+    beams: list[BeamSpec] = field(default_factory=list)
+    isocenter_mm: tuple[float, float, float] = (0.0, 30.0, 0.0)
+
+
+def grid_spots(half_width_mm: float, step_mm: float) -> list[tuple[float, float]]:
+    """A serpentine spot grid like a line-scanning layer."""
+    coords = np.arange(-half_width_mm, half_width_mm + 1e-9, step_mm)
+    spots = []
+    for row, y in enumerate(coords):
+        xs = coords if row % 2 == 0 else coords[::-1]
+        spots.extend((float(x), float(y)) for x in xs)
+    return spots
+
+
+def standard_case(patient_id: str = "PSEUDO001", room: str = "G2", layers: int = 4, half_width_mm: float = 20.0) -> CaseSpec:
+    """Setup beam 1 plus two treatment beams (one with ':' in its name), a few layers each."""
+    spots = [grid_spots(half_width_mm - 2 * k, 10.0) for k in range(layers)]
+    return CaseSpec(
+        patient_id=patient_id,
+        room=room,
+        beams=[
+            BeamSpec(1, "SETUP", [], [], setup=True),
+            BeamSpec(2, "1G180:TX", [150.0 - 5 * k for k in range(layers)], spots, gantry_angle=180.0),
+            BeamSpec(3, "2G90", [140.0 - 5 * k for k in range(layers)], spots, gantry_angle=90.0),
+        ],
+    )
+
+
+def _float32_bytes(values: Sequence[float]) -> bytes:
+    return np.asarray(values, dtype="<f4").tobytes()
+
+
+def write_plan(path: Path, spec: CaseSpec, private_tags: bool = True) -> Dataset:
+    """Write an RT Ion Plan with standard ScanSpot tags (and the SHI private mirror tags)."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = RT_ION_PLAN_SOP_CLASS
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = RT_ION_PLAN_SOP_CLASS
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "RTPLAN"
+    ds.PatientName = f"{spec.patient_id}^SYNTHETIC"
+    ds.PatientID = spec.patient_id
+    ds.PatientBirthDate = ""
+    ds.PatientSex = "O"
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.FrameOfReferenceUID = generate_uid()
+    ds.StudyDate = ds.RTPlanDate = "20261101"
+    ds.StudyTime = ds.RTPlanTime = "120000"
+    ds.StudyID = "1"
+    ds.SeriesNumber = 1
+    ds.RTPlanLabel = "SYNTH"
+    ds.RTPlanGeometry = "PATIENT"
+    ds.Manufacturer = "mqi_communicator test generator"
+    machine = spec.machine or spec.room
+    setup_item = Dataset()
+    setup_item.PatientPosition = "HFS"
+    setup_item.PatientSetupNumber = 1
+    ds.PatientSetupSequence = DicomSequence([setup_item])
+    fraction = Dataset()
+    fraction.FractionGroupNumber = 1
+    fraction.NumberOfFractionsPlanned = 1
+    fraction.NumberOfBeams = len(spec.beams)
+    fraction.NumberOfBrachyApplicationSetups = 0
+    refs = []
+    beams = []
+    for beam_spec in spec.beams:
+        total_mu = sum(beam_spec.spot_mu * len(layer) for layer in beam_spec.spots_xy_mm)
+        ref = Dataset()
+        ref.ReferencedBeamNumber = beam_spec.number
+        ref.BeamMeterset = round(total_mu, 6)
+        refs.append(ref)
+        beams.append(_beam(beam_spec, machine, spec.isocenter_mm, private_tags, total_mu))
+    fraction.ReferencedBeamSequence = DicomSequence(refs)
+    ds.FractionGroupSequence = DicomSequence([fraction])
+    ds.IonBeamSequence = DicomSequence(beams)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return ds
+
+
+def _beam(spec: BeamSpec, machine: str, iso: tuple[float, float, float], private_tags: bool, total_mu: float) -> Dataset:
+    beam = Dataset()
+    beam.BeamNumber = spec.number
+    beam.BeamName = spec.name
+    beam.BeamDescription = "Site Setup" if spec.setup else spec.name
+    beam.TreatmentMachineName = machine
+    beam.BeamType = "STATIC"
+    beam.RadiationType = "PROTON"
+    beam.ScanMode = "NONE" if spec.setup else "LINE"
+    beam.TreatmentDeliveryType = "SETUP" if spec.setup else "TREATMENT"
+    beam.NumberOfRangeShifters = 0
+    beam.PrimaryDosimeterUnit = "MU"
+    cps = []
+    cumulative = 0.0
+    layers = [(0.0, [])] if spec.setup else list(zip(spec.energies_mev, spec.spots_xy_mm, strict=True))
+    for energy, spots in layers:
+        for second in (False, True):
+            cp = Dataset()
+            cp.ControlPointIndex = len(cps)
+            cp.NominalBeamEnergy = energy if not spec.setup else 100.0
+            cp.CumulativeMetersetWeight = round(cumulative, 6)
+            if not spec.setup:
+                positions = [c for xy in spots for c in xy]
+                weights = [0.0 if second else spec.spot_mu] * len(spots)
+                cp.NumberOfScanSpotPositions = len(spots)
+                cp.ScanSpotTuneID = "3.0"
+                cp.ScanSpotPositionMap = positions
+                cp.ScanSpotMetersetWeights = weights
+                if private_tags:
+                    cp.add_new((0x300B, 0x0010), "LO", "IMPAC")
+                    cp.add_new((0x300B, 0x1094), "OB", _float32_bytes(positions))
+                    cp.add_new((0x300B, 0x1096), "OB", _float32_bytes(weights))
+                if not second:
+                    cumulative += spec.spot_mu * len(spots)
+            if len(cps) == 0:
+                cp.GantryAngle = spec.gantry_angle
+                cp.IsocenterPosition = list(iso)
+                cp.SnoutPosition = 465.0
+            cps.append(cp)
+    # The second control point of each pair carries the layer's cumulative weight.
+    for index in range(1, len(cps), 2):
+        cps[index].CumulativeMetersetWeight = round(float(cps[index + 1].CumulativeMetersetWeight) if index + 1 < len(cps) else cumulative, 6)
+    beam.NumberOfControlPoints = len(cps)
+    beam.FinalCumulativeMetersetWeight = round(cumulative, 6)
+    beam.IonControlPointSequence = DicomSequence(cps)
+    return beam
+
+
+def layer_log(
+    spots: Sequence[tuple[float, float]],
+    spot_mu: float,
+    calibration: ptn.RoomCalibration,
+    range_code: int,
+    samples_per_spot: int,
+    off_samples: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """PTN rows for one layer: parked beam-off samples, then each spot's beam-on samples (with
+    position jitter) separated by beam-off transit samples; dose1 sums to the spot's MU."""
+    rows: list[np.ndarray] = []
+
+    def raw_xy(x_mm: float, y_mm: float, n: int, jitter: float) -> tuple[np.ndarray, np.ndarray]:
+        x = np.rint(x_mm / calibration.x_gain_mm + calibration.x_offset + rng.normal(0, jitter, n))
+        y = np.rint(y_mm / calibration.y_gain_mm + calibration.y_offset + rng.normal(0, jitter, n))
+        return np.clip(x, 0, 65535), np.clip(y, 0, 65535)
+
+    def block(x: np.ndarray, y: np.ndarray, dose1: np.ndarray, on: bool) -> np.ndarray:
+        n = len(x)
+        out = np.zeros((n, 8), dtype=np.int64)
+        out[:, 0], out[:, 1] = x, y
+        out[:, 2] = out[:, 3] = 1200
+        out[:, 4] = dose1
+        out[:, 5] = np.rint(dose1 * 0.98)
+        out[:, 7] = (ptn.FLAG_PLANNED_BEAM_ON | ptn.FLAG_ACTUAL_BEAM_ON | 1) if on else 0
+        return out
+
+    x, y = raw_xy(*PARKED_MM, off_samples, 0.0)
+    rows.append(block(x, y, rng.integers(0, 3, off_samples), on=False))
+    counts_per_spot = spot_mu / (calibration.mu_per_dose1_count * RANGE_FACTORS[range_code - 1])
+    for sx, sy in spots:
+        x, y = raw_xy(sx, sy, samples_per_spot, 3.0)
+        per_sample = rng.multinomial(int(round(counts_per_spot)), np.full(samples_per_spot, 1.0 / samples_per_spot))
+        if per_sample.max() > 65535:
+            raise ValueError("dose1 overflow: raise samples_per_spot or the range code")
+        rows.append(block(x, y, per_sample, on=True))
+        x, y = raw_xy(sx, sy, 3, 1.0)
+        rows.append(block(x, y, np.zeros(3, dtype=np.int64), on=False))
+    return np.concatenate(rows)
+
+
+def write_delivery(
+    case_dir: Path,
+    spec: CaseSpec,
+    beam_number: int,
+    irradiation_time: str,
+    *,
+    start_layer: int = 1,
+    stop_layer: int | None = None,
+    range_codes: Sequence[int] | None = None,
+    samples_per_spot: int = 40,
+    off_samples: int = 200,
+    seed: int = 0,
+) -> Path:
+    """One delivery folder (16-digit irradiation time) for layers start..stop of a beam."""
+    beam = next(b for b in spec.beams if b.number == beam_number)
+    stop = len(beam.energies_mev) if stop_layer is None else stop_layer
+    codes = list(range_codes) if range_codes is not None else [2] * len(beam.energies_mev)
+    calibration = ROOMS[spec.room]
+    folder = case_dir / irradiation_time
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "PlanInfo.txt").write_text(
+        f"DICOM_PATIENT_ID,{spec.patient_id}\nDICOM_BEAM_NUMBER,{beam_number}\n"
+        f"START_LAYER_NUMBER,{start_layer}\nSTOP_LAYER_NUMBER,{stop}\nTREATMENT_ROOM,{spec.room}\n"
+    )
+    lines = ["LAYER_NUMBER,ENERGY,DOSE1_RANGE,DOSE2_RANGE"]
+    lines += [f"{k},{beam.energies_mev[k - 1]:.2f},{codes[k - 1]},{codes[k - 1]}" for k in range(1, len(beam.energies_mev) + 1)]
+    (folder / "PlanRange.txt").write_text("\n".join(lines) + "\n")
+    rng = np.random.default_rng(seed + 1000 * beam_number + start_layer)
+    for k in range(start_layer, stop + 1):
+        log = layer_log(beam.spots_xy_mm[k - 1], beam.spot_mu, calibration, codes[k - 1], samples_per_spot, off_samples, rng)
+        ptn.write_ptn(folder / f"{irradiation_time}_{k:03d}.ptn", log)
+        (folder / f"{irradiation_time}_{k:03d}.mgn").write_bytes(b"\x00" * 32)  # planned pattern, ignored
+    return folder
+
+
+def write_case(
+    root: Path,
+    case_id: str,
+    spec: CaseSpec | None = None,
+    *,
+    deliveries: bool = True,
+    reversed_order: bool = False,
+    ready: bool = True,
+    plan_subfolder: bool = False,
+    **delivery_options: object,
+) -> Path:
+    """A whole case folder: plan, one delivery per treatment beam, and the ready marker."""
+    spec = spec or standard_case()
+    case_dir = root / case_id
+    if case_dir.exists():
+        shutil.rmtree(case_dir)
+    plan_dir = case_dir / spec.patient_id / "1.2.3.4" if plan_subfolder else case_dir
+    write_plan(plan_dir / f"RP.{case_id}.dcm", spec)
+    if deliveries:
+        treatment = [b for b in spec.beams if not b.setup]
+        base = datetime.datetime(2026, 11, 2, 9, 0, 0)
+        for order, beam in enumerate(treatment):
+            # Reversed: the later beam number gets the earlier irradiation time.
+            slot = len(treatment) - 1 - order if reversed_order else order
+            stamp = (base + datetime.timedelta(minutes=5 * slot)).strftime("%Y%m%d%H%M%S") + "00"
+            write_delivery(case_dir, spec, beam.number, stamp, **delivery_options)  # type: ignore[arg-type]
+    if ready:
+        (case_dir / "_CASE_READY").write_text("")
+    return case_dir
+
+
+def write_samples(out: Path) -> list[Path]:
+    """The bundled sample cases: two log-based cases (G2 and G1) and one plan-based case."""
+    g2 = standard_case("PSEUDO001", "G2")
+    g1 = standard_case("PSEUDO002", "G1")
+    plan_only = standard_case("PSEUDO003", "G2", layers=3)
+    return [
+        write_case(out, "case001_G2", g2),
+        write_case(out, "case002_G1", g1, reversed_order=True, plan_subfolder=True),
+        write_case(out, "case003_plan_only", plan_only, deliveries=False),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Write synthetic MOQUI cases (plan + PTN delivery logs).")
+    parser.add_argument("--out", type=Path, required=True, help="scan directory to write cases into")
+    parser.add_argument("--sample", action="store_true", help="write the bundled sample cases")
+    parser.add_argument("--case-id", default="case001")
+    args = parser.parse_args(argv)
+    written = write_samples(args.out) if args.sample else [write_case(args.out, args.case_id)]
+    for path in written:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
