@@ -2,7 +2,6 @@
 # This file only wires things up; stages live in rules/, logic in scripts/mqi_communicator/.
 from snakemake.utils import min_version, validate
 
-
 min_version("9.20")
 
 
@@ -18,6 +17,6 @@ include: "rules/interpret.smk"
 
 
 rule all:
+    default_target: True
     input:
         all_targets(),
-    default_target: True

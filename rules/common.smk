@@ -1,10 +1,10 @@
 # Helpers and input functions shared by the rules: case discovery, paths, settings.
 import json
+import os
 import sys
 from pathlib import Path
 
 from mqi_communicator.intake import CASE_ID_PATTERN, is_ready, recorded_failure
-
 
 # The Python that runs Snakemake (the project's venv) runs the package's CLIs too.
 PYTHON = sys.executable
@@ -16,12 +16,13 @@ wildcard_constraints:
     case_id="[A-Za-z0-9._-]+",
 
 
-def processing(case_id="{case_id}"):
-    return PROCESSING.replace("{case_id}", case_id)
+def processing(name, case_id="{case_id}"):
+    """A file or folder in a case's processing directory (a `{case_id}` pattern by default)."""
+    return os.path.join(PROCESSING.replace("{case_id}", case_id), name)
 
 
 def intake_failure_record(case_id):
-    return Path(processing(case_id)) / "intake.failed.json"
+    return Path(processing("intake.failed.json", case_id))
 
 
 def ready_cases():
@@ -56,7 +57,8 @@ CASES = ready_cases()
 
 def settings_for(*sections):
     """The config sections a CLI uses, as inline JSON: exactly what Snakemake resolved, and a
-    rule's params change (so Snakemake reruns it) only when a section it depends on changes."""
+    rule's params change (so Snakemake reruns it) only when a section it depends on changes.
+    """
     return json.dumps({name: config[name] for name in sections}, sort_keys=True)
 
 
@@ -67,4 +69,4 @@ def case_files(wildcards):
 
 
 def all_targets():
-    return [processing(case) + "/moqui_csv" for case in CASES]
+    return [processing("moqui_csv", case) for case in CASES]

@@ -5,13 +5,16 @@ rule intake:
     input:
         case_files,
     output:
-        processing() + "/intake.json",
+        processing("intake.json"),
     log:
         "logs/{case_id}/intake.log",
+    conda:
+        "../envs/mqi.yaml"
     params:
+        python=PYTHON,
         case_dir=lambda wildcards: SCAN_DIR / wildcards.case_id,
         failure_record=lambda wildcards: intake_failure_record(wildcards.case_id),
         settings=settings_for("application", "interpreter"),
     shell:
-        "{PYTHON} -m mqi_communicator.intake --case {params.case_dir:q} --output {output:q}"
+        "{params.python} -m mqi_communicator.intake --case {params.case_dir:q} --output {output:q}"
         " --failure-record {params.failure_record:q} --settings {params.settings:q} > {log:q} 2>&1"

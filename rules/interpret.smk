@@ -3,16 +3,21 @@
 
 rule interpret:
     input:
-        manifest=processing() + "/intake.json",
+        manifest=processing("intake.json"),
     output:
-        directory(processing() + "/moqui_csv"),
+        directory(processing("moqui_csv")),
     log:
         "logs/{case_id}/interpret.log",
     benchmark:
         "logs/{case_id}/interpret.benchmark.tsv"
+    conda:
+        "../envs/mqi.yaml"
     params:
+        python=PYTHON,
         case_dir=lambda wildcards: SCAN_DIR / wildcards.case_id,
-        settings=settings_for("executables", "interpreter", "monitor_range_factors", "rooms"),
+        settings=settings_for(
+            "executables", "interpreter", "monitor_range_factors", "rooms"
+        ),
     shell:
-        "{PYTHON} -m mqi_communicator.interpret --logdir {params.case_dir:q} --manifest {input.manifest:q}"
+        "{params.python} -m mqi_communicator.interpret --logdir {params.case_dir:q} --manifest {input.manifest:q}"
         " --outputdir {output:q} --summary {output:q}/p2_summary.json --settings {params.settings:q} > {log:q} 2>&1"

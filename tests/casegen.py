@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -63,7 +62,9 @@ def grid_spots(half_width_mm: float, step_mm: float) -> list[tuple[float, float]
     return spots
 
 
-def standard_case(patient_id: str = "PSEUDO001", room: str = "G2", layers: int = 4, half_width_mm: float = 20.0) -> CaseSpec:
+def standard_case(
+    patient_id: str = "PSEUDO001", room: str = "G2", layers: int = 4, half_width_mm: float = 20.0
+) -> CaseSpec:
     """Setup beam 1 plus two treatment beams (one with ':' in its name), a few layers each."""
     spots = [grid_spots(half_width_mm - 2 * k, 10.0) for k in range(layers)]
     return CaseSpec(
@@ -133,7 +134,9 @@ def write_plan(path: Path, spec: CaseSpec, private_tags: bool = True) -> Dataset
     return ds
 
 
-def _beam(spec: BeamSpec, machine: str, iso: tuple[float, float, float], private_tags: bool, total_mu: float) -> Dataset:
+def _beam(
+    spec: BeamSpec, machine: str, iso: tuple[float, float, float], private_tags: bool, total_mu: float
+) -> Dataset:
     beam = Dataset()
     beam.BeamNumber = spec.number
     beam.BeamName = spec.name
@@ -174,7 +177,9 @@ def _beam(spec: BeamSpec, machine: str, iso: tuple[float, float, float], private
             cps.append(cp)
     # The second control point of each pair carries the layer's cumulative weight.
     for index in range(1, len(cps), 2):
-        cps[index].CumulativeMetersetWeight = round(float(cps[index + 1].CumulativeMetersetWeight) if index + 1 < len(cps) else cumulative, 6)
+        cps[index].CumulativeMetersetWeight = round(
+            float(cps[index + 1].CumulativeMetersetWeight) if index + 1 < len(cps) else cumulative, 6
+        )
     beam.NumberOfControlPoints = len(cps)
     beam.FinalCumulativeMetersetWeight = round(cumulative, 6)
     beam.IonControlPointSequence = DicomSequence(cps)
@@ -214,7 +219,7 @@ def layer_log(
     counts_per_spot = spot_mu / (calibration.mu_per_dose1_count * RANGE_FACTORS[range_code - 1])
     for sx, sy in spots:
         x, y = raw_xy(sx, sy, samples_per_spot, 3.0)
-        per_sample = rng.multinomial(int(round(counts_per_spot)), np.full(samples_per_spot, 1.0 / samples_per_spot))
+        per_sample = rng.multinomial(round(counts_per_spot), np.full(samples_per_spot, 1.0 / samples_per_spot))
         if per_sample.max() > 65535:
             raise ValueError("dose1 overflow: raise samples_per_spot or the range code")
         rows.append(block(x, y, per_sample, on=True))
@@ -248,11 +253,16 @@ def write_delivery(
         f"START_LAYER_NUMBER,{start_layer}\nSTOP_LAYER_NUMBER,{stop}\nTREATMENT_ROOM,{spec.room}\n"
     )
     lines = ["LAYER_NUMBER,ENERGY,DOSE1_RANGE,DOSE2_RANGE"]
-    lines += [f"{k},{beam.energies_mev[k - 1]:.2f},{codes[k - 1]},{codes[k - 1]}" for k in range(1, len(beam.energies_mev) + 1)]
+    lines += [
+        f"{k},{beam.energies_mev[k - 1]:.2f},{codes[k - 1]},{codes[k - 1]}"
+        for k in range(1, len(beam.energies_mev) + 1)
+    ]
     (folder / "PlanRange.txt").write_text("\n".join(lines) + "\n")
     rng = np.random.default_rng(seed + 1000 * beam_number + start_layer)
     for k in range(start_layer, stop + 1):
-        log = layer_log(beam.spots_xy_mm[k - 1], beam.spot_mu, calibration, codes[k - 1], samples_per_spot, off_samples, rng)
+        log = layer_log(
+            beam.spots_xy_mm[k - 1], beam.spot_mu, calibration, codes[k - 1], samples_per_spot, off_samples, rng
+        )
         ptn.write_ptn(folder / f"{irradiation_time}_{k:03d}.ptn", log)
         (folder / f"{irradiation_time}_{k:03d}.mgn").write_bytes(b"\x00" * 32)  # planned pattern, ignored
     return folder

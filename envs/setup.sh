@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Set up mqi_communicator on a Debian machine: the system packages it needs (apt), then the
+# pinned Python packages in .venv (pip). Safe to rerun: it only installs what is missing or
+# changed.   envs/setup.sh          the pipeline
+#            envs/setup.sh --dev    the pipeline plus test and lint tools (envs/requirements-dev.txt)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+requirements=envs/requirements.txt
+[[ "${1:-}" == "--dev" ]] && requirements=envs/requirements-dev.txt
+
+missing=()
+command -v python3 >/dev/null || missing+=(python3)
+# Debian splits venv/ensurepip out of python3.
+python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+if ((${#missing[@]})); then
+    sudo=""
+    [[ $(id -u) -ne 0 ]] && sudo=sudo
+    echo "setup: installing system packages: ${missing[*]}"
+    $sudo apt-get update -q
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+[[ -x .venv/bin/python ]] || python3 -m venv .venv
+stamp=.venv/.installed-$(basename "$requirements" .txt)
+digest=$(cat envs/requirements*.txt pyproject.toml | sha256sum | cut -d' ' -f1)
+if [[ "$(cat "$stamp" 2>/dev/null)" != "$digest" ]]; then
+    echo "setup: installing Python packages from $requirements into .venv"
+    .venv/bin/python -m pip install -q --upgrade pip
+    .venv/bin/python -m pip install -q -r "$requirements"
+    .venv/bin/python -m pip install -q --no-deps -e .
+    echo "$digest" >"$stamp"
+fi

@@ -1,0 +1,25 @@
+"""Shared fixtures: paths to the repo and the clinic's reference data, case factories."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mqi_communicator import settings
+
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE_DATA = REPO.parent / "shared" / "reference-data"
+
+
+@pytest.fixture
+def reference_data() -> Path:
+    if not (REFERENCE_DATA / "RP_G2_9spots_phantom.dcm").is_file():
+        pytest.skip(f"clinic reference data not found at {REFERENCE_DATA}")
+    return REFERENCE_DATA
+
+
+@pytest.fixture
+def config() -> dict:
+    """The shipped configuration, validated with defaults, as the CLIs receive it."""
+    return settings.load(str(REPO / "config" / "config.yaml"))

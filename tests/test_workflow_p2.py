@@ -1,0 +1,103 @@
+"""Intake and P2 through real Snakemake runs: readiness, a broken case, resume, read-only input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests import casegen
+from tests.workflow import snakemake, tree_digest, write_config
+
+
+def _scan_dir(root: Path) -> Path:
+    scan = root / "new_cases"
+    casegen.write_case(scan, "good1")
+    casegen.write_case(scan, "good2", casegen.standard_case("PSEUDO002", "G1"), reversed_order=True)
+    casegen.write_case(scan, "waiting", ready=False)
+    broken = casegen.write_case(scan, "broken")
+    # The second layer's log of the first delivery never arrived.
+    sorted(next(p for p in sorted(broken.iterdir()) if p.is_dir()).glob("*.ptn"))[1].unlink()
+    (scan / "bad name").mkdir()
+    return scan
+
+
+def test_dry_run_real_run_and_resume(tmp_path: Path) -> None:
+    scan = _scan_dir(tmp_path)
+    work = tmp_path / "work"
+    work.mkdir()
+    write_config(work, scan)
+    before = tree_digest(scan)
+
+    dry = snakemake(work, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    planned = dry.stdout + dry.stderr
+    for case in ("good1", "good2", "broken"):
+        assert f"data/cases/{case}/intermediate/intake.json" in planned
+    assert "waiting" not in planned.replace("skipping", "")
+    assert "skipping" in planned and "bad name" in planned
+    assert not (work / "data").exists()
+
+    run = snakemake(work)
+    output = run.stdout + run.stderr
+    assert run.returncode != 0  # one case failed, and Snakemake says so
+    for case in ("good1", "good2"):
+        p2 = work / "data" / "cases" / case / "intermediate" / "moqui_csv"
+        assert sorted(p.name for p in (p2 / "log").iterdir()) == ["1G180_TX", "2G90"]
+        assert len(list(p2.rglob("*.csv"))) == 8
+    broken_log = (work / "logs" / "broken" / "intake.log").read_text()
+    assert "INTAKE FAILED for case broken" in broken_log
+    assert "3 PTN files for 4 delivered layers" in broken_log
+    assert "3 PTN files for 4 delivered layers" in output  # shown on the console too
+    assert (work / "data" / "cases" / "broken" / "intermediate" / "intake.failed.json").is_file()
+    assert not (work / "data" / "cases" / "broken" / "intermediate" / "moqui_csv").exists()
+
+    again = snakemake(work)
+    assert again.returncode == 0, again.stderr
+    assert "Nothing to be done" in again.stdout + again.stderr
+    assert "skipping case broken: intake failed" in again.stdout + again.stderr
+
+    # A new ready case (the waiting one becomes ready): only it is processed.
+    (scan / "waiting" / "_CASE_READY").write_text("")
+    later = snakemake(work)
+    assert later.returncode == 0, later.stderr
+    log = later.stdout + later.stderr
+    assert "wildcards: case_id=waiting" in log
+    assert "case_id=good1" not in log and "case_id=good2" not in log
+    assert "2 of 2 steps" in log or "3 of 3 steps" in log
+
+    # Nothing the sender delivered was modified, moved or deleted (the marker is ours to add).
+    after = tree_digest(scan)
+    after.pop("waiting/_CASE_READY")
+    assert after == before
+
+
+@pytest.mark.parametrize(
+    ("section", "value", "key"),
+    [
+        ("interpreter", {"csv_layout": "tabs"}, "csv_layout"),
+        ("application", {"max_workers": "four"}, "max_workers"),
+        ("rooms", {"G1": {"timegain_ms": 0.06}}, "x_offset"),
+    ],
+)
+def test_invalid_config_stops_before_any_job(tmp_path: Path, section: str, value: dict, key: str) -> None:
+    scan = tmp_path / "scan"
+    casegen.write_case(scan, "c1")
+    work = tmp_path / "work"
+    work.mkdir()
+    write_config(work, scan, **{section: value})
+    run = snakemake(work)
+    assert run.returncode != 0
+    text = run.stdout + run.stderr
+    assert "Error validating config" in text and key in text
+    assert not (work / "data").exists() and not (work / "logs").exists()
+
+
+def test_missing_scan_directory_is_named(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    write_config(work, tmp_path / "nowhere")
+    run = snakemake(work, "--dry-run")
+    assert run.returncode != 0
+    text = run.stdout + run.stderr
+    assert "scan_directory" in text and "nowhere" in text

@@ -1,0 +1,47 @@
+"""Running the real workflow in a scratch folder, as a physicist's cron job would."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+
+
+def write_config(workdir: Path, scan_dir: Path, **sections: dict) -> Path:
+    config: dict = {"paths": {"local": {"scan_directory": str(scan_dir)}}}
+    config.update(sections)
+    path = workdir / "test-config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def snakemake(
+    workdir: Path, *args: str, timeout: float = 300, env: dict | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`snakemake` with the repo's Snakefile and workflow profile, run in workdir."""
+    command = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--configfile", str(workdir / "test-config.yaml"), *args]
+    return subprocess.run(
+        command,
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """Content hash and mtime of every file, to prove a tree was not modified."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() + f"@{p.stat().st_mtime_ns}"
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
