@@ -1,0 +1,481 @@
+"""P3: turn a MOQUI raw dose (plane or volume) into a DICOM RT Dose that references the plan.
+
+Geometry (MOQUI beam frame -> patient, gantry 0, head-first supine, see `geometry`):
+MOQUI x -> patient x, MOQUI y -> patient z, depth d -> patient y = iso_y - PLANE_DEPTH_MM + d
+(the phantom surface sits PLANE_DEPTH_MM = 20 mm before the isocentre). Lateral positions are
+taken relative to the isocentre: patient x = iso_x + x, patient z = iso_z + y. For the clinic's
+QA plans the isocentre lies on x = z = 0, so a 2 cm plane lands at ImagePositionPatient
+[-199.5, iso_y, -199.5] exactly as the TPS exports it. Positions are rounded to 0.1 um.
+
+- A grid with one depth voxel (2 cm mode) becomes one coronal plane like the TPS export:
+  ImageOrientationPatient [1,0,0, 0,0,1], columns = MOQUI x, rows = MOQUI y, so
+  pixel_array[row, col] == raw_plane[row, col] (no flip, no transpose); one frame, offset [0].
+- A volume becomes an axial multi-frame RT Dose: ImageOrientationPatient [1,0,0, 0,1,0],
+  columns = MOQUI x (patient x), rows = depth (patient y, increasing depth downwards),
+  frames = MOQUI y (patient z, increasing), GridFrameOffsetVector relative to the first frame.
+
+Pixels are unsigned integers with DoseGridScaling = max / (2^n - 1). The default is n = 32
+(uint32): the dose is kept to 2.3e-10 of its maximum, so the long low-dose tail of a Monte
+Carlo dose (what a gamma low-dose threshold and profiles look at) is not quantized away, at the
+price of files twice the size of uint16 (1/65535 of max, 7.6e-6 relative rounding), which is
+available with `bits=16` / `--bits 16`. An all-zero dose is written with scaling 1.0.
+
+Output file name (CLI, or `write_rtdose` given a directory): `RD_<sanitized beam name>.dcm`
+for one beam (the name as `plan.sanitize_beam_name` makes it, `1G180:TX` -> `RD_1G180_TX.dcm`)
+and `RD_PLAN.dcm` for the plan sum. Files are written to a temporary name in the target
+folder and renamed into place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import re
+import sys
+import uuid
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.valuerep import format_number_as_ds
+
+from . import __version__, geometry
+from .errors import CaseError
+from .plan import RT_ION_PLAN_SOP_CLASS, Beam, Plan, read_plan, sanitize_beam_name
+
+RT_DOSE_SOP_CLASS = UID("1.2.840.10008.5.1.4.1.1.481.2")
+MANUFACTURER = "mqi_communicator"
+DEFAULT_ENGINE_LABEL = "MOQUI Monte Carlo"
+PLAN_SUM_NAME = "PLAN"
+SUPPORTED_BITS = (16, 32)
+GRID_FRAME_OFFSET_VECTOR_TAG = 0x3004000C
+_LO_MAX = 64  # characters in a DICOM LO value
+
+# Patient/study attributes copied from the plan: (keyword, type-2, i.e. written empty if absent).
+_PATIENT_STUDY_KEYWORDS = (
+    ("PatientName", True),
+    ("PatientID", True),
+    ("PatientBirthDate", True),
+    ("PatientSex", True),
+    ("StudyInstanceUID", True),
+    ("StudyDate", True),
+    ("StudyTime", True),
+    ("StudyID", True),
+    ("ReferringPhysicianName", True),
+    ("AccessionNumber", True),
+    ("StudyDescription", False),
+    ("FrameOfReferenceUID", True),
+    ("PositionReferenceIndicator", True),
+)
+
+
+class DoseImage(NamedTuple):
+    """An RT Dose read back: dose[frame, row, col] and the patient coordinate of each index.
+
+    `axes` names the patient axis along columns, rows and frames ("xzy" for a coronal plane,
+    "xyz" for an axial volume); coordinates are those of pixel centres in mm.
+    """
+
+    dose: np.ndarray
+    col_mm: np.ndarray
+    row_mm: np.ndarray
+    frame_mm: np.ndarray
+    axes: str
+    units: str
+
+
+def output_name(beam_name: str | None) -> str:
+    """File name of the RT Dose of one beam (its plan name), or of the plan sum for None."""
+    return f"RD_{PLAN_SUM_NAME if beam_name is None else sanitize_beam_name(beam_name)}.dcm"
+
+
+def sum_doses(paths: Iterable[Path | str], grid: geometry.Grid) -> np.ndarray:
+    """Sum raw dose files of one grid (e.g. all beams of a plan), in MOQUI raw order."""
+    total: np.ndarray | None = None
+    for path in paths:
+        dose = geometry.read_raw(str(path), grid)
+        total = dose.copy() if total is None else total + dose
+    if total is None:
+        raise ValueError("no raw dose files to sum")
+    return total
+
+
+def _ds(value: float) -> str:
+    """A position for a DS element: rounded to 0.1 um, no float noise, at most 16 characters."""
+    text = f"{round(float(value), 4):.4f}".rstrip("0").rstrip(".")
+    return "0" if text in ("-0", "") else text
+
+
+def _quantize(dose: np.ndarray, bits: int) -> tuple[np.ndarray, str]:
+    """Unsigned pixels and DoseGridScaling = max / (2^n - 1) as stored (a DS of 16 characters).
+
+    Pixels are computed from the stored scaling, rounded to nearest and capped at 2^n - 1, so
+    pixel x DoseGridScaling reproduces the dose; an all-zero dose gets scaling 1.0.
+    """
+    top = 2**bits - 1
+    peak = float(dose.max()) if dose.size else 0.0
+    scaling_text = format_number_as_ds(peak / top) if peak > 0.0 else "1.0"
+    pixels = np.clip(np.rint(dose / float(scaling_text)), 0, top)
+    return pixels.astype(f"<u{bits // 8}"), scaling_text
+
+
+def _check_dose(dose: np.ndarray, grid: geometry.Grid) -> np.ndarray:
+    dose = np.asarray(dose, dtype=np.float64)
+    if dose.shape != grid.shape:
+        raise ValueError(f"dose has shape {dose.shape}, expected {grid.shape} (nz, ny, nx) for this grid")
+    if not np.all(np.isfinite(dose)):
+        raise ValueError("dose contains NaN or infinite values")
+    if dose.size and float(dose.min()) < 0.0:
+        raise ValueError(f"dose contains negative values (min {float(dose.min()):g}); RT Dose pixels are unsigned")
+    return dose
+
+
+def _select_beam(plan: Plan, beam_number: int | None) -> Beam:
+    """The beam a dose belongs to; for a plan sum the first treatment beam (for its isocentre)."""
+    if beam_number is None:
+        return plan.treatment_beams[0]
+    beam = plan.beam(beam_number)
+    if beam is None:
+        numbers = ", ".join(str(b.number) for b in plan.beams)
+        raise CaseError(plan.path, f"no beam number {beam_number} in the plan (beams: {numbers})")
+    if beam.is_setup:
+        raise CaseError(plan.path, f"beam {beam_number} ({beam.name}) is a setup beam and has no dose")
+    return beam
+
+
+def _fraction_group_number(plan_ds: Dataset, beam_number: int) -> int:
+    groups = list(plan_ds.get("FractionGroupSequence", []))
+    for group in groups:
+        for ref in group.get("ReferencedBeamSequence", []):
+            if int(ref.ReferencedBeamNumber) == beam_number:
+                return int(group.FractionGroupNumber)
+    return int(groups[0].FractionGroupNumber) if groups else 1
+
+
+def _referenced_plan(plan_ds: Dataset, beam_number: int | None) -> DicomSequence:
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = RT_ION_PLAN_SOP_CLASS
+    ref.ReferencedSOPInstanceUID = plan_ds.SOPInstanceUID
+    if beam_number is not None:
+        beam_ref = Dataset()
+        beam_ref.ReferencedBeamNumber = beam_number
+        fraction_ref = Dataset()
+        fraction_ref.ReferencedFractionGroupNumber = _fraction_group_number(plan_ds, beam_number)
+        fraction_ref.ReferencedBeamSequence = DicomSequence([beam_ref])
+        ref.ReferencedFractionGroupSequence = DicomSequence([fraction_ref])
+    return DicomSequence([ref])
+
+
+def _image_geometry(
+    dose: np.ndarray, grid: geometry.Grid, iso: tuple[float, float, float]
+) -> tuple[np.ndarray, dict[str, object]]:
+    """Dose as (frames, rows, cols) and the Image Plane / Multi-frame attributes (DS strings)."""
+    iso_x, iso_y, iso_z = iso
+    dx, dy, dz = grid.spacing_mm
+    x0, y0, d0 = grid.first_centre_mm
+    surface_y = iso_y - geometry.PLANE_DEPTH_MM
+    if grid.nz == 1:
+        # Coronal plane: rows run along MOQUI y (patient +z), columns along MOQUI x (patient +x).
+        return dose[0][np.newaxis], {
+            "ImageOrientationPatient": ["1", "0", "0", "0", "0", "1"],
+            "ImagePositionPatient": [_ds(iso_x + x0), _ds(surface_y + d0), _ds(iso_z + y0)],
+            "PixelSpacing": [_ds(dy), _ds(dx)],
+            "SliceThickness": _ds(dz),
+            "GridFrameOffsetVector": ["0"],
+        }
+    # Axial volume: frames along MOQUI y (patient +z), rows along depth (patient +y), columns x.
+    return np.ascontiguousarray(dose.transpose(1, 0, 2)), {
+        "ImageOrientationPatient": ["1", "0", "0", "0", "1", "0"],
+        "ImagePositionPatient": [_ds(iso_x + x0), _ds(surface_y + d0), _ds(iso_z + y0)],
+        "PixelSpacing": [_ds(dz), _ds(dx)],
+        "SliceThickness": _ds(dy),
+        "GridFrameOffsetVector": [_ds(dy * k) for k in range(grid.ny)],
+    }
+
+
+def _lo(text: str) -> str:
+    return text if len(text) <= _LO_MAX else text[: _LO_MAX - 3] + "..."
+
+
+def build_rtdose(
+    dose: np.ndarray,
+    grid: geometry.Grid,
+    plan_path: Path,
+    *,
+    beam_number: int | None,
+    engine_label: str,
+    calibrated: bool,
+    dose_scale: float = 1.0,
+    bits: int = 32,
+) -> Dataset:
+    """The RT Dose dataset (with file meta) for `dose` in MOQUI raw order `grid.shape`."""
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, not {bits}")
+    if not (np.isfinite(dose_scale) and dose_scale > 0):
+        raise ValueError(f"dose_scale must be a positive number, not {dose_scale}")
+    dose = _check_dose(dose, grid) * float(dose_scale)
+    plan = read_plan(Path(plan_path))
+    plan_ds = pydicom.dcmread(plan_path, stop_before_pixels=True)
+    beam = _select_beam(plan, beam_number)
+    planes, image = _image_geometry(dose, grid, beam.isocenter_mm)
+    pixels, scaling = _quantize(planes, bits)
+    n_frames, rows, cols = pixels.shape
+
+    now = datetime.datetime.now()
+    sop_uid = generate_uid()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = RT_DOSE_SOP_CLASS
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = f"MQI_COMM_{__version__}"[:16]
+
+    ds = Dataset()
+    ds.file_meta = meta
+    if "SpecificCharacterSet" in plan_ds:
+        ds.SpecificCharacterSet = plan_ds.SpecificCharacterSet
+    ds.SOPClassUID = RT_DOSE_SOP_CLASS
+    ds.SOPInstanceUID = sop_uid
+    ds.InstanceCreationDate = now.strftime("%Y%m%d")
+    ds.InstanceCreationTime = now.strftime("%H%M%S")
+    ds.ContentDate = ds.InstanceCreationDate
+    ds.ContentTime = ds.InstanceCreationTime
+    ds.Modality = "RTDOSE"
+    for keyword, type2 in _PATIENT_STUDY_KEYWORDS:
+        if keyword in plan_ds:
+            setattr(ds, keyword, plan_ds[keyword].value)
+        elif type2:
+            setattr(ds, keyword, "")
+    if not ds.FrameOfReferenceUID:
+        raise CaseError(plan.path, "plan has no FrameOfReferenceUID; the RT Dose could not be placed")
+
+    what = "plan sum" if beam_number is None else f"beam {beam.number} {beam.name}"
+    units = "GY" if calibrated else "RELATIVE"
+    ds.Manufacturer = MANUFACTURER
+    ds.ManufacturerModelName = _lo(engine_label)
+    ds.SoftwareVersions = f"mqi_communicator {__version__}"
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SeriesNumber = ""
+    ds.SeriesDescription = _lo(f"{what}: {engine_label}")
+    ds.InstanceNumber = 1
+    ds.ImageComments = (
+        f"Dose recomputed by {engine_label} for {what} of plan {plan_ds.SOPInstanceUID}; "
+        f"dose units {units}; written by mqi_communicator {__version__}."
+    )
+
+    ds.ImagePositionPatient = image["ImagePositionPatient"]
+    ds.ImageOrientationPatient = image["ImageOrientationPatient"]
+    ds.PixelSpacing = image["PixelSpacing"]
+    ds.SliceThickness = image["SliceThickness"]
+    ds.NumberOfFrames = n_frames
+    ds.FrameIncrementPointer = GRID_FRAME_OFFSET_VECTOR_TAG
+    ds.GridFrameOffsetVector = image["GridFrameOffsetVector"]
+
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = rows
+    ds.Columns = cols
+    ds.BitsAllocated = bits
+    ds.BitsStored = bits
+    ds.HighBit = bits - 1
+    ds.PixelRepresentation = 0
+
+    ds.DoseUnits = units
+    ds.DoseType = "PHYSICAL"
+    ds.DoseComment = _lo(engine_label)
+    ds.DoseSummationType = "PLAN" if beam_number is None else "BEAM"
+    ds.DoseGridScaling = scaling
+    ds.TissueHeterogeneityCorrection = "WATER"
+    ds.ReferencedRTPlanSequence = _referenced_plan(plan_ds, beam_number)
+    ds.PixelData = pixels.tobytes()
+    ds["PixelData"].VR = "OW"
+    return ds
+
+
+def _save_atomic(ds: Dataset, target: Path) -> None:
+    """Write next to `target` under a unique hidden name, then rename (permissions follow umask)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+    try:
+        with open(tmp, "xb") as handle:
+            ds.save_as(handle, enforce_file_format=True)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_rtdose(
+    dose: np.ndarray,
+    grid: geometry.Grid,
+    plan_path: Path,
+    output: Path,
+    *,
+    beam_number: int | None,
+    engine_label: str,
+    calibrated: bool,
+    dose_scale: float = 1.0,
+    bits: int = 32,
+) -> Path:
+    """Write the RT Dose of `dose` (MOQUI raw order) and return its path.
+
+    `output` is the file to write, or an existing directory to write `output_name(...)` into.
+    `beam_number` None writes a plan sum (DoseSummationType PLAN). `dose_scale` multiplies the
+    dose first (e.g. a Gy-per-unit calibration); `calibrated` selects DoseUnits GY over RELATIVE.
+    """
+    ds = build_rtdose(
+        dose,
+        grid,
+        Path(plan_path),
+        beam_number=beam_number,
+        engine_label=engine_label,
+        calibrated=calibrated,
+        dose_scale=dose_scale,
+        bits=bits,
+    )
+    output = Path(output)
+    if output.is_dir():
+        name = None
+        if beam_number is not None:
+            beam = read_plan(Path(plan_path)).beam(beam_number)
+            name = beam.name if beam is not None else str(beam_number)
+        output = output / output_name(name)
+    _save_atomic(ds, output)
+    return output
+
+
+def _axis_coordinates(origin: Sequence[float], direction: np.ndarray, steps: np.ndarray) -> tuple[str, np.ndarray]:
+    axis = int(np.argmax(np.abs(direction)))
+    if not np.isclose(abs(direction[axis]), 1.0, atol=1e-6):
+        raise ValueError(f"orientation {direction.tolist()} is not along a patient axis")
+    return "xyz"[axis], float(origin[axis]) + direction[axis] * steps
+
+
+def _numbers(value: object) -> list[float]:
+    """A DS element's value as a list, whether pydicom gives one number (VM 1) or several."""
+    if value is None or value == "":
+        return []
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        return [float(value)]  # type: ignore[arg-type]
+    return [float(v) for v in value]
+
+
+def read_rtdose_dose(path: Path | str) -> DoseImage:
+    """Read an axis-aligned RT Dose: dose = pixel_array x DoseGridScaling as (frames, rows, cols)."""
+    ds = pydicom.dcmread(path)
+    pixels = np.asarray(ds.pixel_array, dtype=np.float64)
+    n_frames = int(ds.get("NumberOfFrames") or 1)
+    pixels = pixels.reshape(n_frames, int(ds.Rows), int(ds.Columns))
+    dose = pixels * float(ds.get("DoseGridScaling") or 1.0)
+    orientation = np.asarray([float(v) for v in ds.ImageOrientationPatient])
+    row_dir, col_dir = orientation[:3], orientation[3:]
+    normal = np.cross(row_dir, col_dir)
+    origin = [float(v) for v in ds.ImagePositionPatient]
+    row_spacing, col_spacing = (float(v) for v in ds.PixelSpacing)
+    col_axis, col_mm = _axis_coordinates(origin, row_dir, col_spacing * np.arange(pixels.shape[2]))
+    row_axis, row_mm = _axis_coordinates(origin, col_dir, row_spacing * np.arange(pixels.shape[1]))
+    offsets = np.asarray(_numbers(ds.get("GridFrameOffsetVector")) or [0.0])
+    if offsets.size != n_frames:
+        raise ValueError(f"{path}: {offsets.size} frame offsets for {n_frames} frames")
+    frame_axis, frame_mm = _axis_coordinates(origin, normal, offsets)
+    if offsets[0] != 0.0:  # absolute offsets (allowed for axial images only): the z of each frame
+        if frame_axis != "z" or normal[2] < 0:
+            raise ValueError(f"{path}: absolute GridFrameOffsetVector on a non-axial image")
+        frame_mm = offsets
+    return DoseImage(dose, col_mm, row_mm, frame_mm, col_axis + row_axis + frame_axis, str(ds.get("DoseUnits", "")))
+
+
+# --- command line -------------------------------------------------------------------------------
+
+_RAW_NAME = re.compile(r"^(?P<name>.*)_\d+_Dose\.raw$")
+
+
+def _beam_from_file_name(plan: Plan, raw: Path) -> int:
+    """The beam whose MOQUI output name `<BeamName>_<k>_Dose.raw` this file has."""
+    match = _RAW_NAME.match(raw.name)
+    beams = [b for b in plan.treatment_beams if match and b.name == match.group("name")]
+    if len(beams) != 1:
+        raise CaseError(raw, "cannot tell the beam from the file name (<BeamName>_<k>_Dose.raw); give --beam-number")
+    return beams[0].number
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m mqi_communicator.rtdose",
+        description="Convert MOQUI raw dose (float64, x fastest) into a DICOM RT Dose referencing the plan.",
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", type=Path, help="raw dose of one beam")
+    source.add_argument("--sum", type=Path, nargs="+", metavar="RAW", help="raw doses to sum into a plan dose (PLAN)")
+    parser.add_argument("--output", type=Path, required=True, help="output folder (RD_<beam>.dcm / RD_PLAN.dcm)")
+    parser.add_argument("--dosetype", choices=("2d", "3d"), required=True, help="2d: 2 cm plane, 3d: phantom volume")
+    parser.add_argument("--plan", type=Path, required=True, help="the RT Ion Plan the dose was computed for")
+    parser.add_argument("--beam-number", type=int, help="beam of --input (default: from <BeamName>_<k>_Dose.raw)")
+    parser.add_argument("--engine-label", default=DEFAULT_ENGINE_LABEL, help="engine named in the RT Dose")
+    parser.add_argument("--calibrated", action="store_true", help="dose is in Gy (DoseUnits GY, else RELATIVE)")
+    parser.add_argument("--dose-scale", type=float, default=1.0, help="factor applied to the raw dose first")
+    parser.add_argument("--bits", type=int, choices=SUPPORTED_BITS, default=32, help="pixel size (default 32)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    grid = geometry.grid_for(args.dosetype)
+    try:
+        plan = read_plan(args.plan)
+        if args.sum is not None:
+            if args.beam_number is not None:
+                raise CaseError(None, "--beam-number applies to --input, not to a --sum plan dose")
+            beam_number = None
+            dose = _read_all(args.sum, grid, args.dosetype)
+        else:
+            beam_number = args.beam_number
+            if beam_number is None:
+                beam_number = _beam_from_file_name(plan, args.input)
+            dose = _read_all([args.input], grid, args.dosetype)
+        target = args.output / output_name(None if beam_number is None else _select_beam(plan, beam_number).name)
+        written = write_rtdose(
+            dose,
+            grid,
+            args.plan,
+            target,
+            beam_number=beam_number,
+            engine_label=args.engine_label,
+            calibrated=args.calibrated,
+            dose_scale=args.dose_scale,
+            bits=args.bits,
+        )
+    except (CaseError, ValueError, OSError, InvalidDicomError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(written)
+    return 0
+
+
+def _read_all(paths: Sequence[Path], grid: geometry.Grid, dosetype: str) -> np.ndarray:
+    """Sum of the raw files, each checked; errors name the file."""
+    total = np.zeros(grid.shape)
+    for path in paths:
+        try:
+            dose = geometry.read_raw(str(path), grid)
+        except FileNotFoundError as exc:
+            raise CaseError(path, "raw dose file not found") from exc
+        except ValueError as exc:
+            raise CaseError(None, f"{exc} (--dosetype {dosetype})") from exc
+        if not np.all(np.isfinite(dose)) or float(dose.min(initial=0.0)) < 0.0:
+            raise CaseError(path, "raw dose contains NaN, infinite or negative values")
+        total += dose
+    return total
+
+
+if __name__ == "__main__":
+    sys.exit(main())
