@@ -1,0 +1,378 @@
+"""The built-in engine: a `tps_env`-compatible analytical pencil-beam dose calculation.
+
+Usage: `builtin-tps-env <input.in>` or `python -m mqi_communicator.engine <input.in>`, exactly
+as MOQUI's `tps_env` is called (DESIGN §4): the same parameter file, the same CSV folder
+(selected as the SMC fork selects it unless `LogFileSelection name`), the same raw output
+`<OutputDir>/<BeamName>_<k>_Dose.raw` (float64 LE, x fastest) and the same log markers.
+It is NOT Monte Carlo and says so in its first log line.
+
+Physics (water phantom, MOQUI's beam frame, parallel beam — divergence is ignored):
+- Depth dose: Bortfeld's analytical Bragg curve (Med. Phys. 24 (1997) 2024) with the
+  Bragg-Kleeman range R0 = alpha * E^p (alpha = 0.0022 cm/MeV^p, p = 1.77), nuclear
+  attenuation beta = 0.012 /cm, gamma = 0.6, low-energy fluence fraction epsilon = 0.1,
+  1 % energy spread; the parabolic-cylinder form near the peak, its asymptote far before it.
+- Protons per count scale like 1 / S(E) with the Bragg-Kleeman stopping power
+  S(E) = E^(1-p) / (alpha p) (a monitor chamber measures charge ~ protons x S), normalized to
+  one proton per count at 100 MeV, so layers of different energies weigh physically.
+- Lateral: each sample (CSV row) is a Gaussian beamlet at (x, y) weighted by its count, with
+  sigma^2 = sigma_air(E)^2 + sigma_MCS(E, depth)^2: the room's in-air sigma at the isocentre
+  (DESIGN §4 tables for G1/G2, linear in energy, clamped outside) and multiple Coulomb
+  scattering from the Highland formula integrated over depth with the Bragg-Kleeman energy.
+  Samples are deposited on the grid by linear (cloud-in-cell) weighting, then smoothed with
+  scipy.ndimage.gaussian_filter; the filter's sigma is reduced by 1/12 px^2 so that,
+  averaged over sub-pixel positions, the result matches the dose averaged over a pixel.
+- Units: Gy for one proton per count at 100 MeV, i.e. RELATIVE dose, times the optional
+  parameter `DoseScaleFactor`.
+Range shifters are not modelled (the output index k still follows them; a warning is logged).
+
+Parameter handling: paths are used as written (relative ones against the working directory,
+where MOQUI is started); `ParentDir`, `OverwriteResults` (the raw is always replaced
+atomically), `RandomSeed` and the history keys are accepted and ignored; `GPUID` is only
+logged. `UsingPhantomGeo false` (patient CT) and any `Scorer` other than Dose are refused.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy.ndimage import gaussian_filter
+from scipy.special import gamma, pbdv
+
+from . import __version__
+from .errors import CaseError
+from .geometry import PHANTOM_3D, PLANE_2CM, PLANE_DEPTH_MM, Grid, output_index
+from .moqui_csv import energy_of_file_name, read_layer_fast, write_atomic
+from .moqui_input import Parameters, parse_parameter_file, select_beam_logdir, validate_parameters
+from .plan import find_plan, read_plan
+
+BANNER = "Built-in analytical pencil-beam engine (not Monte Carlo)"
+FINAL_MARKER = "Simlulation finalizing.."  # sic, MOQUI's spelling
+
+# In-air spot sigma (mm) at the isocentre by energy (MeV), from the clinic's MOQUI beam models.
+SIGMA_AIR_MM: dict[int, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    1: ((70, 100, 126, 150, 190, 230), (10.70, 7.88, 6.52, 5.70, 4.66, 3.58)),
+    2: ((70, 100, 126, 150, 162, 190, 214, 230), (8.62, 6.23, 5.12, 4.42, 4.46, 3.98, 3.52, 2.72)),
+}
+
+ALPHA_CM = 0.0022  # Bragg-Kleeman R = alpha E^p (water, cm, MeV)
+P_EXP = 1.77
+BETA_PER_CM = 0.012  # nuclear interactions
+GAMMA_NUCLEAR = 0.6  # fraction of the energy of nuclear secondaries deposited locally
+EPSILON = 0.1  # low-energy fluence fraction
+ENERGY_SPREAD = 0.01  # sigma_E / E
+PROTON_MASS_MEV = 938.272
+WATER_X0_CM = 36.08
+HIGHLAND_ES_MEV = 13.6
+MCS_CUTOFF_MEV = 3.0  # stop the Highland integral here (it diverges at the end of range)
+REFERENCE_ENERGY_MEV = 100.0  # one proton per count at this energy
+GY_PER_MEV_PER_G = 1.602176634e-10
+TRUNCATE = 4.0  # gaussian_filter's kernel radius in sigmas
+SIGMA_STEP = 1.005  # 3-D: depths whose filter sigma agree within 0.5 % share one convolution
+
+
+class EngineError(Exception):
+    """A problem the engine reports as `ERROR: <message>` before exiting non-zero."""
+
+
+class InjectedFailure(Exception):
+    """The MQI_ENGINE_TEST_FAIL_BEAMS test hook."""
+
+
+# --- physics ------------------------------------------------------------------------------
+
+
+def sigma_in_air_mm(energy_mev: float | np.ndarray, gantry: int) -> np.ndarray:
+    energies, sigmas = SIGMA_AIR_MM[gantry]
+    return np.asarray(np.interp(energy_mev, energies, sigmas), dtype=np.float64)
+
+
+def range_cm(energy_mev: float) -> float:
+    return float(ALPHA_CM * energy_mev**P_EXP)
+
+
+def stopping_power(energy_mev: float) -> float:
+    """Bragg-Kleeman stopping power in water, MeV/cm: 1 / (dR/dE)."""
+    return float(energy_mev ** (1.0 - P_EXP) / (ALPHA_CM * P_EXP))
+
+
+def protons_per_count(energy_mev: float) -> float:
+    return stopping_power(REFERENCE_ENERGY_MEV) / stopping_power(energy_mev)
+
+
+def bortfeld_dose(depth_cm: np.ndarray, energy_mev: float) -> np.ndarray:
+    """Dose per unit fluence (MeV cm^2/g per proton/cm^2 = MeV/g for 1 proton/cm^2) at depth."""
+    z = np.atleast_1d(np.asarray(depth_cm, dtype=np.float64))
+    r0 = range_cm(energy_mev)
+    sigma_mono = 0.012 * r0**0.935
+    sigma_e = ENERGY_SPREAD * energy_mev * ALPHA_CM * P_EXP * energy_mev ** (P_EXP - 1)
+    sigma = math.hypot(sigma_mono, sigma_e)
+    zeta = (r0 - z) / sigma
+    norm = 1.0 / (P_EXP * ALPHA_CM ** (1 / P_EXP) * (1 + BETA_PER_CM * r0))
+    dose = np.zeros_like(z)
+    near = zeta <= 30.0  # parabolic-cylinder form; beyond, its asymptote (same to 3e-4)
+    if near.any():
+        zn = zeta[near]
+        d_a = pbdv(-1 / P_EXP, -zn)[0]
+        d_b = pbdv(-1 / P_EXP - 1, -zn)[0]
+        pre = np.exp(-(zn**2) / 4) * sigma ** (1 / P_EXP) * gamma(1 / P_EXP) / math.sqrt(2 * math.pi) * norm
+        dose[near] = pre * (d_a / sigma + (BETA_PER_CM / P_EXP + GAMMA_NUCLEAR * BETA_PER_CM + EPSILON / r0) * d_b)
+    far = ~near
+    if far.any():
+        residual = r0 - z[far]
+        coefficient = BETA_PER_CM + GAMMA_NUCLEAR * BETA_PER_CM * P_EXP + EPSILON * P_EXP / r0
+        dose[far] = norm * (residual ** (1 / P_EXP - 1) + coefficient * residual ** (1 / P_EXP))
+    return np.maximum(np.nan_to_num(dose, nan=0.0), 0.0)
+
+
+def mcs_sigma_mm(energy_mev: float, depth_mm: np.ndarray) -> np.ndarray:
+    """Lateral sigma from multiple Coulomb scattering in water after `depth_mm`: the Highland
+    angular variance per length (13.6 MeV / pv)^2 / X0, integrated as sigma^2 = int (z-u)^2 T(u) du."""
+    z = np.atleast_1d(np.asarray(depth_mm, dtype=np.float64)) / 10.0
+    r0 = range_cm(energy_mev)
+    u_cut = max(r0 - ALPHA_CM * MCS_CUTOFF_MEV**P_EXP, 0.0)
+    if u_cut <= 0:
+        return np.zeros_like(z)
+    u = np.linspace(0.0, u_cut, 801)
+    energy = ((r0 - u) / ALPHA_CM) ** (1 / P_EXP)
+    pv = (energy**2 + 2 * energy * PROTON_MASS_MEV) / (energy + PROTON_MASS_MEV)
+    t = (HIGHLAND_ES_MEV / pv) ** 2 / WATER_X0_CM
+
+    def cumulative(f: np.ndarray) -> np.ndarray:
+        return np.concatenate(([0.0], np.cumsum((f[1:] + f[:-1]) * 0.5 * np.diff(u))))
+
+    zc = np.minimum(z, u_cut)
+    a0 = np.interp(zc, u, cumulative(t))
+    a1 = np.interp(zc, u, cumulative(t * u))
+    a2 = np.interp(zc, u, cumulative(t * u * u))
+    return 10.0 * np.sqrt(np.maximum(z * z * a0 - 2 * z * a1 + a2, 0.0))
+
+
+def lateral_sigma_mm(energy_mev: float, depth_mm: np.ndarray, gantry: int) -> np.ndarray:
+    return np.hypot(sigma_in_air_mm(energy_mev, gantry), mcs_sigma_mm(energy_mev, depth_mm))
+
+
+# --- dose on the grid ---------------------------------------------------------------------
+
+
+@dataclass
+class Layer:
+    energy_mev: float
+    samples: np.ndarray  # (N, 4): time_ms, x_mm, y_mm, count
+
+
+def _filter_sigma_px(sigma_mm: float, spacing_mm: float) -> float:
+    return math.sqrt(max((sigma_mm / spacing_mm) ** 2 - 1.0 / 12.0, 1e-6))
+
+
+def _deposit(samples: np.ndarray, weight: float, grid: Grid, pad: int) -> np.ndarray:
+    """Cloud-in-cell histogram of the samples' counts on the grid widened by `pad` pixels;
+    samples whose 2x2 neighbourhood leaves the widened grid are dropped."""
+    nxp, nyp = grid.nx + 2 * pad, grid.ny + 2 * pad
+    fx = (samples[:, 1] - grid.first_centre_mm[0]) / grid.spacing_mm[0] + pad
+    fy = (samples[:, 2] - grid.first_centre_mm[1]) / grid.spacing_mm[1] + pad
+    counts = samples[:, 3]
+    keep = (counts != 0) & (fx >= 0) & (fx < nxp - 1) & (fy >= 0) & (fy < nyp - 1)
+    fx, fy, w = fx[keep], fy[keep], counts[keep] * weight
+    ix = fx.astype(np.intp)
+    iy = fy.astype(np.intp)
+    tx = fx - ix
+    ty = fy - iy
+    index = iy * nxp + ix
+    size = nxp * nyp
+    wy0 = w * (1 - ty)
+    wy1 = w * ty
+    hist = np.bincount(index, wy0 * (1 - tx), size)
+    hist += np.bincount(index + 1, wy0 * tx, size)
+    hist += np.bincount(index + nxp, wy1 * (1 - tx), size)
+    hist += np.bincount(index + nxp + 1, wy1 * tx, size)
+    return hist.reshape(nyp, nxp)
+
+
+def _support(hist: np.ndarray, margin: int) -> tuple[slice, slice] | None:
+    rows = np.flatnonzero(hist.any(axis=1))
+    cols = np.flatnonzero(hist.any(axis=0))
+    if rows.size == 0:
+        return None
+    return (
+        slice(max(rows[0] - margin, 0), min(rows[-1] + margin + 1, hist.shape[0])),
+        slice(max(cols[0] - margin, 0), min(cols[-1] + margin + 1, hist.shape[1])),
+    )
+
+
+def compute_dose(layers: list[Layer], gantry: int, grid: Grid, depths_mm: np.ndarray) -> np.ndarray:
+    """Dose (relative Gy, see module docstring) on `grid`, shape (len(depths_mm), ny, nx)."""
+    if grid.spacing_mm[0] != grid.spacing_mm[1]:
+        raise ValueError("the engine needs square pixels")
+    spacing = grid.spacing_mm[0]
+    pixel_area_cm2 = spacing * spacing / 100.0
+    plans = []
+    for layer in layers:
+        depth_dose = bortfeld_dose(depths_mm / 10.0, layer.energy_mev) * GY_PER_MEV_PER_G
+        active = np.flatnonzero(depth_dose > depth_dose.max() * 1e-9)
+        sigmas = lateral_sigma_mm(layer.energy_mev, depths_mm[active], gantry)
+        plans.append((layer, depth_dose, active, sigmas))
+    sigma_max = max((float(s.max()) for *_, s in plans if s.size), default=1.0)
+    pad = math.ceil(TRUNCATE * sigma_max / spacing) + 2
+    dose = np.zeros((len(depths_mm), grid.ny + 2 * pad, grid.nx + 2 * pad))
+    for layer, depth_dose, active, sigmas in plans:
+        fluence = _deposit(layer.samples, protons_per_count(layer.energy_mev) / pixel_area_cm2, grid, pad)
+        window = _support(fluence, math.ceil(TRUNCATE * float(sigmas.max(initial=0.0)) / spacing) + 2)
+        if window is None or active.size == 0:
+            continue
+        region = fluence[window]
+        cache: dict[int, np.ndarray] = {}
+        for k, sigma_mm in zip(active, sigmas, strict=True):
+            sigma_px = _filter_sigma_px(float(sigma_mm), spacing)
+            key = round(math.log(sigma_px) / math.log(SIGMA_STEP)) if len(depths_mm) > 1 else 0
+            if key not in cache:
+                quantized = SIGMA_STEP**key if len(depths_mm) > 1 else sigma_px
+                cache[key] = gaussian_filter(region, quantized, mode="constant", truncate=TRUNCATE)
+            dose[k][window] += depth_dose[k] * cache[key]
+    return dose[:, pad : pad + grid.ny, pad : pad + grid.nx]
+
+
+# --- the tps_env program ------------------------------------------------------------------
+
+
+def _log(line: str) -> None:
+    print(line, flush=True)
+
+
+def _bool(params: Parameters, key: str, default: bool) -> bool:
+    return params[key] == "true" if key in params else default
+
+
+def _read_layers(folder: Path) -> list[Layer]:
+    files = sorted(p for p in folder.iterdir() if p.suffix == ".csv" and p.is_file())
+    if not files:
+        raise EngineError(f"no *.csv layer files in {folder}")
+    layers = []
+    for path in files:
+        try:
+            energy = energy_of_file_name(path.name)
+            samples = read_layer_fast(path)
+        except (ValueError, OSError) as exc:
+            raise EngineError(f"bad CSV {path}: {exc}") from exc
+        if energy <= 0 or not math.isfinite(energy):
+            raise EngineError(f"bad CSV {path}: energy {energy} MeV from the file name")
+        if not np.isfinite(samples).all():
+            raise EngineError(f"bad CSV {path}: non-finite values")
+        layers.append(Layer(energy, samples))
+    return layers
+
+
+def _inject_test_hooks(beam_name: str) -> None:
+    delay = os.environ.get("MQI_ENGINE_TEST_SLEEP")
+    if delay:
+        _log(f"Test hook: sleeping {delay} s (MQI_ENGINE_TEST_SLEEP)")
+        time.sleep(float(delay))
+    failing = {item.strip() for item in os.environ.get("MQI_ENGINE_TEST_FAIL_BEAMS", "").split(",")}
+    if beam_name in failing:
+        raise InjectedFailure
+
+
+def run(parameter_file: Path, started: float) -> Path:
+    """Compute one beam's dose as the parameter file asks; returns the raw file written."""
+    try:
+        params = parse_parameter_file(parameter_file)
+        validate_parameters(params, str(parameter_file))
+    except OSError as exc:
+        raise EngineError(f"cannot read parameter file {parameter_file}: {exc.strerror}") from exc
+    except ValueError as exc:
+        raise EngineError(str(exc)) from exc
+    for key, supported in (("UsingPhantomGeo", "true"), ("Scorer", "Dose")):
+        if key in params and params[key].lower() != supported.lower():
+            raise EngineError(f"{parameter_file}: {key} {params[key]} is not supported by the built-in engine")
+    _log(f"GPUID {params['GPUID']} (ignored: the built-in engine runs on the CPU)")
+    beam_number = int(params["BeamNumbers"])
+    gantry = int(params["GantryNum"])
+    dicom = Path(params.get("DicomDir") or params["DicomPath"])
+    try:
+        plan_path = find_plan(dicom) if dicom.is_dir() else dicom
+        if not plan_path.is_file():
+            raise CaseError(plan_path, "no RT Ion Plan (DicomDir/DicomPath does not exist)")
+        plan = read_plan(plan_path)
+    except CaseError as exc:
+        raise EngineError(f"DicomDir: {exc}") from exc
+    beam = plan.beam(beam_number)
+    if beam is None:
+        beams = ", ".join(f"{b.number} {b.name}" for b in plan.beams)
+        raise EngineError(f"BeamNumbers {beam_number}: no such beam in plan {plan_path} (beams: {beams})")
+    if beam.is_setup:
+        raise EngineError(f"BeamNumbers {beam_number}: beam {beam.name!r} in {plan_path} is a setup beam")
+    if "/" in beam.name or "\0" in beam.name:
+        raise EngineError(f"beam name {beam.name!r} cannot name an output file")
+    _log(f"Plan: {plan_path}")
+    _log(f"Beam: {beam.number} {beam.name!r}, {len(beam.layers)} layers in the plan, room {plan.room}")
+    if plan.room != f"G{gantry}":
+        _log(f"WARNING: GantryNum {gantry} but the plan's room is {plan.room}; using the G{gantry} beam model")
+    if beam.range_shifters:
+        _log(f"WARNING: {beam.range_shifters} range shifter(s) in the plan are not modelled by the built-in engine")
+    selection = params.get("LogFileSelection", "index")
+    try:
+        folder = select_beam_logdir(Path(params["logFilePath"]), beam_number, beam.name, selection)
+    except ValueError as exc:
+        raise EngineError(str(exc)) from exc
+    _log(f"Log folder: {folder} (selected by {selection})")
+    two_cm = _bool(params, "TwoCentimeterMode", False)
+    grid = PLANE_2CM if two_cm else PHANTOM_3D
+    depths = np.array([PLANE_DEPTH_MM]) if two_cm else grid.centres("z")
+    if two_cm:
+        _log(f"Geometry: TwoCentimeterMode, {grid.nx} x {grid.ny} plane of 1 mm at {PLANE_DEPTH_MM:g} mm depth")
+    else:
+        _log(f"Geometry: water phantom {grid.nx} x {grid.ny} x {grid.nz}, {grid.spacing_mm[0]:g} mm voxels")
+    scale = float(params.get("DoseScaleFactor", "1"))
+    _log(
+        f"Dose scale: {scale:g}"
+        + (" (DoseScaleFactor)" if "DoseScaleFactor" in params else " (RELATIVE dose: no DoseScaleFactor given)")
+    )
+    _inject_test_hooks(beam.name)
+    layers = _read_layers(folder)
+    total = sum(float(layer.samples[:, 3].sum()) for layer in layers)
+    _log(f"Layers: {len(layers)}, samples: {sum(len(layer.samples) for layer in layers)}, counts: {total:g}")
+    engine_start = time.perf_counter()
+    dose = compute_dose(layers, gantry, grid, depths) * scale
+    engine_time = time.perf_counter() - engine_start
+    out_dir = Path(params["OutputDir"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / f"{beam.name}_{output_index(beam.range_shifters)}_Dose.raw"
+    write_atomic(out, np.ascontiguousarray(dose, dtype="<f8").tobytes())
+    _log(f"Dose written: {out} (max {dose.max():.6g})")
+    _log(FINAL_MARKER)
+    _log(f"Time taken by MC engine: {engine_time:.3f}")
+    _log(f"Total execution time: {time.perf_counter() - started:.3f}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    started = time.perf_counter()
+    args = sys.argv[1:] if argv is None else argv
+    _log(f"{BANNER}, mqi_communicator {__version__}")
+    if len(args) != 1 or args[0].startswith("-"):
+        _log("ERROR: usage: builtin-tps-env <input.in> (one MOQUI parameter file)")
+        return 2
+    _log(f"Parameter file: {args[0]}")
+    try:
+        run(Path(args[0]), started)
+    except EngineError as exc:
+        _log(f"ERROR: {exc}")
+        return 1
+    except InjectedFailure:
+        _log("FATAL ERROR: test failure injected")
+        return 3
+    except Exception as exc:  # the log must carry a failure marker whatever went wrong
+        traceback.print_exc()
+        _log(f"ERROR: internal error in the built-in engine: {type(exc).__name__}: {exc}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
