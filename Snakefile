@@ -14,9 +14,16 @@ validate(config, "config/schema/config.schema.yaml")
 include: "rules/common.smk"
 include: "rules/intake.smk"
 include: "rules/interpret.smk"
+include: "rules/moqui_input.smk"
+include: "rules/simulate.smk"
+include: "rules/rtdose.smk"
+include: "rules/report.smk"
+
+
+report: "report/workflow.rst"
 
 
 rule all:
     default_target: True
     input:
-        all_targets(),
+        all_targets,

@@ -10,15 +10,33 @@ from mqi_communicator.intake import CASE_ID_PATTERN, is_ready, recorded_failure
 PYTHON = sys.executable
 SCAN_DIR = Path(config["paths"]["local"]["scan_directory"])
 PROCESSING = config["paths"]["local"]["processing_directory"]
+RAW_OUTPUT = config["paths"]["local"]["raw_output_directory"]
+FINAL_DICOM = config["paths"]["local"]["final_dicom_directory"]
+BUILTIN_ENGINE = config["executables"]["moqui"] == "builtin"
+# Written into every RT Dose and the report, so nobody mistakes the stand-in for Monte Carlo.
+ENGINE_LABEL = (
+    "built-in analytical pencil beam (not Monte Carlo)"
+    if BUILTIN_ENGINE
+    else "MOQUI Monte Carlo"
+)
 
 
 wildcard_constraints:
     case_id="[A-Za-z0-9._-]+",
+    beam="[A-Za-z0-9_-]+",
 
 
 def processing(name, case_id="{case_id}"):
     """A file or folder in a case's processing directory (a `{case_id}` pattern by default)."""
     return os.path.join(PROCESSING.replace("{case_id}", case_id), name)
+
+
+def raw_output(name, case_id="{case_id}"):
+    return os.path.join(RAW_OUTPUT.replace("{case_id}", case_id), name)
+
+
+def final_dicom(name, case_id="{case_id}"):
+    return os.path.join(FINAL_DICOM.replace("{case_id}", case_id), name)
 
 
 def intake_failure_record(case_id):
@@ -68,5 +86,63 @@ def case_files(wildcards):
     return sorted(str(p) for p in case_dir.rglob("*") if p.is_file())
 
 
-def all_targets():
-    return [processing("moqui_csv", case) for case in CASES]
+def rtdose_calibration_args():
+    """RT Dose in GY only when a calibration factor is configured; RELATIVE otherwise."""
+    factor = config["simulation"]["dose_scale_factor"]
+    return "" if factor is None else f"--calibrated --dose-scale {factor}"
+
+
+def manifest(case_id):
+    """The case's intake manifest; waits for the intake checkpoint (beams are known after it)."""
+    return json.loads(
+        Path(checkpoints.intake.get(case_id=case_id).output[0]).read_text()
+    )
+
+
+def simulated_beams(case_id):
+    return [b["sanitized_name"] for b in manifest(case_id)["beams"] if b["simulate"]]
+
+
+def beam_number(wildcards):
+    beams = manifest(wildcards.case_id)["beams"]
+    return next(b["number"] for b in beams if b["sanitized_name"] == wildcards.beam)
+
+
+def plan_copy(wildcards):
+    """The plan as P2 copied it into its output folder (rules take that folder as input)."""
+    name = manifest(wildcards.case_id)["plan"]["file_name"]
+    return os.path.join(processing("moqui_csv", wildcards.case_id), "plan", name)
+
+
+def beam_raw_doses(wildcards):
+    return [
+        raw_output(f"{beam}_Dose.raw", wildcards.case_id)
+        for beam in simulated_beams(wildcards.case_id)
+    ]
+
+
+def beam_records(wildcards):
+    return [
+        raw_output(f"{beam}.simulate.json", wildcards.case_id)
+        for beam in simulated_beams(wildcards.case_id)
+    ]
+
+
+def beam_rtdoses(wildcards):
+    return [
+        final_dicom(f"RD_{beam}.dcm", wildcards.case_id)
+        for beam in simulated_beams(wildcards.case_id)
+    ]
+
+
+def case_targets(case_id):
+    beams = simulated_beams(case_id)
+    return (
+        [final_dicom(f"RD_{beam}.dcm", case_id) for beam in beams]
+        + [final_dicom("RD_PLAN.dcm", case_id), processing("report/beams.csv", case_id)]
+        + [processing(f"report/dose_{beam}.png", case_id) for beam in beams]
+    )
+
+
+def all_targets(wildcards):
+    return [target for case in CASES for target in case_targets(case)]

@@ -1,7 +1,8 @@
 # P1: validate a ready case and map its deliveries to plan beams (intake.json).
+# A checkpoint: the beams to simulate are known only once the manifest exists.
 
 
-rule intake:
+checkpoint intake:
     input:
         case_files,
     output:

@@ -1,0 +1,46 @@
+# Report items for `snakemake --report`: dose map + profiles per beam, a beam table per case.
+
+
+rule report_dose_map:
+    input:
+        final_dicom("RD_{beam}.dcm"),
+    output:
+        report(
+            processing("report/dose_{beam}.png"),
+            caption="../report/dose_map.rst",
+            category="Dose maps",
+            subcategory="{case_id}",
+            labels={"case": "{case_id}", "beam": "{beam}"},
+        ),
+    log:
+        "logs/{case_id}/report_dose_{beam}.log",
+    conda:
+        "../envs/mqi.yaml"
+    params:
+        python=PYTHON,
+        title=lambda wildcards: f"{wildcards.case_id} beam {wildcards.beam} ({ENGINE_LABEL})",
+    shell:
+        "{params.python} -m mqi_communicator.report figure --rtdose {input:q} --title {params.title:q}"
+        " --output {output:q} > {log:q} 2>&1"
+
+
+rule report_beam_table:
+    input:
+        records=beam_records,
+        rtdoses=beam_rtdoses,
+    output:
+        report(
+            processing("report/beams.csv"),
+            caption="../report/beam_table.rst",
+            category="Beams",
+            labels={"case": "{case_id}"},
+        ),
+    log:
+        "logs/{case_id}/report_beams.log",
+    conda:
+        "../envs/mqi.yaml"
+    params:
+        python=PYTHON,
+    shell:
+        "{params.python} -m mqi_communicator.report table --records {input.records:q} --rtdoses {input.rtdoses:q}"
+        " --output {output:q} > {log:q} 2>&1"
