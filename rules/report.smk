@@ -44,3 +44,23 @@ rule report_beam_table:
     shell:
         "{params.python} -m mqi_communicator.report table --records {input.records:q} --rtdoses {input.rtdoses:q}"
         " --output {output:q} > {log:q} 2>&1"
+
+
+rule case_summary:
+    input:
+        records=beam_records,
+        rtdoses=beam_rtdoses,
+        plan_dose=final_dicom("RD_PLAN.dcm"),
+        figures=beam_figures,
+        table=processing("report/beams.csv"),
+    output:
+        processing("case_summary.json"),
+    log:
+        "logs/{case_id}/case_summary.log",
+    conda:
+        "../envs/mqi.yaml"
+    params:
+        python=PYTHON,
+    shell:
+        "{params.python} -m mqi_communicator.report summary --case {wildcards.case_id} --records {input.records:q}"
+        " --rtdoses {input.rtdoses:q} --plan-dose {input.plan_dose:q} --output {output:q} > {log:q} 2>&1"

@@ -81,6 +81,33 @@ def beam_table(records: list[Path], rtdoses: list[Path], output: Path) -> None:
         writer.writerows(rows)
 
 
+def case_summary(case_id: str, records: list[Path], rtdoses: list[Path], plan_dose: Path, output: Path) -> None:
+    """The case's end state in one file: every beam's run and RT Dose, and the plan dose."""
+    beams = []
+    for record_path, rtdose_path in zip(records, rtdoses, strict=True):
+        record = json.loads(record_path.read_text())
+        image = read_rtdose_dose(rtdose_path)
+        beams.append(
+            {
+                "beam_number": record["beam_number"],
+                "beam": record["beam_name"],
+                "engine": record["engine"],
+                "slurm_job_id": record.get("slurm_job_id"),
+                "raw_sha256": record["sha256"],
+                "rt_dose": str(rtdose_path),
+                "max_dose": float(image.dose.max()),
+                "units": image.units,
+            }
+        )
+    plan = read_rtdose_dose(plan_dose)
+    summary = {
+        "case_id": case_id,
+        "beams": beams,
+        "plan_dose": {"rt_dose": str(plan_dose), "max_dose": float(plan.dose.max()), "units": plan.units},
+    }
+    output.write_text(json.dumps(summary, indent=1) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Report figures and tables for one case.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -92,12 +119,20 @@ def main(argv: list[str] | None = None) -> int:
     table.add_argument("--records", type=Path, nargs="+", required=True, help="simulate records, one per beam")
     table.add_argument("--rtdoses", type=Path, nargs="+", required=True, help="RT Doses, same order")
     table.add_argument("--output", type=Path, required=True)
+    summary = sub.add_parser("summary", help="case summary (JSON)")
+    summary.add_argument("--case", required=True)
+    summary.add_argument("--records", type=Path, nargs="+", required=True)
+    summary.add_argument("--rtdoses", type=Path, nargs="+", required=True)
+    summary.add_argument("--plan-dose", type=Path, required=True)
+    summary.add_argument("--output", type=Path, required=True)
     args = parser.parse_args(argv)
     try:
         if args.command == "figure":
             dose_figure(args.rtdose, args.title, args.output)
-        else:
+        elif args.command == "table":
             beam_table(args.records, args.rtdoses, args.output)
+        else:
+            case_summary(args.case, args.records, args.rtdoses, args.plan_dose, args.output)
     except (OSError, ValueError, KeyError) as exc:
         print(f"report failed: {exc}", file=sys.stderr)
         return 1
