@@ -24,7 +24,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
-from mqi_communicator import engine, moqui_csv, moqui_input  # noqa: E402
+from mqi_communicator import engine, files, moqui_csv, moqui_input  # noqa: E402
 from mqi_communicator.geometry import PLANE_2CM, PLANE_DEPTH_MM  # noqa: E402
 
 TARGET_S = 2.0
@@ -142,7 +142,7 @@ def main() -> int:
             data = moqui_csv.encode_values(
                 samples[:, 0], samples[:, 1], samples[:, 2], samples[:, 3].astype(np.int64), "rows"
             )
-            moqui_csv.write_atomic(csv_dir / moqui_csv.layer_file_name(i + 1, energy), data)
+            files.write_atomic(csv_dir / moqui_csv.layer_file_name(i + 1, energy), data)
         n_samples = sum(len(s) for _, s in layers)
         csv_bytes = sum(p.stat().st_size for p in csv_dir.iterdir())
         log_dir = root / "beamlog"

@@ -21,7 +21,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from scipy.optimize import OptimizeWarning, curve_fit
 
-from mqi_communicator import engine, moqui_csv, plan
+from mqi_communicator import engine, files, moqui_csv, plan
 from mqi_communicator.geometry import PHANTOM_3D, PLANE_2CM, read_raw
 from mqi_communicator.moqui_input import prepare_beam_logdir, render_parameter_file
 
@@ -95,7 +95,7 @@ def spot_samples(
 def write_layer(folder: Path, index: int, energy: float, samples: np.ndarray, layout: str = "rows") -> Path:
     data = moqui_csv.encode_values(samples[:, 0], samples[:, 1], samples[:, 2], samples[:, 3].astype(np.int64), layout)
     path = folder / moqui_csv.layer_file_name(index, energy)
-    moqui_csv.write_atomic(path, data)
+    files.write_atomic(path, data)
     return path
 
 

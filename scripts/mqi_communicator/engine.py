@@ -47,8 +47,9 @@ from scipy.special import gamma, pbdv
 
 from . import __version__
 from .errors import CaseError
+from .files import write_atomic
 from .geometry import PHANTOM_3D, PLANE_2CM, PLANE_DEPTH_MM, Grid, output_index
-from .moqui_csv import energy_of_file_name, read_layer_fast, write_atomic
+from .moqui_csv import energy_of_file_name, read_layer_fast
 from .moqui_input import Parameters, parse_parameter_file, select_beam_logdir, validate_parameters
 from .plan import find_plan, read_plan
 

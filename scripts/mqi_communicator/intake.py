@@ -12,7 +12,6 @@ import argparse
 import csv
 import hashlib
 import json
-import os
 import re
 import sys
 import time
@@ -22,6 +21,7 @@ from typing import Any
 
 from . import ptn, settings
 from .errors import CaseError
+from .files import sha256_of, write_json_atomic
 from .plan import Plan, find_plan, read_plan
 
 CASE_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
@@ -80,14 +80,6 @@ def recorded_failure(record: Path, case_dir: Path) -> str | None:
     except (OSError, ValueError):
         return None
     return str(data.get("error")) if data.get("fingerprint") == case_fingerprint(case_dir) else None
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_planinfo(path: Path) -> dict[str, str]:
@@ -285,13 +277,6 @@ def build_manifest(case_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
         "deliveries": [asdict(d) | {"layer_count": d.layer_count} for d in deliveries],
         "warnings": warnings,
     }
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,8 @@ import numpy as np
 
 from . import moqui_csv, ptn, settings
 from .errors import CaseError
-from .intake import build_manifest, sha256_of, write_json_atomic
+from .files import sha256_of, write_atomic, write_json_atomic
+from .intake import build_manifest
 from .plan import Layer, read_plan
 
 TABLE_SIZE = 1 << 16  # every possible uint16 raw value
@@ -114,7 +115,7 @@ def interpret_case(manifest: dict[str, Any], config: dict[str, Any], out_dir: Pa
             for number, layer in enumerate(beam.layers, start=1):
                 data = plan_layer_samples(layer, calibration, config)
                 name = moqui_csv.layer_file_name(number, layer.energy_mev)
-                moqui_csv.write_atomic(beam_dir / name, data)
+                write_atomic(beam_dir / name, data)
                 written.append({"file": name, "layer": number, "bytes": len(data)})
         else:
             if tables is None:
@@ -131,7 +132,7 @@ def interpret_case(manifest: dict[str, Any], config: dict[str, Any], out_dir: Pa
                     log = ptn.read_ptn(path)
                     data = tables.encode(log, delivery["dose1_range_codes"][offset])
                     name = moqui_csv.layer_file_name(number, beam.layers[number - 1].energy_mev)
-                    moqui_csv.write_atomic(beam_dir / name, data)
+                    write_atomic(beam_dir / name, data)
                     written.append(
                         {"file": name, "layer": number, "samples": len(log), "ptn": f"{folder}/{entry['file']}"}
                     )

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import settings
-from .moqui_csv import write_atomic
+from .files import write_atomic
 from .moqui_input import parse_parameters, prepare_beam_logdir, render_parameter_file, validate_parameters
 
 GANTRY_NUMBER = {"G1": 1, "G2": 2}

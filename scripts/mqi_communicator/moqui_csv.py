@@ -11,7 +11,6 @@ value) and the rows are assembled as a byte matrix whose zero padding is squeeze
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -91,15 +90,6 @@ def encode_values(time_ms: np.ndarray, x_mm: np.ndarray, y_mm: np.ndarray, count
         ],
         layout,
     )
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write via a temporary name and rename, so a killed job never leaves a half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-    os.replace(tmp, path)
 
 
 def read_layer(path: Path) -> np.ndarray:

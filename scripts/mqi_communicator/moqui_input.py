@@ -29,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from .moqui_csv import write_atomic
+from .files import write_atomic
 from .plan import sanitize_beam_name
 
 SELECTIONS = ("index", "name")

@@ -8,6 +8,7 @@ import csv
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -54,8 +55,8 @@ def dose_figure(rtdose_path: Path, title: str, output: Path) -> dict[str, float]
     return {"max_dose": peak}
 
 
-def beam_table(records: list[Path], rtdoses: list[Path], output: Path) -> None:
-    """One row per beam: number, name, max dose and units, engine, run time, files."""
+def beam_rows(records: list[Path], rtdoses: list[Path]) -> list[dict[str, Any]]:
+    """One entry per beam from its simulate record and its RT Dose (same order)."""
     rows = []
     for record_path, rtdose_path in zip(records, rtdoses, strict=True):
         record = json.loads(record_path.read_text())
@@ -64,16 +65,25 @@ def beam_table(records: list[Path], rtdoses: list[Path], output: Path) -> None:
             {
                 "beam": record["beam_name"],
                 "beam_number": record["beam_number"],
-                "max_dose": f"{float(image.dose.max()):.6g}",
+                "max_dose": float(image.dose.max()),
                 "units": image.units,
                 "engine": record["engine"],
                 "gpu": record["gpu"],
                 "slurm_job": record.get("slurm_job_id") or "",
                 "seconds": record["seconds"],
                 "raw_dose": record["raw"],
+                "raw_sha256": record["sha256"],
                 "rt_dose": str(rtdose_path),
             }
         )
+    return rows
+
+
+def beam_table(records: list[Path], rtdoses: list[Path], output: Path) -> None:
+    """One row per beam: number, name, max dose and units, engine, run time, files."""
+    rows = [row | {"max_dose": f"{row['max_dose']:.6g}"} for row in beam_rows(records, rtdoses)]
+    for row in rows:
+        del row["raw_sha256"]
     output.parent.mkdir(parents=True, exist_ok=True)
     with open(output, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["beam"])
@@ -83,22 +93,7 @@ def beam_table(records: list[Path], rtdoses: list[Path], output: Path) -> None:
 
 def case_summary(case_id: str, records: list[Path], rtdoses: list[Path], plan_dose: Path, output: Path) -> None:
     """The case's end state in one file: every beam's run and RT Dose, and the plan dose."""
-    beams = []
-    for record_path, rtdose_path in zip(records, rtdoses, strict=True):
-        record = json.loads(record_path.read_text())
-        image = read_rtdose_dose(rtdose_path)
-        beams.append(
-            {
-                "beam_number": record["beam_number"],
-                "beam": record["beam_name"],
-                "engine": record["engine"],
-                "slurm_job_id": record.get("slurm_job_id"),
-                "raw_sha256": record["sha256"],
-                "rt_dose": str(rtdose_path),
-                "max_dose": float(image.dose.max()),
-                "units": image.units,
-            }
-        )
+    beams = beam_rows(records, rtdoses)
     plan = read_rtdose_dose(plan_dose)
     summary = {
         "case_id": case_id,

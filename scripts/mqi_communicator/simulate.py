@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
-import hashlib
-import json
 import os
 import shlex
 import signal
@@ -26,6 +24,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from .files import sha256_of, write_json_atomic
 from .moqui_input import parse_parameter_file, render_parameter_file
 
 FAILURE_MARKERS = ("FATAL ERROR", "ERROR:", "Segmentation fault")
@@ -130,14 +129,6 @@ def check_success(returncode: int, output_dir: Path, log_path: Path) -> tuple[Pa
     return raws[0], [m for m in SUCCESS_MARKERS if m in text]
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def simulate(args: argparse.Namespace) -> dict[str, Any]:
     params = parse_parameter_file(args.input)
     output_dir = Path(params["OutputDir"])
@@ -197,9 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(OSError), open(args.log, "a") as log:
             log.write(message + "\n")
         return 1
-    tmp = args.record.with_name(f".{args.record.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(tmp, args.record)
+    write_json_atomic(args.record, record)
     print(f"{args.input.name}: {record['engine_output']} on GPU {record['gpu']} in {record['seconds']} s")
     return 0
 
