@@ -23,6 +23,19 @@ include: "rules/report.smk"
 report: "report/workflow.rst"
 
 
+# Everything but the GPU step runs where Snakemake runs (the login node under --profile hpc).
+localrules:
+    all,
+    intake,
+    interpret,
+    moqui_input,
+    rtdose_beam,
+    rtdose_plan,
+    report_dose_map,
+    report_beam_table,
+    case_summary,
+
+
 rule all:
     default_target: True
     input:
