@@ -159,7 +159,10 @@ def simulate(args: argparse.Namespace) -> dict[str, Any]:
         "bytes": args.output_raw.stat().st_size,
         "sha256": sha256_of(args.output_raw),
         "gpu": device,
+        # Evidence of where the run happened, read from the job's own environment.
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "slurm_partition": os.environ.get("SLURM_JOB_PARTITION"),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "host": os.uname().nodename,
         "seconds": round(time.time() - started, 3),
         "success_markers": markers,
