@@ -1,0 +1,1 @@
+"""Test infrastructure: throwaway servers (sshd, SLURM) and their pytest fixtures."""

@@ -1,0 +1,90 @@
+"""The pipeline through a real SLURM cluster (`--profile hpc` + the test-cluster overlay): each
+beam is a job on the gpu partition, everything else runs on the controller, the doses equal the
+embedded default's, and a failing beam fails only its case."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests import casegen
+from tests.infra.slurm_fixture import SlurmCluster
+from tests.workflow import REPO, snakemake, write_config
+
+HPC = ["--profile", str(REPO / "profiles" / "hpc"), "--profile", str(REPO / "tests" / "profiles" / "hpc-test")]
+HPC += ["--workflow-profile", "none"]
+
+
+def _summaries(work: Path) -> dict[str, dict]:
+    return {
+        p.parents[1].name: json.loads(p.read_text())
+        for p in sorted((work / "data" / "cases").glob("*/intermediate/case_summary.json"))
+    }
+
+
+@pytest.fixture(scope="module")
+def embedded_default_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("local")
+    shutil.copytree(REPO / "sample_cases", root / "scan")
+    (root / "work").mkdir()
+    write_config(root / "work", root / "scan")
+    run = snakemake(root / "work", timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return root / "work"
+
+
+def test_pipeline_on_slurm_matches_embedded_default(
+    slurm_cluster: SlurmCluster, embedded_default_run: Path, tmp_path: Path
+) -> None:
+    shutil.copytree(REPO / "sample_cases", tmp_path / "scan")
+    # A fourth case whose only beam fails in the engine: it fails alone.
+    failing = casegen.CaseSpec(
+        patient_id="FAIL01", beams=[casegen.BeamSpec(1, "FAILS", [120.0], [[(0.0, 0.0), (10.0, 0.0)]])]
+    )
+    casegen.write_case(tmp_path / "scan", "zz_failing", failing)
+    work = tmp_path / "work"
+    work.mkdir()
+    write_config(work, tmp_path / "scan")
+
+    # Before intake the GPU jobs are unknown; after intake and P2 the dry-run lists them with
+    # their partition and GPU request.
+    first = snakemake(work, *HPC, "--until", "interpret", timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    dry = snakemake(work, *HPC, "--dry-run", timeout=300)
+    listed = dry.stdout + dry.stderr
+    assert listed.count("rule simulate:") == 7  # 2 + 2 + 2 beams of the sample cases, 1 failing
+    assert "slurm_partition=gpu" in listed and "gpu=1" in listed
+
+    run = snakemake(work, *HPC, timeout=900, env={"MQI_ENGINE_TEST_FAIL_BEAMS": "FAILS"})
+    log = run.stdout + run.stderr
+    assert run.returncode != 0  # the failing case
+    assert "test failure injected" in (work / "logs" / "zz_failing" / "simulate_FAILS.log").read_text()
+
+    slurm = _summaries(work)
+    local = _summaries(embedded_default_run)
+    assert sorted(slurm) == ["case001_G2", "case002_G1", "case003_plan_only"]
+    for case, summary in slurm.items():
+        for beam, reference in zip(summary["beams"], local[case]["beams"], strict=True):
+            assert beam["slurm_job"], f"{case} {beam['beam']} did not run as a SLURM job"
+            # Same engine, same inputs: the same raw dose, bit for bit.
+            assert beam["raw_sha256"] == reference["raw_sha256"]
+        for record in (work / "data" / "cases" / case / "raw").glob("*.simulate.json"):
+            data = json.loads(record.read_text())
+            assert data["slurm_partition"] == "gpu" and data["cuda_visible_devices"] not in (None, "")
+            assert data["gpu"] == 0  # SLURM's GPU is device 0 inside the job
+    # Local rules ran on the controller; only simulate went to SLURM.
+    assert "localrule intake:" in snakemake(work, *HPC, "--dry-run").stdout or "localrule" in log
+    slurm_logs = {p.parts[-3] for p in (work / "logs" / "slurm").rglob("*.log")}
+    assert slurm_logs == {"rule_simulate"} or slurm_logs == {"simulate"}, slurm_logs
+
+    # The next run retries just the failed beam (now healthy) and finishes that case.
+    retry = snakemake(work, *HPC, timeout=600)
+    assert retry.returncode == 0, retry.stderr[-3000:]
+    retried = retry.stdout + retry.stderr
+    assert retried.count("rule simulate:") == 1 and "beam=FAILS" in retried
+    assert "zz_failing" in _summaries(work)
+    nothing = snakemake(work, *HPC, "--dry-run")
+    assert "Nothing to be done" in nothing.stdout + nothing.stderr
