@@ -15,7 +15,18 @@ include: "rules/common.smk"
 include: "rules/intake.smk"
 include: "rules/interpret.smk"
 include: "rules/moqui_input.smk"
-include: "rules/simulate.smk"
+
+
+# The GPU step: where Snakemake runs it (here or SLURM jobs), or over SSH (--profile remote).
+if config["deployment"] == "remote":
+
+    include: "rules/remote.smk"
+
+else:
+
+    include: "rules/simulate.smk"
+
+
 include: "rules/rtdose.smk"
 include: "rules/report.smk"
 
@@ -34,6 +45,9 @@ localrules:
     report_dose_map,
     report_beam_table,
     case_summary,
+    stage_in,
+    remote_simulate,
+    stage_out,
 
 
 rule all:

@@ -114,6 +114,13 @@ def plan_copy(wildcards):
     return os.path.join(processing("moqui_csv", wildcards.case_id), "plan", name)
 
 
+def beam_parameter_files(wildcards):
+    return [
+        processing(f"moqui/{beam}/moqui_tps_{beam}.in", wildcards.case_id)
+        for beam in simulated_beams(wildcards.case_id)
+    ]
+
+
 def beam_raw_doses(wildcards):
     return [
         raw_output(f"{beam}_Dose.raw", wildcards.case_id)

@@ -1,0 +1,67 @@
+# The remote deployment's GPU step: stage in (SFTP) -> sbatch over SSH per beam -> stage out.
+# Produces the same raw dose and run record as rules/simulate.smk, so P3 and the report are shared.
+
+
+rule stage_in:
+    input:
+        p2=processing("moqui_csv"),
+        parameters=beam_parameter_files,
+    output:
+        processing("remote/stage_in.json"),
+    log:
+        "logs/{case_id}/stage_in.log",
+    conda:
+        "../envs/mqi.yaml"
+    params:
+        python=PYTHON,
+        processing=lambda wildcards: processing("", wildcards.case_id),
+        beams=lambda wildcards: simulated_beams(wildcards.case_id),
+        settings=settings_for("hpc_connection", "paths"),
+    shell:
+        "{params.python} -m mqi_communicator.remote stage-in --case {wildcards.case_id}"
+        " --processing {params.processing:q} --beams {params.beams} --report {output:q}"
+        " --settings {params.settings:q} > {log:q} 2>&1"
+
+
+rule remote_simulate:
+    input:
+        staged=processing("remote/stage_in.json"),
+    output:
+        raw_output("{beam}.remote.json"),
+    log:
+        # The remote engine's log is appended here when the job ends.
+        "logs/{case_id}/simulate_{beam}.log",
+    conda:
+        "../envs/mqi.yaml"
+    resources:
+        remote_jobs=1,
+    params:
+        python=PYTHON,
+        # Kept outside the outputs so a failed or killed run still knows its job (re-attach).
+        job_record=lambda wildcards: raw_output(
+            f"{wildcards.beam}.job.json", wildcards.case_id
+        ),
+        settings=settings_for(
+            "hpc_connection", "paths", "remote_slurm", "simulation", "application"
+        ),
+    shell:
+        "{params.python} -m mqi_communicator.remote_job --staged {input.staged:q} --beam {wildcards.beam}"
+        " --record {params.job_record:q} --result {output:q} --log {log:q} --settings {params.settings:q}"
+
+
+rule stage_out:
+    input:
+        raw_output("{beam}.remote.json"),
+    output:
+        raw=raw_output("{beam}_Dose.raw"),
+        record=raw_output("{beam}.simulate.json"),
+    log:
+        "logs/{case_id}/stage_out_{beam}.log",
+    conda:
+        "../envs/mqi.yaml"
+    params:
+        python=PYTHON,
+        settings=settings_for("hpc_connection"),
+    shell:
+        "{params.python} -m mqi_communicator.remote stage-out --result {input:q} --output-raw {output.raw:q}"
+        " --record {output.record:q} --settings {params.settings:q} > {log:q} 2>&1"

@@ -1,0 +1,180 @@
+"""The remote deployment's staging: P2 output and per-beam MOQUI inputs up to the cluster
+(stage in), a beam's raw dose back (stage out), over one verified SSH connection (`transfer`).
+
+Remote layout, per case (`paths.hpc`, `~` = the remote user's home):
+
+    <output_csv_dir>/moqui_csv/{plan,log}/...       P2 output, as locally
+    <output_csv_dir>/moqui/<beam>/log/...           the beam's logFilePath (padding + CSVs)
+    <output_csv_dir>/moqui/<beam>/moqui_tps_<beam>.remote.in   its parameter file, remote paths
+    <dose_raw_dir>/<beam>/                          the beam's OutputDir
+
+MOQUI does not expand `~`, so every path written into a parameter file is absolute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import posixpath
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import settings, transfer
+from .files import write_atomic, write_json_atomic
+from .moqui_input import parse_parameter_file, parse_parameters, render_parameter_file, validate_parameters
+
+REMOTE_SUFFIX = ".remote.in"
+
+
+def connect(config: dict[str, Any]) -> transfer.Connection:
+    """The connection `hpc_connection` describes: key only, host key checked against known_hosts."""
+    hpc = config["hpc_connection"]
+    return transfer.connect(
+        hpc["host"],
+        hpc["port"],
+        hpc["user"],
+        Path(hpc["ssh_key_path"]).expanduser(),
+        Path(hpc["known_hosts_path"]).expanduser(),
+        connect_timeout=hpc["connect_timeout_seconds"],
+        banner_timeout=hpc["connect_timeout_seconds"],
+        auth_timeout=hpc["connect_timeout_seconds"],
+        retries=hpc["retries"],
+    )
+
+
+def remote_home(conn: transfer.Connection) -> str:
+    result = transfer.run(conn, "pwd", timeout=30)
+    if result.rc != 0 or not result.stdout.strip().startswith("/"):
+        raise transfer.TransferError(f"cannot determine the remote home folder: {result.stderr.strip()}")
+    return result.stdout.strip()
+
+
+def absolute(path: str, home: str) -> str:
+    if path == "~" or path.startswith("~/"):
+        path = posixpath.join(home, path[2:])
+    if not path.startswith("/"):
+        path = posixpath.join(home, path)
+    return posixpath.normpath(path)
+
+
+def remote_case_dirs(config: dict[str, Any], case_id: str, home: str) -> tuple[str, str]:
+    hpc = config["paths"]["hpc"]
+    return (
+        absolute(hpc["output_csv_dir"].replace("{case_id}", case_id), home),
+        absolute(hpc["dose_raw_dir"].replace("{case_id}", case_id), home),
+    )
+
+
+def remote_parameters(local_in: Path, processing: Path, remote_root: str, remote_output_dir: str) -> str:
+    """The beam's parameter file with every local path replaced by its remote counterpart."""
+    params = parse_parameter_file(local_in)
+    local_root = str(processing.resolve())
+    moved: dict[str, object] = {"OutputDir": remote_output_dir}
+    for key in ("ParentDir", "DicomDir", "DicomPath", "logFilePath"):
+        if key in params:
+            value = params[key]
+            if not value.startswith(local_root):
+                raise ValueError(f"{local_in}: {key} {value} is not under the case's processing folder {local_root}")
+            moved[key] = remote_root + value[len(local_root) :]
+    text = render_parameter_file(params, moved, header=f"remote copy of {local_in.name}")
+    validate_parameters(parse_parameters(text, f"{local_in} (remote copy)"), str(local_in))
+    return text
+
+
+def stage_in(config: dict[str, Any], case_id: str, processing: Path, beams: list[str], report: Path) -> dict[str, Any]:
+    """Upload the case's P2 output and each beam's MOQUI input; idempotent and verified."""
+    started = time.monotonic()
+    with connect(config) as conn:
+        home = remote_home(conn)
+        root, dose_root = remote_case_dirs(config, case_id, home)
+        beam_entries = {}
+        for beam in beams:
+            local_in = processing / "moqui" / beam / f"moqui_tps_{beam}.in"
+            output_dir = posixpath.join(dose_root, beam)
+            remote_in = local_in.with_name(local_in.stem + REMOTE_SUFFIX)
+            write_atomic(remote_in, remote_parameters(local_in, processing, root, output_dir).encode())
+            beam_entries[beam] = {
+                "parameter_file": posixpath.join(root, "moqui", beam, remote_in.name),
+                "output_dir": output_dir,
+            }
+        uploads = {
+            name: transfer.upload_tree(conn, processing / name, posixpath.join(root, name)).to_dict()
+            for name in ("moqui_csv", "moqui")
+        }
+        mkdirs = transfer.run(conn, ["mkdir", "-p", *(e["output_dir"] for e in beam_entries.values())], timeout=60)
+        if mkdirs.rc != 0:
+            raise transfer.TransferError(f"cannot create remote output folders: {mkdirs.stderr.strip()}")
+    summary = {
+        "case_id": case_id,
+        "host": config["hpc_connection"]["host"],
+        "remote_root": root,
+        "remote_dose_root": dose_root,
+        "beams": beam_entries,
+        "uploads": uploads,
+        "seconds": round(time.monotonic() - started, 3),
+    }
+    write_json_atomic(report, summary)
+    return summary
+
+
+def stage_out(config: dict[str, Any], result_path: Path, output_raw: Path, record_path: Path) -> dict[str, Any]:
+    """Download the beam's raw dose, verified against the sha256 computed on the cluster."""
+    result = json.loads(result_path.read_text())
+    started = time.monotonic()
+    with connect(config) as conn:
+        sha = transfer.download_file(conn, result["remote_raw"], output_raw, expected_sha256=result["sha256"])
+    record = {
+        "beam_number": result["beam_number"],
+        "beam_name": result["beam_name"],
+        "parameter_file": result["remote_input"],
+        "engine": result["tps_env"],
+        "engine_output": posixpath.basename(result["remote_raw"]),
+        "raw": str(output_raw),
+        "bytes": output_raw.stat().st_size,
+        "sha256": sha,
+        "gpu": 0,
+        "slurm_job_id": result["job_id"],
+        "slurm_partition": result.get("partition"),
+        "cuda_visible_devices": result.get("cuda_visible_devices"),
+        "host": config["hpc_connection"]["host"],
+        "seconds": result.get("seconds"),
+        "download_seconds": round(time.monotonic() - started, 3),
+    }
+    write_json_atomic(record_path, record)
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Stage a case to the remote cluster and its doses back (SFTP).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("stage-in", help="upload P2 output and the beams' MOQUI inputs")
+    up.add_argument("--case", required=True)
+    up.add_argument("--processing", type=Path, required=True, help="the case's processing folder")
+    up.add_argument("--beams", nargs="+", required=True, help="beam folder names")
+    up.add_argument("--report", type=Path, required=True, help="stage-in summary (JSON)")
+    down = sub.add_parser("stage-out", help="download one beam's raw dose")
+    down.add_argument("--result", type=Path, required=True, help="the remote job's result JSON")
+    down.add_argument("--output-raw", type=Path, required=True)
+    down.add_argument("--record", type=Path, required=True)
+    for p in (up, down):
+        p.add_argument("--settings", default="config/config.yaml", help="config YAML path or inline JSON")
+    args = parser.parse_args(argv)
+    try:
+        config = settings.load(args.settings)
+        if args.command == "stage-in":
+            summary = stage_in(config, args.case, args.processing, args.beams, args.report)
+            sent = sum(len(u["uploaded"]) for u in summary["uploads"].values())
+            print(f"staged case {args.case} to {summary['host']}:{summary['remote_root']} ({sent} files sent)")
+        else:
+            record = stage_out(config, args.result, args.output_raw, args.record)
+            print(f"downloaded {record['engine_output']} ({record['bytes']} bytes, sha256 verified)")
+    except (transfer.TransferError, ValueError, OSError, KeyError) as exc:
+        print(f"{args.command.upper()} FAILED: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
