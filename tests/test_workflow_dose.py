@@ -75,7 +75,9 @@ def test_rt_doses_reference_the_plan(finished_run: Path) -> None:
         assert beams["RD_1G180_TX.dcm"][0] == 2 and beams["RD_2G90.dcm"][0] == 3
         total = beams["RD_1G180_TX.dcm"][1] + beams["RD_2G90.dcm"][1]
         assert np.abs(plan_dose - total).max() <= 1e-6 * total.max()
-        summary = json.loads((finished_run / "data" / "cases" / case / "intermediate" / "case_summary.json").read_text())
+        summary = json.loads(
+            (finished_run / "data" / "cases" / case / "intermediate" / "case_summary.json").read_text()
+        )
         assert [b["beam_number"] for b in summary["beams"]] == [2, 3]
 
 

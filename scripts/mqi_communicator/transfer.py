@@ -25,10 +25,13 @@ Safety, whatever happens to the network or the server:
 Errors are `TransferError` (``.transient`` says whether a later retry may succeed) and its
 subclasses `HostKeyError`, `AuthError`, `VerifyError`, `CommandTimeout`.
 
-Speed (see benchmarks/transfer_vs_scp.py): AES-GCM preferred, TCP_NODELAY, one SSH connection
-and one SFTP session for many files, 16 MiB channel window, pipelined 255 KiB writes, prefetched
-reads at the server's read size (probed: 255 KiB on OpenSSH >= 8.7, 64 KiB before), and an O(1)
-channel receive buffer for the SFTP channel.
+Speed (benchmarks/transfer_vs_scp.py): AES-GCM preferred, TCP_NODELAY, one SSH connection for
+everything. Uploads stream all files as one tar archive into ``tar -x`` over exec (no per-file
+round trip, no SFTP framing; pipelined SFTP writes when the server has no tar), finished files
+being hashed remotely while the rest streams, and the renames pipelined. Downloads use SFTP
+with a 16 MiB window, prefetched reads at the server's largest read size (probed: 255 KiB on
+OpenSSH >= 8.7, 64 KiB before), an O(1) receive buffer that wakes the reader once per SFTP
+message, local hashing on the fly and the remote hash computed at the same time.
 
 A `Connection` is not thread-safe: use one per thread.
 """
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import collections
 import contextlib
 import errno
 import hashlib
@@ -44,20 +48,23 @@ import json
 import logging
 import os
 import posixpath
+import queue
 import select
 import shlex
 import socket
 import stat
 import sys
+import tarfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
 import paramiko
 from paramiko.buffered_pipe import BufferedPipe, PipeTimeout
+from paramiko.sftp import CMD_EXTENDED, CMD_STATUS
 
 log = logging.getLogger(__name__)
 
@@ -303,8 +310,8 @@ class Connection:
         self.target = target
         self._client: paramiko.SSHClient | None = None
         self._sftp: paramiko.SFTPClient | None = None
-        self._read_req: int | None = None
         self.connects = 0  # successful connects so far (1 + reconnects)
+        self._has_tar: bool | None = None
 
     # lifecycle ------------------------------------------------------------------------------
 
@@ -362,9 +369,11 @@ class Connection:
         t = self.target
         try:
             key = paramiko.PKey.from_path(os.path.expanduser(t.key_path))
-        except paramiko.PasswordRequiredException as exc:
-            raise AuthError(f"client key {t.key_path} is passphrase-protected; an unencrypted key is needed") from exc
-        except (OSError, paramiko.SSHException, ValueError) as exc:
+        except Exception as exc:
+            if isinstance(exc, paramiko.PasswordRequiredException) or "password" in str(exc).lower():
+                raise AuthError(
+                    f"client key {t.key_path} is passphrase-protected; an unencrypted key is needed"
+                ) from exc
             raise AuthError(f"client key {t.key_path} cannot be loaded ({_describe(exc)})") from exc
         known_hosts = os.path.expanduser(t.known_hosts_path)
         if not os.path.isfile(known_hosts):
@@ -503,7 +512,15 @@ def connect(
     keepalive_s: int = 30,
     ciphers: Sequence[str] = PREFERRED_CIPHERS,
 ) -> Connection:
-    """Open a verified, key-authenticated connection (a context manager); see the module doc."""
+    """Open a verified, key-authenticated connection (a context manager); see the module doc.
+
+    ``key_path``: the only credential tried (unencrypted private key). ``known_hosts_path``: must
+    hold the host's key under ``host`` (``[host]:port`` for a port other than 22). Timeouts in
+    seconds: TCP connect, SSH banner, authentication, channel opening, and ``op_timeout`` = the
+    silence after which an SFTP operation or upload stream fails. A transient failure is retried
+    ``retries`` times on a fresh connection, after ``backoff_s`` x 2^n (at most ``max_backoff_s``).
+    ``ciphers``: asked for first, the server's others remain possible.
+    """
     target = Target(
         host=host,
         port=int(port),
@@ -526,6 +543,32 @@ def connect(
     return conn
 
 
+def connect_from_config(hpc: Mapping[str, Any]) -> Connection:
+    """`connect` with the workflow's ``hpc_connection`` settings.
+
+    Keys: host, port, user, ssh_key_path, known_hosts_path, connect_timeout_seconds (TCP connect,
+    banner, authentication, channel opening), retries, and optionally op_timeout_seconds,
+    retry_backoff_seconds, keepalive_seconds, ciphers (defaults as in `connect`).
+    """
+    timeout = float(hpc.get("connect_timeout_seconds", 15.0))
+    return connect(
+        hpc["host"],
+        int(hpc.get("port", 22)),
+        hpc["user"],
+        os.path.expanduser(hpc["ssh_key_path"]),
+        os.path.expanduser(hpc.get("known_hosts_path", "~/.ssh/known_hosts")),
+        connect_timeout=timeout,
+        banner_timeout=timeout,
+        auth_timeout=timeout,
+        channel_timeout=timeout,
+        op_timeout=float(hpc.get("op_timeout_seconds", 60.0)),
+        retries=int(hpc.get("retries", 3)),
+        backoff_s=float(hpc.get("retry_backoff_seconds", 1.0)),
+        keepalive_s=int(hpc.get("keepalive_seconds", 30)),
+        ciphers=tuple(hpc.get("ciphers", PREFERRED_CIPHERS)),
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # remote commands
 
@@ -542,18 +585,20 @@ def _sh(script: str, *args: str) -> str:
 
 
 class _Exec:
-    """A started remote command; `wait()` collects its exit status and output."""
+    """A remote command running on ``chan``; `wait()` collects its exit status and output."""
 
-    def __init__(self, conn: Connection, command: str, stdin: bytes | None) -> None:
-        self.conn = conn
-        self.command = command
-        transport = conn.transport
-        self.chan = transport.open_session(timeout=conn.target.channel_timeout)
-        self.chan.settimeout(conn.target.op_timeout)
-        self.chan.exec_command(command)
+    def __init__(self, conn: Connection, chan: paramiko.Channel, command: str) -> None:
+        self.conn, self.chan, self.command = conn, chan, command
+
+    @classmethod
+    def start(cls, conn: Connection, command: str, stdin: bytes | None = None) -> _Exec:
+        chan = conn.transport.open_session(timeout=conn.target.channel_timeout)
+        chan.settimeout(conn.target.op_timeout)
+        chan.exec_command(command)
         if stdin:
-            self.chan.sendall(stdin)
-        self.chan.shutdown_write()
+            chan.sendall(stdin)
+        chan.shutdown_write()
+        return cls(conn, chan, command)
 
     def wait(self, timeout: float) -> tuple[int, bytes, bytes]:
         chan = self.chan
@@ -608,7 +653,7 @@ def _short(command: str, limit: int = 200) -> str:
 
 
 def _exec(conn: Connection, command: str, timeout: float, stdin: bytes | None = None) -> tuple[int, bytes, bytes]:
-    return _Exec(conn, command, stdin).wait(timeout)
+    return _Exec.start(conn, command, stdin).wait(timeout)
 
 
 def run(
@@ -652,15 +697,20 @@ exec xargs -0 -r sha256sum -b
 
 
 def _check_name(rel: str) -> None:
+    """Names the remote hash output can be matched back to unambiguously."""
     if any(c in rel for c in "\n\r\\\0"):
         raise TransferError(f"unsupported character (newline, CR, backslash or NUL) in file name {rel!r}")
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise TransferError(f"file name {rel!r} is not valid UTF-8") from exc
 
 
 def _start_remote_sha256(conn: Connection, base: str, names: Sequence[str]) -> _Exec:
     for name in names:
         _check_name(name)
     listing = b"".join(("./" + n).encode() + b"\0" for n in names)
-    return _Exec(conn, _sh(_HASH_SCRIPT, base or "."), listing)
+    return _Exec.start(conn, _sh(_HASH_SCRIPT, base or "."), listing)
 
 
 def _finish_remote_sha256(job: _Exec, names: Sequence[str], timeout: float) -> dict[str, str]:
@@ -757,7 +807,8 @@ def _walk_local(root: str) -> tuple[list[str], list[_LocalFile]]:
             try:
                 cst = os.stat(e.path)  # follows symlinks
             except FileNotFoundError as exc:
-                raise TransferError(f"broken symlink {e.path} -> {os.readlink(e.path)}") from exc
+                what = f"broken symlink {e.path} -> {os.readlink(e.path)}" if e.is_symlink() else f"{e.path} vanished"
+                raise TransferError(what) from exc
             if stat.S_ISDIR(cst.st_mode):
                 dirs.append(child_rel)
                 visit(e.path, child_rel)
@@ -792,115 +843,324 @@ def _remote_listing(sftp: paramiko.SFTPClient, base: str, dirs: Iterable[str]) -
     return found
 
 
-def _put(sftp: paramiko.SFTPClient, local: str, remote: str) -> tuple[int, str]:
-    """Pipelined write of ``local`` to ``remote``; returns (bytes, sha256 of what was sent)."""
-    h = hashlib.sha256()
-    n = 0
-    with open(local, "rb") as fin:
-        f = sftp.open(remote, "wb")
-        # On failure the handle is not closed here: close() would wait for every pending write
-        # answer (op_timeout again on a stalled server); it is released with the connection.
-        f.MAX_REQUEST_SIZE = WRITE_REQ
-        f.set_pipelined(True)  # write errors surface at close()
-        while chunk := fin.read(_LOCAL_CHUNK):
-            h.update(chunk)
-            f.write(chunk)
-            n += len(chunk)
-        f.close()
-    return n, h.hexdigest()
+def _remote_stats(sftp: paramiko.SFTPClient, base: str, names: Iterable[str]) -> dict[str, int | None]:
+    """Like `_remote_listing` for a few named entries (one stat each, no folder listing)."""
+    found: dict[str, int | None] = {}
+    for name in names:
+        try:
+            a = sftp.stat(posixpath.join(base, name))
+        except FileNotFoundError:
+            continue
+        found[name] = a.st_size if a.st_mode is not None and stat.S_ISREG(a.st_mode) else None
+    return found
 
 
-def _compare(
-    conn: Connection, local_dir: str, remote_dir: str
-) -> tuple[list[str], list[_LocalFile], dict[str, str], dict[str, int | None]]:
-    """(dirs, files, {rel: sha256} of files already identical remotely, remote listing)."""
-    dirs, files = _walk_local(local_dir)
-    listing = _remote_listing(conn.sftp, remote_dir, dirs)
+def _identical(conn: Connection, base: str, files: list[_LocalFile], listing: dict[str, int | None]) -> dict[str, str]:
+    """{rel: sha256} of the files already present remotely with the same size and sha256."""
     same_size = [f for f in files if listing.get(f.rel) == f.size]
-    identical: dict[str, str] = {}
-    if same_size:
-        names = [f.rel for f in same_size]
-        job = _start_remote_sha256(conn, remote_dir, names)  # hashes remotely while we hash here
-        local = {f.rel: sha256_file(f.path) for f in same_size}
-        remote = _finish_remote_sha256(job, names, _hash_timeout(conn, sum(f.size for f in same_size)))
-        identical = {rel: h for rel, h in local.items() if remote.get(rel) == h}
-    return dirs, files, identical, listing
+    if not same_size:
+        return {}
+    names = [f.rel for f in same_size]
+    job = _start_remote_sha256(conn, base, names)  # hashes remotely while we hash here
+    local = {f.rel: sha256_file(f.path) for f in same_size}
+    remote = _finish_remote_sha256(job, names, _hash_timeout(conn, sum(f.size for f in same_size)))
+    return {rel: h for rel, h in local.items() if remote.get(rel) == h}
 
 
 def _hash_timeout(conn: Connection, nbytes: int) -> float:
     return conn.target.op_timeout + nbytes / _HASH_RATE
 
 
-def _upload_tree_once(conn: Connection, local_dir: str, remote_dir: str) -> UploadReport:
-    t0 = time.monotonic()
-    report = UploadReport(local=local_dir, remote=remote_dir)
-    dirs, files, identical, listing = _compare(conn, local_dir, remote_dir)
+def _read_exactly(fin: Any, size: int, path: str) -> Iterable[bytes]:
+    left = size
+    while left:
+        chunk = fin.read(min(left, _LOCAL_CHUNK))
+        if not chunk:
+            raise TransferError(f"{path} shrank while being uploaded ({size - left} of {size} bytes read)")
+        left -= len(chunk)
+        yield chunk
+
+
+_HASH_BATCH = 16 << 20  # bytes of finished files per remote hash command during an upload
+_HASH_JOBS = 2  # remote hash commands running at once during an upload
+
+
+class _RemoteHasher:
+    """Hashes uploaded ``.part`` files remotely in batches while the upload goes on.
+
+    At most ``_HASH_JOBS`` hash commands run at once: each is an SSH session, and OpenSSH allows
+    10 per connection by default (MaxSessions).
+    """
+
+    def __init__(self, conn: Connection, base: str) -> None:
+        self.conn, self.base, self.batch_bytes, self.max_jobs = conn, base, _HASH_BATCH, _HASH_JOBS
+        self.pending: list[str] = []
+        self.pending_bytes = 0
+        self.jobs: collections.deque[tuple[_Exec, list[str], int]] = collections.deque()
+        self.sums: dict[str, str] = {}
+
+    def add(self, name: str, size: int) -> None:
+        """``name`` is complete remotely: hash it with the next batch."""
+        self.pending.append(name)
+        self.pending_bytes += size
+        if self.pending_bytes >= self.batch_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            while len(self.jobs) >= self.max_jobs:
+                self._collect()
+            job = _start_remote_sha256(self.conn, self.base, self.pending)
+            self.jobs.append((job, self.pending, self.pending_bytes))
+            self.pending, self.pending_bytes = [], 0
+
+    def _collect(self) -> None:
+        job, names, nbytes = self.jobs.popleft()
+        self.sums.update(_finish_remote_sha256(job, names, _hash_timeout(self.conn, nbytes)))
+
+    def results(self) -> dict[str, str]:
+        self.flush()
+        while self.jobs:
+            self._collect()
+        return self.sums
+
+
+def _send_sftp(
+    conn: Connection, base: str, dirs: list[str], files: list[_LocalFile], hasher: _RemoteHasher
+) -> dict[str, str]:
+    """Write each file to ``<rel>.part`` with pipelined SFTP writes; {rel: sha256 sent}."""
+    mk = _sh('mkdir -p -- "$1" && cd -- "$1" && xargs -0 -r mkdir -p --', base)
+    rc, _, err = _exec(conn, mk, conn.target.op_timeout, b"".join(d.encode() + b"\0" for d in dirs))
+    if rc != 0:
+        raise TransferError(f"mkdir -p {base} on {conn.target.where} failed: {err.decode(errors='replace').strip()}")
     sftp = conn.sftp
+    sent: dict[str, str] = {}
+    for f in files:
+        h = hashlib.sha256()
+        with open(f.path, "rb") as fin:
+            # Not closed on failure: close() would wait for every pending write answer (op_timeout
+            # again on a stalled server); the handle goes with the dropped connection.
+            out = sftp.open(posixpath.join(base, f.rel + PART_SUFFIX), "wb")
+            out.MAX_REQUEST_SIZE = WRITE_REQ
+            out.set_pipelined(True)  # write errors surface at close()
+            for chunk in _read_exactly(fin, f.size, f.path):
+                h.update(chunk)
+                out.write(chunk)
+            out.close()
+        sent[f.rel] = h.hexdigest()
+        hasher.add(f.rel + PART_SUFFIX, f.size)  # complete once close() has returned
+    return sent
+
+
+# -x extract, -o do not restore owners, -m do not restore mtimes (as an SFTP upload), -f - stdin
+_TAR_SCRIPT = 'mkdir -p -- "$1" && cd -- "$1" && exec tar -x -o -m -f -'
+
+
+#: stream bytes after a file's end before it is hashed remotely (None: 2 channel windows, >= 8 MiB)
+_TAR_HASH_LAG: int | None = None
+
+
+def _remote_has_tar(conn: Connection) -> bool:
+    if conn._has_tar is None:
+        rc, _, _ = _exec(conn, _sh("command -v tar >/dev/null 2>&1"), conn.target.op_timeout)
+        conn._has_tar = rc == 0
+    return conn._has_tar
+
+
+def _send_tar(
+    conn: Connection, base: str, dirs: list[str], files: list[_LocalFile], hasher: _RemoteHasher
+) -> dict[str, str]:
+    """Stream all files as ONE tar archive into ``tar -x`` remotely, members named ``<rel>.part``.
+
+    No per-file round trip and no SFTP framing: measured ~1.6x the throughput of pipelined SFTP
+    writes for one large file, at less CPU (sftp-server answers every 255 KiB write request).
+    A file whose end was sent well over a channel window ago has been written by tar, so it is
+    handed to the remote hasher while the stream goes on (a hash taken too early only costs a
+    second look: mismatches are hashed again once tar has exited).
+    """
+    t = conn.target
+    chan = conn.transport.open_session(timeout=t.channel_timeout)
+    chan.settimeout(t.op_timeout)  # a stalled server: sendall() raises after op_timeout of no window
+    chan.exec_command(_sh(_TAR_SCRIPT, base))
+    lag = _TAR_HASH_LAG if _TAR_HASH_LAG is not None else max(8 << 20, 2 * chan.out_window_size)
+    sent: dict[str, str] = {}
+    in_flight: collections.deque[tuple[str, int, int]] = collections.deque()  # (name, size, stream end)
+    pos = 0
+    now = int(time.time())
+
+    def put(data: bytes | memoryview) -> None:
+        nonlocal pos
+        # a memoryview: paramiko's sendall() re-slices what is left after each 32 KiB packet,
+        # which for bytes copies the rest of the buffer every time
+        chan.sendall(memoryview(data))
+        pos += len(data)
+
+    try:
+        for d in dirs:
+            info = tarfile.TarInfo(d)
+            info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, now
+            put(info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape"))
+        for f in files:
+            info = tarfile.TarInfo(f.rel + PART_SUFFIX)
+            info.size, info.mode, info.mtime = f.size, 0o644, now
+            put(info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape"))
+            h = hashlib.sha256()
+            with open(f.path, "rb") as fin:
+                for chunk in _read_exactly(fin, f.size, f.path):
+                    h.update(chunk)
+                    put(chunk)
+            if f.size % tarfile.BLOCKSIZE:
+                put(b"\0" * (tarfile.BLOCKSIZE - f.size % tarfile.BLOCKSIZE))
+            sent[f.rel] = h.hexdigest()
+            in_flight.append((f.rel + PART_SUFFIX, f.size, pos))
+            while in_flight and pos - in_flight[0][2] >= lag:
+                name, size, _ = in_flight.popleft()
+                hasher.add(name, size)
+        put(b"\0" * (2 * tarfile.BLOCKSIZE))  # end of archive
+        chan.shutdown_write()
+    except BaseException:
+        chan.close()
+        raise
+    rc, _, err = _Exec(conn, chan, "tar -x").wait(t.op_timeout)
+    if rc != 0:
+        raise TransferError(
+            f"tar -x into {base} on {t.where} failed (rc={rc}): {err.decode(errors='replace').strip()}",
+            transient=rc == -1,
+        )
+    for name, size, _ in in_flight:
+        hasher.add(name, size)
+    return sent
+
+
+class _Answers:
+    """Collects the answers to pipelined SFTP requests (paramiko's async-response hook)."""
+
+    def __init__(self) -> None:
+        self.got: dict[int, tuple[int, paramiko.Message]] = {}
+
+    def _async_response(self, t: int, msg: paramiko.Message, num: int) -> None:
+        self.got[num] = (t, msg)
+
+
+def _rename_all(sftp: paramiko.SFTPClient, pairs: list[tuple[str, str]]) -> None:
+    """posix-rename@openssh.com each (old, new): all requests sent at once, one round trip in all
+    instead of one per file (private paramiko API, guarded: one by one if it is missing)."""
+    if not all(hasattr(sftp, a) for a in ("_async_request", "_read_response", "_convert_status")):
+        for old, new in pairs:
+            sftp.posix_rename(old, new)
+        return
+    answers = _Answers()
+    nums = [sftp._async_request(answers, CMD_EXTENDED, "posix-rename@openssh.com", old, new) for old, new in pairs]
+    while len(answers.got) < len(nums):
+        sftp._read_response()
+    for num, (old, new) in zip(nums, pairs, strict=True):
+        t, msg = answers.got[num]
+        try:
+            if t != CMD_STATUS:
+                raise OSError(f"unexpected SFTP answer type {t}")
+            sftp._convert_status(msg)
+        except (OSError, EOFError) as exc:
+            raise TransferError(f"rename {old} -> {new} failed: {_describe(exc)}") from exc
+
+
+def _upload_once(
+    conn: Connection,
+    local: str,
+    base: str,
+    dirs: list[str],
+    files: list[_LocalFile],
+    listing: dict[str, int | None],
+    method: str,
+    remote: str,
+) -> UploadReport:
+    t0 = time.monotonic()
+    report = UploadReport(local=local, remote=remote)
+    identical = _identical(conn, base, files, listing)
     todo = [f for f in files if f.rel not in identical]
     report.skipped = [f.rel for f in files if f.rel in identical]
     report.files.update(identical)
+    stale = [rel + PART_SUFFIX for rel in report.skipped if rel + PART_SUFFIX in listing]
+    for name in stale:  # left by an interrupted run, next to a file that is complete
+        with contextlib.suppress(FileNotFoundError):
+            conn.sftp.remove(posixpath.join(base, name))
 
-    # stale temporary files next to files that are already complete
-    for rel in report.skipped:
-        if rel + PART_SUFFIX in listing:
-            with contextlib.suppress(FileNotFoundError):
-                sftp.remove(posixpath.join(remote_dir, rel + PART_SUFFIX))
-
-    missing_dirs = [d for d in dirs if listing.get(d, 0) is not None]  # not known as a directory
-    if todo or missing_dirs or not listing:
-        mk = _sh('mkdir -p -- "$1" && cd -- "$1" && xargs -0 -r mkdir -p --', remote_dir)
-        rc, _, err = _exec(conn, mk, conn.target.op_timeout, b"".join(d.encode() + b"\0" for d in dirs))
-        if rc != 0:
-            raise TransferError(
-                f"mkdir -p {remote_dir} on {conn.target.where} failed: {err.decode(errors='replace').strip()}"
-            )
-
-    sent: dict[str, str] = {}
-    for f in todo:
-        n, digest = _put(sftp, f.path, posixpath.join(remote_dir, f.rel + PART_SUFFIX))
-        if n != f.size:
-            log.warning("%s changed size while being uploaded (%d -> %d bytes)", f.path, f.size, n)
-        sent[f.rel] = digest
-        report.bytes_sent += n
-    if sent:
-        parts = [rel + PART_SUFFIX for rel in sent]
-        job = _start_remote_sha256(conn, remote_dir, parts)
-        got = _finish_remote_sha256(job, parts, _hash_timeout(conn, report.bytes_sent))
-        bad = [rel for rel in sent if got.get(rel + PART_SUFFIX) != sent[rel]]
+    missing_dirs = [d for d in dirs if d not in listing]
+    if not todo and not missing_dirs:
+        if not files and not listing:  # an empty folder: still mkdir -p it
+            rc, _, err = _exec(conn, _sh('mkdir -p -- "$1"', base), conn.target.op_timeout)
+            if rc != 0:
+                raise TransferError(
+                    f"mkdir -p {base} on {conn.target.where} failed: {err.decode(errors='replace').strip()}"
+                )
+        return _finish_report(report, t0)
+    use_tar = method == "tar" or (method == "auto" and _remote_has_tar(conn))
+    hasher = _RemoteHasher(conn, base)
+    sent = (_send_tar if use_tar else _send_sftp)(conn, base, missing_dirs, todo, hasher)
+    report.bytes_sent = sum(f.size for f in todo)
+    got = hasher.results()
+    bad = [rel + PART_SUFFIX for rel in sent if got.get(rel + PART_SUFFIX) != sent[rel]]
+    if bad:  # hashed too early while tar was still writing, or really different: look again
+        again = _start_remote_sha256(conn, base, bad)
+        got.update(_finish_remote_sha256(again, bad, _hash_timeout(conn, report.bytes_sent)))
+    bad = [rel for rel in sent if got.get(rel + PART_SUFFIX) != sent[rel]]
+    sftp = conn.sftp
+    if bad:
         for rel in bad:
             with contextlib.suppress(OSError):
-                sftp.remove(posixpath.join(remote_dir, rel + PART_SUFFIX))
-        if bad:
-            raise VerifyError(
-                f"upload to {conn.target.where}:{remote_dir}: sha256 differs remotely for {len(bad)} file(s), "
-                f"e.g. {bad[0]} (sent {sent[bad[0]]}, remote {got.get(bad[0] + PART_SUFFIX, 'missing')}); "
-                f"the partial files were removed"
-            )
-        for rel in sent:
-            sftp.posix_rename(posixpath.join(remote_dir, rel + PART_SUFFIX), posixpath.join(remote_dir, rel))
-        report.uploaded = list(sent)
-        report.files.update(sent)
+                sftp.remove(posixpath.join(base, rel + PART_SUFFIX))
+        raise VerifyError(
+            f"upload to {conn.target.where}:{base}: sha256 differs remotely for {len(bad)} file(s), "
+            f"e.g. {bad[0]} (sent {sent[bad[0]]}, remote {got.get(bad[0] + PART_SUFFIX, 'missing')}); "
+            f"the partial files were removed"
+        )
+    # only verified files get their final name (an atomic replace)
+    _rename_all(sftp, [(posixpath.join(base, rel + PART_SUFFIX), posixpath.join(base, rel)) for rel in sent])
+    report.uploaded = list(sent)
+    report.files.update(sent)
+    return _finish_report(report, t0)
+
+
+def _finish_report(report: UploadReport, t0: float) -> UploadReport:
     report.files = dict(sorted(report.files.items()))
     report.seconds = time.monotonic() - t0
     return report
 
 
-def upload_tree(conn: Connection, local_dir: str | os.PathLike[str], remote_dir: str) -> UploadReport:
+_METHODS = ("auto", "tar", "sftp")
+
+
+def upload_tree(
+    conn: Connection, local_dir: str | os.PathLike[str], remote_dir: str, *, method: str = "auto"
+) -> UploadReport:
     """Upload a folder (symlinks followed) so that ``remote_dir`` holds the same files, verified.
 
-    Files already identical remotely (size, then sha256) are not sent; others go to
-    ``<name>.part``, are hashed remotely in one command and renamed. Remote files that do not
-    exist locally are left alone.
+    Files already identical remotely (size, then sha256) are not sent. The others are written as
+    ``<name>.part`` (``method``: "tar" = one tar stream into ``tar -x`` over exec, "sftp" =
+    pipelined SFTP writes, "auto" = tar when the server has it), hashed remotely in one
+    command, compared with the sha256 of what was sent, and renamed (posix-rename). Folders are
+    created as needed (empty ones too). Remote files that do not exist locally are left alone.
     """
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS}, not {method!r}")
     local = os.fspath(local_dir)
     if not os.path.isdir(local):
         raise TransferError(f"{local} is not a directory")
     remote = _remote_path(remote_dir)
-    return conn.call(lambda: _upload_tree_once(conn, local, remote), f"upload {local} -> {remote}")
+
+    def once() -> UploadReport:
+        dirs, files = _walk_local(local)
+        listing = _remote_listing(conn.sftp, remote, dirs)
+        return _upload_once(conn, local, remote, dirs, files, listing, method, remote)
+
+    return conn.call(once, f"upload {local} -> {remote}")
 
 
-def upload_file(conn: Connection, local_path: str | os.PathLike[str], remote_path: str) -> UploadReport:
+def upload_file(
+    conn: Connection, local_path: str | os.PathLike[str], remote_path: str, *, method: str = "auto"
+) -> UploadReport:
     """Upload one file (same guarantees as `upload_tree`); parent folders are created."""
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS}, not {method!r}")
     local = os.fspath(local_path)
     if not os.path.isfile(local):
         raise TransferError(f"{local} is not a file")
@@ -909,42 +1169,10 @@ def upload_file(conn: Connection, local_path: str | os.PathLike[str], remote_pat
     _check_name(name)
 
     def once() -> UploadReport:
-        t0 = time.monotonic()
-        report = UploadReport(local=local, remote=remote)
         base = parent or "."
-        sftp = conn.sftp
-        size = os.path.getsize(local)
-        try:
-            remote_size: int | None = sftp.stat(remote).st_size
-        except FileNotFoundError:
-            remote_size = None
-        if remote_size == size:
-            job = _start_remote_sha256(conn, base, [name])
-            digest = sha256_file(local)
-            if _finish_remote_sha256(job, [name], _hash_timeout(conn, size)).get(name) == digest:
-                report.skipped, report.files = [name], {name: digest}
-                report.seconds = time.monotonic() - t0
-                return report
-        if parent:
-            rc, _, err = _exec(conn, _sh('mkdir -p -- "$1"', parent), conn.target.op_timeout)
-            if rc != 0:
-                raise TransferError(
-                    f"mkdir -p {parent} on {conn.target.where} failed: {err.decode(errors='replace').strip()}"
-                )
-        n, digest = _put(sftp, local, remote + PART_SUFFIX)
-        got = _finish_remote_sha256(
-            _start_remote_sha256(conn, base, [name + PART_SUFFIX]), [name + PART_SUFFIX], _hash_timeout(conn, n)
-        ).get(name + PART_SUFFIX)
-        if got != digest:
-            with contextlib.suppress(OSError):
-                sftp.remove(remote + PART_SUFFIX)
-            raise VerifyError(
-                f"upload {local} -> {conn.target.where}:{remote}: sha256 differs remotely (sent {digest}, remote {got})"
-            )
-        sftp.posix_rename(remote + PART_SUFFIX, remote)
-        report.uploaded, report.files, report.bytes_sent = [name], {name: digest}, n
-        report.seconds = time.monotonic() - t0
-        return report
+        files = [_LocalFile(name, local, os.path.getsize(local))]
+        listing = _remote_stats(conn.sftp, base, [name, name + PART_SUFFIX])
+        return _upload_once(conn, local, base, [], files, listing, method, remote)
 
     return conn.call(once, f"upload {local} -> {remote}")
 
@@ -967,6 +1195,41 @@ def _read_request_size(f: paramiko.SFTPFile, first: int) -> tuple[int, bytes]:
     return (len(data) if 0 < len(data) < first else first), data
 
 
+class _Sink:
+    """Writes and hashes the downloaded data in a second thread.
+
+    Both release the GIL, so they run beside paramiko's Python work on the SSH packets
+    (measured +7 % download speed). A bounded queue keeps memory flat when the disk is slower.
+    """
+
+    def __init__(self, out: Any, digest: Any) -> None:
+        self.out, self.digest = out, digest
+        self.queue: queue.Queue[bytes | None] = queue.Queue(maxsize=64)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="download-sink", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (data := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self.out.write(data)
+                    self.digest.update(data)
+                except BaseException as exc:  # e.g. disk full: reported to the reader, who stops
+                    self.error = exc
+
+    def put(self, data: bytes) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put(data)
+
+    def finish(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
 def _fsync_dir(path: str) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
@@ -983,17 +1246,17 @@ def _download_once(conn: Connection, remote: str, local: str, expected: str | No
         raise TransferError(f"{conn.target.where}:{remote} is not a regular file")
     size = st.st_size or 0
     parent, name = posixpath.split(remote)
-    job = _start_remote_sha256(conn, parent or ".", [name])  # runs remotely while we download
-
-    memo: list[str] = []
+    # The sha256 to meet: the caller's (computed remotely beforehand, e.g. by the job that wrote
+    # the file), else computed remotely now, while the download runs.
+    memo: list[str] = [expected.lower()] if expected else []
+    job = None if expected else _start_remote_sha256(conn, parent or ".", [name])
 
     def remote_digest() -> str:
         if not memo:
+            assert job is not None
             got = _finish_remote_sha256(job, [name], _hash_timeout(conn, size)).get(name)
             if got is None:
                 raise TransferError(f"{conn.target.where}:{remote} vanished during the download")
-            if expected is not None and got != expected.lower():
-                raise VerifyError(f"{conn.target.where}:{remote} has sha256 {got}, expected {expected}")
             memo.append(got)
         return memo[0]
 
@@ -1014,27 +1277,31 @@ def _download_once(conn: Connection, remote: str, local: str, expected: str | No
                 h.update(chunk)
             log.info("resuming %s at %d of %d bytes", remote, offset, size)
         n = offset
-        f = sftp.open(remote, "rb")  # not closed on failure (see _put)
-        f.seek(n)
-        req = READ_REQ
-        if size - n > req:
-            req, data = _read_request_size(f, req)
-            if data:
-                out.write(data)
-                h.update(data)
+        sink = _Sink(out, h)
+        try:
+            # not closed on failure: close() waits for an answer (op_timeout again on a stalled
+            # server); the handle goes with the dropped connection
+            f = sftp.open(remote, "rb")
+            f.seek(n)
+            req = READ_REQ
+            if size - n > req:
+                req, data = _read_request_size(f, req)
+                if data:
+                    sink.put(data)
+                    n += len(data)
+                    f.seek(n)  # the single read does not advance the file position
+            f.MAX_REQUEST_SIZE = req
+            if n < size:
+                f.prefetch(size)  # pipelined reads from the current position to the end
+            while n < size:
+                data = f.read(req)
+                if not data:
+                    break
+                sink.put(data)
                 n += len(data)
-                f.seek(n)  # the single read does not advance the file position
-        f.MAX_REQUEST_SIZE = req
-        if n < size:
-            f.prefetch(size)  # pipelined reads from the current position to the end
-        while n < size:
-            data = f.read(req)
-            if not data:
-                break
-            out.write(data)
-            h.update(data)
-            n += len(data)
-        f.close()
+            f.close()
+        finally:
+            sink.finish()  # everything received is in the .part file (a retry resumes after it)
         if fsync:
             out.flush()
             os.fsync(out.fileno())
@@ -1045,7 +1312,7 @@ def _download_once(conn: Connection, remote: str, local: str, expected: str | No
     if digest != want:
         os.unlink(part)
         raise VerifyError(
-            f"download {conn.target.where}:{remote}: local sha256 {digest} != remote {want}"
+            f"download {conn.target.where}:{remote}: local sha256 {digest} != {'expected' if expected else 'remote'} {want}"
             + (" (resumed .part discarded; retrying from the start)" if offset else ""),
             transient=bool(offset),  # a stale .part: a fresh attempt can succeed
         )
@@ -1065,9 +1332,11 @@ def download_file(
 ) -> str:
     """Download one file atomically and verified; returns its sha256.
 
-    Written to ``<local>.part`` (continued if present), compared with the sha256 computed
-    remotely (and with ``expected_sha256`` if given), then renamed. An identical local file is
-    not downloaded again. ``fsync``: flush file and folder to disk before returning.
+    Written to ``<local>.part`` (continued if one is there), then compared with the sha256 of the
+    remote file, then renamed. That sha256 is ``expected_sha256`` when given (computed remotely
+    beforehand, e.g. by the job that wrote the file: saves hashing it again there), otherwise it
+    is computed remotely (openssl or sha256sum) while the download runs. An identical local file
+    is not downloaded again. ``fsync``: flush file and folder to disk before returning.
     """
     local = os.fspath(local_path)
     remote = _remote_path(remote_path)
@@ -1082,7 +1351,9 @@ def compare_tree(conn: Connection, local_dir: str | os.PathLike[str], remote_dir
     local, remote = os.fspath(local_dir), _remote_path(remote_dir)
 
     def once() -> dict[str, list[str]]:
-        _, files, identical, listing = _compare(conn, local, remote)
+        dirs, files = _walk_local(local)
+        listing = _remote_listing(conn.sftp, remote, dirs)
+        identical = _identical(conn, remote, files, listing)
         return {
             "identical": [f.rel for f in files if f.rel in identical],
             "different": [f.rel for f in files if f.rel not in identical and f.rel in listing],
@@ -1104,7 +1375,7 @@ EXIT_FAILED = 4
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m mqi_communicator.transfer",
-        description="Verified SFTP transfers to/from the remote GPU host. Prints a JSON report. "
+        description="Verified, atomic transfers to/from the remote GPU host over SSH. Prints a JSON report. "
         f"Exit 0 ok, {EXIT_DIFFERENT} check found differences, {EXIT_TRANSIENT} transient failure "
         f"(network; retry later), {EXIT_FAILED} other failure (host key, auth, verification, paths).",
     )
@@ -1120,7 +1391,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--user", required=True)
     ap.add_argument("--key", required=True, help="private key file (unencrypted)")
     ap.add_argument("--known-hosts", required=True, help="known_hosts file that must hold the host's key")
-    ap.add_argument("--expected-sha256", help="download: the sha256 the file must have")
+    ap.add_argument("--expected-sha256", help="download: the sha256 the file must have (skips hashing it remotely)")
+    ap.add_argument("--method", choices=_METHODS, default="auto", help="upload: tar stream over exec, or SFTP writes")
+    ap.add_argument("--fsync", action="store_true", help="download: flush the file to disk before returning")
     ap.add_argument("--op-timeout", type=float, default=60.0, help="seconds of silence before an SFTP operation fails")
     ap.add_argument("--connect-timeout", type=float, default=10.0)
     ap.add_argument("--retries", type=int, default=3)
@@ -1146,11 +1419,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         ) as conn:
             if args.action == "upload":
                 if os.path.isdir(args.src):
-                    result = upload_tree(conn, args.src, args.dst).to_dict()
+                    result = upload_tree(conn, args.src, args.dst, method=args.method).to_dict()
                 else:
-                    result = upload_file(conn, args.src, args.dst).to_dict()
+                    result = upload_file(conn, args.src, args.dst, method=args.method).to_dict()
             elif args.action == "download":
-                sha = download_file(conn, args.src, args.dst, expected_sha256=args.expected_sha256)
+                sha = download_file(conn, args.src, args.dst, expected_sha256=args.expected_sha256, fsync=args.fsync)
                 result = {"remote": args.src, "local": args.dst, "sha256": sha}
             else:
                 if os.path.isdir(args.src):

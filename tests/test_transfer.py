@@ -1,0 +1,490 @@
+"""mqi_communicator.transfer against a real OpenSSH server on 127.0.0.1 (no mocks).
+
+Needs the ``sshd_server`` fixture (tests/infra/sshd_fixture.py). The "remote" side is this
+machine, so the tests also check remote files directly on disk, independently of transfer.py.
+Fault tests crash (SIGKILL) or freeze (SIGSTOP) the real sshd / sftp-server processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from mqi_communicator import transfer
+from mqi_communicator.transfer import AuthError, CommandTimeout, HostKeyError, TransferError, VerifyError
+
+if TYPE_CHECKING:
+    from tests.infra.sshd_fixture import SshServer
+
+REPO = Path(__file__).resolve().parents[1]
+BIG = 200 * 1024 * 1024  # the fault tests' file
+KILL_AT = 40 * 1024 * 1024  # bytes on the receiving side when the server is crashed
+
+
+def sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def part_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*.part"))
+
+
+@pytest.fixture
+def sshd(sshd_server: SshServer) -> Iterator[SshServer]:
+    sshd_server.ensure_running()  # a previous test may have crashed or frozen it
+    yield sshd_server
+    sshd_server.ensure_running()
+
+
+@pytest.fixture
+def remote(sshd: SshServer) -> Iterator[Path]:
+    """A fresh (not yet existing) remote folder; on loopback, also a local path."""
+    path = sshd.remote_dir / uuid.uuid4().hex[:8]
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def fast(sshd: SshServer, **overrides: Any) -> dict[str, Any]:
+    """connect() arguments with short timeouts and backoff, so that fault tests stay quick."""
+    args: dict[str, Any] = {
+        **sshd.connect_args(),
+        "connect_timeout": 3,
+        "banner_timeout": 3,
+        "auth_timeout": 3,
+        "channel_timeout": 3,
+        "op_timeout": 3,
+        "retries": 1,
+        "backoff_s": 0.05,
+    }
+    args.update(overrides)
+    return args
+
+
+def give_to_user(sshd: SshServer, path: Path) -> None:
+    if os.geteuid() == 0:
+        shutil.chown(path, sshd.user, sshd.user)
+
+
+@pytest.fixture(scope="module")
+def big_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("big") / "dose.raw"
+    with open(path, "wb") as f:
+        for _ in range(BIG // (8 << 20)):
+            f.write(os.urandom(8 << 20))
+    return path
+
+
+def when_size_reaches(path: Path, size: int, action: Callable[[], object], timeout: float = 60) -> threading.Thread:
+    """Run ``action`` (from a thread) once ``path`` has at least ``size`` bytes."""
+
+    def watch() -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if path.stat().st_size >= size:
+                    action()
+                    return
+            except FileNotFoundError:
+                pass
+            time.sleep(0.002)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+# ---------------------------------------------------------------------------------------------
+# normal operation
+
+
+def make_tree(root: Path) -> dict[str, bytes]:
+    """Nested folders, 20 files (empty, small, 1 MB, odd names) and a symlink to a file."""
+    files: dict[str, bytes] = {}
+    for i in range(20):
+        folder = ["", "plan", "log/1G180", "log/2G90 beam", "log/2G90 beam/deep/er"][i % 5]
+        name = f"{i:02d}_{100 + i:.2f}MeV.csv" if i != 7 else "odd name (1).csv"
+        rel = f"{folder}/{name}" if folder else name
+        data = b"" if i == 3 else (os.urandom(1_000_000) if i == 11 else os.urandom(137 * i + 1))
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+        files[rel] = data
+    (root / "empty_dir").mkdir()
+    outside = root.parent / f"{root.name}-outside.dcm"
+    outside.write_bytes(b"DICM" + os.urandom(5000))
+    (root / "plan" / "RP.dcm").symlink_to(outside)
+    files["plan/RP.dcm"] = outside.read_bytes()
+    return files
+
+
+@pytest.mark.parametrize("method", ["tar", "sftp"])
+def test_upload_tree_verified_and_idempotent(sshd: SshServer, remote: Path, tmp_path: Path, method: str) -> None:
+    local = tmp_path / "case"
+    local.mkdir()
+    files = make_tree(local)
+    with transfer.connect(**fast(sshd)) as conn:
+        report = transfer.upload_tree(conn, local, str(remote), method=method)
+        assert sorted(report.uploaded) == sorted(files)
+        assert report.skipped == []
+        assert report.bytes_sent == sum(len(d) for d in files.values())
+        for rel, data in files.items():  # checked on disk, not through transfer.py
+            assert (remote / rel).read_bytes() == data, rel
+            assert not (remote / rel).is_symlink()
+            assert report.files[rel] == hashlib.sha256(data).hexdigest()
+        assert (remote / "empty_dir").is_dir()
+        assert part_files(remote) == []
+
+        again = transfer.upload_tree(conn, local, str(remote), method=method)
+        assert again.uploaded == []
+        assert again.bytes_sent == 0
+        assert sorted(again.skipped) == sorted(files)
+        assert again.files == report.files
+
+        # one file changed (same size), one added: only those go
+        (local / "plan" / "06_106.00MeV.csv").write_bytes(os.urandom(len(files["plan/06_106.00MeV.csv"])))
+        (local / "log" / "new.csv").write_bytes(b"1,2,3,4\r\n")
+        third = transfer.upload_tree(conn, local, str(remote), method=method)
+        assert sorted(third.uploaded) == ["log/new.csv", "plan/06_106.00MeV.csv"]
+        assert (remote / "plan" / "06_106.00MeV.csv").read_bytes() == (local / "plan" / "06_106.00MeV.csv").read_bytes()
+        assert set(transfer.compare_tree(conn, local, str(remote))["identical"]) == set(third.files)
+    assert conn.connects == 1
+
+
+def test_upload_early_remote_hash_rechecks_files_still_being_written(
+    sshd: SshServer, remote: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tar upload hashes files remotely while streaming; hashing them too early (here: at
+    once, tiny batches) only costs a second look, never a false failure."""
+    monkeypatch.setattr(transfer, "_TAR_HASH_LAG", 0)
+    monkeypatch.setattr(transfer, "_HASH_BATCH", 1)
+    local = tmp_path / "case"
+    for i in range(12):
+        (local / f"d{i % 3}").mkdir(parents=True, exist_ok=True)
+        (local / f"d{i % 3}" / f"{i}.csv").write_bytes(os.urandom(3_000_000))
+    with transfer.connect(**fast(sshd)) as conn:
+        report = transfer.upload_tree(conn, local, str(remote), method="tar")
+    assert len(report.uploaded) == 12
+    for rel, digest in report.files.items():
+        assert sha256(remote / rel) == digest == sha256(local / rel)
+    assert part_files(remote) == []
+
+
+def test_upload_refuses_broken_symlinks_and_odd_names(sshd: SshServer, remote: Path, tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "dangling.csv").symlink_to(tmp_path / "nowhere.csv")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "two\nlines.csv").write_text("x")
+    with transfer.connect(**fast(sshd)) as conn:
+        with pytest.raises(TransferError, match=r"broken symlink .*dangling\.csv") as exc:
+            transfer.upload_tree(conn, tmp_path / "a", str(remote))
+        assert not exc.value.transient
+        with pytest.raises(TransferError, match="unsupported character"):
+            transfer.upload_tree(conn, tmp_path / "b", str(remote))
+    assert not remote.exists()
+
+
+def test_upload_file_creates_parents_and_skips_identical(sshd: SshServer, remote: Path, tmp_path: Path) -> None:
+    src = tmp_path / "in.csv"
+    src.write_bytes(os.urandom(300_000))
+    with transfer.connect(**fast(sshd)) as conn:
+        first = transfer.upload_file(conn, src, str(remote / "a" / "b" / "in.csv"))
+        second = transfer.upload_file(conn, src, str(remote / "a" / "b" / "in.csv"))
+    assert first.uploaded == ["in.csv"] and first.bytes_sent == 300_000
+    assert second.uploaded == [] and second.skipped == ["in.csv"]
+    assert sha256(remote / "a" / "b" / "in.csv") == sha256(src)
+    assert part_files(remote) == []
+
+
+def test_download_verified_atomic_idempotent(sshd: SshServer, remote: Path, tmp_path: Path) -> None:
+    remote.mkdir()
+    give_to_user(sshd, remote)
+    data = os.urandom(3_000_000)
+    (remote / "dose.raw").write_bytes(data)
+    want = hashlib.sha256(data).hexdigest()
+    local = tmp_path / "out" / "dose.raw"
+    with transfer.connect(**fast(sshd)) as conn:
+        assert transfer.download_file(conn, str(remote / "dose.raw"), local, expected_sha256=want) == want
+        assert local.read_bytes() == data
+        assert part_files(tmp_path) == []
+        inode = local.stat().st_ino
+        assert transfer.download_file(conn, str(remote / "dose.raw"), local) == want
+        assert local.stat().st_ino == inode  # identical: not downloaded again
+
+        with pytest.raises(VerifyError, match="expected"):
+            transfer.download_file(conn, str(remote / "dose.raw"), tmp_path / "other.raw", expected_sha256="0" * 64)
+        assert not (tmp_path / "other.raw").exists()
+
+        with pytest.raises(TransferError) as missing:
+            transfer.download_file(conn, str(remote / "nope.raw"), tmp_path / "nope.raw")
+        assert not missing.value.transient
+        assert not (tmp_path / "nope.raw").exists()
+
+
+def test_connect_from_config(sshd: SshServer) -> None:
+    hpc = {
+        "host": sshd.host,
+        "port": sshd.port,
+        "user": sshd.user,
+        "ssh_key_path": str(sshd.key),
+        "known_hosts_path": str(sshd.known_hosts),
+        "connect_timeout_seconds": 5,
+        "retries": 1,
+        "op_timeout_seconds": 5,
+    }
+    with transfer.connect_from_config(hpc) as conn:
+        assert conn.target.op_timeout == 5 and conn.target.banner_timeout == 5
+        assert transfer.run(conn, "echo ok", timeout=10).stdout == "ok\n"
+        assert conn.transport.remote_cipher == "aes128-gcm@openssh.com"
+
+
+def test_run_remote_commands(sshd: SshServer) -> None:
+    with transfer.connect(**fast(sshd)) as conn:
+        rc, out, err = transfer.run(conn, "echo out; echo err >&2; exit 3", timeout=10)
+        assert (rc, out, err) == (3, "out\n", "err\n")
+        assert transfer.run(conn, ["printf", "%s|", "a b", "$HOME", "'q'"], timeout=10).stdout == "a b|$HOME|'q'|"
+        assert transfer.run(conn, "wc -c", timeout=10, stdin=b"x" * 5_000_000).stdout.strip() == "5000000"
+        big = transfer.run(conn, "head -c 3000000 /dev/zero; head -c 3000000 /dev/zero >&2", timeout=10)
+        assert len(big.stdout) == len(big.stderr) == 3_000_000  # both streams drained, no deadlock
+
+        t0 = time.monotonic()
+        with pytest.raises(CommandTimeout, match="did not finish within"):
+            transfer.run(conn, "sleep 30", timeout=0.5, idempotent=False)
+        assert time.monotonic() - t0 < 5
+        assert transfer.run(conn, "echo again", timeout=10).stdout == "again\n"  # fresh connection
+
+
+# ---------------------------------------------------------------------------------------------
+# refusals: host key, authentication
+
+
+def test_unknown_host_refused(sshd: SshServer, tmp_path: Path) -> None:
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    t0 = time.monotonic()
+    with pytest.raises(HostKeyError) as exc:
+        transfer.connect(**fast(sshd, known_hosts_path=str(empty), retries=3, backoff_s=1))
+    message = str(exc.value)
+    assert f"127.0.0.1:{sshd.port}" in message and str(empty) in message and "unknown" in message
+    assert time.monotonic() - t0 < 1  # not retried
+    assert empty.read_text() == ""  # nothing added
+
+
+def test_changed_host_key_refused(sshd: SshServer, tmp_path: Path) -> None:
+    other = tmp_path / "other_host_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    known = tmp_path / "known_hosts"
+    known.write_text(f"[127.0.0.1]:{sshd.port} {' '.join(other.with_suffix('.pub').read_text().split()[:2])}\n")
+    with pytest.raises(HostKeyError) as exc:
+        transfer.connect(**fast(sshd, known_hosts_path=str(known), retries=3, backoff_s=1))
+    assert f"127.0.0.1:{sshd.port}" in str(exc.value) and "CHANGED" in str(exc.value)
+    assert exc.value.attempts == 1
+
+
+def test_missing_known_hosts_file(sshd: SshServer, tmp_path: Path) -> None:
+    with pytest.raises(HostKeyError, match="does not exist"):
+        transfer.connect(**fast(sshd, known_hosts_path=str(tmp_path / "nope")))
+
+
+def test_bad_client_key(sshd: SshServer, tmp_path: Path) -> None:
+    stranger = tmp_path / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)], check=True)
+    t0 = time.monotonic()
+    with pytest.raises(AuthError) as exc:
+        transfer.connect(**fast(sshd, key_path=str(stranger), retries=3, backoff_s=1))
+    assert "authentication" in str(exc.value) and str(stranger) in str(exc.value)
+    assert not exc.value.transient and time.monotonic() - t0 < 1
+
+    with pytest.raises(AuthError, match="cannot be loaded"):
+        transfer.connect(**fast(sshd, key_path=str(tmp_path / "absent")))
+    locked = tmp_path / "id_locked"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "secret", "-f", str(locked)], check=True)
+    with pytest.raises(AuthError, match="passphrase"):
+        transfer.connect(**fast(sshd, key_path=str(locked)))
+
+
+# ---------------------------------------------------------------------------------------------
+# network faults
+
+
+def test_connection_refused_is_retried_then_reported(sshd: SshServer) -> None:
+    sshd.kill()
+    t0 = time.monotonic()
+    with pytest.raises(TransferError) as exc:
+        transfer.connect(**fast(sshd, retries=2, backoff_s=0.1))
+    assert exc.value.transient and exc.value.attempts == 3
+    assert time.monotonic() - t0 >= 0.3  # 0.1 + 0.2 s of backoff
+    assert f"127.0.0.1:{sshd.port}" in str(exc.value)
+
+
+def test_stalled_session_times_out_instead_of_hanging(sshd: SshServer, remote: Path, tmp_path: Path) -> None:
+    remote.mkdir()
+    give_to_user(sshd, remote)
+    (remote / "f.txt").write_text("x")
+    frozen: list[int] = []
+
+    def freeze() -> None:
+        for pid in sshd.session_pids():  # this connection's sshd processes and sftp-server
+            os.kill(pid, signal.SIGSTOP)
+            frozen.append(pid)
+
+    try:
+        with transfer.connect(**fast(sshd, op_timeout=1.5, retries=0)) as conn:
+            conn.sftp.stat(str(remote / "f.txt"))
+            freeze()
+            t0 = time.monotonic()
+            with pytest.raises(TransferError) as exc:
+                conn.call(lambda: conn.sftp.stat(str(remote / "f.txt")), "stat")
+            assert exc.value.transient and "timed out" in str(exc.value)
+            assert time.monotonic() - t0 < 5
+
+            assert transfer.run(conn, "true", timeout=5).rc == 0 and conn.connects == 2  # fresh one
+            freeze()
+            t0 = time.monotonic()
+            with pytest.raises(TransferError) as exc:  # remote command on a frozen connection
+                transfer.run(conn, "true", timeout=1.5)
+            assert exc.value.transient and time.monotonic() - t0 < 6
+
+            # with one retry, an operation whose session freezes completes on a fresh connection
+            conn.target = dataclasses.replace(conn.target, retries=1)
+            assert transfer.run(conn, "true", timeout=5).rc == 0 and conn.connects == 3
+            freeze()
+            t0 = time.monotonic()
+            digest = transfer.download_file(conn, str(remote / "f.txt"), tmp_path / "f.txt")
+            assert digest == hashlib.sha256(b"x").hexdigest() and conn.connects == 4
+            assert time.monotonic() - t0 < 8
+    finally:
+        for pid in frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+
+def test_stalled_server_banner_timeout(sshd: SshServer) -> None:
+    os.kill(sshd.pid, signal.SIGSTOP)  # accepts TCP (kernel backlog) but never says hello
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(TransferError) as exc:
+            transfer.connect(**fast(sshd, banner_timeout=1, retries=0))
+        assert exc.value.transient and time.monotonic() - t0 < 4
+    finally:
+        os.kill(sshd.pid, signal.SIGCONT)
+
+
+@pytest.mark.parametrize("method", ["tar", "sftp"])
+def test_server_killed_mid_upload_then_rerun(sshd: SshServer, remote: Path, big_file: Path, method: str) -> None:
+    target = remote / "dose.raw"
+    watcher = when_size_reaches(remote / "dose.raw.part", KILL_AT, sshd.kill)
+    with transfer.connect(**fast(sshd, retries=1)) as conn, pytest.raises(TransferError) as exc:
+        transfer.upload_file(conn, big_file, str(target), method=method)
+    watcher.join()
+    assert exc.value.transient
+    assert not target.exists()  # nothing under the final name
+    partial = remote / "dose.raw.part"
+    assert partial.exists() and partial.stat().st_size < BIG
+
+    sshd.ensure_running()
+    with transfer.connect(**fast(sshd)) as conn:
+        report = transfer.upload_file(conn, big_file, str(target), method=method)
+    assert report.uploaded == ["dose.raw"]
+    assert sha256(target) == sha256(big_file) == report.files["dose.raw"]
+    assert part_files(remote) == []
+
+
+def test_sftp_server_killed_mid_download_is_resumed(
+    sshd: SshServer, remote: Path, big_file: Path, tmp_path: Path
+) -> None:
+    remote.mkdir()
+    give_to_user(sshd, remote)
+    shutil.copyfile(big_file, remote / "dose.raw")
+    local = tmp_path / "dose.raw"
+
+    def kill_sftp_server() -> None:
+        for pid in sshd.sftp_server_pids():
+            os.kill(pid, signal.SIGKILL)
+
+    watcher = when_size_reaches(tmp_path / "dose.raw.part", KILL_AT, kill_sftp_server)
+    with transfer.connect(**fast(sshd, retries=2)) as conn:
+        digest = transfer.download_file(conn, str(remote / "dose.raw"), local)
+        assert conn.connects == 2  # it did break, and was resumed on a fresh connection
+    watcher.join()
+    assert digest == sha256(local) == sha256(big_file)
+    assert part_files(tmp_path) == []
+
+
+def test_server_killed_mid_download_then_rerun(sshd: SshServer, remote: Path, big_file: Path, tmp_path: Path) -> None:
+    remote.mkdir()
+    give_to_user(sshd, remote)
+    shutil.copyfile(big_file, remote / "dose.raw")
+    local = tmp_path / "dose.raw"
+    watcher = when_size_reaches(tmp_path / "dose.raw.part", KILL_AT, sshd.kill)
+    with transfer.connect(**fast(sshd, retries=1)) as conn, pytest.raises(TransferError) as exc:
+        transfer.download_file(conn, str(remote / "dose.raw"), local)
+    watcher.join()
+    assert exc.value.transient
+    assert not local.exists()  # nothing under the final name
+    assert 0 < (tmp_path / "dose.raw.part").stat().st_size < BIG
+
+    sshd.ensure_running()
+    with transfer.connect(**fast(sshd)) as conn:
+        digest = transfer.download_file(conn, str(remote / "dose.raw"), local)
+    assert digest == sha256(local) == sha256(big_file)
+    assert part_files(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def test_cli_upload_check_download(sshd: SshServer, remote: Path, tmp_path: Path) -> None:
+    local = tmp_path / "case"
+    local.mkdir()
+    make_tree(local)
+    common = [
+        "--host", sshd.host, "--port", str(sshd.port), "--user", sshd.user,
+        "--key", str(sshd.key), "--known-hosts", str(sshd.known_hosts),
+    ]  # fmt: skip
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "PYTHONPATH": str(REPO / "scripts")}
+        return subprocess.run(
+            [sys.executable, "-m", "mqi_communicator.transfer", *args, *common],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+
+    up = cli("upload", str(local), str(remote))
+    assert up.returncode == 0, up.stderr
+    assert len(json.loads(up.stdout)["uploaded"]) == 21
+    check = cli("check", str(local), str(remote))
+    assert check.returncode == 0 and json.loads(check.stdout)["different"] == []
+    (local / "log" / "extra.csv").write_text("1\r\n")
+    check = cli("check", str(local), str(remote))
+    assert check.returncode == transfer.EXIT_DIFFERENT and json.loads(check.stdout)["missing"] == ["log/extra.csv"]
+    down = cli("download", str(remote / "plan" / "RP.dcm"), str(tmp_path / "RP.dcm"))
+    assert down.returncode == 0, down.stderr
+    assert json.loads(down.stdout)["sha256"] == sha256(tmp_path / "RP.dcm") == sha256(local / "plan" / "RP.dcm")
+
+    empty = tmp_path / "empty_known_hosts"
+    empty.write_text("")
+    bad = subprocess.run(
+        [sys.executable, "-m", "mqi_communicator.transfer", "check", str(local), str(remote),
+         *common[:-1], str(empty)],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO / "scripts")}, timeout=60,
+    )  # fmt: skip
+    assert bad.returncode == transfer.EXIT_FAILED and "unknown" in bad.stderr
