@@ -30,18 +30,7 @@ REMOTE_SUFFIX = ".remote.in"
 
 def connect(config: dict[str, Any]) -> transfer.Connection:
     """The connection `hpc_connection` describes: key only, host key checked against known_hosts."""
-    hpc = config["hpc_connection"]
-    return transfer.connect(
-        hpc["host"],
-        hpc["port"],
-        hpc["user"],
-        Path(hpc["ssh_key_path"]).expanduser(),
-        Path(hpc["known_hosts_path"]).expanduser(),
-        connect_timeout=hpc["connect_timeout_seconds"],
-        banner_timeout=hpc["connect_timeout_seconds"],
-        auth_timeout=hpc["connect_timeout_seconds"],
-        retries=hpc["retries"],
-    )
+    return transfer.connect_from_config(config["hpc_connection"])
 
 
 def remote_home(conn: transfer.Connection) -> str:
