@@ -76,8 +76,10 @@ CASES = ready_cases()
 def settings_for(*sections):
     """The config sections a CLI uses, as inline JSON: exactly what Snakemake resolved, and a
     rule's params change (so Snakemake reruns it) only when a section it depends on changes.
-    """
-    return json.dumps({name: config[name] for name in sections}, sort_keys=True)
+    A function, because Snakemake fills wildcards into string params, and paths.* hold the
+    literal `{case_id}` placeholder."""
+    text = json.dumps({name: config[name] for name in sections}, sort_keys=True)
+    return lambda wildcards: text
 
 
 def case_files(wildcards):

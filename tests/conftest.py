@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -26,3 +27,18 @@ def reference_data() -> Path:
 def config() -> dict:
     """The shipped configuration, validated with defaults, as the CLIs receive it."""
     return settings.load(str(REPO / "config" / "config.yaml"))
+
+
+@pytest.fixture(scope="session")
+def embedded_default_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundled sample cases through the embedded default (local profile, built-in engine):
+    the reference the other deployments must reproduce."""
+    from tests.workflow import snakemake, write_config
+
+    root = tmp_path_factory.mktemp("embedded-default")
+    shutil.copytree(REPO / "sample_cases", root / "scan")
+    (root / "work").mkdir()
+    write_config(root / "work", root / "scan")
+    run = snakemake(root / "work", timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return root / "work"

@@ -8,32 +8,12 @@ import json
 import shutil
 from pathlib import Path
 
-import pytest
-
 from tests import casegen
 from tests.infra.slurm_fixture import SlurmCluster
-from tests.workflow import REPO, snakemake, write_config
+from tests.workflow import REPO, case_summaries, snakemake, write_config
 
 HPC = ["--profile", str(REPO / "profiles" / "hpc"), "--profile", str(REPO / "tests" / "profiles" / "hpc-test")]
 HPC += ["--workflow-profile", "none"]
-
-
-def _summaries(work: Path) -> dict[str, dict]:
-    return {
-        p.parents[1].name: json.loads(p.read_text())
-        for p in sorted((work / "data" / "cases").glob("*/intermediate/case_summary.json"))
-    }
-
-
-@pytest.fixture(scope="module")
-def embedded_default_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("local")
-    shutil.copytree(REPO / "sample_cases", root / "scan")
-    (root / "work").mkdir()
-    write_config(root / "work", root / "scan")
-    run = snakemake(root / "work", timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return root / "work"
 
 
 def test_pipeline_on_slurm_matches_embedded_default(
@@ -63,8 +43,8 @@ def test_pipeline_on_slurm_matches_embedded_default(
     assert run.returncode != 0  # the failing case
     assert "test failure injected" in (work / "logs" / "zz_failing" / "simulate_FAILS.log").read_text()
 
-    slurm = _summaries(work)
-    local = _summaries(embedded_default_run)
+    slurm = case_summaries(work)
+    local = case_summaries(embedded_default_run)
     assert sorted(slurm) == ["case001_G2", "case002_G1", "case003_plan_only"]
     for case, summary in slurm.items():
         for beam, reference in zip(summary["beams"], local[case]["beams"], strict=True):
@@ -85,6 +65,6 @@ def test_pipeline_on_slurm_matches_embedded_default(
     assert retry.returncode == 0, retry.stderr[-3000:]
     retried = retry.stdout + retry.stderr
     assert retried.count("rule simulate:") == 1 and "beam=FAILS" in retried
-    assert "zz_failing" in _summaries(work)
+    assert "zz_failing" in case_summaries(work)
     nothing = snakemake(work, *HPC, "--dry-run")
     assert "Nothing to be done" in nothing.stdout + nothing.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -44,4 +45,12 @@ def tree_digest(root: Path) -> dict[str, str]:
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() + f"@{p.stat().st_mtime_ns}"
         for p in sorted(root.rglob("*"))
         if p.is_file()
+    }
+
+
+def case_summaries(work: Path) -> dict[str, dict]:
+    """Each finished case's case_summary.json, by case id."""
+    return {
+        p.parents[1].name: json.loads(p.read_text())
+        for p in sorted((work / "data" / "cases").glob("*/intermediate/case_summary.json"))
     }
