@@ -1,0 +1,105 @@
+"""`--profile remote` end to end: the controller outside the cluster, a real OpenSSH server on
+127.0.0.1 (key only, its own host key in a known_hosts file) whose user runs the real test SLURM.
+The doses equal the embedded default's; a remote engine failure fails only its case."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+from mqi_communicator import transfer
+from tests import casegen
+from tests.infra.slurm_fixture import SlurmCluster
+from tests.infra.sshd_fixture import SshServer
+from tests.workflow import REPO, case_summaries, snakemake, write_config
+
+REMOTE = ["--profile", str(REPO / "profiles" / "remote")]
+
+
+def _ssh(server: SshServer, command: str) -> transfer.CommandResult:
+    with transfer.connect(server.host, server.port, server.user, server.key, server.known_hosts) as conn:
+        return transfer.run(conn, command, timeout=60)
+
+
+def _engine_for(server: SshServer) -> str:
+    """A command that runs the built-in engine as the SSH server's (unprivileged) user.
+
+    The project's venv Python may live where that user cannot go (pyenv under /root here), so
+    the system Python runs the package with the venv's site-packages, which must be readable;
+    the engine's compiled dependencies are CPython 3.11 ABI, like the venv."""
+    site = Path(sys.prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+    candidates = [
+        sys.executable,
+        f"env PYTHONPATH={site}:{REPO / 'scripts'} /usr/bin/python{sys.version_info.major}.{sys.version_info.minor}",
+    ]
+    for python in candidates:
+        probe = f"cd /tmp && {python} -c 'import mqi_communicator.engine, scipy.ndimage'"
+        if _ssh(server, probe).rc == 0:
+            return f"{python} -m mqi_communicator.engine"
+    raise AssertionError(f"the SSH test user cannot run the built-in engine with any of {candidates}")
+
+
+def test_remote_pipeline_matches_embedded_default(
+    slurm_cluster: SlurmCluster, sshd_server: SshServer, embedded_default_run: Path, tmp_path: Path
+) -> None:
+    shutil.copytree(REPO / "sample_cases", tmp_path / "scan")
+    failing = casegen.CaseSpec(
+        patient_id="FAIL02", beams=[casegen.BeamSpec(1, "FAILS", [120.0], [[(0.0, 0.0), (10.0, 0.0)]])]
+    )
+    casegen.write_case(tmp_path / "scan", "zz_failing", failing)
+    work = tmp_path / "work"
+    work.mkdir()
+    base = f"~/mqi-e2e-{uuid.uuid4().hex[:8]}"
+    assert _ssh(sshd_server, f"mkdir -p {base}/tps_env").rc == 0
+    # The cluster's "MOQUI" is the built-in engine, run by the remote user; the injected failure
+    # hits the one beam named FAILS.
+    engine = f"env MQI_ENGINE_TEST_FAIL_BEAMS=FAILS {_engine_for(sshd_server)}"
+    write_config(
+        work,
+        tmp_path / "scan",
+        hpc_connection={
+            "host": sshd_server.host,
+            "port": sshd_server.port,
+            "user": sshd_server.user,
+            "ssh_key_path": str(sshd_server.key),
+            "known_hosts_path": str(sshd_server.known_hosts),
+            "connect_timeout_seconds": 10,
+        },
+        paths={
+            "local": {"scan_directory": str(tmp_path / "scan")},
+            "hpc": {
+                "base_dir": base,
+                "tps_env_dir": f"{base}/tps_env",
+                "output_csv_dir": f"{base}/Output_csv/{{case_id}}",
+                "dose_raw_dir": f"{base}/Dose_raw/{{case_id}}",
+            },
+        },
+        remote_slurm={"tps_env": engine, "partition": "gpu", "max_wait_seconds": 600},
+        application={"polling_interval_seconds": 2},
+    )
+    run = snakemake(work, *REMOTE, timeout=900)
+    log = run.stdout + run.stderr
+    assert run.returncode != 0, log[-3000:]  # the failing case
+    assert "test failure injected" in (work / "logs" / "zz_failing" / "simulate_FAILS.log").read_text()
+
+    remote = case_summaries(work)
+    local = case_summaries(embedded_default_run)
+    assert sorted(remote) == ["case001_G2", "case002_G1", "case003_plan_only"], log[-3000:]
+    for case, summary in remote.items():
+        for beam, reference in zip(summary["beams"], local[case]["beams"], strict=True):
+            assert beam["slurm_job"], f"{case} {beam['beam']}: no SLURM job recorded"
+            assert beam["raw_sha256"] == reference["raw_sha256"]  # same engine, same inputs, same bytes
+    # The case's files really went through the SSH server's user, and nothing is left queued.
+    listing = _ssh(sshd_server, f"ls {base}/Dose_raw/case001_G2/1G180_TX")
+    assert "1G180:TX_2_Dose.raw" in listing.stdout, listing.stderr
+    assert subprocess.run(["squeue", "-h"], capture_output=True, text=True, check=False).stdout.strip() == ""
+    for part in (work / "data").rglob("*.part"):
+        raise AssertionError(f"partial file left: {part}")
+
+    again = snakemake(work, *REMOTE, "--dry-run")
+    planned = again.stdout + again.stderr
+    # Only the failed case is pending; its beam is resubmitted (the record says failed).
+    assert "case_id=zz_failing" in planned and "case_id=case001_G2" not in planned
