@@ -45,9 +45,6 @@ localrules:
     report_dose_map,
     report_beam_table,
     case_summary,
-    stage_in,
-    remote_simulate,
-    stage_out,
 
 
 rule all:

@@ -1,5 +1,12 @@
 # The remote deployment's GPU step: stage in (SFTP) -> sbatch over SSH per beam -> stage out.
 # Produces the same raw dose and run record as rules/simulate.smk, so P3 and the report are shared.
+# All of it runs on the workstation: the cluster is reached over SSH, not through an executor.
+
+
+localrules:
+    stage_in,
+    remote_simulate,
+    stage_out,
 
 
 rule stage_in:
