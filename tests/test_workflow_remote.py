@@ -4,17 +4,15 @@ The doses equal the embedded default's; a remote engine failure fails only its c
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import uuid
 from pathlib import Path
 
 from mqi_communicator import transfer
-from tests import casegen
 from tests.infra.slurm_fixture import SlurmCluster
 from tests.infra.sshd_fixture import SshServer
-from tests.workflow import REPO, case_summaries, snakemake, write_config
+from tests.workflow import REPO, case_summaries, sample_scan_with_failing_case, snakemake, write_config
 
 REMOTE = ["--profile", str(REPO / "profiles" / "remote")]
 
@@ -45,11 +43,7 @@ def _engine_for(server: SshServer) -> str:
 def test_remote_pipeline_matches_embedded_default(
     slurm_cluster: SlurmCluster, sshd_server: SshServer, embedded_default_run: Path, tmp_path: Path
 ) -> None:
-    shutil.copytree(REPO / "sample_cases", tmp_path / "scan")
-    failing = casegen.CaseSpec(
-        patient_id="FAIL02", beams=[casegen.BeamSpec(1, "FAILS", [120.0], [[(0.0, 0.0), (10.0, 0.0)]])]
-    )
-    casegen.write_case(tmp_path / "scan", "zz_failing", failing)
+    scan = sample_scan_with_failing_case(tmp_path, "FAIL02")
     work = tmp_path / "work"
     work.mkdir()
     base = f"~/mqi-e2e-{uuid.uuid4().hex[:8]}"
@@ -59,7 +53,7 @@ def test_remote_pipeline_matches_embedded_default(
     engine = f"env MQI_ENGINE_TEST_FAIL_BEAMS=FAILS {_engine_for(sshd_server)}"
     write_config(
         work,
-        tmp_path / "scan",
+        scan,
         hpc_connection={
             "host": sshd_server.host,
             "port": sshd_server.port,
@@ -69,7 +63,7 @@ def test_remote_pipeline_matches_embedded_default(
             "connect_timeout_seconds": 10,
         },
         paths={
-            "local": {"scan_directory": str(tmp_path / "scan")},
+            "local": {"scan_directory": str(scan)},
             "hpc": {
                 "base_dir": base,
                 "tps_env_dir": f"{base}/tps_env",

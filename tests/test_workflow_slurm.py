@@ -5,12 +5,10 @@ embedded default's, and a failing beam fails only its case."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
-from tests import casegen
 from tests.infra.slurm_fixture import SlurmCluster
-from tests.workflow import REPO, case_summaries, snakemake, write_config
+from tests.workflow import REPO, case_summaries, sample_scan_with_failing_case, snakemake, write_config
 
 HPC = ["--profile", str(REPO / "profiles" / "hpc"), "--profile", str(REPO / "tests" / "profiles" / "hpc-test")]
 HPC += ["--workflow-profile", "none"]
@@ -19,15 +17,10 @@ HPC += ["--workflow-profile", "none"]
 def test_pipeline_on_slurm_matches_embedded_default(
     slurm_cluster: SlurmCluster, embedded_default_run: Path, tmp_path: Path
 ) -> None:
-    shutil.copytree(REPO / "sample_cases", tmp_path / "scan")
-    # A fourth case whose only beam fails in the engine: it fails alone.
-    failing = casegen.CaseSpec(
-        patient_id="FAIL01", beams=[casegen.BeamSpec(1, "FAILS", [120.0], [[(0.0, 0.0), (10.0, 0.0)]])]
-    )
-    casegen.write_case(tmp_path / "scan", "zz_failing", failing)
+    scan = sample_scan_with_failing_case(tmp_path, "FAIL01")
     work = tmp_path / "work"
     work.mkdir()
-    write_config(work, tmp_path / "scan")
+    write_config(work, scan)
 
     # Before intake the GPU jobs are unknown; after intake and P2 the dry-run lists them with
     # their partition and GPU request.

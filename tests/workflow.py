@@ -54,3 +54,19 @@ def case_summaries(work: Path) -> dict[str, dict]:
         p.parents[1].name: json.loads(p.read_text())
         for p in sorted((work / "data" / "cases").glob("*/intermediate/case_summary.json"))
     }
+
+
+def sample_scan_with_failing_case(root: Path, patient_id: str) -> Path:
+    """The bundled sample cases plus `zz_failing`, whose one beam is named FAILS: an engine run
+    with MQI_ENGINE_TEST_FAIL_BEAMS=FAILS fails on it and on nothing else."""
+    import shutil
+
+    from tests import casegen
+
+    scan = root / "scan"
+    shutil.copytree(REPO / "sample_cases", scan)
+    spec = casegen.CaseSpec(
+        patient_id=patient_id, beams=[casegen.BeamSpec(1, "FAILS", [120.0], [[(0.0, 0.0), (10.0, 0.0)]])]
+    )
+    casegen.write_case(scan, "zz_failing", spec)
+    return scan
