@@ -18,14 +18,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO))  # the synthetic plan writer lives in tests/
 
 from mqi_communicator import engine, files, moqui_csv, moqui_input  # noqa: E402
 from mqi_communicator.geometry import PLANE_2CM, PLANE_DEPTH_MM  # noqa: E402
+from tests import casegen  # noqa: E402
 
 TARGET_S = 2.0
 LAYERS = 35
@@ -36,38 +36,12 @@ BEAM_OFF_XY = (294.676086, -232.70784)  # where the G2 log parks beam-off sample
 
 
 def write_plan(path: Path, energies: list[float]) -> None:
-    """A minimal RT Ion Plan: one G2 beam `BENCH:1`, number 1, one control point per layer."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.481.8")
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "RTPLAN"
-    ds.PatientID = "BENCH"
-    beam = Dataset()
-    beam.BeamNumber = 1
-    beam.BeamName = "BENCH:1"
-    beam.TreatmentMachineName = "G2"
-    beam.TreatmentDeliveryType = "TREATMENT"
-    beam.NumberOfRangeShifters = 0
-    beam.FinalCumulativeMetersetWeight = float(len(energies))
-    points = []
-    for i, energy in enumerate(energies):
-        for weight in (float(i), float(i + 1)):
-            cp = Dataset()
-            cp.NominalBeamEnergy = energy
-            cp.CumulativeMetersetWeight = weight
-            cp.GantryAngle = 0.0
-            cp.IsocenterPosition = [0.0, 0.0, 0.0]
-            cp.ScanSpotPositionMap = [0.0, 0.0]
-            cp.ScanSpotMetersetWeights = [1.0 if weight == i else 0.0]
-            points.append(cp)
-    beam.IonControlPointSequence = points
-    ds.IonBeamSequence = [beam]
-    ds.save_as(path, enforce_file_format=True)
+    """A minimal RT Ion Plan: one G2 beam `BENCH:1`, number 1, one spot per layer (the engine
+    takes the beam's name and room from the plan; the spots come from the CSVs)."""
+    beam = casegen.BeamSpec(1, "BENCH:1", energies, [[(0.0, 0.0)]] * len(energies))
+    casegen.write_plan(
+        path, casegen.CaseSpec(patient_id="BENCH", room="G2", beams=[beam], isocenter_mm=(0.0, 0.0, 0.0))
+    )
 
 
 def synthetic_layer(rng: np.random.Generator, n: int, radius_mm: float) -> np.ndarray:
