@@ -78,13 +78,13 @@ def room_of_machine(machine_name: str) -> str | None:
     return f"G{match.group(1)}" if match else None
 
 
-def is_rt_ion_plan(path: Path) -> bool:
-    """True for a DICOM RT Ion Plan; reads the header only."""
+def _plan_header(path: Path) -> tuple[str | None, str]:
+    """(Modality, SOPClassUID) from the header only; (None, "") for anything not DICOM."""
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Modality", "SOPClassUID"])
     except (InvalidDicomError, OSError, AttributeError, ValueError, TypeError):
-        return False
-    return ds.get("Modality") == "RTPLAN" and str(ds.get("SOPClassUID", "")) == RT_ION_PLAN_SOP_CLASS
+        return None, ""
+    return ds.get("Modality"), str(ds.get("SOPClassUID", ""))
 
 
 def find_plan(case_dir: Path) -> Path:
@@ -97,10 +97,10 @@ def find_plan(case_dir: Path) -> Path:
             continue
         if path.suffix == "" and not path.name.upper().startswith("RP"):
             continue
-        if is_rt_ion_plan(path):
-            candidates.append(path)
-        elif path.suffix.lower() == ".dcm" and _is_rtplan_modality(path):
-            rtplans_other.append(path)
+        modality, sop_class = _plan_header(path)
+        if modality != "RTPLAN":
+            continue
+        (candidates if sop_class == RT_ION_PLAN_SOP_CLASS else rtplans_other).append(path)
     if not candidates:
         if rtplans_other:
             raise CaseError(rtplans_other[0], "RTPLAN is not an RT Ion Plan (wrong SOP class)")
@@ -109,14 +109,6 @@ def find_plan(case_dir: Path) -> Path:
         names = ", ".join(str(p.relative_to(case_dir)) for p in candidates)
         raise CaseError(case_dir, f"more than one RT Ion Plan found: {names}")
     return candidates[0]
-
-
-def _is_rtplan_modality(path: Path) -> bool:
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Modality"])
-    except (InvalidDicomError, OSError, AttributeError, ValueError, TypeError):
-        return False
-    return ds.get("Modality") == "RTPLAN"
 
 
 def _float32_array(element: object) -> np.ndarray:

@@ -66,6 +66,8 @@ import paramiko
 from paramiko.buffered_pipe import BufferedPipe, PipeTimeout
 from paramiko.sftp import CMD_EXTENDED, CMD_STATUS
 
+from .files import sha256_of
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -748,11 +750,6 @@ def remote_sha256(
     return conn.call(once, f"sha256 of {len(paths)} file(s) under {base}")
 
 
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def _remote_path(path: str | os.PathLike[str]) -> str:
     """SFTP and the exec shell both start in the login home; "~/x" means "x" there."""
     p = os.fspath(path)
@@ -862,7 +859,7 @@ def _identical(conn: Connection, base: str, files: list[_LocalFile], listing: di
         return {}
     names = [f.rel for f in same_size]
     job = _start_remote_sha256(conn, base, names)  # hashes remotely while we hash here
-    local = {f.rel: sha256_file(f.path) for f in same_size}
+    local = {f.rel: sha256_of(f.path) for f in same_size}
     remote = _finish_remote_sha256(job, names, _hash_timeout(conn, sum(f.size for f in same_size)))
     return {rel: h for rel, h in local.items() if remote.get(rel) == h}
 
@@ -1261,7 +1258,7 @@ def _download_once(conn: Connection, remote: str, local: str, expected: str | No
         return memo[0]
 
     if os.path.isfile(local) and os.path.getsize(local) == size:  # already here?
-        have = sha256_file(local)
+        have = sha256_of(local)
         if have == remote_digest():
             return have
 
@@ -1432,7 +1429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     name = posixpath.basename(_remote_path(args.dst))
                     parent = posixpath.dirname(_remote_path(args.dst)) or "."
                     remote = remote_sha256(conn, [name], base=parent).get(name)
-                    local = sha256_file(args.src)
+                    local = sha256_of(args.src)
                     key = "identical" if remote == local else ("missing" if remote is None else "different")
                     result = {"identical": [], "different": [], "missing": []}
                     result[key].append(Path(args.src).name)

@@ -37,15 +37,8 @@ if [ "${SLURM_CI_LOCKED:-0}" != 1 ]; then # start-slurm.sh already holds the loc
     flock -w 120 9 || log "warning: $ROOT/.start.lock still held after 120 s; stopping anyway"
 fi
 
-pid_of() { # same check as in start-slurm.sh
-    local f="$ROOT/run/$1.pid" pid exe
-    [ -r "$f" ] || return 1
-    pid=$(tr -dc 0-9 <"$f")
-    [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 1
-    exe=$(readlink "/proc/$pid/exe" 2>/dev/null) || return 1
-    exe=$(basename "${exe% (deleted)}")
-    case "$exe" in "$1" | "$1-wlm") echo "$pid" ;; *) return 1 ;; esac
-}
+# shellcheck source=tests/infra/slurm/pid-of.sh
+. "$(dirname "$(readlink -f "$0")")/pid-of.sh"
 
 # alive PID: exists and is not a zombie (kill -0 succeeds on zombies, and without an init
 # system orphans may be reaped late).
