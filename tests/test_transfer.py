@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pytest
 
 from mqi_communicator import transfer
@@ -132,12 +133,18 @@ def make_tree(root: Path) -> dict[str, bytes]:
     return files
 
 
-@pytest.mark.parametrize("method", ["tar", "sftp"])
-def test_upload_tree_verified_and_idempotent(sshd: SshServer, remote: Path, tmp_path: Path, method: str) -> None:
+# the upload paths: a tar stream, zstd-compressed or not, and SFTP writes (compression unused)
+UPLOAD_WAYS = [("tar", "zstd"), ("tar", "none"), ("sftp", "none")]
+
+
+@pytest.mark.parametrize(("method", "compression"), UPLOAD_WAYS)
+def test_upload_tree_verified_and_idempotent(
+    sshd: SshServer, remote: Path, tmp_path: Path, method: str, compression: str
+) -> None:
     local = tmp_path / "case"
     local.mkdir()
     files = make_tree(local)
-    with transfer.connect(**fast(sshd)) as conn:
+    with transfer.connect(**fast(sshd, compression=compression)) as conn:
         report = transfer.upload_tree(conn, local, str(remote), method=method)
         assert sorted(report.uploaded) == sorted(files)
         assert report.skipped == []
@@ -165,8 +172,9 @@ def test_upload_tree_verified_and_idempotent(sshd: SshServer, remote: Path, tmp_
     assert conn.connects == 1
 
 
+@pytest.mark.parametrize("compression", ["zstd", "none"])
 def test_upload_early_remote_hash_rechecks_files_still_being_written(
-    sshd: SshServer, remote: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    sshd: SshServer, remote: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compression: str
 ) -> None:
     """The tar upload hashes files remotely while streaming; hashing them too early (here: at
     once, tiny batches) only costs a second look, never a false failure."""
@@ -176,7 +184,7 @@ def test_upload_early_remote_hash_rechecks_files_still_being_written(
     for i in range(12):
         (local / f"d{i % 3}").mkdir(parents=True, exist_ok=True)
         (local / f"d{i % 3}" / f"{i}.csv").write_bytes(os.urandom(3_000_000))
-    with transfer.connect(**fast(sshd)) as conn:
+    with transfer.connect(**fast(sshd, compression=compression)) as conn:
         report = transfer.upload_tree(conn, local, str(remote), method="tar")
     assert len(report.uploaded) == 12
     for rel, digest in report.files.items():
@@ -210,14 +218,15 @@ def test_upload_file_creates_parents_and_skips_identical(sshd: SshServer, remote
     assert part_files(remote) == []
 
 
-def test_download_verified_atomic_idempotent(sshd: SshServer, remote: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("compression", ["zstd", "none"])
+def test_download_verified_atomic_idempotent(sshd: SshServer, remote: Path, tmp_path: Path, compression: str) -> None:
     remote.mkdir()
     give_to_user(sshd, remote)
     data = os.urandom(3_000_000)
     (remote / "dose.raw").write_bytes(data)
     want = hashlib.sha256(data).hexdigest()
     local = tmp_path / "out" / "dose.raw"
-    with transfer.connect(**fast(sshd)) as conn:
+    with transfer.connect(**fast(sshd, compression=compression)) as conn:
         assert transfer.download_file(conn, str(remote / "dose.raw"), local, expected_sha256=want) == want
         assert local.read_bytes() == data
         assert part_files(tmp_path) == []
@@ -233,6 +242,71 @@ def test_download_verified_atomic_idempotent(sshd: SshServer, remote: Path, tmp_
             transfer.download_file(conn, str(remote / "nope.raw"), tmp_path / "nope.raw")
         assert not missing.value.transient
         assert not (tmp_path / "nope.raw").exists()
+
+        (remote / "link.raw").symlink_to(remote / "dose.raw")  # followed, as SFTP does
+        assert transfer.download_file(conn, str(remote / "link.raw"), tmp_path / "link.raw") == want
+        assert (tmp_path / "link.raw").read_bytes() == data
+
+        (remote / "empty.raw").write_bytes(b"")
+        assert transfer.download_file(conn, str(remote / "empty.raw"), tmp_path / "empty.raw") == sha256_bytes(b"")
+        assert (tmp_path / "empty.raw").read_bytes() == b""
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def session_bytes_written(sshd: SshServer) -> int:
+    """Bytes the server's session processes have written (sshd's to the socket included)."""
+    total = 0
+    for pid in sshd.session_pids():
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/io") as f:
+            total += next(int(line.split()[1]) for line in f if line.startswith("wchar:"))
+    return total
+
+
+def dose_like(n_planes: int, seed: int = 5) -> bytes:
+    """float64 planes of 400x400 mostly zero, noisy values in a central field (a dose volume)."""
+    rng = np.random.default_rng(seed)
+    planes = np.zeros((n_planes, 400, 400))
+    planes[:, 150:250, 140:260] = rng.uniform(0.1, 1.0, (n_planes, 100, 120))
+    return planes.astype("<f8").tobytes()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="reads the sshd session processes' /proc/PID/io (root)")
+def test_zstd_download_sends_a_dose_volume_compressed(sshd: SshServer, remote: Path, tmp_path: Path) -> None:
+    remote.mkdir()
+    give_to_user(sshd, remote)
+    data = dose_like(50)  # 64 MB, 92.5 % zeros
+    (remote / "dose.raw").write_bytes(data)
+    written = {}
+    for compression in ("zstd", "none"):
+        local = tmp_path / compression / "dose.raw"
+        with transfer.connect(**fast(sshd, compression=compression)) as conn:
+            before = session_bytes_written(sshd)
+            digest = transfer.download_file(conn, str(remote / "dose.raw"), local)
+            written[compression] = session_bytes_written(sshd) - before
+        assert digest == sha256_bytes(data)
+        assert local.read_bytes() == data
+    # sshd forwarded the whole file without zstd, a fraction of it with zstd
+    assert written["none"] > len(data)
+    assert written["zstd"] < len(data) / 4, written
+
+
+def test_zstd_wanted_by_setting_and_server_tools(sshd: SshServer) -> None:
+    with transfer.connect(**fast(sshd)) as conn:
+        tools = transfer._remote_tools(conn)  # asked of the real server
+    assert tools == {"tar", "zstd"}  # start-sshd.sh installs zstd when missing
+    where = "moqui@login1:22"
+    assert transfer.zstd_wanted("auto", tools, where) is True
+    assert transfer.zstd_wanted("zstd", tools, where) is True
+    assert transfer.zstd_wanted("none", tools, where) is False
+    assert transfer.zstd_wanted("auto", frozenset({"tar"}), where) is False  # falls back to plain
+    with pytest.raises(TransferError, match="moqui@login1:22 has no zstd command") as exc:
+        transfer.zstd_wanted("zstd", frozenset({"tar"}), where)
+    assert not exc.value.transient
+    with pytest.raises(ValueError, match="compression must be one of"):
+        transfer.connect(**fast(sshd, compression="gzip"))
 
 
 def test_connect_from_config(sshd: SshServer) -> None:
@@ -384,11 +458,16 @@ def test_stalled_server_banner_timeout(sshd: SshServer) -> None:
         os.kill(sshd.pid, signal.SIGCONT)
 
 
-@pytest.mark.parametrize("method", ["tar", "sftp"])
-def test_server_killed_mid_upload_then_rerun(sshd: SshServer, remote: Path, big_file: Path, method: str) -> None:
+@pytest.mark.parametrize(("method", "compression"), UPLOAD_WAYS)
+def test_server_killed_mid_upload_then_rerun(
+    sshd: SshServer, remote: Path, big_file: Path, method: str, compression: str
+) -> None:
     target = remote / "dose.raw"
     watcher = when_size_reaches(remote / "dose.raw.part", KILL_AT, sshd.kill)
-    with transfer.connect(**fast(sshd, retries=1)) as conn, pytest.raises(TransferError) as exc:
+    with (
+        transfer.connect(**fast(sshd, retries=1, compression=compression)) as conn,
+        pytest.raises(TransferError) as exc,
+    ):
         transfer.upload_file(conn, big_file, str(target), method=method)
     watcher.join()
     assert exc.value.transient
@@ -404,34 +483,79 @@ def test_server_killed_mid_upload_then_rerun(sshd: SshServer, remote: Path, big_
     assert part_files(remote) == []
 
 
-def test_sftp_server_killed_mid_download_is_resumed(
+@pytest.mark.parametrize(("compression", "sender"), [("zstd", "zstd"), ("none", "sftp-server")])
+def test_sending_process_killed_mid_download_is_resumed(
+    sshd: SshServer, remote: Path, big_file: Path, tmp_path: Path, compression: str, sender: str
+) -> None:
+    """The server process that reads the file (zstd or sftp-server) dies mid-way: the download
+    continues on a fresh connection from what is already in the local .part file."""
+    remote.mkdir()
+    give_to_user(sshd, remote)
+    shutil.copyfile(big_file, remote / "dose.raw")
+    local = tmp_path / "dose.raw"
+    killed: list[int] = []
+
+    def kill_sender() -> None:
+        for pid in sshd.command_pids(sender):
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    watcher = when_size_reaches(tmp_path / "dose.raw.part", KILL_AT, kill_sender)
+    with transfer.connect(**fast(sshd, retries=2, compression=compression)) as conn:
+        digest = transfer.download_file(conn, str(remote / "dose.raw"), local)
+        assert conn.connects == 2  # it did break, and was resumed on a fresh connection
+    watcher.join()
+    assert killed
+    assert digest == sha256(local) == sha256(big_file)
+    assert part_files(tmp_path) == []
+
+
+def test_stalled_zstd_stream_times_out_and_resumes(
     sshd: SshServer, remote: Path, big_file: Path, tmp_path: Path
+) -> None:
+    """The server's zstd stops sending (SIGSTOP) mid-way: after op_timeout of silence the download
+    goes on over a fresh connection from the .part file instead of hanging."""
+    remote.mkdir()
+    give_to_user(sshd, remote)
+    shutil.copyfile(big_file, remote / "dose.raw")
+    local = tmp_path / "dose.raw"
+    frozen: list[int] = []
+
+    def freeze_zstd() -> None:
+        for pid in sshd.command_pids("zstd"):
+            os.kill(pid, signal.SIGSTOP)
+            frozen.append(pid)
+
+    watcher = when_size_reaches(tmp_path / "dose.raw.part", KILL_AT, freeze_zstd)
+    try:
+        t0 = time.monotonic()
+        with transfer.connect(**fast(sshd, op_timeout=1.5, retries=1, compression="zstd")) as conn:
+            digest = transfer.download_file(conn, str(remote / "dose.raw"), local)
+            assert conn.connects == 2
+        assert time.monotonic() - t0 < 20
+        watcher.join()
+        assert frozen
+        assert digest == sha256(local) == sha256(big_file)
+        assert part_files(tmp_path) == []
+    finally:
+        for pid in frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("compression", ["zstd", "none"])
+def test_server_killed_mid_download_then_rerun(
+    sshd: SshServer, remote: Path, big_file: Path, tmp_path: Path, compression: str
 ) -> None:
     remote.mkdir()
     give_to_user(sshd, remote)
     shutil.copyfile(big_file, remote / "dose.raw")
     local = tmp_path / "dose.raw"
-
-    def kill_sftp_server() -> None:
-        for pid in sshd.sftp_server_pids():
-            os.kill(pid, signal.SIGKILL)
-
-    watcher = when_size_reaches(tmp_path / "dose.raw.part", KILL_AT, kill_sftp_server)
-    with transfer.connect(**fast(sshd, retries=2)) as conn:
-        digest = transfer.download_file(conn, str(remote / "dose.raw"), local)
-        assert conn.connects == 2  # it did break, and was resumed on a fresh connection
-    watcher.join()
-    assert digest == sha256(local) == sha256(big_file)
-    assert part_files(tmp_path) == []
-
-
-def test_server_killed_mid_download_then_rerun(sshd: SshServer, remote: Path, big_file: Path, tmp_path: Path) -> None:
-    remote.mkdir()
-    give_to_user(sshd, remote)
-    shutil.copyfile(big_file, remote / "dose.raw")
-    local = tmp_path / "dose.raw"
     watcher = when_size_reaches(tmp_path / "dose.raw.part", KILL_AT, sshd.kill)
-    with transfer.connect(**fast(sshd, retries=1)) as conn, pytest.raises(TransferError) as exc:
+    with (
+        transfer.connect(**fast(sshd, retries=1, compression=compression)) as conn,
+        pytest.raises(TransferError) as exc,
+    ):
         transfer.download_file(conn, str(remote / "dose.raw"), local)
     watcher.join()
     assert exc.value.transient

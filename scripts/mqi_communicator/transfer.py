@@ -25,13 +25,16 @@ Safety, whatever happens to the network or the server:
 Errors are `TransferError` (``.transient`` says whether a later retry may succeed) and its
 subclasses `HostKeyError`, `AuthError`, `VerifyError`, `CommandTimeout`.
 
-Speed (benchmarks/transfer_vs_scp.py): AES-GCM preferred, TCP_NODELAY, one SSH connection for
-everything. Uploads stream all files as one tar archive into ``tar -x`` over exec (no per-file
+Speed (benchmarks/transfer_vs_scp.py): AES-GCM preferred, TCP_NODELAY and immediate ACKs, one
+SSH connection for everything, and zstd streams when the server has the zstd command
+(``compression``: a dose volume, mostly zeros, is ~6x smaller; CSV text ~6x). Uploads stream all
+files as one tar archive (zstd-compressed) into ``[zstd -d |] tar -x`` over exec (no per-file
 round trip, no SFTP framing; pipelined SFTP writes when the server has no tar), finished files
-being hashed remotely while the rest streams, and the renames pipelined. Downloads use SFTP
-with a 16 MiB window, prefetched reads at the server's largest read size (probed: 255 KiB on
-OpenSSH >= 8.7, 64 KiB before), an O(1) receive buffer that wakes the reader once per SFTP
-message, local hashing on the fly and the remote hash computed at the same time.
+being hashed remotely while the rest streams, and the renames pipelined. Downloads come as one
+``zstd`` stream over exec, decompressed, written and hashed in a second thread; without zstd,
+by SFTP with a 16 MiB window, prefetched reads at the server's largest read size (probed:
+255 KiB on OpenSSH >= 8.7, 64 KiB before) and an O(1) receive buffer that wakes the reader
+once per SFTP message. The remote hash is computed at the same time, unless the caller knows it.
 
 A `Connection` is not thread-safe: use one per thread.
 """
@@ -60,9 +63,10 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import IO, Any, NamedTuple, TypeVar, cast
 
 import paramiko
+import zstandard
 from paramiko.buffered_pipe import BufferedPipe, PipeTimeout
 from paramiko.sftp import CMD_EXTENDED, CMD_STATUS
 
@@ -85,6 +89,15 @@ WINDOW = 16 * 1024 * 1024
 #: Largest SSH packet we accept on the SFTP channel (OpenSSH sends up to 256 KiB).
 MAX_PACKET = 256 * 1024
 PART_SUFFIX = ".part"
+#: ``compression`` settings: "auto" = zstd streams when the server has the zstd command (measured
+#: 6x less data for a dose volume, 4x for the CSV folders; incompressible data costs the server a
+#: zstd pass), "zstd" = require it, "none" = plain streams.
+COMPRESSION: tuple[str, ...] = ("auto", "zstd", "none")
+#: Upload streams are compressed here (python zstandard) at this level: CSV text at ~400 MB/s.
+_ZSTD_UPLOAD_LEVEL = 1
+#: Downloads are compressed by the server's zstd CLI with this option: a dose volume (mostly
+#: zeros) at ~1.5 GB/s, about as small as level 1.
+_ZSTD_DOWNLOAD_OPTION = "--fast=3"
 _LOCAL_CHUNK = 4 * WRITE_REQ  # read local files in multiples of the write request size
 _HASH_RATE = 20e6  # bytes/s assumed for remote hashing when sizing its timeout (sha256sum ~150 MB/s)
 
@@ -177,6 +190,8 @@ class Target:
     max_backoff_s: float = 30.0
     keepalive_s: int = 30
     ciphers: tuple[str, ...] = PREFERRED_CIPHERS
+    #: "auto": zstd-compress the data streams when the server has zstd; "zstd": require it; "none"
+    compression: str = "auto"
 
     @property
     def where(self) -> str:
@@ -293,6 +308,31 @@ class _MessagePipe(BufferedPipe):
 _MESSAGE_PIPE = all(hasattr(BufferedPipe(), a) for a in ("_lock", "_cv", "_event", "_closed"))
 
 
+class _QuickAckSocket(socket.socket):
+    """A TCP socket that acknowledges what it receives at once (Linux TCP_QUICKACK, renewed after
+    every read: the kernel drops back to delayed ACKs on its own).
+
+    sshd leaves Nagle on for sessions without a terminal. Right after authentication it sends two
+    small messages (a host-keys notice, a debug line); our delayed ACK of the second then holds
+    back its answer to the first channel opened for 40 ms: measured 44 -> 4 ms per connection.
+    """
+
+    @classmethod
+    def wrap(cls, sock: socket.socket) -> socket.socket:
+        if not hasattr(socket, "TCP_QUICKACK"):
+            return sock
+        timeout = sock.gettimeout()
+        quick = cls(sock.family, sock.type, sock.proto, fileno=sock.detach())
+        quick.settimeout(timeout)
+        return quick
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        data = super().recv(bufsize, flags)
+        with contextlib.suppress(OSError):
+            self.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+        return data
+
+
 def _transport_factory(ciphers: tuple[str, ...]) -> Callable[..., paramiko.Transport]:
     def make(sock: socket.socket, **kwargs: Any) -> paramiko.Transport:
         transport = paramiko.Transport(sock, **kwargs)
@@ -313,7 +353,7 @@ class Connection:
         self._client: paramiko.SSHClient | None = None
         self._sftp: paramiko.SFTPClient | None = None
         self.connects = 0  # successful connects so far (1 + reconnects)
-        self._has_tar: bool | None = None
+        self._tools: frozenset[str] | None = None
 
     # lifecycle ------------------------------------------------------------------------------
 
@@ -389,7 +429,7 @@ class Connection:
         client.set_missing_host_key_policy(_RejectUnknownHost(t))
         sock = None
         try:
-            sock = socket.create_connection((t.host, t.port), timeout=t.connect_timeout)
+            sock = _QuickAckSocket.wrap(socket.create_connection((t.host, t.port), timeout=t.connect_timeout))
             # paramiko never sets TCP_NODELAY: request/response exchanges then wait for the 40 ms
             # delayed ACK (connect+auth 107 -> 28 ms, small SFTP operations 4x faster).
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -513,6 +553,7 @@ def connect(
     max_backoff_s: float = 30.0,
     keepalive_s: int = 30,
     ciphers: Sequence[str] = PREFERRED_CIPHERS,
+    compression: str = "auto",
 ) -> Connection:
     """Open a verified, key-authenticated connection (a context manager); see the module doc.
 
@@ -521,8 +562,11 @@ def connect(
     seconds: TCP connect, SSH banner, authentication, channel opening, and ``op_timeout`` = the
     silence after which an SFTP operation or upload stream fails. A transient failure is retried
     ``retries`` times on a fresh connection, after ``backoff_s`` x 2^n (at most ``max_backoff_s``).
-    ``ciphers``: asked for first, the server's others remain possible.
+    ``ciphers``: asked for first, the server's others remain possible. ``compression``: see
+    `COMPRESSION` ("auto" compresses when the server has zstd).
     """
+    if compression not in COMPRESSION:
+        raise ValueError(f"compression must be one of {COMPRESSION}, not {compression!r}")
     target = Target(
         host=host,
         port=int(port),
@@ -539,6 +583,7 @@ def connect(
         max_backoff_s=max_backoff_s,
         keepalive_s=keepalive_s,
         ciphers=tuple(ciphers),
+        compression=compression,
     )
     conn = Connection(target)
     conn.call(lambda: None, "connect")
@@ -550,7 +595,7 @@ def connect_from_config(hpc: Mapping[str, Any]) -> Connection:
 
     Keys: host, port, user, ssh_key_path, known_hosts_path, connect_timeout_seconds (TCP connect,
     banner, authentication, channel opening), retries, and optionally op_timeout_seconds,
-    retry_backoff_seconds, keepalive_seconds, ciphers (defaults as in `connect`).
+    retry_backoff_seconds, keepalive_seconds, ciphers, compression (defaults as in `connect`).
     """
     timeout = float(hpc.get("connect_timeout_seconds", 15.0))
     return connect(
@@ -568,6 +613,7 @@ def connect_from_config(hpc: Mapping[str, Any]) -> Connection:
         backoff_s=float(hpc.get("retry_backoff_seconds", 1.0)),
         keepalive_s=int(hpc.get("keepalive_seconds", 30)),
         ciphers=tuple(hpc.get("ciphers", PREFERRED_CIPHERS)),
+        compression=str(hpc.get("compression", "auto")),
     )
 
 
@@ -879,7 +925,7 @@ def _read_exactly(fin: Any, size: int, path: str) -> Iterable[bytes]:
 
 
 _HASH_BATCH = 16 << 20  # bytes of finished files per remote hash command during an upload
-_HASH_JOBS = 2  # remote hash commands running at once during an upload
+_HASH_JOBS = 4  # remote hash commands running at once during an upload
 
 
 class _RemoteHasher:
@@ -949,28 +995,81 @@ def _send_sftp(
     return sent
 
 
-# -x extract, -o do not restore owners, -m do not restore mtimes (as an SFTP upload), -f - stdin
-_TAR_SCRIPT = 'mkdir -p -- "$1" && cd -- "$1" && exec tar -x -o -m -f -'
+# -x extract, -o do not restore owners, -m do not restore mtimes (as an SFTP upload), -f - stdin,
+# -b 256 -B: read 128 KiB records, however the pipe delivers them (10 KiB by default: measured 40 %
+# less CPU for tar with the larger ones)
+_TAR_SCRIPT = 'mkdir -p -- "$1" && cd -- "$1" && exec tar -x -o -m -B -b 256 -f -'
+# The same behind zstd: a failing zstd truncates tar's input, and tar then fails (its status is the
+# pipeline's); what arrives is checked by sha256 in any case.
+_ZSTD_TAR_SCRIPT = 'mkdir -p -- "$1" && cd -- "$1" && zstd -d -q -c | tar -x -o -m -B -b 256 -f -'
 
 
-#: stream bytes after a file's end before it is hashed remotely (None: 2 channel windows, >= 8 MiB)
+#: bytes sent (compressed, with zstd) after a file's end before it is hashed remotely
+#: (None: 2 channel windows, >= 8 MiB)
 _TAR_HASH_LAG: int | None = None
 
 
-def _remote_has_tar(conn: Connection) -> bool:
-    if conn._has_tar is None:
-        rc, _, _ = _exec(conn, _sh("command -v tar >/dev/null 2>&1"), conn.target.op_timeout)
-        conn._has_tar = rc == 0
-    return conn._has_tar
+def _remote_tools(conn: Connection) -> frozenset[str]:
+    """Which of the optional remote tools (tar, zstd) the server has; asked once per connection."""
+    if conn._tools is None:
+        script = "for t in tar zstd; do command -v $t >/dev/null 2>&1 && echo $t; done; exit 0"
+        rc, out, _ = _exec(conn, _sh(script), conn.target.op_timeout)
+        conn._tools = frozenset(out.decode(errors="replace").split()) if rc == 0 else frozenset()
+    return conn._tools
+
+
+def zstd_wanted(compression: str, remote_tools: frozenset[str], where: str) -> bool:
+    """Whether data streams go zstd-compressed: ``compression`` (see `COMPRESSION`) given the
+    server's tools. "zstd" without zstd on the server is an error naming the host."""
+    if compression not in COMPRESSION:
+        raise ValueError(f"compression must be one of {COMPRESSION}, not {compression!r}")
+    if compression == "none":
+        return False
+    if "zstd" in remote_tools:
+        return True
+    if compression == "zstd":
+        raise TransferError(
+            f"compression is zstd but {where} has no zstd command (install zstd there, or set "
+            f"hpc_connection.compression to auto or none)"
+        )
+    return False
+
+
+def _use_zstd(conn: Connection) -> bool:
+    if conn.target.compression == "none":  # no need to ask the server
+        return False
+    return zstd_wanted(conn.target.compression, _remote_tools(conn), conn.target.where)
+
+
+class _ChannelWriter:
+    """File-like end of an exec channel's stdin, counting what was sent (zstd writes into it)."""
+
+    def __init__(self, chan: paramiko.Channel) -> None:
+        self.chan, self.sent = chan, 0
+
+    def write(self, data: bytes | memoryview) -> int:
+        # a memoryview: paramiko's sendall() re-slices what is left after each 32 KiB packet,
+        # which for bytes copies the rest of the buffer every time
+        self.chan.sendall(memoryview(data))
+        self.sent += len(data)
+        return len(data)
 
 
 def _send_tar(
-    conn: Connection, base: str, dirs: list[str], files: list[_LocalFile], hasher: _RemoteHasher
+    conn: Connection,
+    base: str,
+    dirs: list[str],
+    files: list[_LocalFile],
+    hasher: _RemoteHasher,
+    *,
+    compress: bool = False,
 ) -> dict[str, str]:
     """Stream all files as ONE tar archive into ``tar -x`` remotely, members named ``<rel>.part``.
 
     No per-file round trip and no SFTP framing: measured ~1.6x the throughput of pipelined SFTP
     writes for one large file, at less CPU (sftp-server answers every 255 KiB write request).
+    ``compress``: the archive goes zstd-compressed into ``zstd -d | tar -x`` (CSV text: ~6x less
+    to encrypt, send and decrypt).
     A file whose end was sent well over a channel window ago has been written by tar, so it is
     handed to the remote hasher while the stream goes on (a hash taken too early only costs a
     second look: mismatches are hashed again once tar has exited).
@@ -978,20 +1077,19 @@ def _send_tar(
     t = conn.target
     chan = conn.transport.open_session(timeout=t.channel_timeout)
     chan.settimeout(t.op_timeout)  # a stalled server: sendall() raises after op_timeout of no window
-    chan.exec_command(_sh(_TAR_SCRIPT, base))
+    chan.exec_command(_sh(_ZSTD_TAR_SCRIPT if compress else _TAR_SCRIPT, base))
     lag = _TAR_HASH_LAG if _TAR_HASH_LAG is not None else max(8 << 20, 2 * chan.out_window_size)
+    channel = _ChannelWriter(chan)
+    # zstd's block flush at each file's end makes ``channel.sent`` count that file as sent
+    zstd = (
+        zstandard.ZstdCompressor(level=_ZSTD_UPLOAD_LEVEL).stream_writer(cast(IO[bytes], channel), closefd=False)
+        if compress
+        else None
+    )
+    put = zstd.write if zstd is not None else channel.write
     sent: dict[str, str] = {}
     in_flight: collections.deque[tuple[str, int, int]] = collections.deque()  # (name, size, stream end)
-    pos = 0
     now = int(time.time())
-
-    def put(data: bytes | memoryview) -> None:
-        nonlocal pos
-        # a memoryview: paramiko's sendall() re-slices what is left after each 32 KiB packet,
-        # which for bytes copies the rest of the buffer every time
-        chan.sendall(memoryview(data))
-        pos += len(data)
-
     try:
         for d in dirs:
             info = tarfile.TarInfo(d)
@@ -1008,12 +1106,16 @@ def _send_tar(
                     put(chunk)
             if f.size % tarfile.BLOCKSIZE:
                 put(b"\0" * (tarfile.BLOCKSIZE - f.size % tarfile.BLOCKSIZE))
+            if zstd is not None:
+                zstd.flush(zstandard.FLUSH_BLOCK)
             sent[f.rel] = h.hexdigest()
-            in_flight.append((f.rel + PART_SUFFIX, f.size, pos))
-            while in_flight and pos - in_flight[0][2] >= lag:
+            in_flight.append((f.rel + PART_SUFFIX, f.size, channel.sent))
+            while in_flight and channel.sent - in_flight[0][2] >= lag:
                 name, size, _ = in_flight.popleft()
                 hasher.add(name, size)
         put(b"\0" * (2 * tarfile.BLOCKSIZE))  # end of archive
+        if zstd is not None:
+            zstd.flush(zstandard.FLUSH_FRAME)
         chan.shutdown_write()
     except BaseException:
         chan.close()
@@ -1090,9 +1192,12 @@ def _upload_once(
                     f"mkdir -p {base} on {conn.target.where} failed: {err.decode(errors='replace').strip()}"
                 )
         return _finish_report(report, t0)
-    use_tar = method == "tar" or (method == "auto" and _remote_has_tar(conn))
+    use_tar = method == "tar" or (method == "auto" and "tar" in _remote_tools(conn))
     hasher = _RemoteHasher(conn, base)
-    sent = (_send_tar if use_tar else _send_sftp)(conn, base, missing_dirs, todo, hasher)
+    if use_tar:
+        sent = _send_tar(conn, base, missing_dirs, todo, hasher, compress=_use_zstd(conn))
+    else:
+        sent = _send_sftp(conn, base, missing_dirs, todo, hasher)
     report.bytes_sent = sum(f.size for f in todo)
     got = hasher.results()
     bad = [rel + PART_SUFFIX for rel in sent if got.get(rel + PART_SUFFIX) != sent[rel]]
@@ -1192,15 +1297,37 @@ def _read_request_size(f: paramiko.SFTPFile, first: int) -> tuple[int, bytes]:
     return (len(data) if 0 < len(data) < first else first), data
 
 
-class _Sink:
-    """Writes and hashes the downloaded data in a second thread.
+class _HashedOutput:
+    """The ``.part`` file being written and the sha256 of what is written to it."""
 
-    Both release the GIL, so they run beside paramiko's Python work on the SSH packets
-    (measured +7 % download speed). A bounded queue keeps memory flat when the disk is slower.
+    def __init__(self, out: Any, digest: Any, limit: int, what: str) -> None:
+        self.out, self.digest, self.limit, self.what = out, digest, limit, what
+        self.written = 0
+
+    def write(self, data: bytes) -> int:
+        self.written += len(data)
+        if self.written > self.limit:  # e.g. the file grew: never write past the size stat'ed
+            raise TransferError(f"{self.what} sent more than its size: it changed during the download", transient=True)
+        self.out.write(data)
+        self.digest.update(data)
+        return len(data)
+
+
+class _Sink:
+    """Decompresses (zstd streams), writes and hashes the downloaded data in a second thread.
+
+    All three release the GIL, so they run beside paramiko's Python work on the SSH packets
+    (measured +7 % download speed for plain SFTP). A bounded queue keeps memory flat when the disk
+    is slower; zstd's output comes in 1 MiB pieces, however well the data compresses.
     """
 
-    def __init__(self, out: Any, digest: Any) -> None:
-        self.out, self.digest = out, digest
+    def __init__(self, out: Any, digest: Any, *, limit: int, what: str, zstd: bool = False) -> None:
+        self.output = _HashedOutput(out, digest, limit, what)
+        self.writer: Any = (
+            zstandard.ZstdDecompressor().stream_writer(cast(IO[bytes], self.output), write_size=1 << 20, closefd=False)
+            if zstd
+            else self.output
+        )
         self.queue: queue.Queue[bytes | None] = queue.Queue(maxsize=64)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="download-sink", daemon=True)
@@ -1210,8 +1337,7 @@ class _Sink:
         while (data := self.queue.get()) is not None:
             if self.error is None:
                 try:
-                    self.out.write(data)
-                    self.digest.update(data)
+                    self.writer.write(data)
                 except BaseException as exc:  # e.g. disk full: reported to the reader, who stops
                     self.error = exc
 
@@ -1220,11 +1346,13 @@ class _Sink:
             raise self.error
         self.queue.put(data)
 
-    def finish(self) -> None:
+    def finish(self) -> int:
+        """Wait until everything queued is written; returns the bytes written to the file."""
         self.queue.put(None)
         self.thread.join()
         if self.error is not None:
             raise self.error
+        return self.output.written
 
 
 def _fsync_dir(path: str) -> None:
@@ -1234,6 +1362,73 @@ def _fsync_dir(path: str) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _fetch_sftp(conn: Connection, remote: str, size: int, offset: int, sink: _Sink) -> None:
+    """Bytes ``offset``.. of ``remote`` into ``sink`` with prefetched SFTP reads."""
+    # not closed on failure: close() waits for an answer (op_timeout again on a stalled
+    # server); the handle goes with the dropped connection
+    f = conn.sftp.open(remote, "rb")
+    f.seek(offset)
+    n = offset
+    req = READ_REQ
+    if size - n > req:
+        req, data = _read_request_size(f, req)
+        if data:
+            sink.put(data)
+            n += len(data)
+            f.seek(n)  # the single read does not advance the file position
+    f.MAX_REQUEST_SIZE = req
+    if n < size:
+        f.prefetch(size)  # pipelined reads from the current position to the end
+    while n < size:
+        data = f.read(req)
+        if not data:
+            break
+        sink.put(data)
+        n += len(data)
+    f.close()
+
+
+# The file comes on zstd's stdin (zstd refuses a symlink named as its input) or, when resuming,
+# from tail; a failure shows as zstd's status or as missing bytes, which the size and sha256
+# checks catch.
+_ZSTD_CAT_SCRIPT = f"""
+[ -f "$1" ] && [ -r "$1" ] || {{ echo "cannot read $1" >&2; exit 2; }}
+if [ "$2" -gt 0 ]; then
+    tail -c +"$(($2 + 1))" -- "$1" | zstd -q -c {_ZSTD_DOWNLOAD_OPTION}
+else
+    exec zstd -q -c {_ZSTD_DOWNLOAD_OPTION} <"$1"
+fi
+"""
+
+
+def _fetch_zstd(conn: Connection, remote: str, offset: int, sink: _Sink) -> None:
+    """Bytes ``offset``.. of ``remote`` into ``sink`` as one zstd stream over an exec channel.
+
+    No SFTP request/answer per 255 KiB and, for a dose volume, ~6x fewer bytes to encrypt and
+    decrypt; the sink decompresses.
+    """
+    t = conn.target
+    chan = conn.transport.open_session(window_size=WINDOW, max_packet_size=MAX_PACKET, timeout=t.channel_timeout)
+    if _MESSAGE_PIPE:
+        chan.in_buffer = _MessagePipe()  # before any data can arrive on it
+    chan.settimeout(t.op_timeout)  # a stalled server: recv() raises after op_timeout of silence
+    command = _sh(_ZSTD_CAT_SCRIPT, remote, str(offset))
+    try:
+        chan.exec_command(command)
+        chan.shutdown_write()
+        while data := chan.recv(1 << 20):
+            sink.put(data)
+    except BaseException:
+        chan.close()
+        raise
+    rc, _, err = _Exec(conn, chan, command).wait(t.op_timeout)
+    if rc != 0:
+        raise TransferError(
+            f"zstd stream of {t.where}:{remote} failed (rc={rc}): {err.decode(errors='replace').strip()}",
+            transient=rc == -1,
+        )
 
 
 def _download_once(conn: Connection, remote: str, local: str, expected: str | None, fsync: bool) -> str:
@@ -1267,38 +1462,21 @@ def _download_once(conn: Connection, remote: str, local: str, expected: str | No
     if offset > size:
         offset = 0
     h = hashlib.sha256()
+    zstd = size - offset > 0 and _use_zstd(conn)
     with open(part, "r+b" if offset else "wb") as out:
         if offset:
             out.truncate(offset)
             while chunk := out.read(4 << 20):
                 h.update(chunk)
             log.info("resuming %s at %d of %d bytes", remote, offset, size)
-        n = offset
-        sink = _Sink(out, h)
+        sink = _Sink(out, h, limit=size - offset, what=f"{conn.target.where}:{remote}", zstd=zstd)
         try:
-            # not closed on failure: close() waits for an answer (op_timeout again on a stalled
-            # server); the handle goes with the dropped connection
-            f = sftp.open(remote, "rb")
-            f.seek(n)
-            req = READ_REQ
-            if size - n > req:
-                req, data = _read_request_size(f, req)
-                if data:
-                    sink.put(data)
-                    n += len(data)
-                    f.seek(n)  # the single read does not advance the file position
-            f.MAX_REQUEST_SIZE = req
-            if n < size:
-                f.prefetch(size)  # pipelined reads from the current position to the end
-            while n < size:
-                data = f.read(req)
-                if not data:
-                    break
-                sink.put(data)
-                n += len(data)
-            f.close()
+            if zstd:
+                _fetch_zstd(conn, remote, offset, sink)
+            else:
+                _fetch_sftp(conn, remote, size, offset, sink)
         finally:
-            sink.finish()  # everything received is in the .part file (a retry resumes after it)
+            n = offset + sink.finish()  # everything received is in the .part file (a retry resumes after it)
         if fsync:
             out.flush()
             os.fsync(out.fileno())
@@ -1390,6 +1568,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--known-hosts", required=True, help="known_hosts file that must hold the host's key")
     ap.add_argument("--expected-sha256", help="download: the sha256 the file must have (skips hashing it remotely)")
     ap.add_argument("--method", choices=_METHODS, default="auto", help="upload: tar stream over exec, or SFTP writes")
+    ap.add_argument(
+        "--compression", choices=COMPRESSION, default="auto", help="zstd streams: auto (when the server has zstd)"
+    )
     ap.add_argument("--fsync", action="store_true", help="download: flush the file to disk before returning")
     ap.add_argument("--op-timeout", type=float, default=60.0, help="seconds of silence before an SFTP operation fails")
     ap.add_argument("--connect-timeout", type=float, default=10.0)
@@ -1413,6 +1594,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             connect_timeout=args.connect_timeout,
             op_timeout=args.op_timeout,
             retries=args.retries,
+            compression=args.compression,
         ) as conn:
             if args.action == "upload":
                 if os.path.isdir(args.src):

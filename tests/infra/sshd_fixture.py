@@ -163,8 +163,9 @@ class SshServer:
             todo.extend(children.get(pid, []))
         return sorted(found)
 
-    def sftp_server_pids(self) -> list[int]:
-        return [p for p in self.session_pids() if "sftp-server" in _cmdline(p)]
+    def command_pids(self, program: str) -> list[int]:
+        """Session processes running ``program`` (e.g. "sftp-server", "zstd")."""
+        return [p for p in self.session_pids() if os.path.basename(_cmdline(p).split(" ")[0]) == program]
 
     # --- client side -----------------------------------------------------------------------------
 

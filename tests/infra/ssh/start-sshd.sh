@@ -8,12 +8,14 @@
 #                     user otherwise: an unprivileged sshd can only log in its own user)
 #       SSHD_SFTP     sftp subsystem (default /usr/lib/openssh/sftp-server; "internal-sftp" works too)
 #       SSHD_TIMEOUT  seconds to wait for the banner (default 10)
-#       SSHD_NO_INSTALL=1  never run apt-get (fail instead when openssh-server is missing)
+#       SSHD_NO_INSTALL=1  never run apt-get (fail instead when openssh-server is missing; go on
+#                     without zstd)
 #
 # Key-only login with keys generated here (server host key + client key); nothing of the system's
 # /etc/ssh is used. All state lives in STATE_DIR (default: a new /tmp/mqi-sshd.XXXXXX). Outside
-# it, as root only: openssh-server is installed when missing (services kept from starting), the
-# test user is created and unlocked, /run/sshd is created.
+# it, as root only: openssh-server and zstd (the remote side's stream compressor) are installed
+# when missing (services kept from starting), the test user is created and unlocked, /run/sshd
+# is created.
 #
 # On success prints shell-sourceable lines (also written to STATE_DIR/env):
 #   SSHD_DIR SSHD_HOST SSHD_PORT SSHD_USER SSHD_KEY SSHD_KNOWN_HOSTS SSHD_SSH_CONFIG SSHD_PID
@@ -33,11 +35,8 @@ die() {
 }
 T0=$(date +%s.%N)
 
-install_openssh() {
-    [ "$(id -u)" = 0 ] || die "$SSHD_BIN not found and not root: install openssh-server (apt-get install openssh-server)"
-    [ "${SSHD_NO_INSTALL:-0}" = 1 ] && die "$SSHD_BIN not found (SSHD_NO_INSTALL=1): apt-get install openssh-server"
-    command -v apt-get >/dev/null || die "$SSHD_BIN not found and no apt-get: install the OpenSSH server"
-    echo "start-sshd: installing openssh-server (apt-get)" >&2
+install_packages() { # PACKAGE...
+    echo "start-sshd: installing $* (apt-get)" >&2
     # Keep the package's postinst from starting a system sshd on 0.0.0.0:22 (invoke-rc.d and
     # deb-systemd-invoke both honour policy-rc.d); ours is removed again afterwards.
     local policy=/usr/sbin/policy-rc.d own_policy=0
@@ -46,14 +45,25 @@ install_openssh() {
     fi
     local rc=0
     {
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends openssh-server ||
-            { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends openssh-server; }
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@" ||
+            { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@"; }
     } >&2 || rc=$?
     [ "$own_policy" = 1 ] && rm -f "$policy"
-    [ "$rc" = 0 ] || die "apt-get install openssh-server failed (rc=$rc)"
+    [ "$rc" = 0 ] || die "apt-get install $* failed (rc=$rc)"
 }
 
-[ -x "$SSHD_BIN" ] || install_openssh
+missing=()
+[ -x "$SSHD_BIN" ] || missing+=(openssh-server)
+command -v zstd >/dev/null || missing+=(zstd)
+if [ "${#missing[@]}" -gt 0 ]; then
+    if [ "$(id -u)" = 0 ] && [ "${SSHD_NO_INSTALL:-0}" != 1 ] && command -v apt-get >/dev/null; then
+        install_packages "${missing[@]}"
+    elif [ ! -x "$SSHD_BIN" ]; then
+        die "$SSHD_BIN not found: install openssh-server (apt-get install openssh-server)"
+    else
+        echo "start-sshd: zstd not found: transfers to this server go uncompressed" >&2
+    fi
+fi
 [ -x "$SSHD_BIN" ] || die "$SSHD_BIN still missing after installing openssh-server"
 command -v ssh-keygen >/dev/null || die "ssh-keygen not found (apt-get install openssh-client)"
 [ "$SFTP" = internal-sftp ] || [ -x "$SFTP" ] || die "sftp server $SFTP not found"
