@@ -1511,7 +1511,9 @@ def download_file(
     remote file, then renamed. That sha256 is ``expected_sha256`` when given (computed remotely
     beforehand, e.g. by the job that wrote the file: saves hashing it again there), otherwise it
     is computed remotely (openssl or sha256sum) while the download runs. An identical local file
-    is not downloaded again. ``fsync``: flush file and folder to disk before returning.
+    is not downloaded again. The bytes come as a zstd stream when the connection's
+    ``compression`` allows it and the server has zstd, else by SFTP reads. ``fsync``: flush file
+    and folder to disk before returning.
     """
     local = os.fspath(local_path)
     remote = _remote_path(remote_path)
