@@ -1237,8 +1237,9 @@ def upload_tree(
     """Upload a folder (symlinks followed) so that ``remote_dir`` holds the same files, verified.
 
     Files already identical remotely (size, then sha256) are not sent. The others are written as
-    ``<name>.part`` (``method``: "tar" = one tar stream into ``tar -x`` over exec, "sftp" =
-    pipelined SFTP writes, "auto" = tar when the server has it), hashed remotely in one
+    ``<name>.part`` (``method``: "tar" = one tar stream into ``tar -x`` over exec, zstd-compressed
+    as the connection's ``compression`` allows, "sftp" = pipelined SFTP writes, "auto" = tar when
+    the server has it), hashed remotely in one
     command, compared with the sha256 of what was sent, and renamed (posix-rename). Folders are
     created as needed (empty ones too). Remote files that do not exist locally are left alone.
     """
