@@ -1,0 +1,1 @@
+"""Operations: case state on disk, the status view, alerts and reprocessing."""
