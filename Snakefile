@@ -12,6 +12,12 @@ validate(config, "config/schema/config.schema.yaml")
 
 
 include: "rules/common.smk"
+
+
+# Operational settings travel to every job (cluster jobs too) in the environment, not in params.
+envvars:
+    *RUNTIME_ENVIRONMENT,
+
 include: "rules/intake.smk"
 include: "rules/interpret.smk"
 include: "rules/moqui_input.smk"

@@ -1,10 +1,12 @@
 # Helpers and input functions shared by the rules: case discovery, paths, settings.
+import functools
 import json
 import os
 import sys
 from pathlib import Path
 
-from mqi_communicator.intake import CASE_ID_PATTERN, is_ready, recorded_failure
+from mqi_communicator.case_inputs import content_digest
+from mqi_communicator.ops import recorder, state
 
 # The Python that runs Snakemake (the project's venv) runs the package's CLIs too.
 PYTHON = sys.executable
@@ -19,6 +21,9 @@ ENGINE_LABEL = (
     if BUILTIN_ENGINE
     else "MOQUI Monte Carlo"
 )
+LAYOUT = state.Layout.from_config(config)
+# The run recorder (logger plugin `mqi`, in this process) writes each case's state files.
+recorder.configure(config)
 
 
 wildcard_constraints:
@@ -39,38 +44,34 @@ def final_dicom(name, case_id="{case_id}"):
     return os.path.join(FINAL_DICOM.replace("{case_id}", case_id), name)
 
 
-def intake_failure_record(case_id):
-    return Path(processing("intake.failed.json", case_id))
+def case_targets():
+    """Cases that still need work. A finished case is final: it never enters the DAG again,
+    whatever changed in the config, the profile or the code (`bin/mqi reprocess` redoes one)."""
+    try:
+        return state.targets(LAYOUT, logger.warning)
+    except ValueError as exc:
+        raise WorkflowError(str(exc))
 
 
-def ready_cases():
-    """Case folders that are ready and not an unchanged, already failed case."""
-    if not SCAN_DIR.is_dir():
-        raise WorkflowError(
-            f"paths.local.scan_directory {SCAN_DIR} does not exist or is not a folder"
-        )
-    app = config["application"]
-    cases = []
-    for case_dir in sorted(p for p in SCAN_DIR.iterdir() if p.is_dir()):
-        if not CASE_ID_PATTERN.match(case_dir.name):
-            logger.warning(
-                f"skipping {case_dir}: case folder names must match [A-Za-z0-9._-]+"
-            )
-            continue
-        if not is_ready(case_dir, app["ready_marker"], app["ready_quiet_seconds"]):
-            continue
-        error = recorded_failure(intake_failure_record(case_dir.name), case_dir)
-        if error is not None:
-            logger.warning(
-                f"skipping case {case_dir.name}: intake failed and nothing in it changed since "
-                f"({error.splitlines()[0]}); see {intake_failure_record(case_dir.name)}"
-            )
-            continue
-        cases.append(case_dir.name)
-    return cases
+CASES = case_targets()
 
-
-CASES = ready_cases()
+# Settings that never change a result: how long to wait, which GPU, where to connect, whom to
+# alert. They reach the steps through the environment (declared by `envvars:` in the Snakefile,
+# so cluster jobs get them too), never through params: changing one must not rerun anything.
+OPERATIONAL = {
+    "application": None,
+    "alerts": None,
+    "hpc_connection": None,
+    "simulation": ("timeout_seconds", "gpu_devices", "gpu_lock_dir"),
+    "remote_slurm": ("partition", "account", "gpu_request", "max_wait_seconds"),
+}
+RUNTIME_ENVIRONMENT = {
+    "MQI_TIMEOUT_SECONDS": str(config["simulation"]["timeout_seconds"]),
+    "MQI_GPU_DEVICES": ",".join(str(d) for d in config["simulation"]["gpu_devices"]),
+    "MQI_GPU_LOCK_DIR": str(config["simulation"]["gpu_lock_dir"]),
+    "MQI_MOQUI_DIR": str(config["paths"]["local"]["moqui_dir"]),
+}
+os.environ.update(RUNTIME_ENVIRONMENT)
 
 
 def settings_for(*sections):
@@ -78,14 +79,27 @@ def settings_for(*sections):
     rule's params change (so Snakemake reruns it) only when a section it depends on changes.
     A function, because Snakemake fills wildcards into string params, and paths.* hold the
     literal `{case_id}` placeholder."""
-    text = json.dumps({name: config[name] for name in sections}, sort_keys=True)
+    text = json.dumps({name: result_settings(name) for name in sections}, sort_keys=True)
     return lambda wildcards: text
 
 
-def case_files(wildcards):
-    """Every file of the case, so a late or replaced file reruns intake and what follows."""
-    case_dir = SCAN_DIR / wildcards.case_id
-    return sorted(str(p) for p in case_dir.rglob("*") if p.is_file())
+def result_settings(section):
+    """A config section without its operational keys (see OPERATIONAL)."""
+    if section in OPERATIONAL and OPERATIONAL[section] is None:
+        return {}
+    dropped = OPERATIONAL.get(section) or ()
+    value = config[section]
+    if not isinstance(value, dict):
+        return value
+    return {k: v for k, v in value.items() if k not in dropped}
+
+
+def case_content_digest(wildcards):
+    """The case's content digest: the manifest's while no file was touched since intake, so an
+    unchanged case is not read again at each DAG build (see mqi_communicator.case_inputs)."""
+    manifest_path = Path(processing("intake.json", wildcards.case_id))
+    known = read_manifest(str(manifest_path)).get("inputs") if manifest_path.exists() else None
+    return content_digest(SCAN_DIR / wildcards.case_id, known)
 
 
 def rtdose_calibration_args():
@@ -96,9 +110,17 @@ def rtdose_calibration_args():
 
 def manifest(case_id):
     """The case's intake manifest; waits for the intake checkpoint (beams are known after it)."""
-    return json.loads(
-        Path(checkpoints.intake.get(case_id=case_id).output[0]).read_text()
-    )
+    return read_manifest(checkpoints.intake.get(case_id=case_id).output[0])
+
+
+@functools.lru_cache(maxsize=None)
+def _read_manifest(path, mtime_ns):
+    return json.loads(Path(path).read_text())
+
+
+def read_manifest(path):
+    """Input functions ask for a manifest many times per DAG update: read each version once."""
+    return _read_manifest(path, os.stat(path).st_mtime_ns)
 
 
 def simulated_beams(case_id):

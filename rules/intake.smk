@@ -3,8 +3,6 @@
 
 
 checkpoint intake:
-    input:
-        case_files,
     output:
         processing("intake.json"),
     log:
@@ -14,8 +12,10 @@ checkpoint intake:
     params:
         python=PYTHON,
         case_dir=lambda wildcards: SCAN_DIR / wildcards.case_id,
-        failure_record=lambda wildcards: intake_failure_record(wildcards.case_id),
-        settings=settings_for("application", "interpreter"),
+        # Content, not mtime: a file replaced under an old timestamp changes this and reruns
+        # intake and everything after it; a touched but identical file does not.
+        content=case_content_digest,
+        settings=settings_for("interpreter"),
     shell:
-        "{params.python} -m mqi_communicator.intake --case {params.case_dir:q} --output {output:q}"
-        " --failure-record {params.failure_record:q} --settings {params.settings:q} > {log:q} 2>&1"
+        "{params.python} -m mqi_communicator.intake --case={params.case_dir:q} --output {output:q}"
+        " --settings {params.settings:q} > {log:q} 2>&1"

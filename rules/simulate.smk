@@ -20,11 +20,9 @@ rule simulate:
     params:
         python=PYTHON,
         tps_env=config["executables"]["moqui"],
-        moqui_dir=config["paths"]["local"]["moqui_dir"],
-        timeout=config["simulation"]["timeout_seconds"],
-        gpu_devices=",".join(str(d) for d in config["simulation"]["gpu_devices"]),
-        gpu_lock_dir=config["simulation"]["gpu_lock_dir"],
+    # Timeout, GPUs and the engine's folder are operational: they come from the environment
+    # (common.smk, RUNTIME_ENVIRONMENT), so changing them reruns nothing.
     shell:
         "{params.python} -m mqi_communicator.simulate --input {input.parameters:q} --tps-env {params.tps_env:q}"
-        " --moqui-dir {params.moqui_dir:q} --log {log:q} --output-raw {output.raw:q} --record {output.record:q}"
-        " --timeout {params.timeout} --gpu-devices {params.gpu_devices} --gpu-lock-dir {params.gpu_lock_dir:q}"
+        ' --moqui-dir "$MQI_MOQUI_DIR" --log {log:q} --output-raw {output.raw:q} --record {output.record:q}'
+        ' --timeout "$MQI_TIMEOUT_SECONDS" --gpu-devices "$MQI_GPU_DEVICES" --gpu-lock-dir "$MQI_GPU_LOCK_DIR"'

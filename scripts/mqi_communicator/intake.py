@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
-import json
 import re
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import ptn, settings
+from .case_inputs import content_record
 from .errors import CaseError
 from .files import sha256_of, write_json_atomic
 from .plan import Plan, find_plan, read_plan
@@ -51,35 +49,6 @@ class Delivery:
     @property
     def layer_count(self) -> int:
         return self.stop_layer - self.start_layer + 1
-
-
-def is_ready(case_dir: Path, marker: str, quiet_seconds: float, now: float | None = None) -> bool:
-    """Ready = marker present and, when asked, no file in the case changed for quiet_seconds."""
-    if not (case_dir / marker).is_file():
-        return False
-    if quiet_seconds <= 0:
-        return True
-    newest = max((p.stat().st_mtime for p in case_dir.rglob("*")), default=0.0)
-    return ((time.time() if now is None else now) - newest) >= quiet_seconds
-
-
-def case_fingerprint(case_dir: Path) -> str:
-    """Names, sizes and modification times of every file in the case: changes when the sender
-    adds, replaces or edits anything, so a failed case is retried exactly when it was touched."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in case_dir.rglob("*") if p.is_file()):
-        stat = path.stat()
-        digest.update(f"{path.relative_to(case_dir)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
-
-
-def recorded_failure(record: Path, case_dir: Path) -> str | None:
-    """The recorded intake error when the case is unchanged since it failed, else None."""
-    try:
-        data = json.loads(record.read_text())
-    except (OSError, ValueError):
-        return None
-    return str(data.get("error")) if data.get("fingerprint") == case_fingerprint(case_dir) else None
 
 
 def read_planinfo(path: Path) -> dict[str, str]:
@@ -284,24 +253,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--case", type=Path, required=True, help="the case folder (read only)")
     parser.add_argument("--output", type=Path, required=True, help="manifest to write (intake.json)")
     parser.add_argument("--settings", default="config/config.yaml", help="config YAML path or inline JSON")
-    parser.add_argument(
-        "--failure-record",
-        type=Path,
-        help="on failure, record the error with the case's fingerprint here (the workflow then skips "
-        "the case until a file in it changes); removed on success",
-    )
     args = parser.parse_args(argv)
     try:
         config = settings.load(args.settings)
         manifest = build_manifest(args.case, config)
     except (CaseError, ValueError) as exc:
         print(f"INTAKE FAILED for case {args.case.name}: {exc}", file=sys.stderr)
-        if args.failure_record:
-            record = {"case_id": args.case.name, "fingerprint": case_fingerprint(args.case), "error": str(exc)}
-            write_json_atomic(args.failure_record, record)
         return 1
-    if args.failure_record:
-        args.failure_record.unlink(missing_ok=True)
+    # What the results are made of: later runs compare it to tell a changed case (case_inputs).
+    manifest["inputs"] = content_record(args.case)
     for warning in manifest["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
     write_json_atomic(args.output, manifest)

@@ -51,3 +51,29 @@ def load(value: str) -> dict[str, Any]:
     if not isinstance(loaded, dict):
         raise ValueError(f"{value}: configuration must be a mapping")
     return validate(loaded)
+
+
+DEFAULT_CONFIG = SCHEMA_PATH.parents[1] / "config.yaml"
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def load_site(configfile: str | Path | None, workdir: Path | None = None) -> dict[str, Any]:
+    """The configuration a workflow run uses: config/config.yaml, updated by the site's
+    `--configfile` (merged key by key, as Snakemake does); relative paths from workdir."""
+    config = yaml.safe_load(DEFAULT_CONFIG.read_text()) or {}
+    if configfile:
+        path = Path(configfile)
+        path = path if path.is_absolute() or workdir is None else workdir / path
+        site = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(site, dict):
+            raise ValueError(f"{path}: configuration must be a mapping")
+        _merge(config, site)
+    return validate(config)

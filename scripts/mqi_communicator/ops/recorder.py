@@ -1,0 +1,263 @@
+"""The run recorder: turns Snakemake's job events into each case's state files and alerts.
+
+Snakemake hands every log record to the `mqi` logger plugin (scripts/snakemake_logger_plugin_mqi,
+enabled by the workflow profile), which passes it here. The Snakefile tells this module where the
+case state lives (`configure`), since both run in the same process. Records arrive one at a time
+on the plugin's own thread, so nothing here needs a lock; a failure to write state or to send an
+alert is printed and never stops the run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import sys
+import time
+from dataclasses import asdict
+from logging import LogRecord
+from pathlib import Path
+from typing import Any
+
+from ..case_inputs import stat_fingerprint
+from ..files import write_json_atomic
+from . import state
+
+_CONFIG: dict[str, Any] | None = None
+_WORKDIR: Path | None = None
+
+# A failure that a later run may not meet again: the network, the scheduler, a node, a signal.
+TRANSIENT_PATTERNS = re.compile(
+    r"unreachable|connection (?:refused|reset|timed out)|timed? ?out|temporar|NODE_FAIL|PREEMPTED|"
+    r"BOOT_FAIL|CANCELLED|slurmstepd: error|Broken pipe|No route to host|Resource temporarily unavailable|"
+    r"Name or service not known|killed by signal|OUT_OF_ME",
+    re.IGNORECASE,
+)
+SLURM_SUBMITTED = re.compile(r"Job (\d+) has been submitted with SLURM jobid (\d+)")
+FINAL_RULE = "case_summary"
+
+
+def configure(config: dict[str, Any], workdir: Path | None = None) -> None:
+    """Called by the Snakefile: the configuration the run recorder works from."""
+    global _CONFIG, _WORKDIR
+    _CONFIG, _WORKDIR = config, (workdir or Path.cwd()).resolve()
+
+
+def last_run_path(workdir: Path) -> Path:
+    return workdir / ".mqi" / "last_run.json"
+
+
+def failure_reason(log_paths: list[str], fallback: str) -> str:
+    """The lines of a step's log that say what went wrong (the steps print `... FAILED ...: why`)."""
+    for log in log_paths:
+        try:
+            lines = [line.rstrip() for line in Path(log).read_text(errors="replace").splitlines() if line.strip()]
+        except OSError:
+            continue
+        marked = [i for i, line in enumerate(lines) if re.search(r"FAILED|Error|error:|ERROR", line)]
+        if marked:
+            return "\n".join(lines[marked[0] : marked[0] + 8])
+        if lines:
+            return "\n".join(lines[-5:])
+    return fallback
+
+
+def _field(record: LogRecord, name: str) -> Any:
+    """A field Snakemake attached to the record (`extra=`)."""
+    return getattr(record, name, None)
+
+
+class RunRecorder:
+    """One Snakemake run: which job belongs to which case, what started, failed and finished."""
+
+    def __init__(self, dryrun: bool) -> None:
+        self.dryrun = dryrun
+        self.jobs: dict[int, dict[str, Any]] = {}
+        self.started = time.time()
+        self.failed_jobs = 0
+        self.done_jobs = 0
+        self.errors: list[str] = []
+        self.announced = False
+
+    # -- plumbing ---------------------------------------------------------------------------
+    @property
+    def layout(self) -> state.Layout | None:
+        return state.Layout.from_config(_CONFIG, _WORKDIR) if _CONFIG is not None else None
+
+    def handle(self, record: LogRecord) -> None:
+        if self.dryrun or _CONFIG is None:
+            return
+        try:
+            self._handle(record)
+        except Exception as exc:  # the record keeper must never take the run down
+            print(f"mqi run recorder: {type(exc).__name__}: {exc}", file=sys.stderr)
+
+    def _handle(self, record: LogRecord) -> None:
+        if not self.announced:
+            self.announced = True
+            self._write_last_run("running")
+            self._verify_finished_cases()
+        event = str(getattr(record, "event", "") or "")
+        if event == "job_info":
+            self._job_started(record)
+        elif event == "job_finished":
+            self._job_finished(int(_field(record, "job_id")))
+        elif event == "job_error":
+            self._job_failed(record)
+        elif event == "error":
+            self.errors.append(record.getMessage().strip().splitlines()[0] if record.getMessage() else "error")
+        else:
+            submitted = SLURM_SUBMITTED.search(record.getMessage())
+            if submitted:
+                self._slurm_submitted(int(submitted.group(1)), submitted.group(2))
+
+    def close(self) -> None:
+        if self.dryrun or _CONFIG is None or not self.announced:
+            return
+        for jobid in list(self.jobs):
+            self._forget(jobid)
+        status = "failed" if (self.failed_jobs or self.errors) else "ok"
+        self._write_last_run(status)
+
+    def _verify_finished_cases(self) -> None:
+        """A few finished cases per run are checked for inputs changed after finishing (verify)."""
+        from . import verify
+
+        layout = self.layout
+        assert layout is not None and _CONFIG is not None and _WORKDIR is not None
+        count = _CONFIG["application"]["verify_finished_per_run"]
+        for case_id, changed in verify.sweep(layout, _WORKDIR, count, _CONFIG["alerts"]).items():
+            print(f"mqi: finished case {case_id} changed since: {', '.join(changed)}", file=sys.stderr)
+
+    # -- events -----------------------------------------------------------------------------
+    def _job_started(self, record: LogRecord) -> None:
+        wildcards = dict(getattr(record, "wildcards", {}) or {})
+        job = {
+            "rule": _field(record, "rule_name"),
+            "case_id": wildcards.get("case_id"),
+            "beam": wildcards.get("beam"),
+            "log": list(getattr(record, "log", []) or []),
+            "started": time.time(),
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+        }
+        self.jobs[int(_field(record, "jobid"))] = job
+        if job["case_id"]:
+            self._update_running(job["case_id"], lambda running: running.__setitem__(str(_field(record, "jobid")), job))
+
+    def _slurm_submitted(self, jobid: int, slurm_job: str) -> None:
+        job = self.jobs.get(jobid)
+        if job and job["case_id"]:
+            job["slurm_job"] = slurm_job
+            self._update_running(job["case_id"], lambda running: running.__setitem__(str(jobid), job))
+
+    def _job_finished(self, jobid: int) -> None:
+        self.done_jobs += 1
+        job = self.jobs.get(jobid)
+        self._forget(jobid)
+        if job and job["case_id"] and job["rule"] == FINAL_RULE:
+            self._case_finished(job["case_id"])
+
+    def _job_failed(self, record: LogRecord) -> None:
+        self.failed_jobs += 1
+        jobid = int(_field(record, "jobid"))
+        job = self.jobs.get(jobid) or {"rule": _field(record, "rule_name"), "case_id": None, "beam": None}
+        self._forget(jobid)
+        wildcards_case = job.get("case_id")
+        layout = self.layout
+        if not wildcards_case or layout is None:
+            return
+        logs = list(getattr(record, "log", []) or job.get("log") or [])
+        aux = getattr(record, "aux", {}) or {}
+        fallback = str(getattr(record, "rule_msg", None) or aux.get("msg") or "the job failed without a log")
+        reason = failure_reason(logs, fallback)
+        case_dir = layout.scan_dir / wildcards_case
+        fingerprint = stat_fingerprint(case_dir) if case_dir.is_dir() else ""
+        processing = layout.processing(wildcards_case)
+        previous = state.Failure.read(processing / state.FAILED)
+        attempts = previous.attempts + 1 if previous and previous.fingerprint == fingerprint else 1
+        transient = bool(TRANSIENT_PATTERNS.search(reason)) or not any(Path(log).is_file() for log in logs)
+        failure = state.Failure(
+            step=job["rule"],
+            beam=job.get("beam"),
+            reason=reason,
+            log=logs[0] if logs else "",
+            time=time.time(),
+            attempts=attempts,
+            transient=transient,
+            fingerprint=fingerprint,
+        )
+        write_json_atomic(processing / state.FAILED, asdict(failure))
+        (processing / state.RETRY).unlink(missing_ok=True)
+        if not transient or attempts >= layout.max_attempts:
+            self._alert_failed(wildcards_case, failure)
+
+    def _case_finished(self, case_id: str) -> None:
+        layout = self.layout
+        assert layout is not None
+        processing = layout.processing(case_id)
+        failure = state.Failure.read(processing / state.FAILED)
+        for name in (state.FAILED, state.RETRY, state.RUNNING):
+            (processing / name).unlink(missing_ok=True)
+        if failure is not None:
+            self._alert_recovered(case_id, failure)
+
+    # -- files ------------------------------------------------------------------------------
+    def _forget(self, jobid: int) -> None:
+        job = self.jobs.pop(jobid, None)
+        if job and job["case_id"]:
+            self._update_running(job["case_id"], lambda running: running.pop(str(jobid), None))
+
+    def _update_running(self, case_id: str, change: Any) -> None:
+        layout = self.layout
+        assert layout is not None
+        path = layout.processing(case_id) / state.RUNNING
+        running = (state.read_json(path) or {}).get("jobs", {})
+        # Entries of an earlier, killed run are stale: only this run's jobs are running.
+        running = {k: v for k, v in running.items() if v.get("pid") == os.getpid()}
+        change(running)
+        if running:
+            write_json_atomic(path, {"jobs": running})
+        else:
+            path.unlink(missing_ok=True)
+
+    def _write_last_run(self, status: str) -> None:
+        assert _WORKDIR is not None
+        record = {
+            "started": self.started,
+            "ended": None if status == "running" else time.time(),
+            "status": status,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "jobs_done": self.done_jobs,
+            "jobs_failed": self.failed_jobs,
+            "errors": self.errors[:5],
+        }
+        write_json_atomic(last_run_path(_WORKDIR), record)
+
+    # -- alerts -----------------------------------------------------------------------------
+    def _alert_failed(self, case_id: str, failure: state.Failure) -> None:
+        from . import alerts
+
+        layout = self.layout
+        assert layout is not None and _CONFIG is not None
+        alert = alerts.case_failed(case_id, failure.step, failure.reason, failure.log)
+        key = f"failed:{failure.step}:{failure.fingerprint}"
+        self._report_delivery(
+            alerts.notify_once(alert, layout.processing(case_id) / state.ALERTS, key, _CONFIG["alerts"])
+        )
+
+    def _alert_recovered(self, case_id: str, failure: state.Failure) -> None:
+        from . import alerts
+
+        layout = self.layout
+        assert layout is not None and _CONFIG is not None
+        ledger = layout.processing(case_id) / state.ALERTS
+        if not alerts.has_open(ledger, "failed:"):
+            return
+        self._report_delivery(alerts.resolve(ledger, "failed:", alerts.case_recovered(case_id), _CONFIG["alerts"]))
+
+    @staticmethod
+    def _report_delivery(result: Any) -> None:
+        if isinstance(result, list) and result:
+            print("mqi alerts: " + "; ".join(map(str, result)), file=sys.stderr)

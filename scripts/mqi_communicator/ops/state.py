@@ -1,0 +1,174 @@
+"""A case's state, kept in the case's own processing folder: the files are the truth.
+
+    <processing>/case_summary.json   the case finished; it is final (never a target again)
+    <processing>/state/failed.json   the last failure: step, reason, log, attempts, transient or not
+    <processing>/state/running.json  jobs of the case the current run has started (the run recorder)
+    <processing>/state/retry         someone asked for a retry (`bin/mqi retry CASE`)
+    <processing>/state/changed.json  a finished case's input files changed after it finished
+
+No central database: a case folder can be archived or moved together with its record. Deciding
+which cases enter a run costs a directory listing plus one `stat` per finished case, whatever
+the number of finished cases (`targets`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..case_inputs import stat_fingerprint
+
+CASE_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
+SUMMARY = "case_summary.json"
+FAILED = "state/failed.json"
+RUNNING = "state/running.json"
+RETRY = "state/retry"
+CHANGED = "state/changed.json"
+ALERTS = "state/alerts.json"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a case's folders are, from the workflow configuration."""
+
+    scan_dir: Path
+    processing_template: str
+    raw_template: str
+    dicom_template: str
+    ready_marker: str
+    ready_quiet_seconds: float
+    max_attempts: int
+    logs_dir: Path = Path("logs")
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], workdir: Path | None = None) -> Layout:
+        local = config["paths"]["local"]
+        app = config["application"]
+        base = workdir or Path.cwd()
+        return cls(
+            scan_dir=base / local["scan_directory"],
+            processing_template=str(base / local["processing_directory"]),
+            raw_template=str(base / local["raw_output_directory"]),
+            dicom_template=str(base / local["final_dicom_directory"]),
+            ready_marker=app["ready_marker"],
+            ready_quiet_seconds=float(app["ready_quiet_seconds"]),
+            max_attempts=int(app["max_attempts"]),
+            logs_dir=base / "logs",
+        )
+
+    def processing(self, case_id: str) -> Path:
+        return Path(self.processing_template.replace("{case_id}", case_id))
+
+    def output_dirs(self, case_id: str) -> list[Path]:
+        """Every folder the pipeline writes for a case (reprocessing moves them aside together)."""
+        dirs = [Path(t.replace("{case_id}", case_id)) for t in (self.processing_template, self.raw_template)]
+        dirs.append(Path(self.dicom_template.replace("{case_id}", case_id)))
+        dirs.append(self.logs_dir / case_id)
+        unique: list[Path] = []
+        for d in dirs:
+            # Nested templates (raw inside processing, ...) move with their parent.
+            if not any(d == u or u in d.parents for u in unique):
+                unique = [u for u in unique if d not in u.parents] + [d]
+        return unique
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def is_ready(case_dir: Path, marker: str, quiet_seconds: float, now: float | None = None) -> bool:
+    """Ready = marker present and, when asked, no file in the case changed for quiet_seconds."""
+    if not (case_dir / marker).is_file():
+        return False
+    if quiet_seconds <= 0:
+        return True
+    newest = max((p.stat().st_mtime for p in case_dir.rglob("*")), default=0.0)
+    return ((time.time() if now is None else now) - newest) >= quiet_seconds
+
+
+@dataclass
+class Failure:
+    """What `state/failed.json` holds."""
+
+    step: str
+    reason: str
+    log: str
+    time: float
+    attempts: int
+    transient: bool
+    fingerprint: str
+    beam: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, path: Path) -> Failure | None:
+        data = read_json(path)
+        if data is None:
+            return None
+        try:
+            return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+        except TypeError:
+            return None
+
+
+def retry_decision(layout: Layout, case_dir: Path, failure: Failure) -> tuple[bool, str]:
+    """Whether a failed case runs again now, and why (or why not)."""
+    processing = layout.processing(case_dir.name)
+    if (processing / RETRY).exists():
+        return True, "a retry was requested"
+    if stat_fingerprint(case_dir) != failure.fingerprint:
+        return True, "a file of the case changed since it failed"
+    if failure.transient and failure.attempts < layout.max_attempts:
+        return True, f"transient failure, attempt {failure.attempts + 1} of {layout.max_attempts}"
+    if failure.transient:
+        return False, f"failed {failure.attempts} times (application.max_attempts); waiting for a change or a retry"
+    return False, "failed; waiting until a file of the case changes or a retry is requested"
+
+
+def case_dirs(scan_dir: Path) -> Iterator[os.DirEntry[str]]:
+    """The scan folder's sub-folders, in name order."""
+    with os.scandir(scan_dir) as entries:
+        dirs = [e for e in entries if e.is_dir(follow_symlinks=True)]
+    return iter(sorted(dirs, key=lambda e: e.name))
+
+
+def targets(layout: Layout, warn: Callable[[str], None]) -> list[str]:
+    """Case ids that still need work. A finished case costs one `stat`; only unfinished, ready
+    cases are looked at further."""
+    if not layout.scan_dir.is_dir():
+        raise ValueError(f"paths.local.scan_directory {layout.scan_dir} does not exist or is not a folder")
+    chosen = []
+    for entry in case_dirs(layout.scan_dir):
+        case_id = entry.name
+        if not CASE_ID_PATTERN.match(case_id):
+            warn(f"skipping {entry.path}: case folder names must match [A-Za-z0-9._-]+")
+            continue
+        processing = layout.processing(case_id)
+        if (processing / SUMMARY).exists():
+            continue
+        case_dir = Path(entry.path)
+        if not is_ready(case_dir, layout.ready_marker, layout.ready_quiet_seconds):
+            continue
+        failure = Failure.read(processing / FAILED)
+        if failure is not None:
+            again, why = retry_decision(layout, case_dir, failure)
+            if not again:
+                warn(f"skipping case {case_id}: {failure.step} {why} ({first_line(failure.reason)}; log {failure.log})")
+                continue
+            warn(f"retrying case {case_id}: {why}")
+        chosen.append(case_id)
+    return chosen
+
+
+def first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else ""

@@ -1,0 +1,283 @@
+"""`bin/mqi status`: every case's state, read from the case folders (the files are the truth).
+
+States: waiting (no ready marker yet, or its quiet period), queued (ready; the next run takes it),
+running (a job of the current run: step, beam, SLURM job, elapsed), failed (step, reason, log;
+`retrying` when a transient failure will be tried again), finished (time, QA verdict), changed
+(finished, but its input files changed since). A finished case costs one or two `stat`s; its
+summary is read once and kept in `.mqi/status-index.json`, a cache any run rebuilds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .. import settings
+from ..files import write_json_atomic
+from . import recorder, state
+
+INDEX = Path(".mqi") / "status-index.json"
+ORDER = {"running": 0, "failed": 1, "retrying": 2, "changed": 3, "queued": 4, "waiting": 5, "finished": 6}
+
+
+@dataclass
+class CaseStatus:
+    case_id: str
+    state: str
+    step: str = ""
+    beam: str = ""
+    slurm_job: str = ""
+    since: float | None = None  # running: start; failed: failure time; finished: finish time
+    reason: str = ""
+    log: str = ""
+    verdict: str = ""
+
+
+def _alive(pid: int, host: str) -> bool:
+    if host != socket.gethostname():
+        return True  # another host's run: trust its record
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _summary_facts(path: Path, mtime_ns: int, index: dict[str, Any], case_id: str) -> tuple[float, str]:
+    cached = index.get(case_id)
+    if cached and cached[0] == mtime_ns:
+        return float(cached[1]), str(cached[2])
+    summary = state.read_json(path) or {}
+    qa = summary.get("qa")
+    qa = qa if isinstance(qa, dict) else {}
+    verdict = str(summary.get("verdict") or qa.get("verdict") or "")
+    if summary.get("mode") == "plan":
+        verdict = f"{verdict} (plan-based)".strip()
+    index[case_id] = [mtime_ns, mtime_ns / 1e9, verdict]
+    return mtime_ns / 1e9, verdict
+
+
+def case_status(layout: state.Layout, case_dir: Path, index: dict[str, Any], now: float) -> CaseStatus:
+    case_id = case_dir.name
+    processing = layout.processing(case_id)
+    try:
+        summary_mtime = (processing / state.SUMMARY).stat().st_mtime_ns
+    except FileNotFoundError:
+        summary_mtime = None
+    if summary_mtime is not None:
+        finished_at, verdict = _summary_facts(processing / state.SUMMARY, summary_mtime, index, case_id)
+        changed = state.read_json(processing / state.CHANGED) if (processing / state.CHANGED).exists() else None
+        if changed:
+            files = ", ".join(changed.get("files", [])[:3])
+            return CaseStatus(case_id, "changed", since=finished_at, reason=f"input changed after finishing: {files}")
+        return CaseStatus(case_id, "finished", since=finished_at, verdict=verdict)
+    running = (state.read_json(processing / state.RUNNING) or {}).get("jobs", {})
+    live = [job for job in running.values() if _alive(int(job.get("pid", 0)), str(job.get("host", "")))]
+    if live:
+        job = min(live, key=lambda j: j.get("started", now))
+        return CaseStatus(
+            case_id,
+            "running",
+            step=", ".join(sorted({j["rule"] for j in live})),
+            beam=", ".join(sorted({j["beam"] for j in live if j.get("beam")})),
+            slurm_job=", ".join(sorted({str(j["slurm_job"]) for j in live if j.get("slurm_job")})),
+            since=float(job.get("started", now)),
+            log=(job.get("log") or [""])[0],
+        )
+    failure = state.Failure.read(processing / state.FAILED)
+    if failure is not None:
+        again, why = state.retry_decision(layout, case_dir, failure)
+        return CaseStatus(
+            case_id,
+            "retrying" if again else "failed",
+            step=failure.step,
+            beam=failure.beam or "",
+            since=failure.time,
+            reason=f"{state.first_line(failure.reason)} [{why}]",
+            log=failure.log,
+        )
+    if not (case_dir / layout.ready_marker).is_file():
+        return CaseStatus(case_id, "waiting", reason=f"no {layout.ready_marker} yet")
+    if not state.is_ready(case_dir, layout.ready_marker, layout.ready_quiet_seconds, now):
+        return CaseStatus(case_id, "waiting", reason=f"files changed in the last {layout.ready_quiet_seconds:g} s")
+    return CaseStatus(case_id, "queued", reason="ready; the next run takes it")
+
+
+def collect(layout: state.Layout, workdir: Path) -> list[CaseStatus]:
+    index_path = workdir / INDEX
+    loaded = state.read_json(index_path) or {}
+    index = dict(loaded)
+    now = time.time()
+    cases = [
+        case_status(layout, Path(entry.path), index, now)
+        for entry in state.case_dirs(layout.scan_dir)
+        if state.CASE_ID_PATTERN.match(entry.name)
+    ]
+    if index != loaded:
+        # A read-only view (another user's workdir) still works: the index is only a cache.
+        with contextlib.suppress(OSError):
+            write_json_atomic(index_path, index)
+    return cases
+
+
+def last_run(workdir: Path) -> dict[str, Any]:
+    record = state.read_json(recorder.last_run_path(workdir)) or {}
+    if record.get("status") == "running" and not _alive(int(record.get("pid", 0)), str(record.get("host", ""))):
+        record["status"] = "killed"
+    return record
+
+
+def next_timer_run() -> str:
+    if shutil.which("systemctl") is None:
+        return "no systemd here (cron: see `crontab -l`)"
+    result = subprocess.run(
+        ["systemctl", "show", "mqi-communicator.timer", "--property=NextElapseUSecRealtime", "--value"],
+        capture_output=True,
+        text=True,
+        timeout=5,
+        check=False,
+    )
+    value = result.stdout.strip()
+    return value if result.returncode == 0 and value and value != "n/a" else "timer not installed"
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 7200:
+        return f"{seconds // 60} min"
+    if seconds < 172800:
+        return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+    return f"{seconds // 86400} d"
+
+
+def _when(stamp: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(stamp)) if stamp else ""
+
+
+def select(cases: list[CaseStatus], failed: bool, since: float | None, show_all: bool, recent: int) -> list[CaseStatus]:
+    chosen = [c for c in cases if c.state in ("failed", "retrying", "changed")] if failed else cases
+    if since is not None:
+        chosen = [c for c in chosen if (c.since or 0) >= since or c.state in ("running", "queued")]
+    if not show_all and not failed:
+        finished = sorted((c for c in chosen if c.state == "finished"), key=lambda c: c.since or 0)
+        hidden = {c.case_id for c in finished[:-recent]} if recent else {c.case_id for c in finished}
+        chosen = [c for c in chosen if c.case_id not in hidden]
+    return sorted(chosen, key=lambda c: (ORDER.get(c.state, 9), -(c.since or 0), c.case_id))
+
+
+def render(cases: list[CaseStatus], shown: list[CaseStatus], run: dict[str, Any], timer: str) -> Any:
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    now = time.time()
+    styles = {"running": "cyan", "failed": "bold red", "retrying": "yellow", "changed": "bold magenta"}
+    styles |= {"finished": "green", "queued": "blue", "waiting": "dim"}
+    table = Table(title="mqi_communicator cases", expand=False)
+    for column in ("case", "state", "step / beam", "SLURM job", "time", "reason / verdict", "log"):
+        table.add_column(column, overflow="fold")
+    for c in shown:
+        when = _ago(now - c.since) if c.state == "running" and c.since else _when(c.since)
+        step = " / ".join(x for x in (c.step, c.beam) if x)
+        table.add_row(
+            c.case_id,
+            Text(c.state, style=styles.get(c.state, "")),
+            step,
+            c.slurm_job,
+            when,
+            c.reason or c.verdict,
+            c.log,
+        )
+    counts: dict[str, int] = {}
+    for c in cases:
+        counts[c.state] = counts.get(c.state, 0) + 1
+    totals = ", ".join(f"{n} {s}" for s, n in sorted(counts.items(), key=lambda kv: ORDER.get(kv[0], 9))) or "no cases"
+    hidden = len(cases) - len(shown)
+    lines = [f"{len(cases)} cases: {totals}" + (f" ({hidden} not shown; --all shows every case)" if hidden else "")]
+    if run:
+        ended = f", ended {_when(run['ended'])}" if run.get("ended") else ""
+        lines.append(
+            f"last run: {run.get('status')} (started {_when(run.get('started'))}{ended}; "
+            f"{run.get('jobs_done', 0)} jobs done, {run.get('jobs_failed', 0)} failed)"
+        )
+    else:
+        lines.append("last run: none recorded")
+    lines.append(f"next timer run: {timer}")
+    return Group(table, Text("\n".join(lines)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="bin/mqi status", description="Every case's state, read from the case folders (works during a run)."
+    )
+    parser.add_argument("--configfile", default=None, help="the site's config (default: config/config.yaml)")
+    parser.add_argument("--workdir", type=Path, default=Path.cwd(), help="where the workflow runs (default: here)")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--failed", action="store_true", help="only failed, retrying and changed cases")
+    parser.add_argument("--since", type=float, metavar="HOURS", help="only cases that changed state in the last HOURS")
+    parser.add_argument("--all", action="store_true", help="every finished case too (default: the last --recent)")
+    parser.add_argument("--recent", type=int, default=20, help="finished cases shown without --all (default 20)")
+    parser.add_argument("--watch", action="store_true", help="refresh live until Ctrl-C")
+    parser.add_argument("--interval", type=float, default=2.0, help="--watch refresh period in seconds")
+    args = parser.parse_args(argv)
+    workdir = args.workdir.resolve()
+    try:
+        config = settings.load_site(args.configfile, workdir)
+        layout = state.Layout.from_config(config, workdir)
+    except (OSError, ValueError) as exc:
+        print(f"mqi status: {exc}", file=sys.stderr)
+        return 2
+    since = time.time() - args.since * 3600 if args.since is not None else None
+
+    def snapshot() -> tuple[list[CaseStatus], list[CaseStatus], dict[str, Any]]:
+        cases = collect(layout, workdir)
+        return cases, select(cases, args.failed, since, args.all, args.recent), last_run(workdir)
+
+    if args.json:
+        cases, shown, run = snapshot()
+        print(
+            json.dumps(
+                {
+                    "total": len(cases),
+                    "cases": [asdict(c) for c in shown],
+                    "last_run": run,
+                    "next_timer_run": next_timer_run(),
+                }
+            )
+        )
+        return 0
+    from rich.console import Console
+
+    console = Console()
+    timer = next_timer_run()
+    if not args.watch:
+        console.print(render(*snapshot(), timer))
+        return 0
+    from rich.live import Live
+
+    with Live(render(*snapshot(), timer), console=console, refresh_per_second=4) as live:
+        try:
+            while True:
+                time.sleep(args.interval)
+                live.update(render(*snapshot(), timer))
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

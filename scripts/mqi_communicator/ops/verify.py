@@ -1,0 +1,93 @@
+"""`bin/mqi verify`: has a finished case's input changed since it finished? Content decides.
+
+A finished case is never recomputed on its own; a case whose files were replaced afterwards is
+marked `changed` (status) and reported once (alert), and someone decides (`bin/mqi reprocess`).
+The timer's runner checks a few finished cases per run (`--sweep N`, in turn, oldest check
+first), so the cost of a run does not grow with the number of finished cases; a check reads the
+case's files only when a file's name, size or times differ from what intake recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .. import settings
+from ..case_inputs import changed_files, stat_fingerprint
+from ..files import write_json_atomic
+from . import state
+
+CURSOR = Path(".mqi") / "verify-cursor.json"
+
+
+def verify_case(layout: state.Layout, case_id: str, alerts_config: dict[str, Any] | None) -> list[str]:
+    """Changed files of a finished case ([] when unchanged or not finished); records and reports."""
+    processing = layout.processing(case_id)
+    if not (processing / state.SUMMARY).exists():
+        return []
+    manifest = state.read_json(processing / "intake.json") or {}
+    inputs = manifest.get("inputs") or {}
+    case_dir = layout.scan_dir / case_id
+    if not inputs or (inputs.get("fingerprint") == stat_fingerprint(case_dir)):
+        return []
+    changed = changed_files(case_dir, inputs.get("files", {}))
+    record_path = processing / state.CHANGED
+    if not changed:
+        record_path.unlink(missing_ok=True)
+        return []
+    write_json_atomic(record_path, {"files": changed, "detected": time.time()})
+    if alerts_config is not None:
+        from . import alerts
+
+        key = "changed:" + ",".join(changed)
+        alerts.notify_once(alerts.case_changed(case_id, changed), processing / state.ALERTS, key, alerts_config)
+    return changed
+
+
+def sweep(
+    layout: state.Layout, workdir: Path, count: int, alerts_config: dict[str, Any] | None
+) -> dict[str, list[str]]:
+    """Check the next `count` cases of the scan folder (in name order, wrapping around)."""
+    names = [e.name for e in state.case_dirs(layout.scan_dir) if state.CASE_ID_PATTERN.match(e.name)]
+    if not names or count <= 0:
+        return {}
+    cursor_path = workdir / CURSOR
+    start = int((state.read_json(cursor_path) or {}).get("next", 0)) % len(names)
+    chosen = [names[(start + i) % len(names)] for i in range(min(count, len(names)))]
+    write_json_atomic(cursor_path, {"next": (start + len(chosen)) % len(names)})
+    return {case: changed for case in chosen if (changed := verify_case(layout, case, alerts_config))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="bin/mqi verify", description="Check finished cases' input files against what intake recorded."
+    )
+    parser.add_argument("cases", nargs="*", help="case ids (default: --sweep)")
+    parser.add_argument("--sweep", type=int, metavar="N", help="check the next N cases in turn (the timer's runner)")
+    parser.add_argument("--all", action="store_true", help="check every case")
+    parser.add_argument("--configfile", default=None, help="the site's config (default: config/config.yaml)")
+    parser.add_argument("--workdir", type=Path, default=Path.cwd(), help="where the workflow runs (default: here)")
+    args = parser.parse_args(argv)
+    workdir = args.workdir.resolve()
+    try:
+        config = settings.load_site(args.configfile, workdir)
+        layout = state.Layout.from_config(config, workdir)
+        if args.cases or args.all:
+            names = args.cases or [e.name for e in state.case_dirs(layout.scan_dir)]
+            found = {case: changed for case in names if (changed := verify_case(layout, case, config["alerts"]))}
+        else:
+            count = args.sweep if args.sweep is not None else config["application"]["verify_finished_per_run"]
+            found = sweep(layout, workdir, count, config["alerts"])
+    except (OSError, ValueError) as exc:
+        print(f"bin/mqi verify: {exc}", file=sys.stderr)
+        return 2
+    for case, changed in found.items():
+        print(f"case {case}: input changed after it finished: {', '.join(changed)} (bin/mqi reprocess {case})")
+    return 1 if found else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Snakemake logger plugin `mqi` (`--logger mqi`, set by the workflow profile): hands every log
+record to the run recorder, which keeps each case's state files and sends alerts. It writes to no
+stream, so Snakemake's own console output is unchanged."""
+
+from __future__ import annotations
+
+from logging import LogRecord
+
+from snakemake_interface_logger_plugins.base import LogHandlerBase
+
+from mqi_communicator.ops.recorder import RunRecorder
+
+
+class LogHandler(LogHandlerBase):
+    def __post_init__(self) -> None:
+        self.recorder = RunRecorder(dryrun=bool(self.common_settings.dryrun))
+
+    def emit(self, record: LogRecord) -> None:
+        self.recorder.handle(record)
+
+    def close(self) -> None:
+        self.recorder.close()
+        super().close()
+
+    @property
+    def writes_to_stream(self) -> bool:
+        return False
+
+    @property
+    def writes_to_file(self) -> bool:
+        return False
+
+    @property
+    def has_filter(self) -> bool:
+        return True  # every record, whatever the console shows
+
+    @property
+    def has_formatter(self) -> bool:
+        return True
+
+    @property
+    def needs_rulegraph(self) -> bool:
+        return False
