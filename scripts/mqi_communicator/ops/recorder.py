@@ -77,6 +77,7 @@ class RunRecorder:
         self.failed_jobs = 0
         self.done_jobs = 0
         self.errors: list[str] = []
+        self.failed_cases: set[str] = set()
         self.announced = False
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -165,8 +166,10 @@ class RunRecorder:
         self._forget(jobid)
         wildcards_case = job.get("case_id")
         layout = self.layout
-        if not wildcards_case or layout is None:
+        # One attempt per run: a case's first failure in a run is its record (others follow from it).
+        if not wildcards_case or layout is None or wildcards_case in self.failed_cases:
             return
+        self.failed_cases.add(wildcards_case)
         logs = list(getattr(record, "log", []) or job.get("log") or [])
         aux = getattr(record, "aux", {}) or {}
         fallback = str(getattr(record, "rule_msg", None) or aux.get("msg") or "the job failed without a log")
