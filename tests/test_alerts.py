@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -224,10 +225,9 @@ def write_workdir(tmp_path: Path, smtp_port: int, hook_port: int, **extra: Any) 
     return workdir
 
 
-def cli(workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*CLI, "--workdir", str(workdir), *args], capture_output=True, text=True, timeout=60, check=False
-    )
+def cli(workdir: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    command = [*CLI, "--workdir", str(workdir), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False, env=env)
 
 
 def test_cli_help():
@@ -300,6 +300,35 @@ def test_a_failed_systemd_unit_is_reported(smtp, webhook, tmp_path):
     )
     assert run.returncode == 0, run.stderr
     assert "Reason: systemd unit mqi-communicator.service failed" in inbox.messages[0][1].get_content()
+
+
+def test_onfailure_is_quiet_when_the_runner_reported_its_run(smtp, webhook, tmp_path):
+    """The OnFailure= unit after a failed run: nothing if bin/mqi-run reported that run (a report
+    after the unit started), the journal's tail if the runner died without reporting. There is no
+    systemd here: two scripts on PATH answer as systemctl (the unit's start time) and journalctl."""
+    inbox, smtp_port = smtp
+    workdir = write_workdir(tmp_path, smtp_port, webhook.server_port)
+    fake = tmp_path / "fake-systemd"
+    fake.mkdir()
+    (fake / "journalctl").write_text("#!/bin/sh\necho 'mqi-run: Killed (signal 9)'\n")
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}
+
+    def unit_started(at: float) -> None:
+        (fake / "systemctl").write_text(f"#!/bin/sh\necho @{int(at)}\n")
+        for tool in fake.iterdir():
+            tool.chmod(0o755)
+
+    unit_started(time.time() - 1)
+    assert cli(workdir, "run-failed", "--reason", "Snakemake exited with status 1").returncode == 0
+    quiet = cli(workdir, "run-failed", "--unit", "mqi-communicator.service", env=env)
+    assert "already reported" in quiet.stdout and len(inbox.messages) == 1
+
+    time.sleep(1.1)
+    unit_started(time.time())  # a later run that reported nothing before it died
+    crashed = cli(workdir, "run-failed", "--unit", "mqi-communicator.service", env=env)
+    assert crashed.stdout == "run failure alert sent\n", crashed.stderr
+    body = inbox.messages[1][1].get_content()
+    assert "systemd unit mqi-communicator.service failed" in body and "Killed (signal 9)" in body
 
 
 LOCAL_PROFILE = "executor: local\ncores: 1\nlatency-wait: 1\n"

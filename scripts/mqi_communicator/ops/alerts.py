@@ -280,7 +280,7 @@ def _run_failed(args: argparse.Namespace, config: dict[str, Any], problem: str |
     elif problem:
         reason += f"\nThe configuration is invalid: {problem}"
     elif args.unit and not args.reason:
-        reason += "\n" + _systemd(args.unit, "journalctl", "-n", "15", "-o", "cat", "--no-pager", "-u")
+        reason += "\n" + _systemd(args.unit, "journalctl", "-q", "-n", "15", "-o", "cat", "--no-pager", "-u")
     data = _read(ledger)
     if args.unit:
         started = re.fullmatch(
