@@ -281,6 +281,9 @@ def _run_failed(args: argparse.Namespace, config: dict[str, Any], problem: str |
         reason += f"\nThe configuration is invalid: {problem}"
     elif args.unit and not args.reason:
         reason += "\n" + _systemd(args.unit, "journalctl", "-q", "-n", "15", "-o", "cat", "--no-pager", "-u")
+    if not channels(config):
+        print(f"no alert channel configured (alerts section of {args.configfile}): run failure not sent")
+        return 0
     data = _read(ledger)
     if args.unit:
         started = re.fullmatch(
