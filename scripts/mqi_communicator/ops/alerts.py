@@ -47,6 +47,10 @@ class Alert:
     case_id: str | None = None
     details: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown alert kind {self.kind!r}; one of {', '.join(KINDS)}")
+
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
@@ -339,11 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         return _run_failed(args, config, problem, ledger)
     sent, still_open = resolve(run_recovered(), ledger, RUN_PREFIX, config), open_keys(ledger, RUN_PREFIX)
     print(
-        "run recovered alert sent"
-        if sent
-        else "run recovered alert NOT delivered"
-        if still_open
-        else "no open run failure"
+        "run recovered alert " + ("sent" if sent else "NOT delivered") if sent or still_open else "no open run failure"
     )
     return 1 if still_open else 0
 
