@@ -5,6 +5,7 @@ jobs of the run; and bin/mqi-install-timer's output where systemd is absent."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -203,4 +204,7 @@ def test_install_timer_renders_units_for_this_project(tmp_path: Path) -> None:
     assert f"WorkingDirectory={REPO}" in run.stdout
     assert "OnUnitInactiveSec=90s" in run.stdout
     assert "KillMode=mixed" in run.stdout
-    assert "@" not in run.stdout.replace("@.", "")  # every placeholder filled in
+    # The OnFailure= alert unit comes with them.
+    assert "OnFailure=mqi-communicator-alert@%n.service" in run.stdout
+    assert f"ExecStart={REPO}/bin/mqi-alert run-failed --unit %i" in run.stdout
+    assert not re.search(r"@[A-Z]+@", run.stdout)  # every placeholder filled in
