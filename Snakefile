@@ -18,6 +18,7 @@ include: "rules/common.smk"
 envvars:
     *RUNTIME_ENVIRONMENT,
 
+
 include: "rules/intake.smk"
 include: "rules/interpret.smk"
 include: "rules/moqui_input.smk"

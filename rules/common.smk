@@ -46,7 +46,8 @@ def final_dicom(name, case_id="{case_id}"):
 
 def case_targets():
     """Cases that still need work. A finished case is final: it never enters the DAG again,
-    whatever changed in the config, the profile or the code (`bin/mqi reprocess` redoes one)."""
+    whatever changed in the config, the profile or the code (`bin/mqi reprocess` redoes one).
+    """
     try:
         return state.targets(LAYOUT, logger.warning)
     except ValueError as exc:
@@ -79,7 +80,9 @@ def settings_for(*sections):
     rule's params change (so Snakemake reruns it) only when a section it depends on changes.
     A function, because Snakemake fills wildcards into string params, and paths.* hold the
     literal `{case_id}` placeholder."""
-    text = json.dumps({name: result_settings(name) for name in sections}, sort_keys=True)
+    text = json.dumps(
+        {name: result_settings(name) for name in sections}, sort_keys=True
+    )
     return lambda wildcards: text
 
 
@@ -96,9 +99,14 @@ def result_settings(section):
 
 def case_content_digest(wildcards):
     """The case's content digest: the manifest's while no file was touched since intake, so an
-    unchanged case is not read again at each DAG build (see mqi_communicator.case_inputs)."""
+    unchanged case is not read again at each DAG build (see mqi_communicator.case_inputs).
+    """
     manifest_path = Path(processing("intake.json", wildcards.case_id))
-    known = read_manifest(str(manifest_path)).get("inputs") if manifest_path.exists() else None
+    known = (
+        read_manifest(str(manifest_path)).get("inputs")
+        if manifest_path.exists()
+        else None
+    )
     return content_digest(SCAN_DIR / wildcards.case_id, known)
 
 

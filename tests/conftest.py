@@ -10,7 +10,7 @@ import pytest
 from mqi_communicator import settings
 
 # Real servers the tests start (and stop) themselves: a single-node SLURM and an OpenSSH server.
-pytest_plugins = ["tests.infra.slurm_fixture", "tests.infra.sshd_fixture"]
+pytest_plugins = ["tests.infra.slurm_fixture", "tests.infra.sshd_fixture", "tests.alert_servers"]
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE_DATA = REPO.parent / "shared" / "reference-data"

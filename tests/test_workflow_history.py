@@ -11,11 +11,13 @@ import signal
 import subprocess
 import sys
 import time
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import yaml
 
 from tests import casegen
+from tests.alert_servers import Inbox, alerts_section
 from tests.workflow import REPO, snakemake, tree_digest, write_config
 
 MQI = str(REPO / "bin" / "mqi")
@@ -130,7 +132,7 @@ def copy_standins(tmp_path: Path, faults: str) -> Path:
     return standins
 
 
-def _faulty_site(tmp_path: Path) -> tuple[Path, Path]:
+def _faulty_site(tmp_path: Path, alerts: dict) -> tuple[Path, Path]:
     """Four cases failing at intake, P2, the engine and P3, and one good case; the engine and the
     interpreter are stand-ins through the real command contracts (tests/standins)."""
     standins = copy_standins(tmp_path, "zz_engine engine\nzz_p3 p3\n")
@@ -151,12 +153,23 @@ def _faulty_site(tmp_path: Path) -> tuple[Path, Path]:
             "mqi_interpreter": str(standins / "mqi_interpreter_faulty"),
         },
         interpreter={"mode": "external"},
+        alerts=alerts,
     )
     return scan, work
 
 
-def test_a_failure_at_each_step_is_recorded_and_shown(tmp_path: Path) -> None:
-    scan, work = _faulty_site(tmp_path)
+def received(inbox: Inbox, webhook: ThreadingHTTPServer) -> tuple[list[str], list[tuple[str, str]]]:
+    """Subjects of the e-mails, and (kind, case) of the webhook posts, received so far."""
+    subjects = [str(message["Subject"]) for _, message in inbox.messages]
+    posts = [(body["kind"], body["case_id"]) for _, body in webhook.posts]  # type: ignore[attr-defined]
+    return subjects, posts
+
+
+def test_a_failure_at_each_step_is_recorded_and_shown(
+    tmp_path: Path, smtp: tuple[Inbox, int], webhook: ThreadingHTTPServer
+) -> None:
+    inbox, smtp_port = smtp
+    scan, work = _faulty_site(tmp_path, alerts_section(smtp_port, webhook.server_port))
     run = snakemake(work, timeout=900)
     assert run.returncode != 0
     cases = by_case(status(work))
@@ -174,8 +187,14 @@ def test_a_failure_at_each_step_is_recorded_and_shown(tmp_path: Path) -> None:
         assert reason in record["reason"], record
         assert (work / entry["log"]).is_file()
     assert cases["good"]["state"] == "finished"
+    # Exactly one alert per failed case, by e-mail and by webhook.
+    subjects, posts = received(inbox, webhook)
+    assert sorted(posts) == sorted(("case_failed", case) for case in expected)
+    assert len(subjects) == len(expected)
+    for case in expected:
+        assert sum(case in subject for subject in subjects) == 1, subjects
 
-    # The next run retries none of them (nothing changed) and says why.
+    # The next run retries none of them (nothing changed) and says why; no alert again.
     again = snakemake(work)
     assert again.returncode == 0, again.stderr[-2000:]
     assert planned_rules(again.stdout + again.stderr) <= {"all"}
@@ -187,6 +206,9 @@ def test_a_failure_at_each_step_is_recorded_and_shown(tmp_path: Path) -> None:
     fixed = snakemake(work)
     assert by_case(status(work))["zz_intake"]["state"] == "finished", fixed.stderr[-2000:]
     assert not (work / "data" / "cases" / "zz_intake" / "intermediate" / "state" / "failed.json").exists()
+    subjects, posts = received(inbox, webhook)
+    assert posts[len(expected) :] == [("case_recovered", "zz_intake")]
+    assert len(subjects) == len(expected) + 1 and "zz_intake" in subjects[-1]
 
     # An explicit retry of a permanent failure: it runs again (and fails again, once).
     retry = subprocess.run([MQI, "retry", "zz_engine", "--configfile", "test-config.yaml"], cwd=work, check=True)

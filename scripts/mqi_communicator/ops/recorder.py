@@ -21,7 +21,7 @@ from typing import Any
 
 from ..case_inputs import stat_fingerprint
 from ..files import write_json_atomic
-from . import state
+from . import alerts, state, verify
 
 _CONFIG: dict[str, Any] | None = None
 _WORKDIR: Path | None = None
@@ -117,13 +117,12 @@ class RunRecorder:
             return
         for jobid in list(self.jobs):
             self._forget(jobid)
-        status = "failed" if (self.failed_jobs or self.errors) else "ok"
+        # Failed jobs alone are the cases' failures (alerted per case); an error is the run's own.
+        status = "failed" if self.errors else "cases_failed" if self.failed_jobs else "ok"
         self._write_last_run(status)
 
     def _verify_finished_cases(self) -> None:
         """A few finished cases per run are checked for inputs changed after finishing (verify)."""
-        from . import verify
-
         layout = self.layout
         assert layout is not None and _CONFIG is not None and _WORKDIR is not None
         count = _CONFIG["application"]["verify_finished_per_run"]
@@ -240,27 +239,14 @@ class RunRecorder:
 
     # -- alerts -----------------------------------------------------------------------------
     def _alert_failed(self, case_id: str, failure: state.Failure) -> None:
-        from . import alerts
-
         layout = self.layout
         assert layout is not None and _CONFIG is not None
         alert = alerts.case_failed(case_id, failure.step, failure.reason, failure.log)
         key = f"failed:{failure.step}:{failure.fingerprint}"
-        self._report_delivery(
-            alerts.notify_once(alert, layout.processing(case_id) / state.ALERTS, key, _CONFIG["alerts"])
-        )
+        alerts.notify_once(alert, layout.processing(case_id) / state.ALERTS, key, _CONFIG["alerts"])
 
     def _alert_recovered(self, case_id: str, failure: state.Failure) -> None:
-        from . import alerts
-
         layout = self.layout
         assert layout is not None and _CONFIG is not None
         ledger = layout.processing(case_id) / state.ALERTS
-        if not alerts.has_open(ledger, "failed:"):
-            return
-        self._report_delivery(alerts.resolve(ledger, "failed:", alerts.case_recovered(case_id), _CONFIG["alerts"]))
-
-    @staticmethod
-    def _report_delivery(result: Any) -> None:
-        if isinstance(result, list) and result:
-            print("mqi alerts: " + "; ".join(map(str, result)), file=sys.stderr)
+        alerts.resolve(alerts.case_recovered(case_id), ledger, "failed:", _CONFIG["alerts"])

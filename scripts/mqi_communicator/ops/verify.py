@@ -18,7 +18,7 @@ from typing import Any
 from .. import settings
 from ..case_inputs import changed_files, stat_fingerprint
 from ..files import write_json_atomic
-from . import state
+from . import alerts, state
 
 CURSOR = Path(".mqi") / "verify-cursor.json"
 
@@ -40,8 +40,6 @@ def verify_case(layout: state.Layout, case_id: str, alerts_config: dict[str, Any
         return []
     write_json_atomic(record_path, {"files": changed, "detected": time.time()})
     if alerts_config is not None:
-        from . import alerts
-
         key = "changed:" + ",".join(changed)
         alerts.notify_once(alerts.case_changed(case_id, changed), processing / state.ALERTS, key, alerts_config)
     return changed
