@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 
 from mqi_communicator.case_inputs import content_digest
+from mqi_communicator.errors import CaseError
+from mqi_communicator.plan import find_plan, read_plan
 from mqi_communicator.ops import recorder, state
 
 # The Python that runs Snakemake (the project's venv) runs the package's CLIs too.
@@ -116,11 +118,6 @@ def rtdose_calibration_args():
     return "" if factor is None else f"--calibrated --dose-scale {factor}"
 
 
-def manifest(case_id):
-    """The case's intake manifest; waits for the intake checkpoint (beams are known after it)."""
-    return read_manifest(checkpoints.intake.get(case_id=case_id).output[0])
-
-
 @functools.lru_cache(maxsize=None)
 def _read_manifest(path, mtime_ns):
     return json.loads(Path(path).read_text())
@@ -131,18 +128,32 @@ def read_manifest(path):
     return _read_manifest(path, os.stat(path).st_mtime_ns)
 
 
+@functools.lru_cache(maxsize=None)
+def planned(case_id):
+    """The case's plan file name and treatment beams, read when the DAG is built. No checkpoint:
+    the whole DAG is known up front, so a backlog of new cases is not re-evaluated after every
+    intake. Intake then checks the case against the same plan; a plan that cannot be read here
+    gives no beams, and intake fails the case with the reason."""
+    try:
+        path = find_plan(SCAN_DIR / case_id)
+        beams = read_plan(path).treatment_beams
+    except (CaseError, OSError, ValueError, KeyError, AttributeError) as exc:
+        logger.debug(f"case {case_id}: plan not read at DAG build ({exc})")
+        return {"file_name": None, "beams": {}}
+    return {"file_name": path.name, "beams": {b.sanitized_name: b.number for b in beams}}
+
+
 def simulated_beams(case_id):
-    return [b["sanitized_name"] for b in manifest(case_id)["beams"] if b["simulate"]]
+    return list(planned(case_id)["beams"])
 
 
 def beam_number(wildcards):
-    beams = manifest(wildcards.case_id)["beams"]
-    return next(b["number"] for b in beams if b["sanitized_name"] == wildcards.beam)
+    return planned(wildcards.case_id)["beams"][wildcards.beam]
 
 
 def plan_copy(wildcards):
     """The plan as P2 copied it into its output folder (rules take that folder as input)."""
-    name = manifest(wildcards.case_id)["plan"]["file_name"]
+    name = planned(wildcards.case_id)["file_name"]
     return os.path.join(processing("moqui_csv", wildcards.case_id), "plan", name)
 
 

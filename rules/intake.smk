@@ -1,8 +1,8 @@
 # P1: validate a ready case and map its deliveries to plan beams (intake.json).
-# A checkpoint: the beams to simulate are known only once the manifest exists.
+# The beams to simulate are the plan's treatment beams (common.smk: planned), known up front.
 
 
-checkpoint intake:
+rule intake:
     output:
         processing("intake.json"),
     log:

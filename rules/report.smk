@@ -48,6 +48,7 @@ rule report_beam_table:
 
 rule case_summary:
     input:
+        manifest=processing("intake.json"),
         records=beam_records,
         rtdoses=beam_rtdoses,
         plan_dose=final_dicom("RD_PLAN.dcm"),

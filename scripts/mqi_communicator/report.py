@@ -10,10 +10,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless: cron, SLURM login nodes
-import matplotlib.pyplot as plt
 import numpy as np
 
 from .rtdose import read_rtdose_dose
@@ -21,6 +17,12 @@ from .rtdose import read_rtdose_dose
 
 def dose_figure(rtdose_path: Path, title: str, output: Path) -> dict[str, float]:
     """Dose map (central frame) and profiles through the isocentre from an RT Dose file."""
+    # Imported here: matplotlib costs a second of start-up that the table and summary don't need.
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: cron, SLURM login nodes
+    import matplotlib.pyplot as plt
+
     image = read_rtdose_dose(rtdose_path)
     dose = image.dose
     frame = dose[dose.shape[0] // 2] if dose.shape[0] > 1 else dose[0]

@@ -4,11 +4,22 @@ stream, so Snakemake's own console output is unchanged."""
 
 from __future__ import annotations
 
+import threading
 from logging import LogRecord
 
 from snakemake_interface_logger_plugins.base import LogHandlerBase
 
 from mqi_communicator.ops.recorder import RunRecorder
+
+
+def release_scheduler_timers() -> None:
+    """End the timers Snakemake's job rate limiter left behind. The profiles give the limiter a
+    one-hour window, because with its default 1 s window the re-armed timers pile up and a run of
+    thousands of jobs spends most of its CPU re-scheduling (snakemake/snakemake#3744); those
+    timers are not daemon threads, so without this the finished run would wait for them."""
+    for thread in threading.enumerate():
+        if isinstance(thread, threading.Timer):
+            thread.cancel()
 
 
 class LogHandler(LogHandlerBase):
@@ -20,6 +31,7 @@ class LogHandler(LogHandlerBase):
 
     def close(self) -> None:
         self.recorder.close()
+        release_scheduler_timers()
         super().close()
 
     @property
