@@ -40,7 +40,9 @@ def planes() -> tuple[np.ndarray, dict[str, np.ndarray]]:
     def field(shift_mm: float) -> np.ndarray:
         edge = 50.0
         sigma = 3.0
-        inside = (1 / (1 + np.exp(-(edge - np.abs(x - shift_mm)) / sigma))) * (1 / (1 + np.exp(-(edge - np.abs(z)) / sigma)))
+        inside = (1 / (1 + np.exp(-(edge - np.abs(x - shift_mm)) / sigma))) * (
+            1 / (1 + np.exp(-(edge - np.abs(z)) / sigma))
+        )
         halo = 0.08 * np.exp(-(x**2 + z**2) / (2 * 70.0**2))
         return 2.0 * (inside * (1 + 0.05 * x / edge) + halo)
 
@@ -80,11 +82,21 @@ def run(repeats: int) -> bool:
 
             def oracle(plane: np.ndarray = plane, dd: float = dd) -> np.ndarray:
                 return pymedphys.gamma(
-                    axes, reference, axes, plane, dd, 2.0, lower_percent_dose_cutoff=10, max_gamma=2.0, interp_algo="scipy"
+                    axes,
+                    reference,
+                    axes,
+                    plane,
+                    dd,
+                    2.0,
+                    lower_percent_dose_cutoff=10,
+                    max_gamma=2.0,
+                    interp_algo="scipy",
                 )
 
             theirs = oracle()
-            t_ours = median_time(lambda plane=plane, criteria=criteria: gamma_2d(axes, reference, axes, plane, criteria), repeats)
+            t_ours = median_time(
+                lambda plane=plane, criteria=criteria: gamma_2d(axes, reference, axes, plane, criteria), repeats
+            )
             t_ref = median_time(oracle, max(3, repeats // 3))
             flips = int(np.sum((ours.gamma <= 1) != (theirs <= 1)))
             target = GROSS_TARGET_S if name == "gross failure" else TARGET_S

@@ -155,3 +155,15 @@ def all_targets(wildcards):
     # One summary per case; the checkpoint is resolved in each case's own input function, so
     # one case's pending intake never hides the others from a dry-run.
     return [processing("case_summary.json", case) for case in CASES]
+
+
+# ---- QA (issue 11) -------------------------------------------------------------------------
+def qa_case_results(wildcards):
+    """Every ready case's qa.json (the trend across cases)."""
+    return [processing("qa/qa.json", case) for case in CASES]
+
+
+def qa_targets(wildcards):
+    return ["results/qa_trend.png"] + qa_case_results(wildcards)
+
+# ---- end QA --------------------------------------------------------------------------------

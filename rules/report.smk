@@ -53,6 +53,7 @@ rule case_summary:
         plan_dose=final_dicom("RD_PLAN.dcm"),
         figures=beam_figures,
         table=processing("report/beams.csv"),
+        qa=processing("qa/qa.json"),
     output:
         processing("case_summary.json"),
     log:
@@ -63,4 +64,4 @@ rule case_summary:
         python=PYTHON,
     shell:
         "{params.python} -m mqi_communicator.report summary --case {wildcards.case_id} --records {input.records:q}"
-        " --rtdoses {input.rtdoses:q} --plan-dose {input.plan_dose:q} --output {output:q} > {log:q} 2>&1"
+        " --rtdoses {input.rtdoses:q} --plan-dose {input.plan_dose:q} --qa {input.qa:q} --output {output:q} > {log:q} 2>&1"

@@ -15,7 +15,9 @@ X, Z = np.meshgrid(AXIS, AXIS, indexing="ij")
 
 def field(shift_x: float = 0.0, shift_z: float = 0.0, edge: float = 25.0) -> np.ndarray:
     """A square field with a 3 mm penumbra, a slope and a low-dose halo (asymmetric on purpose)."""
-    inside = (1 / (1 + np.exp(-(edge - np.abs(X - shift_x)) / 3.0))) * (1 / (1 + np.exp(-(edge - np.abs(Z - shift_z)) / 3.0)))
+    inside = (1 / (1 + np.exp(-(edge - np.abs(X - shift_x)) / 3.0))) * (
+        1 / (1 + np.exp(-(edge - np.abs(Z - shift_z)) / 3.0))
+    )
     return 2.0 * (inside * (1 + 0.1 * (X - shift_x) / edge) + 0.06 * np.exp(-(X**2 + Z**2) / 1800.0))
 
 
@@ -72,7 +74,10 @@ def test_gamma_equals_pymedphys(name: str, criteria: Criteria) -> None:
 
 
 def test_the_planes_span_passing_to_failing() -> None:
-    rates = {name: gamma_2d((AXIS, AXIS), REFERENCE, (AXIS, AXIS), plane, Criteria()).pass_rate for name, plane in PLANES.items()}
+    rates = {
+        name: gamma_2d((AXIS, AXIS), REFERENCE, (AXIS, AXIS), plane, Criteria()).pass_rate
+        for name, plane in PLANES.items()
+    }
     assert rates["identical"] == 100.0
     assert rates["gross failure"] < 50.0
     assert 50.0 < rates["noisy 6 % and shifted"] < 99.0

@@ -54,6 +54,7 @@ RT_DOSE_SOP_CLASS = UID("1.2.840.10008.5.1.4.1.1.481.2")
 MANUFACTURER = "mqi_communicator"
 DEFAULT_ENGINE_LABEL = "MOQUI Monte Carlo"
 PLAN_SUM_NAME = "PLAN"
+PLAN_SUM_SERIES_NUMBER = 999
 SUPPORTED_BITS = (16, 32)
 GRID_FRAME_OFFSET_VECTOR_TAG = 0x3004000C
 _LO_MAX = 64  # characters in a DICOM LO value
@@ -201,7 +202,12 @@ def _image_geometry(
 
 
 def _lo(text: str) -> str:
-    return text if len(text) <= _LO_MAX else text[: _LO_MAX - 3] + "..."
+    """Text for a 64-character LO element: whole, or cut at a word boundary and marked "..."."""
+    if len(text) <= _LO_MAX:
+        return text
+    head = text[: _LO_MAX - 3]
+    cut = head.rfind(" ")
+    return (head[:cut] if cut > 0 else head).rstrip(" ,:;(") + "..."
 
 
 def build_rtdose(
@@ -262,7 +268,8 @@ def build_rtdose(
     ds.ManufacturerModelName = _lo(engine_label)
     ds.SoftwareVersions = f"mqi_communicator {__version__}"
     ds.SeriesInstanceUID = generate_uid()
-    ds.SeriesNumber = ""
+    # One series per beam: its beam number; the plan sum is series PLAN_SUM_SERIES_NUMBER.
+    ds.SeriesNumber = PLAN_SUM_SERIES_NUMBER if beam_number is None else beam.number
     ds.SeriesDescription = _lo(f"{what}: {engine_label}")
     ds.InstanceNumber = 1
     ds.ImageComments = (

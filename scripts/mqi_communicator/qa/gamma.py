@@ -207,7 +207,7 @@ def gamma_2d(
     shape = np.shape(dose_evaluation)
     e0 = _axis(axes_evaluation[0], shape[0], "evaluated axis 0")[1]
     e1 = _axis(axes_evaluation[1], shape[1], "evaluated axis 1")[1]
-    pad = int(math.ceil(reach / min(e0, e1))) + 2
+    pad = math.ceil(reach / min(e0, e1)) + 2
     evaluated = _Evaluated(axes_evaluation, dose_evaluation, pad=pad)
 
     norm = float(reference.max()) if criteria.global_normalisation is None else float(criteria.global_normalisation)
@@ -231,7 +231,7 @@ def gamma_2d(
     c0, c1 = np.rint(u0).astype(np.intp), np.rint(u1).astype(np.intp)
     centre_inside = (c0 >= 0) & (c0 < evaluated.n0) & (c1 >= 0) & (c1 < evaluated.n1)
     # The window bounds are needed around the points only: crop to their box plus the reach.
-    k0_max, k1_max = int(math.ceil(reach / evaluated.step0)) + 2, int(math.ceil(reach / evaluated.step1)) + 2
+    k0_max, k1_max = math.ceil(reach / evaluated.step0) + 2, math.ceil(reach / evaluated.step1) + 2
     cc0, cc1 = np.clip(c0, 0, evaluated.n0 - 1), np.clip(c1, 0, evaluated.n1 - 1)
     lo = (max(int(cc0.min(initial=0)) - k0_max, 0), max(int(cc1.min(initial=0)) - k1_max, 0))
     hi = (
@@ -253,7 +253,10 @@ def gamma_2d(
         todo = active
         if active.size * off0.size > 4 * crop_size:  # the bound pays for itself only on big sets
             # Lower bound of |D_eval - D_ref| over the circle from the window that holds it.
-            k0, k1 = _half_width(distance / evaluated.step0, on_nodes), _half_width(distance / evaluated.step1, on_nodes)
+            k0, k1 = (
+                _half_width(distance / evaluated.step0, on_nodes),
+                _half_width(distance / evaluated.step1, on_nodes),
+            )
             low, high = windows.grow_to(k0, k1)
             cell = flat_centre[active]
             ref_active = ref_values[active]
@@ -288,7 +291,7 @@ def gamma_2d(
 
 def _half_width(radius: float, on_nodes: bool) -> int:
     """Half-width (nodes) of a window holding every node a circle of `radius` (grid units) uses."""
-    return int(math.floor(radius + 1e-6)) + 1 if on_nodes else int(math.ceil(radius + 0.5)) + 1
+    return math.floor(radius + 1e-6) + 1 if on_nodes else math.ceil(radius + 0.5) + 1
 
 
 def _shell_step(distances: list[float], index: int, criteria: Criteria) -> float:
