@@ -108,16 +108,20 @@ def qa_summary(qa_path: Path) -> dict[str, Any]:
 
 
 def case_summary(
-    case_id: str, records: list[Path], rtdoses: list[Path], plan_dose: Path, output: Path, qa: Path | None = None
+    case_id: str, records: list[Path], rtdoses: list[Path], plan_dose: Path | None, output: Path, qa: Path | None = None
 ) -> None:
-    """The case's end state in one file: every beam's run and RT Dose, the plan dose, the QA verdict."""
+    """The case's end state in one file: every beam's run and RT Dose, the plan dose (when the
+    beams share one geometry), the QA verdict."""
     beams = beam_rows(records, rtdoses)
-    plan = read_rtdose_dose(plan_dose)
+    plan_entry: dict[str, Any] = {"rt_dose": None, "note": "no plan sum: the beams do not share one geometry"}
+    if plan_dose is not None:
+        plan = read_rtdose_dose(plan_dose)
+        plan_entry = {"rt_dose": str(plan_dose), "max_dose": float(plan.dose.max()), "units": plan.units}
     summary = {
         "case_id": case_id,
         "qa": qa_summary(qa) if qa is not None else None,
         "beams": beams,
-        "plan_dose": {"rt_dose": str(plan_dose), "max_dose": float(plan.dose.max()), "units": plan.units},
+        "plan_dose": plan_entry,
     }
     output.write_text(json.dumps(summary, indent=1) + "\n")
 
@@ -137,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     summary.add_argument("--case", required=True)
     summary.add_argument("--records", type=Path, nargs="+", required=True)
     summary.add_argument("--rtdoses", type=Path, nargs="+", required=True)
-    summary.add_argument("--plan-dose", type=Path, required=True)
+    summary.add_argument("--plan-dose", type=Path, help="the plan sum RT Dose, when one was written")
     summary.add_argument("--qa", type=Path, help="the case's qa.json (its verdict goes into the summary)")
     summary.add_argument("--output", type=Path, required=True)
     args = parser.parse_args(argv)
