@@ -117,3 +117,13 @@ def test_bad_input_is_refused() -> None:
         gamma_2d((AXIS[::-1], AXIS), REFERENCE, (AXIS, AXIS), REFERENCE, Criteria())
     with pytest.raises(ValueError, match="NaN"):
         gamma_2d((AXIS, AXIS), REFERENCE, (AXIS, AXIS), REFERENCE * np.nan, Criteria())
+
+
+def test_reference_reaching_beyond_the_evaluated_grid_equals_pymedphys() -> None:
+    # Evaluated grid: an aligned sub-window; reference points outside it get NaN or edge values.
+    sub = slice(40, 80)  # +-20 mm: cuts through the 50 mm field
+    evaluated = PLANES["noisy 2 %"][sub, sub]
+    axes_eval = (AXIS[sub], AXIS[sub])
+    ours = gamma_2d((AXIS, AXIS), REFERENCE, axes_eval, evaluated, Criteria(3, 2))
+    assert_same(ours, oracle(REFERENCE, evaluated, Criteria(3, 2), axes_eval=axes_eval))
+    assert np.isnan(ours.gamma[0, 0]) and ours.evaluated < np.sum(REFERENCE >= 0.1 * REFERENCE.max())

@@ -151,9 +151,12 @@ class _Evaluated:
         high = flat[base + step0] * (1.0 - w1) + flat[base + step0 + step1] * w1
         return low * (1.0 - w0) + high * w0
 
-    def at_points(self, u0: np.ndarray, u1: np.ndarray) -> np.ndarray:
-        """Dose at fractional grid positions (any shape); NaN outside the grid."""
-        inside = (u0 >= 0) & (u0 <= self.n0 - 1) & (u1 >= 0) & (u1 <= self.n1 - 1)
+    def at_points(self, x0: np.ndarray, x1: np.ndarray, bounds: tuple[float, float, float, float]) -> np.ndarray:
+        """Dose at positions (mm, any shape); NaN outside `bounds` (the whole evaluated grid's
+        first and last coordinates, compared in mm exactly as pymedphys does)."""
+        inside = (x0 >= bounds[0]) & (x0 <= bounds[1]) & (x1 >= bounds[2]) & (x1 <= bounds[3])
+        u0 = (x0 - self.origin0) / self.step0
+        u1 = (x1 - self.origin1) / self.step1
         i0 = np.clip(np.floor(u0), 0, self.n0 - 2).astype(np.intp)
         i1 = np.clip(np.floor(u1), 0, self.n1 - 2).astype(np.intp)
         w0, w1 = u0 - i0, u1 - i1
@@ -204,43 +207,51 @@ def gamma_2d(
     r1, s1 = _axis(axes_reference[1], reference.shape[1], "reference axis 1")
     distances = search_distances(criteria)
     reach = distances[-1]
-    shape = np.shape(dose_evaluation)
-    e0 = _axis(axes_evaluation[0], shape[0], "evaluated axis 0")[1]
-    e1 = _axis(axes_evaluation[1], shape[1], "evaluated axis 1")[1]
-    pad = math.ceil(reach / min(e0, e1)) + 2
-    evaluated = _Evaluated(axes_evaluation, dose_evaluation, pad=pad)
+    full = np.asarray(dose_evaluation, dtype=np.float64)
+    o0, e0 = _axis(axes_evaluation[0], full.shape[0], "evaluated axis 0")
+    o1, e1 = _axis(axes_evaluation[1], full.shape[1], "evaluated axis 1")
 
     norm = float(reference.max()) if criteria.global_normalisation is None else float(criteria.global_normalisation)
     gamma = np.full(reference.shape, np.nan)
     if norm <= 0:
         return GammaResult(gamma, criteria, 0, 0)
     points = np.flatnonzero(reference >= criteria.cutoff_percent / 100 * norm)
+    if points.size == 0:
+        return GammaResult(gamma, criteria, 0, 0)
     p0, p1 = np.divmod(points, reference.shape[1])
-    u0 = (r0 + s0 * p0 - evaluated.origin0) / evaluated.step0
-    u1 = (r1 + s1 * p1 - evaluated.origin1) / evaluated.step1
+    ref_mm0 = np.asarray(axes_reference[0], dtype=np.float64)[p0]
+    ref_mm1 = np.asarray(axes_reference[1], dtype=np.float64)[p1]
+    u0 = (r0 + s0 * p0 - o0) / e0
+    u1 = (r1 + s1 * p1 - o1) / e1
     ref_values = reference.ravel()[points]
     scale = (ref_values if criteria.local else np.full(points.size, norm)) * (criteria.dose_percent / 100)
     with np.errstate(divide="ignore"):
         inv_scale = 1.0 / scale
-    on_nodes = bool(
-        np.all(np.abs(u0 - np.rint(u0)) < 1e-9)
-        and np.all(np.abs(u1 - np.rint(u1)) < 1e-9)
-        and np.isclose(s0, evaluated.step0)
-        and np.isclose(s1, evaluated.step1)
-    )
     c0, c1 = np.rint(u0).astype(np.intp), np.rint(u1).astype(np.intp)
-    centre_inside = (c0 >= 0) & (c0 < evaluated.n0) & (c1 >= 0) & (c1 < evaluated.n1)
-    # The window bounds are needed around the points only: crop to their box plus the reach.
-    k0_max, k1_max = math.ceil(reach / evaluated.step0) + 2, math.ceil(reach / evaluated.step1) + 2
-    cc0, cc1 = np.clip(c0, 0, evaluated.n0 - 1), np.clip(c1, 0, evaluated.n1 - 1)
-    lo = (max(int(cc0.min(initial=0)) - k0_max, 0), max(int(cc1.min(initial=0)) - k1_max, 0))
-    hi = (
-        min(int(cc0.max(initial=0)) + k0_max + 1, evaluated.n0),
-        min(int(cc1.max(initial=0)) + k1_max + 1, evaluated.n1),
+    centre_inside = (c0 >= 0) & (c0 < full.shape[0]) & (c1 >= 0) & (c1 < full.shape[1])
+    on_nodes = bool(
+        centre_inside.all()
+        and np.all(np.abs(u0 - c0) < 1e-9)
+        and np.all(np.abs(u1 - c1) < 1e-9)
+        and np.isclose(s0, e0)
+        and np.isclose(s1, e1)
     )
-    windows = evaluated.window_bounds(lo, hi)
-    flat_centre = (cc0 - lo[0]) * (hi[1] - lo[1]) + (cc1 - lo[1])
-    crop_size = (hi[0] - lo[0]) * (hi[1] - lo[1])
+    # Only the points' box plus the reach is ever looked at: crop the evaluated dose to it (a
+    # circle leaves the crop only where the crop ends at the grid's own edge).
+    k0_max, k1_max = math.ceil(reach / e0) + 2, math.ceil(reach / e1) + 2
+    cc0, cc1 = np.clip(c0, 0, full.shape[0] - 1), np.clip(c1, 0, full.shape[1] - 1)
+    lo = (max(int(cc0.min()) - k0_max, 0), max(int(cc1.min()) - k1_max, 0))
+    hi = (min(int(cc0.max()) + k0_max + 1, full.shape[0]), min(int(cc1.max()) + k1_max + 1, full.shape[1]))
+    crop = full[lo[0] : hi[0], lo[1] : hi[1]]
+    axis0, axis1 = (np.asarray(a, dtype=np.float64) for a in axes_evaluation)
+    bounds = (float(axis0[0]), float(axis0[-1]), float(axis1[0]), float(axis1[-1]))
+    axes_crop = (axis0[lo[0] : hi[0]], axis1[lo[1] : hi[1]])
+    pad = max(k0_max, k1_max)
+    evaluated = _Evaluated(axes_crop, crop, pad=pad)
+    u0, u1, c0, c1, cc0, cc1 = u0 - lo[0], u1 - lo[1], c0 - lo[0], c1 - lo[1], cc0 - lo[0], cc1 - lo[1]
+    windows: _WindowBounds | None = None
+    flat_centre = cc0 * evaluated.n1 + cc1
+    crop_size = crop.size
     node = (c0 + pad) * evaluated.width + (c1 + pad)
 
     current = np.full(points.size, np.inf)
@@ -257,6 +268,7 @@ def gamma_2d(
                 _half_width(distance / evaluated.step0, on_nodes),
                 _half_width(distance / evaluated.step1, on_nodes),
             )
+            windows = windows or evaluated.window_bounds((0, 0), (evaluated.n0, evaluated.n1))
             low, high = windows.grow_to(k0, k1)
             cell = flat_centre[active]
             ref_active = ref_values[active]
@@ -273,8 +285,7 @@ def gamma_2d(
                 values = evaluated.at_nodes(node[part], off0 / evaluated.step0, off1 / evaluated.step1)
             else:
                 values = evaluated.at_points(
-                    u0[part][None, :] + (off0 / evaluated.step0)[:, None],
-                    u1[part][None, :] + (off1 / evaluated.step1)[:, None],
+                    ref_mm0[part][None, :] + off0[:, None], ref_mm1[part][None, :] + off1[:, None], bounds
                 )
             diff = np.fmin.reduce(np.abs(values - ref_values[part]), axis=0)
             diff = np.where(np.isnan(diff), np.inf, diff)
