@@ -135,21 +135,40 @@ class _Evaluated:
         """Window minima/maxima over the crop [lo, hi) of the grid (the region the points need)."""
         return _WindowBounds(self.dose[lo[0] : hi[0], lo[1] : hi[1]])
 
-    def at_nodes(self, node: np.ndarray, d0: np.ndarray, d1: np.ndarray) -> np.ndarray:
-        """Dose at node indices `node` (flat, padded) shifted by grid offsets (d0, d1); NaN outside.
+    def min_difference_at_nodes(self, node: np.ndarray, d0: np.ndarray, d1: np.ndarray, ref: np.ndarray) -> np.ndarray:
+        """min over the offsets (d0, d1) (grid units) of |dose - ref| around the nodes `node`
+        (flat, padded indices); NaN where every offset falls outside the grid.
 
-        The weights are the same for every point; a zero weight is left out (its node may lie
-        in the NaN border, and pymedphys counts a point on the grid's edge as inside).
+        The weights are the same for every point, so the nodes a circle touches are gathered
+        once (one row per node) and each interpolation is a weighted sum of at most four rows
+        (no BLAS: its threads only slow a busy machine down). A zero weight is left out:
+        pymedphys counts a point on the grid's edge as inside.
         """
-        f0, f1 = np.floor(d0), np.floor(d1)
-        w0, w1 = (d0 - f0)[:, None], (d1 - f1)[:, None]
-        base = node[None, :] + (f0 * self.width + f1).astype(np.intp)[:, None]
-        step0 = np.where(w0 > 0, self.width, 0)
-        step1 = np.where(w1 > 0, 1, 0)
-        flat = self.flat
-        low = flat[base] * (1.0 - w1) + flat[base + step1] * w1
-        high = flat[base + step0] * (1.0 - w1) + flat[base + step0 + step1] * w1
-        return low * (1.0 - w0) + high * w0
+        f0, f1 = np.floor(d0).astype(np.intp), np.floor(d1).astype(np.intp)
+        w0, w1 = d0 - f0, d1 - f1
+        terms = []
+        for k in range(d0.size):
+            corners = (
+                (f0[k], f1[k], (1.0 - w0[k]) * (1.0 - w1[k])),
+                (f0[k], f1[k] + 1, (1.0 - w0[k]) * w1[k]),
+                (f0[k] + 1, f1[k], w0[k] * (1.0 - w1[k])),
+                (f0[k] + 1, f1[k] + 1, w0[k] * w1[k]),
+            )
+            terms.append([(int(a) * self.width + int(b), float(w)) for a, b, w in corners if w != 0.0])
+        rows = sorted({shift for offset in terms for shift, _ in offset})
+        row_of = {shift: r for r, shift in enumerate(rows)}
+        index = node[None, :] + np.asarray(rows, dtype=np.intp)[:, None]
+        nodes = self.flat[index]  # NaN in the border: a term that reaches it makes the value NaN
+        best = np.full(node.size, np.nan)
+        value = np.empty(node.size)
+        for offset in terms:
+            np.multiply(nodes[row_of[offset[0][0]]], offset[0][1], out=value)
+            for shift, weight in offset[1:]:
+                value += nodes[row_of[shift]] * weight
+            value -= ref
+            np.abs(value, out=value)
+            np.fmin(best, value, out=best)
+        return best
 
     def at_points(self, x0: np.ndarray, x1: np.ndarray, bounds: tuple[float, float, float, float]) -> np.ndarray:
         """Dose at positions (mm, any shape); NaN outside `bounds` (the whole evaluated grid's
@@ -282,12 +301,14 @@ def gamma_2d(
         for start in range(0, todo.size, chunk):
             part = todo[start : start + chunk]
             if on_nodes:
-                values = evaluated.at_nodes(node[part], off0 / evaluated.step0, off1 / evaluated.step1)
+                diff = evaluated.min_difference_at_nodes(
+                    node[part], off0 / evaluated.step0, off1 / evaluated.step1, ref_values[part]
+                )
             else:
                 values = evaluated.at_points(
                     ref_mm0[part][None, :] + off0[:, None], ref_mm1[part][None, :] + off1[:, None], bounds
                 )
-            diff = np.fmin.reduce(np.abs(values - ref_values[part]), axis=0)
+                diff = np.fmin.reduce(np.abs(values - ref_values[part]), axis=0)
             diff = np.where(np.isnan(diff), np.inf, diff)
             with np.errstate(invalid="ignore"):
                 at_distance = np.sqrt((diff * inv_scale[part]) ** 2 + distance_term)
