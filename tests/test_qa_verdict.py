@@ -304,3 +304,18 @@ def test_cli_writes_qa_json_and_a_self_contained_sheet(tmp_path: Path, config: d
     assert html.count("data:image/png;base64,") == 2 and "src='http" not in html and "Provenance" in html
     assert sorted(p.name for p in (tmp_path / "fig").iterdir()) == ["qa_F1.png", "qa_F2.png"]
     assert before == {p: p.stat().st_mtime_ns for p in case.rglob("*") if p.is_file()}  # input untouched
+
+
+def test_compare_refuses_planes_along_different_axes_or_beyond_the_delivered_grid(config: dict) -> None:
+    from mqi_communicator.qa.tps_dose import Plane
+    from mqi_communicator.qa.verdict import compare
+
+    axis = np.arange(-20.0, 21.0)
+    dose = np.exp(-(axis[:, None] ** 2 + axis[None, :] ** 2) / 200.0)
+    tps = Plane(dose, axis, axis, "xz", "GY")
+    sagittal = Plane(dose, axis, axis, "yz", "GY")
+    result = compare(tps, sagittal, config["qa"])
+    assert result["verdict"] == "ERROR" and "along patient xz but the delivered plane along yz" in result["reasons"][0]
+    small = Plane(dose[10:-10, 10:-10], axis[10:-10], axis[10:-10], "xz", "GY")
+    result = compare(tps, small, config["qa"])
+    assert result["verdict"] == "ERROR" and "outside the delivered dose grid" in result["reasons"][0]

@@ -1,6 +1,6 @@
 """TPS dose intake: find the TPS RT Dose of each beam, check it, and take the plane to compare.
 
-Where: every DICOM file with Modality RTDOSE in the case folder (any depth), or in the folder
+Where: every DICOM file (*.dcm or no suffix) with Modality RTDOSE in the case folder (any depth), or in the folder
 `qa.tps_dose_directory` names (with a `{case_id}` placeholder). Our own output (Manufacturer
 mqi_communicator) is never taken for the TPS dose.
 
@@ -66,7 +66,10 @@ def _header(path: Path) -> pydicom.Dataset | None:
 def find_tps_doses(folder: Path) -> list[tuple[Path, pydicom.Dataset]]:
     """Every TPS RT Dose below `folder` (by Modality, not by name); our own doses are skipped."""
     found = []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+    files = (
+        p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in (".dcm", "") and not p.name.startswith(".")
+    )
+    for path in sorted(files):
         ds = _header(path)
         if ds is None or ds.get("Modality") != "RTDOSE" or ds.get("Manufacturer") == MANUFACTURER:
             continue
