@@ -82,6 +82,7 @@ def beam_figure(arrays: dict[str, Any], title: str, iso: tuple[float, float]) ->
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     axes[1, 2].axis("off")
+    axes[1, 2].text(0.0, 0.9, "\n".join(arrays.get("numbers", [])), va="top", fontsize=10, family="monospace")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.96))
     buffer = io.BytesIO()

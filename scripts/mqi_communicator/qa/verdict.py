@@ -100,7 +100,19 @@ def compare(tps: Plane, delivered: Plane, qa: dict[str, Any]) -> dict[str, Any]:
         "high_dose_region_percent": qa["high_dose_region_percent"],
         "tps_max": peak,
         "units": "RELATIVE" if relative else "GY",
-        "_arrays": {"gamma": primary.gamma, "tps": tps, "delivered_on_tps": on_tps * scale, "units": tps.units},
+        "_arrays": {
+            "gamma": primary.gamma,
+            "tps": tps,
+            "delivered_on_tps": on_tps * scale,
+            "units": f"{tps.units}; delivered scaled x{scale:.4g}" if relative else tps.units,
+            "numbers": [
+                f"{verdict}",
+                f"{primary.criteria.label}: {primary.pass_rate:.1f} % of {primary.evaluated} points",
+                f"{secondary.criteria.label}: {secondary.pass_rate:.1f} %",
+                f"mean dose difference (TPS >= {qa['high_dose_region_percent']:g} %): {mean_diff:+.2f} %",
+                f"{'RELATIVE' if relative else 'absolute'} comparison",
+            ],
+        },
     }
 
 
