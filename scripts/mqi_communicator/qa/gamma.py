@@ -267,7 +267,7 @@ def gamma_2d(
     axes_crop = (axis0[lo[0] : hi[0]], axis1[lo[1] : hi[1]])
     pad = max(k0_max, k1_max)
     evaluated = _Evaluated(axes_crop, crop, pad=pad)
-    u0, u1, c0, c1, cc0, cc1 = u0 - lo[0], u1 - lo[1], c0 - lo[0], c1 - lo[1], cc0 - lo[0], cc1 - lo[1]
+    c0, c1, cc0, cc1 = c0 - lo[0], c1 - lo[1], cc0 - lo[0], cc1 - lo[1]
     windows: _WindowBounds | None = None
     flat_centre = cc0 * evaluated.n1 + cc1
     crop_size = crop.size
