@@ -183,7 +183,9 @@ def plan_sum_dose(wildcards):
 
 
 def plan_dose_arg(wildcards, input):
-    paths = [input.plan_dose] if isinstance(input.plan_dose, str) else list(input.plan_dose)
+    paths = (
+        [input.plan_dose] if isinstance(input.plan_dose, str) else list(input.plan_dose)
+    )
     return " ".join(f"--plan-dose {shlex.quote(str(p))}" for p in paths)
 
 # ---- end QA --------------------------------------------------------------------------------
