@@ -36,6 +36,7 @@ else:
 
 include: "rules/rtdose.smk"
 include: "rules/report.smk"
+include: "rules/qa.smk"
 
 
 report: "report/workflow.rst"
@@ -52,9 +53,12 @@ localrules:
     report_dose_map,
     report_beam_table,
     case_summary,
+    qa_case,
+    qa_trend,
 
 
 rule all:
     default_target: True
     input:
         all_targets,
+        qa_targets,

@@ -10,12 +10,13 @@ envs/setup.sh
 cat <<'MSG'
 
 Done. Per case, under data/cases/<case_id>/:
-  dicom/RD_<beam>.dcm, dicom/RD_PLAN.dcm   RT Dose per beam and the plan sum
+  dicom/RD_<beam>.dcm (RD_PLAN.dcm)        RT Dose per beam (plan sum when beams share a geometry)
   raw/<beam>_Dose.raw                      the engine's raw dose (MOQUI format)
   intermediate/intake.json                 intake manifest (plan, room, beams, deliveries)
   intermediate/moqui_csv/                  P2 output: plan/ and log/<beam>/<NN>_<E>MeV.csv
   intermediate/moqui/<beam>/               MOQUI parameter file and the beam's logFilePath
-  intermediate/case_summary.json           what was computed, per beam
-Report: report.html (dose maps, profiles, beam tables). Logs: logs/<case_id>/
+  intermediate/case_summary.json           what was computed, per beam, and the QA verdict
+  intermediate/qa/qa_sheet.html, qa.json   the QA sheet (README: "Reading the QA sheet")
+Report: report.html (dose maps, profiles, beam tables, QA sheets, QA trend). Logs: logs/<case_id>/
 The built-in engine is an analytical pencil-beam approximation, not Monte Carlo; its doses are RELATIVE.
 MSG

@@ -196,3 +196,37 @@ def all_targets(wildcards):
     # One summary per case; the checkpoint is resolved in each case's own input function, so
     # one case's pending intake never hides the others from a dry-run.
     return [processing("case_summary.json", case) for case in CASES]
+
+
+# ---- QA (issue 11) -------------------------------------------------------------------------
+import shlex
+
+
+def qa_case_results(wildcards):
+    """Every ready case's qa.json (the trend across cases)."""
+    return [processing("qa/qa.json", case) for case in CASES]
+
+
+def qa_targets(wildcards):
+    return ["results/qa_trend.png"] + qa_case_results(wildcards)
+
+
+def plan_sum_dose(wildcards):
+    """RD_PLAN.dcm only when the plan's treatment beams share one geometry (gantry, couch,
+    isocentre): beams in different beam frames are not summed (rtdose.plan_sum_refusal_for).
+    """
+    from mqi_communicator.rtdose import plan_sum_refusal_for
+
+    m = manifest(wildcards.case_id)
+    if plan_sum_refusal_for(Path(m["case_dir"]) / m["plan"]["path"]) is not None:
+        return []
+    return [final_dicom("RD_PLAN.dcm", wildcards.case_id)]
+
+
+def plan_dose_arg(wildcards, input):
+    paths = (
+        [input.plan_dose] if isinstance(input.plan_dose, str) else list(input.plan_dose)
+    )
+    return " ".join(f"--plan-dose {shlex.quote(str(p))}" for p in paths)
+
+# ---- end QA --------------------------------------------------------------------------------

@@ -51,9 +51,10 @@ rule case_summary:
         manifest=processing("intake.json"),
         records=beam_records,
         rtdoses=beam_rtdoses,
-        plan_dose=final_dicom("RD_PLAN.dcm"),
+        plan_dose=plan_sum_dose,
         figures=beam_figures,
         table=processing("report/beams.csv"),
+        qa=processing("qa/qa.json"),
     output:
         processing("case_summary.json"),
     log:
@@ -62,6 +63,7 @@ rule case_summary:
         "../envs/mqi.yaml"
     params:
         python=PYTHON,
+        plan_dose=plan_dose_arg,
     shell:
         "{params.python} -m mqi_communicator.report summary --case {wildcards.case_id} --records {input.records:q}"
-        " --rtdoses {input.rtdoses:q} --plan-dose {input.plan_dose:q} --output {output:q} > {log:q} 2>&1"
+        " --rtdoses {input.rtdoses:q} {params.plan_dose} --qa {input.qa:q} --output {output:q} > {log:q} 2>&1"

@@ -54,7 +54,8 @@ def test_rt_doses_reference_the_plan(finished_run: Path) -> None:
     for case in ("case001_G2", "case002_G1", "case003_plan_only"):
         plan = pydicom.dcmread(find_plan(REPO / "sample_cases" / case))
         dicom = finished_run / "data" / "cases" / case / "dicom"
-        assert sorted(p.name for p in dicom.iterdir()) == ["RD_1G180_TX.dcm", "RD_2G90.dcm", "RD_PLAN.dcm"]
+        # Gantry 180 and 90: different beam frames, so no plan sum (the asym case has one).
+        assert sorted(p.name for p in dicom.iterdir()) == ["RD_1G180_TX.dcm", "RD_2G90.dcm"]
         beams = {}
         for path in sorted(dicom.iterdir()):
             ds = pydicom.dcmread(path)
@@ -65,20 +66,25 @@ def test_rt_doses_reference_the_plan(finished_run: Path) -> None:
             assert ref.ReferencedSOPInstanceUID == plan.SOPInstanceUID
             assert ds.DoseUnits == "RELATIVE" and "not Monte Carlo" in str(ds.get("DoseComment", ""))
             assert (ds.Rows, ds.Columns) == (400, 400)
-            if path.name == "RD_PLAN.dcm":
-                assert ds.DoseSummationType == "PLAN"
-                plan_dose = read_rtdose_dose(path).dose
-            else:
-                assert ds.DoseSummationType == "BEAM"
-                number = ref.ReferencedFractionGroupSequence[0].ReferencedBeamSequence[0].ReferencedBeamNumber
-                beams[path.name] = (number, read_rtdose_dose(path).dose)
-        assert beams["RD_1G180_TX.dcm"][0] == 2 and beams["RD_2G90.dcm"][0] == 3
-        total = beams["RD_1G180_TX.dcm"][1] + beams["RD_2G90.dcm"][1]
-        assert np.abs(plan_dose - total).max() <= 1e-6 * total.max()
+            assert ds.DoseSummationType == "BEAM"
+            number = ref.ReferencedFractionGroupSequence[0].ReferencedBeamSequence[0].ReferencedBeamNumber
+            beams[path.name] = number
+        assert beams == {"RD_1G180_TX.dcm": 2, "RD_2G90.dcm": 3}
         summary = json.loads(
             (finished_run / "data" / "cases" / case / "intermediate" / "case_summary.json").read_text()
         )
         assert [b["beam_number"] for b in summary["beams"]] == [2, 3]
+        assert summary["plan_dose"]["rt_dose"] is None
+        # The sample cases carry independent TPS doses: each gets a QA verdict and sheet.
+        assert summary["qa"]["verdict"] == "PASS"
+        assert (finished_run / "data" / "cases" / case / "intermediate" / "qa" / "qa_sheet.html").is_file()
+
+
+def test_plan_sum_of_beams_sharing_one_geometry(finished_run: Path) -> None:
+    dicom = finished_run / "data" / "cases" / "asym" / "dicom"
+    plan_dose = read_rtdose_dose(dicom / "RD_PLAN.dcm").dose
+    beam = read_rtdose_dose(dicom / "RD_ASYM_1.dcm").dose
+    assert np.abs(plan_dose - beam).max() <= 1e-6 * beam.max()
 
 
 def test_axis_and_sign_mapping_from_logs_to_rt_dose(finished_run: Path) -> None:
@@ -97,7 +103,7 @@ def test_report_and_nothing_left_to_do(finished_run: Path) -> None:
     report = snakemake(finished_run, "--report", "report.html")
     assert report.returncode == 0, report.stderr[-2000:]
     html = (finished_run / "report.html").read_text(errors="replace")
-    for needle in ("dose_1G180_TX.png", "beams.csv", "Dose maps", "not Monte Carlo"):
+    for needle in ("dose_1G180_TX.png", "beams.csv", "Dose maps", "not Monte Carlo", "QA sheets", "qa_trend.png"):
         assert needle in html
     table = (finished_run / "data" / "cases" / "case001_G2" / "intermediate" / "report" / "beams.csv").read_text()
     assert table.splitlines()[0].startswith("beam,beam_number,max_dose,units,engine")

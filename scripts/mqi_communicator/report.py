@@ -29,7 +29,7 @@ def dose_figure(rtdose_path: Path, title: str, output: Path) -> dict[str, float]
     cols, rows = image.col_mm, image.row_mm
     units = image.units
     peak = float(frame.max())
-    fig, (ax_map, ax_prof) = plt.subplots(1, 2, figsize=(11, 4.6), gridspec_kw={"width_ratios": [1.1, 1]})
+    fig, (ax_map, ax_x, ax_r) = plt.subplots(1, 3, figsize=(15, 4.6), gridspec_kw={"width_ratios": [1.1, 1, 1]})
     half = abs(cols[1] - cols[0]) / 2 if len(cols) > 1 else 0.5
     extent = (cols[0] - half, cols[-1] + half, rows[0] - half, rows[-1] + half)
     # origin="lower": patient z (or y) increases upwards, as a physicist reads a coronal plane.
@@ -41,15 +41,18 @@ def dose_figure(rtdose_path: Path, title: str, output: Path) -> dict[str, float]
     ax_map.set_ylabel(f"patient {row_axis} (mm)")
     fig.suptitle(title, fontsize=10)
     fig.colorbar(shown, ax=ax_map, label=f"dose ({units})")
-    # Profiles through the pixel nearest the isocentre: the centre of the plane.
+    # Profiles through the pixel nearest the isocentre (the centre of the plane), one panel per
+    # direction so that neither hides the other when the field is symmetric.
     r0, c0 = int(np.argmin(np.abs(rows - rows.mean()))), int(np.argmin(np.abs(cols - cols.mean())))
-    ax_prof.plot(cols, frame[r0, :], label=f"along x at {row_axis} = {rows[r0]:.1f} mm")
-    ax_prof.plot(rows, frame[:, c0], label=f"along {row_axis} at x = {cols[c0]:.1f} mm")
-    ax_prof.set_xlabel("position (mm)")
-    ax_prof.set_ylabel(f"dose ({units})")
-    ax_prof.set_title("profiles through the isocentre")
-    ax_prof.legend(fontsize=8)
-    ax_prof.grid(alpha=0.3)
+    for ax, positions, line, name, at in (
+        (ax_x, cols, frame[r0, :], "x", f"{row_axis} = {rows[r0]:.1f} mm"),
+        (ax_r, rows, frame[:, c0], row_axis, f"x = {cols[c0]:.1f} mm"),
+    ):
+        ax.plot(positions, line, color="tab:blue" if name == "x" else "tab:red")
+        ax.set_xlabel(f"patient {name} (mm)")
+        ax.set_ylabel(f"dose ({units})")
+        ax.set_title(f"profile along {name} at {at}", fontsize=9)
+        ax.grid(alpha=0.3)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     output.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(output, dpi=90)
@@ -93,14 +96,34 @@ def beam_table(records: list[Path], rtdoses: list[Path], output: Path) -> None:
         writer.writerows(rows)
 
 
-def case_summary(case_id: str, records: list[Path], rtdoses: list[Path], plan_dose: Path, output: Path) -> None:
-    """The case's end state in one file: every beam's run and RT Dose, and the plan dose."""
+def qa_summary(qa_path: Path) -> dict[str, Any]:
+    """The case's QA verdict and each beam's (dose, delivery) verdicts from its qa.json."""
+    qa = json.loads(qa_path.read_text())
+    return {
+        "verdict": qa["verdict"],
+        "qa_json": str(qa_path),
+        "beams": {
+            b["name"]: {"verdict": b["verdict"], "dose": b["dose"]["verdict"], "delivery": b["delivery"]["verdict"]}
+            for b in qa["beams"]
+        },
+    }
+
+
+def case_summary(
+    case_id: str, records: list[Path], rtdoses: list[Path], plan_dose: Path | None, output: Path, qa: Path | None = None
+) -> None:
+    """The case's end state in one file: every beam's run and RT Dose, the plan dose (when the
+    beams share one geometry), the QA verdict."""
     beams = beam_rows(records, rtdoses)
-    plan = read_rtdose_dose(plan_dose)
+    plan_entry: dict[str, Any] = {"rt_dose": None, "note": "no plan sum: the beams do not share one geometry"}
+    if plan_dose is not None:
+        plan = read_rtdose_dose(plan_dose)
+        plan_entry = {"rt_dose": str(plan_dose), "max_dose": float(plan.dose.max()), "units": plan.units}
     summary = {
         "case_id": case_id,
+        "qa": qa_summary(qa) if qa is not None else None,
         "beams": beams,
-        "plan_dose": {"rt_dose": str(plan_dose), "max_dose": float(plan.dose.max()), "units": plan.units},
+        "plan_dose": plan_entry,
     }
     output.write_text(json.dumps(summary, indent=1) + "\n")
 
@@ -120,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     summary.add_argument("--case", required=True)
     summary.add_argument("--records", type=Path, nargs="+", required=True)
     summary.add_argument("--rtdoses", type=Path, nargs="+", required=True)
-    summary.add_argument("--plan-dose", type=Path, required=True)
+    summary.add_argument("--plan-dose", type=Path, help="the plan sum RT Dose, when one was written")
+    summary.add_argument("--qa", type=Path, help="the case's qa.json (its verdict goes into the summary)")
     summary.add_argument("--output", type=Path, required=True)
     args = parser.parse_args(argv)
     try:
@@ -129,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "table":
             beam_table(args.records, args.rtdoses, args.output)
         else:
-            case_summary(args.case, args.records, args.rtdoses, args.plan_dose, args.output)
+            case_summary(args.case, args.records, args.rtdoses, args.plan_dose, args.output, args.qa)
     except (OSError, ValueError, KeyError) as exc:
         print(f"report failed: {exc}", file=sys.stderr)
         return 1

@@ -1,6 +1,8 @@
 """P3: turn a MOQUI raw dose (plane or volume) into a DICOM RT Dose that references the plan.
 
-Geometry (MOQUI beam frame -> patient, gantry 0, head-first supine, see `geometry`):
+Geometry (see `geometry.beam_axes`). In the default "beam" frame, the frame in which each beam's
+dose is compared with the TPS's QA plane, every beam is placed as at gantry 0, head-first supine,
+whatever its gantry angle (the RT Dose's ImageComments say so):
 MOQUI x -> patient x, MOQUI y -> patient z, depth d -> patient y = iso_y - PLANE_DEPTH_MM + d
 (the phantom surface sits PLANE_DEPTH_MM = 20 mm before the isocentre). Lateral positions are
 taken relative to the isocentre: patient x = iso_x + x, patient z = iso_z + y. For the clinic's
@@ -13,6 +15,11 @@ QA plans the isocentre lies on x = z = 0, so a 2 cm plane lands at ImagePosition
 - A volume becomes an axial multi-frame RT Dose: ImageOrientationPatient [1,0,0, 0,1,0],
   columns = MOQUI x (patient x), rows = depth (patient y, increasing depth downwards),
   frames = MOQUI y (patient z, increasing), GridFrameOffsetVector relative to the first frame.
+- The "patient" frame (`--frame patient`) turns the same pixels by the beam's gantry angle
+  (0/90/180/270, couch 0, HFS; anything else is refused): e.g. at gantry 90 the plane is
+  sagittal (columns patient +y, rows +z), at 180 coronal with columns along patient -x.
+- A plan sum (RD_PLAN) is written only when the treatment beams share one geometry (gantry and
+  couch angle, isocentre); beams in different beam frames are not summed (a clear error).
 
 Pixels are unsigned integers with DoseGridScaling = max / (2^n - 1). The default is n = 32
 (uint32): the dose is kept to 2.3e-10 of its maximum, so the long low-dose tail of a Monte
@@ -54,6 +61,7 @@ RT_DOSE_SOP_CLASS = UID("1.2.840.10008.5.1.4.1.1.481.2")
 MANUFACTURER = "mqi_communicator"
 DEFAULT_ENGINE_LABEL = "MOQUI Monte Carlo"
 PLAN_SUM_NAME = "PLAN"
+PLAN_SUM_SERIES_NUMBER = 999
 SUPPORTED_BITS = (16, 32)
 GRID_FRAME_OFFSET_VECTOR_TAG = 0x3004000C
 _LO_MAX = 64  # characters in a DICOM LO value
@@ -173,27 +181,66 @@ def _referenced_plan(plan_ds: Dataset, beam_number: int | None) -> DicomSequence
     return DicomSequence([ref])
 
 
+def beam_geometry(plan_ds: Dataset, beam_number: int) -> tuple[float, float, str]:
+    """(gantry angle, couch angle, patient position) of a beam from its first control point."""
+    beam = next((b for b in plan_ds.get("IonBeamSequence", []) if int(b.BeamNumber) == beam_number), None)
+    if beam is None:
+        raise ValueError(f"no beam number {beam_number} in the plan")
+    cp0 = beam.IonControlPointSequence[0]
+    setups = {
+        int(s.PatientSetupNumber): s for s in plan_ds.get("PatientSetupSequence", []) if "PatientSetupNumber" in s
+    }
+    setup = setups.get(int(beam.get("ReferencedPatientSetupNumber", 0) or 0)) or next(iter(setups.values()), None)
+    position = str(setup.get("PatientPosition", "HFS")) if setup is not None else "HFS"
+    return float(cp0.get("GantryAngle") or 0.0), float(cp0.get("PatientSupportAngle") or 0.0), position
+
+
+def plan_sum_refusal_for(plan_path: Path | str, beam_numbers: Sequence[int] | None = None) -> str | None:
+    """Why the plan's beams (default: every treatment beam) may not be summed, or None."""
+    plan = read_plan(Path(plan_path))
+    plan_ds = pydicom.dcmread(plan_path, stop_before_pixels=True)
+    numbers = [b.number for b in plan.treatment_beams] if beam_numbers is None else list(beam_numbers)
+    beams = []
+    for number in numbers:
+        gantry, couch, _ = beam_geometry(plan_ds, number)
+        beam = plan.beam(number)
+        assert beam is not None
+        beams.append((number, gantry, couch, beam.isocenter_mm))
+    return geometry.plan_sum_refusal(beams)
+
+
 def _image_geometry(
-    dose: np.ndarray, grid: geometry.Grid, iso: tuple[float, float, float]
+    dose: np.ndarray, grid: geometry.Grid, iso: tuple[float, float, float], axes: np.ndarray
 ) -> tuple[np.ndarray, dict[str, object]]:
-    """Dose as (frames, rows, cols) and the Image Plane / Multi-frame attributes (DS strings)."""
-    iso_x, iso_y, iso_z = iso
+    """Dose as (frames, rows, cols) and the Image Plane / Multi-frame attributes (DS strings).
+
+    `axes` (see `geometry.beam_axes`) holds the patient directions of MOQUI x, y and depth; the
+    pixels are never resampled, only placed: columns run along MOQUI x, rows along MOQUI y (a
+    plane) or depth (a volume, whose frames run along MOQUI y)."""
     dx, dy, dz = grid.spacing_mm
     x0, y0, d0 = grid.first_centre_mm
-    surface_y = iso_y - geometry.PLANE_DEPTH_MM
+    along_x, along_y, along_depth = (axes[:, k].astype(float) for k in range(3))
+    first = np.asarray(iso, dtype=float) + x0 * along_x + y0 * along_y + (d0 - geometry.PLANE_DEPTH_MM) * along_depth
+
+    def orientation(rows: np.ndarray) -> list[str]:
+        return [_ds(v) for v in (*along_x, *rows)]
+
     if grid.nz == 1:
-        # Coronal plane: rows run along MOQUI y (patient +z), columns along MOQUI x (patient +x).
         return dose[0][np.newaxis], {
-            "ImageOrientationPatient": ["1", "0", "0", "0", "0", "1"],
-            "ImagePositionPatient": [_ds(iso_x + x0), _ds(surface_y + d0), _ds(iso_z + y0)],
+            "ImageOrientationPatient": orientation(along_y),
+            "ImagePositionPatient": [_ds(v) for v in first],
             "PixelSpacing": [_ds(dy), _ds(dx)],
             "SliceThickness": _ds(dz),
             "GridFrameOffsetVector": ["0"],
         }
-    # Axial volume: frames along MOQUI y (patient +z), rows along depth (patient +y), columns x.
-    return np.ascontiguousarray(dose.transpose(1, 0, 2)), {
-        "ImageOrientationPatient": ["1", "0", "0", "0", "1", "0"],
-        "ImagePositionPatient": [_ds(iso_x + x0), _ds(surface_y + d0), _ds(iso_z + y0)],
+    frames = np.ascontiguousarray(dose.transpose(1, 0, 2))  # (MOQUI y, depth, x)
+    normal = np.cross(along_x, along_depth)
+    if float(normal @ along_y) < 0:  # frames must advance along the image normal: start at the far end
+        frames = frames[::-1]
+        first = first + (grid.ny - 1) * dy * along_y
+    return np.ascontiguousarray(frames), {
+        "ImageOrientationPatient": orientation(along_depth),
+        "ImagePositionPatient": [_ds(v) for v in first],
         "PixelSpacing": [_ds(dz), _ds(dx)],
         "SliceThickness": _ds(dy),
         "GridFrameOffsetVector": [_ds(dy * k) for k in range(grid.ny)],
@@ -201,7 +248,12 @@ def _image_geometry(
 
 
 def _lo(text: str) -> str:
-    return text if len(text) <= _LO_MAX else text[: _LO_MAX - 3] + "..."
+    """Text for a 64-character LO element: whole, or cut at a word boundary and marked "..."."""
+    if len(text) <= _LO_MAX:
+        return text
+    head = text[: _LO_MAX - 3]
+    cut = head.rfind(" ")
+    return (head[:cut] if cut > 0 else head).rstrip(" ,:;(") + "..."
 
 
 def build_rtdose(
@@ -214,8 +266,11 @@ def build_rtdose(
     calibrated: bool,
     dose_scale: float = 1.0,
     bits: int = 32,
+    frame: str = "beam",
 ) -> Dataset:
-    """The RT Dose dataset (with file meta) for `dose` in MOQUI raw order `grid.shape`."""
+    """The RT Dose dataset (with file meta) for `dose` in MOQUI raw order `grid.shape`, placed in
+    `frame` ("beam" or "patient", see `geometry.beam_axes`); a plan sum is refused (CaseError)
+    unless the plan's treatment beams share one geometry."""
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, not {bits}")
     if not (np.isfinite(dose_scale) and dose_scale > 0):
@@ -224,7 +279,16 @@ def build_rtdose(
     plan = read_plan(Path(plan_path))
     plan_ds = pydicom.dcmread(plan_path, stop_before_pixels=True)
     beam = _select_beam(plan, beam_number)
-    planes, image = _image_geometry(dose, grid, beam.isocenter_mm)
+    if beam_number is None:
+        refusal = plan_sum_refusal_for(plan_path)
+        if refusal is not None:
+            raise CaseError(plan.path, f"no plan sum: {refusal}")
+    gantry, couch, position = beam_geometry(plan_ds, beam.number)
+    try:
+        axes = geometry.beam_axes(frame, gantry, couch, position)
+    except geometry.GeometryError as exc:
+        raise CaseError(plan.path, f"beam {beam.number} ({beam.name}): {exc}") from exc
+    planes, image = _image_geometry(dose, grid, beam.isocenter_mm, axes)
     pixels, scaling = _quantize(planes, bits)
     n_frames, rows, cols = pixels.shape
 
@@ -262,12 +326,13 @@ def build_rtdose(
     ds.ManufacturerModelName = _lo(engine_label)
     ds.SoftwareVersions = f"mqi_communicator {__version__}"
     ds.SeriesInstanceUID = generate_uid()
-    ds.SeriesNumber = ""
+    # One series per beam: its beam number; the plan sum is series PLAN_SUM_SERIES_NUMBER.
+    ds.SeriesNumber = PLAN_SUM_SERIES_NUMBER if beam_number is None else beam.number
     ds.SeriesDescription = _lo(f"{what}: {engine_label}")
     ds.InstanceNumber = 1
     ds.ImageComments = (
         f"Dose recomputed by {engine_label} for {what} of plan {plan_ds.SOPInstanceUID}; "
-        f"dose units {units}; written by mqi_communicator {__version__}."
+        f"dose units {units}; {_frame_comment(frame, gantry, couch)}; written by mqi_communicator {__version__}."
     )
 
     ds.ImagePositionPatient = image["ImagePositionPatient"]
@@ -299,6 +364,15 @@ def build_rtdose(
     return ds
 
 
+def _frame_comment(frame: str, gantry: float, couch: float) -> str:
+    if frame == "beam":
+        return (
+            f"placed in the beam's own frame as a TPS QA plane (gantry 0 geometry; the beam's gantry "
+            f"{gantry:g} deg and couch {couch:g} deg are not applied)"
+        )
+    return f"placed in the patient frame (gantry {gantry:g} deg, couch {couch:g} deg applied, HFS)"
+
+
 def _save_atomic(ds: Dataset, target: Path) -> None:
     """Write next to `target` under a unique hidden name, then rename (permissions follow umask)."""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -325,6 +399,7 @@ def write_rtdose(
     calibrated: bool,
     dose_scale: float = 1.0,
     bits: int = 32,
+    frame: str = "beam",
 ) -> Path:
     """Write the RT Dose of `dose` (MOQUI raw order) and return its path.
 
@@ -341,6 +416,7 @@ def write_rtdose(
         calibrated=calibrated,
         dose_scale=dose_scale,
         bits=bits,
+        frame=frame,
     )
     output = Path(output)
     if output.is_dir():
@@ -424,6 +500,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--calibrated", action="store_true", help="dose is in Gy (DoseUnits GY, else RELATIVE)")
     parser.add_argument("--dose-scale", type=float, default=1.0, help="factor applied to the raw dose first")
     parser.add_argument("--bits", type=int, choices=SUPPORTED_BITS, default=32, help="pixel size (default 32)")
+    parser.add_argument(
+        "--frame",
+        choices=geometry.FRAMES,
+        default="beam",
+        help="beam: the beam's own frame, as a TPS QA plane (default); patient: turned by the gantry angle",
+    )
     return parser
 
 
@@ -453,6 +535,7 @@ def main(argv: list[str] | None = None) -> int:
             calibrated=args.calibrated,
             dose_scale=args.dose_scale,
             bits=args.bits,
+            frame=args.frame,
         )
     except (CaseError, ValueError, OSError, InvalidDicomError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,0 +1,51 @@
+# Patient QA (DESIGN §6): per case the dose and delivery verdicts, qa.json and the QA sheet;
+# across cases the pass-rate trend per room.
+
+
+rule qa_case:
+    input:
+        manifest=processing("intake.json"),
+        rtdoses=beam_rtdoses,
+        case=case_files,
+    output:
+        json=processing("qa/qa.json"),
+        sheet=report(
+            processing("qa/qa_sheet.html"),
+            caption="../report/qa_sheet.rst",
+            category="QA sheets",
+            labels={"case": "{case_id}"},
+        ),
+    log:
+        "logs/{case_id}/qa.log",
+    conda:
+        "../envs/mqi.yaml"
+    params:
+        python=PYTHON,
+        settings=settings_for("qa", "rooms", "monitor_range_factors"),
+        engine=ENGINE_LABEL,
+    shell:
+        "{params.python} -m mqi_communicator.qa.run --manifest {input.manifest:q} --rtdoses {input.rtdoses:q}"
+        " --settings {params.settings:q} --engine {params.engine:q} --json {output.json:q}"
+        " --sheet {output.sheet:q} > {log:q} 2>&1"
+
+
+rule qa_trend:
+    input:
+        qa_case_results,
+    output:
+        figure=report(
+            "results/qa_trend.png",
+            caption="../report/qa_trend.rst",
+            category="QA trend",
+        ),
+        json="results/qa_trend.json",
+    log:
+        "logs/qa_trend.log",
+    conda:
+        "../envs/mqi.yaml"
+    params:
+        python=PYTHON,
+        min_cases=config["qa"]["trend"]["min_cases"],
+    shell:
+        "{params.python} -m mqi_communicator.qa.trend --qa {input:q} --min-cases {params.min_cases}"
+        " --figure {output.figure:q} --json {output.json:q} > {log:q} 2>&1"

@@ -1,0 +1,1 @@
+"""Patient QA: TPS dose intake, gamma, delivery check, verdicts and the QA sheet."""

@@ -1,0 +1,122 @@
+"""Across cases: the primary gamma pass rate per room over time, with TG-218's process-based
+limits (an individuals control chart of the site's own history: centre = mean, limits =
+mean -/+ 2.66 x mean moving range; a case below the lower limit is out of control even when it
+passes the universal 95 %). Reads every case's `qa.json`; writes a figure and a JSON table.
+
+    python -m mqi_communicator.qa.trend --qa data/cases/*/intermediate/qa/qa.json \
+        --figure trend.png --json trend.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+from ..files import write_atomic, write_json_atomic
+
+MOVING_RANGE_FACTOR = 2.66  # 3 / d2 with d2 = 1.128 for moving ranges of two points
+
+
+def points(qa_files: list[Path]) -> list[dict[str, Any]]:
+    """One point per assessed beam: room, date (the qa.json's time), case, beam, pass rate."""
+    out = []
+    for path in qa_files:
+        qa = json.loads(path.read_text())
+        for beam in qa["beams"]:
+            rate = beam["dose"].get("gamma_primary", {}).get("pass_rate_percent")
+            if rate is not None:
+                out.append(
+                    {
+                        "room": qa["room"],
+                        "written": qa["provenance"]["written"],
+                        "case_id": qa["case_id"],
+                        "beam": beam["name"],
+                        "pass_rate_percent": float(rate),
+                    }
+                )
+    return sorted(out, key=lambda p: (p["room"], p["written"], p["case_id"], p["beam"]))
+
+
+def control_limits(rates: list[float]) -> dict[str, float] | None:
+    """Centre line and limits of an individuals chart (None with fewer than two points)."""
+    if len(rates) < 2:
+        return None
+    values = np.asarray(rates)
+    moving_range = float(np.abs(np.diff(values)).mean())
+    centre = float(values.mean())
+    return {
+        "centre": centre,
+        "lower": centre - MOVING_RANGE_FACTOR * moving_range,
+        "upper": min(100.0, centre + MOVING_RANGE_FACTOR * moving_range),
+    }
+
+
+def trend(qa_files: list[Path], min_cases: int) -> dict[str, Any]:
+    rooms: dict[str, Any] = {}
+    for point in points(qa_files):
+        rooms.setdefault(point["room"], {"points": []})["points"].append(point)
+    for room in rooms.values():
+        rates = [p["pass_rate_percent"] for p in room["points"]]
+        limits = control_limits(rates) if len(rates) >= min_cases else None
+        room["limits"] = limits
+        room["note"] = None if limits else f"{len(rates)} beams; control limits need {min_cases}"
+        for p in room["points"]:
+            p["out_of_control"] = bool(limits and p["pass_rate_percent"] < limits["lower"])
+    return {"rooms": rooms, "min_cases": min_cases}
+
+
+def figure(result: dict[str, Any]) -> bytes:
+    rooms = result["rooms"]
+    fig, axes = plt.subplots(max(1, len(rooms)), 1, figsize=(9, 3.2 * max(1, len(rooms))), squeeze=False)
+    for ax, (name, room) in zip(axes[:, 0], sorted(rooms.items()), strict=False):
+        rates = [p["pass_rate_percent"] for p in room["points"]]
+        ax.plot(range(1, len(rates) + 1), rates, "o-", label="primary gamma pass rate")
+        ax.axhline(95, color="tab:green", linestyle=":", label="TG-218 universal tolerance 95 %")
+        ax.axhline(90, color="tab:red", linestyle=":", label="TG-218 universal action 90 %")
+        if room["limits"]:
+            for key, style in (("centre", "-"), ("lower", "--")):
+                ax.axhline(
+                    room["limits"][key], color="k", linestyle=style, label=f"process {key} {room['limits'][key]:.1f} %"
+                )
+        ax.set_title(f"room {name}" + (f" ({room['note']})" if room["note"] else ""))
+        ax.set_xlabel("beam, in time order")
+        ax.set_ylabel("pass rate (%)")
+        ax.legend(fontsize=7)
+    if not rooms:
+        axes[0, 0].text(0.5, 0.5, "no assessed beams yet", ha="center")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mqi_communicator.qa.trend", description=__doc__.splitlines()[0])
+    parser.add_argument("--qa", type=Path, nargs="*", default=[], help="qa.json of each case")
+    parser.add_argument("--min-cases", type=int, default=5)
+    parser.add_argument("--figure", type=Path, required=True)
+    parser.add_argument("--json", type=Path, required=True)
+    args = parser.parse_args(argv)
+    try:
+        result = trend(args.qa, args.min_cases)
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"trend failed: {exc}", file=sys.stderr)
+        return 1
+    write_json_atomic(args.json, result)
+    write_atomic(args.figure, figure(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

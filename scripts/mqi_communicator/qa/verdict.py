@@ -1,0 +1,147 @@
+"""Verdicts: the delivered dose of a beam against its TPS plane, and the case's worst verdict.
+
+Defaults after AAPM TG-218, every number from `qa:` in the config: gamma 3%/2 mm (primary)
+and 2%/2 mm, global, 10 % low-dose cutoff, the TPS plane the reference. PASS when the primary
+pass rate is >= 95 %; REVIEW at 90-95 %, when the 2%/2 mm rate is < 90 % or when the mean dose
+difference in the >= 50 % region exceeds 2 %; FAIL below 90 % or beyond 3 %. When either dose
+is RELATIVE (e.g. the built-in engine), the delivered dose is scaled to the TPS mean over the
+TPS >= 90 % region first and the result says so: absolute dose and a uniform MU error are then
+not assessed by the dose line (the delivery check still sees MU errors).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from scipy.interpolate import RegularGridInterpolator
+
+from .gamma import Criteria, GammaResult, gamma_2d
+from .tps_dose import Plane
+
+ORDER = ("PASS", "REVIEW", "NOT ASSESSED", "FAIL", "ERROR")
+NORMALISATION_REGION_PERCENT = 90.0
+
+
+def worst(verdicts: list[str]) -> str:
+    """The worst of some verdicts (ERROR > FAIL > NOT ASSESSED > REVIEW > PASS); NOT APPLICABLE
+    (a delivery check without logs) counts for nothing; nothing at all is NOT ASSESSED."""
+    counted = [v for v in verdicts if v != "NOT APPLICABLE"]
+    return max(counted, key=ORDER.index) if counted else "NOT ASSESSED"
+
+
+def criteria_from(qa: dict[str, Any], which: str) -> Criteria:
+    gamma = qa["gamma"]
+    return Criteria(
+        dose_percent=float(gamma[which]["dose_percent"]),
+        distance_mm=float(gamma[which]["distance_mm"]),
+        cutoff_percent=float(gamma["cutoff_percent"]),
+        local=bool(gamma["local"]),
+        max_gamma=float(gamma["max_gamma"]),
+        interp_fraction=int(gamma["interp_fraction"]),
+    )
+
+
+def resample(plane: Plane, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """`plane` bilinearly at the grid rows x cols (NaN outside it)."""
+    interp = RegularGridInterpolator((plane.row_mm, plane.col_mm), plane.dose, bounds_error=False, fill_value=np.nan)
+    rr, cc = np.meshgrid(rows, cols, indexing="ij")
+    return interp(np.stack([rr, cc], axis=-1))
+
+
+def compare(tps: Plane, delivered: Plane, qa: dict[str, Any]) -> dict[str, Any]:
+    """Gamma, mean dose difference and the dose verdict of one beam (TPS = reference)."""
+    if tps.axes != delivered.axes:
+        return error(f"the TPS plane lies along patient {tps.axes} but the delivered plane along {delivered.axes}")
+    notes = list(tps.notes)
+    relative = "RELATIVE" in (tps.units, delivered.units)
+    on_tps = resample(delivered, tps.row_mm, tps.col_mm)
+    peak = float(tps.dose.max())
+    if np.isnan(on_tps[tps.dose >= qa["gamma"]["cutoff_percent"] / 100 * peak]).any():
+        return error("the TPS dose above the cutoff reaches outside the delivered dose grid")
+    scale = 1.0
+    if relative:
+        region = tps.dose >= NORMALISATION_REGION_PERCENT / 100 * peak
+        scale = float(tps.dose[region].mean() / on_tps[region].mean()) if on_tps[region].mean() > 0 else float("nan")
+        if not np.isfinite(scale):
+            return error("the delivered dose is zero where the TPS dose is highest")
+        notes.append(
+            f"RELATIVE comparison ({'TPS' if tps.units == 'RELATIVE' else 'delivered'} dose not in Gy): the delivered "
+            f"dose was scaled by {scale:.4g} to the TPS mean over the TPS >= {NORMALISATION_REGION_PERCENT:g} % region; "
+            "absolute dose and uniform MU errors are not assessed by the dose line"
+        )
+    evaluated = delivered.dose * scale
+    high = tps.dose >= qa["high_dose_region_percent"] / 100 * peak
+    mean_diff = float(100.0 * (on_tps[high].mean() * scale - tps.dose[high].mean()) / tps.dose[high].mean())
+    primary = gamma_2d(
+        (tps.row_mm, tps.col_mm),
+        tps.dose,
+        (delivered.row_mm, delivered.col_mm),
+        evaluated,
+        criteria_from(qa, "primary"),
+    )
+    secondary = gamma_2d(
+        (tps.row_mm, tps.col_mm),
+        tps.dose,
+        (delivered.row_mm, delivered.col_mm),
+        evaluated,
+        criteria_from(qa, "secondary"),
+    )
+    verdict, reasons = dose_verdict(primary, secondary, mean_diff, qa["thresholds"])
+    return {
+        "verdict": verdict,
+        "reasons": reasons,
+        "comparison": "relative" if relative else "absolute",
+        "scale_applied": scale,
+        "notes": notes,
+        "gamma_primary": primary.summary(),
+        "gamma_secondary": secondary.summary(),
+        "mean_dose_difference_percent": round(mean_diff, 3),
+        "high_dose_region_percent": qa["high_dose_region_percent"],
+        "tps_max": peak,
+        "units": "RELATIVE" if relative else "GY",
+        "_arrays": {
+            "gamma": primary.gamma,
+            "tps": tps,
+            "delivered_on_tps": on_tps * scale,
+            "units": f"{tps.units}; delivered scaled x{scale:.4g}" if relative else tps.units,
+            "numbers": [
+                f"{verdict}",
+                f"{primary.criteria.label}: {primary.pass_rate:.1f} % of {primary.evaluated} points",
+                f"{secondary.criteria.label}: {secondary.pass_rate:.1f} %",
+                f"mean dose difference (TPS >= {qa['high_dose_region_percent']:g} %): {mean_diff:+.2f} %",
+                f"{'RELATIVE' if relative else 'absolute'} comparison",
+            ],
+        },
+    }
+
+
+def dose_verdict(
+    primary: GammaResult, secondary: GammaResult, mean_diff: float, limits: dict[str, Any]
+) -> tuple[str, list[str]]:
+    """TG-218-style verdict and the reasons behind it."""
+    if primary.evaluated == 0:
+        return "ERROR", ["no TPS point above the low-dose cutoff"]
+    rate, rate2 = primary.pass_rate, secondary.pass_rate
+    fails, reviews = [], []
+    if rate < limits["fail_below_percent"]:
+        fails.append(f"{primary.criteria.label} pass rate {rate:.1f} % < {limits['fail_below_percent']:g} %")
+    elif rate < limits["pass_from_percent"]:
+        reviews.append(f"{primary.criteria.label} pass rate {rate:.1f} % < {limits['pass_from_percent']:g} %")
+    if rate2 < limits["secondary_review_below_percent"]:
+        reviews.append(
+            f"{secondary.criteria.label} pass rate {rate2:.1f} % < {limits['secondary_review_below_percent']:g} %"
+        )
+    if abs(mean_diff) > limits["mean_difference_fail_percent"]:
+        fails.append(f"mean dose difference {mean_diff:+.2f} % beyond {limits['mean_difference_fail_percent']:g} %")
+    elif abs(mean_diff) > limits["mean_difference_review_percent"]:
+        reviews.append(f"mean dose difference {mean_diff:+.2f} % beyond {limits['mean_difference_review_percent']:g} %")
+    if fails:
+        return "FAIL", fails + reviews
+    if reviews:
+        return "REVIEW", reviews
+    return "PASS", [f"{primary.criteria.label} pass rate {rate:.1f} %, mean dose difference {mean_diff:+.2f} %"]
+
+
+def error(reason: str, kind: str = "ERROR") -> dict[str, Any]:
+    return {"verdict": kind, "reasons": [reason]}
