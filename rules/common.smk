@@ -2,12 +2,14 @@
 import functools
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
 from mqi_communicator.case_inputs import content_digest
 from mqi_communicator.errors import CaseError
 from mqi_communicator.plan import find_plan, read_plan
+from mqi_communicator.rtdose import plan_sum_refusal_for
 from mqi_communicator.ops import recorder, state
 
 # The Python that runs Snakemake (the project's venv) runs the package's CLIs too.
@@ -139,8 +141,13 @@ def planned(case_id):
         beams = read_plan(path).treatment_beams
     except (CaseError, OSError, ValueError, KeyError, AttributeError) as exc:
         logger.debug(f"case {case_id}: plan not read at DAG build ({exc})")
-        return {"file_name": None, "beams": {}}
-    return {"file_name": path.name, "beams": {b.sanitized_name: b.number for b in beams}}
+        return {"file_name": None, "beams": {}, "plan_sum": False}
+    return {
+        "file_name": path.name,
+        "beams": {b.sanitized_name: b.number for b in beams},
+        # Beams in different beam frames are not summed (rtdose.plan_sum_refusal_for).
+        "plan_sum": plan_sum_refusal_for(path) is None,
+    }
 
 
 def simulated_beams(case_id):
@@ -193,13 +200,8 @@ def beam_figures(wildcards):
 
 
 def all_targets(wildcards):
-    # One summary per case; the checkpoint is resolved in each case's own input function, so
-    # one case's pending intake never hides the others from a dry-run.
+    """One summary per case that still needs work (finished ones are final: see case_targets)."""
     return [processing("case_summary.json", case) for case in CASES]
-
-
-# ---- QA (issue 11) -------------------------------------------------------------------------
-import shlex
 
 
 def qa_case_results(wildcards):
@@ -208,17 +210,13 @@ def qa_case_results(wildcards):
 
 
 def qa_targets(wildcards):
-    return ["results/qa_trend.png"] + qa_case_results(wildcards)
+    return (["results/qa_trend.png"] if CASES else []) + qa_case_results(wildcards)
 
 
 def plan_sum_dose(wildcards):
     """RD_PLAN.dcm only when the plan's treatment beams share one geometry (gantry, couch,
-    isocentre): beams in different beam frames are not summed (rtdose.plan_sum_refusal_for).
-    """
-    from mqi_communicator.rtdose import plan_sum_refusal_for
-
-    m = manifest(wildcards.case_id)
-    if plan_sum_refusal_for(Path(m["case_dir"]) / m["plan"]["path"]) is not None:
+    isocentre)."""
+    if not planned(wildcards.case_id)["plan_sum"]:
         return []
     return [final_dicom("RD_PLAN.dcm", wildcards.case_id)]
 
@@ -228,5 +226,3 @@ def plan_dose_arg(wildcards, input):
         [input.plan_dose] if isinstance(input.plan_dose, str) else list(input.plan_dose)
     )
     return " ".join(f"--plan-dose {shlex.quote(str(p))}" for p in paths)
-
-# ---- end QA --------------------------------------------------------------------------------

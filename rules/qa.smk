@@ -6,7 +6,6 @@ rule qa_case:
     input:
         manifest=processing("intake.json"),
         rtdoses=beam_rtdoses,
-        case=case_files,
     output:
         json=processing("qa/qa.json"),
         sheet=report(
@@ -29,6 +28,8 @@ rule qa_case:
         " --sheet {output.sheet:q} > {log:q} 2>&1"
 
 
+# Runs when a case of this run has its QA; reads every case's qa.json, finished ones included (they
+# are no target any more, so they are read from disk, never recomputed).
 rule qa_trend:
     input:
         qa_case_results,
@@ -46,6 +47,8 @@ rule qa_trend:
     params:
         python=PYTHON,
         min_cases=config["qa"]["trend"]["min_cases"],
+        history=processing("qa/qa.json", "*"),
     shell:
-        "{params.python} -m mqi_communicator.qa.trend --qa {input:q} --min-cases {params.min_cases}"
+        "{params.python} -m mqi_communicator.qa.trend --qa {input:q} --history {params.history:q}"
+        " --min-cases {params.min_cases}"
         " --figure {output.figure:q} --json {output.json:q} > {log:q} 2>&1"

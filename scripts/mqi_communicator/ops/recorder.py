@@ -35,6 +35,7 @@ TRANSIENT_PATTERNS = re.compile(
 )
 SLURM_SUBMITTED = re.compile(r"Job (\d+) has been submitted with SLURM jobid (\d+)")
 FINAL_RULE = "case_summary"
+JOBS_FAILED = "At least one job did not complete successfully"
 
 
 def configure(config: dict[str, Any], workdir: Path | None = None) -> None:
@@ -106,7 +107,12 @@ class RunRecorder:
         elif event == "job_error":
             self._job_failed(record)
         elif event == "error":
-            self.errors.append(record.getMessage().strip().splitlines()[0] if record.getMessage() else "error")
+            message = record.getMessage().strip()
+            # A failed job's own exception and Snakemake's closing words about it are the job's
+            # failure (recorded per case), not the run's.
+            if "CalledProcessError" in f"{message} {_field(record, 'exception')}" or JOBS_FAILED in message:
+                return
+            self.errors.append(message.splitlines()[0] if message else "error")
         else:
             submitted = SLURM_SUBMITTED.search(record.getMessage())
             if submitted:

@@ -10,6 +10,7 @@ passes the universal 95 %). Reads every case's `qa.json`; writes a figure and a 
 from __future__ import annotations
 
 import argparse
+import glob
 import io
 import json
 import sys
@@ -104,12 +105,18 @@ def figure(result: dict[str, Any]) -> bytes:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mqi_communicator.qa.trend", description=__doc__.splitlines()[0])
     parser.add_argument("--qa", type=Path, nargs="*", default=[], help="qa.json of each case")
+    parser.add_argument(
+        "--history",
+        help="glob of every case's qa.json (the finished cases, which never enter a run again), e.g. "
+        "'data/cases/*/intermediate/qa/qa.json'",
+    )
     parser.add_argument("--min-cases", type=int, default=5)
     parser.add_argument("--figure", type=Path, required=True)
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args(argv)
     try:
-        result = trend(args.qa, args.min_cases)
+        files = {*args.qa, *(Path(p) for p in glob.glob(args.history or ""))}
+        result = trend(sorted(files), args.min_cases)
     except (OSError, ValueError, KeyError) as exc:
         print(f"trend failed: {exc}", file=sys.stderr)
         return 1
