@@ -489,7 +489,7 @@ def test_killed_between_sbatch_and_record_finds_job_by_token(cluster: Remote, tm
     param = cluster.beam("B7", sleep=1)
     name = job_name(cluster, "B7")
     with connection.connect(**cluster.sshd.connect_args()) as conn:
-        gone = slurm.query(conn, "99999999")  # not in squeue, no accounting here
+        gone = slurm.query(conn, slurm.JobRef("99999999"))  # not in squeue, no accounting here
         assert (gone.state, gone.active, gone.source) == (slurm.GONE, False, "none")
         spec = slurm_script.JobSpec(
             beam="B7",

@@ -29,7 +29,18 @@ from .connection import Connection
 from .errors import JobFailed, RemoteJobError, Stopped, TransferError, WaitLimit
 from .hashing import remote_sha256
 from .job_record import RESUBMIT_STATES, load_record, new_record, now_iso, save_record
-from .slurm import DEFAULT_POLL, JobStatus, PollOptions, cancel, check_stop, find_job_by_token, never, poll, submit
+from .slurm import (
+    DEFAULT_POLL,
+    JobRef,
+    JobStatus,
+    PollOptions,
+    cancel,
+    check_stop,
+    find_job_by_token,
+    never,
+    poll,
+    submit,
+)
 from .slurm_script import GPU_REQUESTS, JobSpec, write_job_script
 
 RESULT_FORMAT = "mqi_communicator.remote_job.result/1"
@@ -278,7 +289,8 @@ def run_beam(
         check_stop(stop)  # a stop before anything was submitted: nothing to cancel
         record = _submit_new(conn, spec, record_path, record, log, timeout)
     job_id = str(record["job_id"])
-    token, job_name = record.get("token"), record.get("job_name")
+    token = record.get("token")
+    job = JobRef(job_id, token, record.get("job_name"))
 
     def changed(status: JobStatus) -> None:
         reason = f" ({status.reason})" if status.reason and status.reason != "None" else ""
@@ -295,13 +307,11 @@ def run_beam(
     if options.max_wait is not None:
         deadline = (submitted_epoch or time.time()) + options.max_wait
     try:
-        status = poll(
-            conn, job_id, options=options, deadline=deadline, stop=stop, on_change=changed, token=token, name=job_name
-        )
+        status = poll(conn, job, options=options, deadline=deadline, stop=stop, on_change=changed)
     except Stopped as exc:
         log(f"{exc}: cancelling job {job_id}")
         try:
-            final = cancel(conn, job_id, token=token, name=job_name, timeout=timeout)
+            final = cancel(conn, job, timeout=timeout)
         except TransferError as err:
             log(f"could not cancel job {job_id} ({err}); it stays recorded: cancel it by hand or rerun")
             raise
@@ -310,7 +320,7 @@ def run_beam(
         log(f"job {job_id} cancelled (squeue: {final.state})")
         raise
     except WaitLimit as exc:
-        final = cancel(conn, job_id, token=token, name=job_name, timeout=timeout)
+        final = cancel(conn, job, timeout=timeout)
         message = (
             f"job {job_id} not finished {options.max_wait:.0f} s after its submission "
             f"(max wait; it was {exc}); cancelled (squeue: {final.state})"

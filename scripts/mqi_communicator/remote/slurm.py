@@ -134,6 +134,16 @@ def find_job_by_token(conn: Connection, token: str, *, timeout: float = 60.0) ->
 
 
 @dataclasses.dataclass(frozen=True)
+class JobRef:
+    """A submitted job as this controller knows it: its id, and the --comment token and job name
+    that tell it from another job given the same id later (ids are reused after a state reset)."""
+
+    job_id: str
+    token: str | None = None
+    name: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class JobStatus:
     job_id: str
     state: str  # SLURM state (PENDING, RUNNING, COMPLETED, ...) or GONE
@@ -145,20 +155,14 @@ class JobStatus:
     foreign: bool = False
 
 
-def query(
-    conn: Connection,
-    job_id: str,
-    *,
-    token: str | None = None,
-    name: str | None = None,
-    timeout: float = 60.0,
-) -> JobStatus:
+def query(conn: Connection, job: JobRef, *, timeout: float = 60.0) -> JobStatus:
     """The job's state from squeue (all states); once it has left squeue, from sacct if possible.
 
-    With ``token``, a job under that id whose --comment differs is not ours (ids are reused, e.g.
+    With a ``token``, a job under that id whose --comment differs is not ours (ids are reused, e.g.
     after a controller reset): reported as GONE with ``foreign`` set, never touched. Where the
     site keeps no comments (empty), the job ``name`` must match instead.
     """
+    job_id, token, name = job.job_id, job.token, job.name
     result = run(conn, ["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T|%P|%r|%j|%k"], timeout=timeout)
     lines = [line for line in result.stdout.splitlines() if line.strip()]
     if result.rc == 0 and lines:
@@ -187,21 +191,19 @@ def _query_sacct(conn: Connection, job_id: str, timeout: float) -> JobStatus:
 
 def poll(
     conn: Connection,
-    job_id: str,
+    job: JobRef,
     *,
-    options: PollOptions = PollOptions(),
+    options: PollOptions = DEFAULT_POLL,
     deadline: float | None = None,
     stop: Callable[[], int | None] = never,
     on_change: Callable[[JobStatus], None] | None = None,
-    token: str | None = None,
-    name: str | None = None,
 ) -> JobStatus:
     """Wait until the job is no longer pending/running; returns its final status.
 
     Backoff from ``min_interval`` (x ``factor`` per unchanged answer) up to ``max_interval``,
     never past ``deadline`` (epoch seconds: raises `WaitLimit`). A stop signal raises `Stopped`.
     Transient SSH failures are retried until ``unreachable_limit`` (then `Unreachable`).
-    ``token``, ``name``: the job's --comment and name, to recognise a reused job id (see `query`).
+    ``job``'s token and name recognise a reused job id (see `query`).
     """
     interval = options.min_interval
     last: JobStatus | None = None
@@ -209,7 +211,7 @@ def poll(
     while True:
         check_stop(stop)
         try:
-            status = query(conn, job_id, token=token, name=name, timeout=options.command_timeout)
+            status = query(conn, job, timeout=options.command_timeout)
             last_contact = time.monotonic()
         except TransferError as exc:
             if not exc.transient:
@@ -217,7 +219,7 @@ def poll(
             if time.monotonic() - last_contact > options.unreachable_limit:
                 raise Unreachable(
                     f"no answer from the cluster for {options.unreachable_limit:.0f} s ({exc}); "
-                    f"job {job_id} stays recorded: rerun to re-attach"
+                    f"job {job.job_id} stays recorded: rerun to re-attach"
                 ) from exc
             if on_change is not None and last is not None:
                 on_change(dataclasses.replace(last, reason=f"cluster unreachable: {exc}"))
@@ -238,28 +240,20 @@ def poll(
         interval = min(options.max_interval, interval * options.factor)
 
 
-def cancel(
-    conn: Connection,
-    job_id: str,
-    *,
-    token: str | None = None,
-    name: str | None = None,
-    confirm_s: float = 10.0,
-    timeout: float = 60.0,
-) -> JobStatus:
+def cancel(conn: Connection, job: JobRef, *, confirm_s: float = 10.0, timeout: float = 60.0) -> JobStatus:
     """``scancel`` the job and wait (up to ``confirm_s``) until squeue no longer shows it active.
 
-    With ``token``, a job id that now belongs to another job (see `query`) is left alone.
+    With a token, a job id that now belongs to another job (see `query`) is left alone.
     """
-    status = query(conn, job_id, token=token, name=name, timeout=timeout)
+    status = query(conn, job, timeout=timeout)
     if status.foreign or not status.active:
         return status
-    result = run(conn, ["scancel", job_id], timeout=timeout)
+    result = run(conn, ["scancel", job.job_id], timeout=timeout)
     if result.rc != 0 and "already" not in result.stderr.lower() and "invalid job id" not in result.stderr.lower():
-        raise TransferError(f"scancel {job_id} failed: {result.stderr.strip()}")
+        raise TransferError(f"scancel {job.job_id} failed: {result.stderr.strip()}")
     end = time.monotonic() + confirm_s
     while True:
-        status = query(conn, job_id, token=token, name=name, timeout=timeout)
+        status = query(conn, job, timeout=timeout)
         if not status.active or time.monotonic() >= end:
             return status
         time.sleep(0.2)

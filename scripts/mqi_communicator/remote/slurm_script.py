@@ -38,6 +38,16 @@ def case_pseudonym(case_id: str, salt: str) -> str:
     return "c" + digest[:12]
 
 
+class _JobFile:
+    """A job file of a `JobSpec`: ``<workdir>/<beam stem><suffix>``."""
+
+    def __init__(self, suffix: str) -> None:
+        self.suffix = suffix
+
+    def __get__(self, spec: JobSpec, owner: type | None = None) -> str:
+        return spec.path(self.suffix)
+
+
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -90,21 +100,10 @@ class JobSpec:
     def path(self, suffix: str) -> str:
         return posixpath.join(self.remote_workdir, self.stem + suffix)
 
-    @property
-    def script(self) -> str:
-        return self.path(".sbatch")
-
-    @property
-    def slurm_output(self) -> str:
-        return self.path(".slurm.out")
-
-    @property
-    def engine_log(self) -> str:
-        return self.path(".log")
-
-    @property
-    def rc_file(self) -> str:
-        return self.path(".rc")
+    script = _JobFile(".sbatch")  #: the batch script
+    slurm_output = _JobFile(".slurm.out")  #: SLURM's --output
+    engine_log = _JobFile(".log")  #: the engine's stdout+stderr
+    rc_file = _JobFile(".rc")  #: exit code and where it ran (key=value lines)
 
     def remote_paths(self) -> dict[str, str]:
         return {

@@ -293,6 +293,15 @@ def _finish_report(report: UploadReport, t0: float) -> UploadReport:
 METHODS = ("auto", "tar", "sftp")
 
 
+def _checked_source(path: str | os.PathLike[str], method: str, *, folder: bool) -> str:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, not {method!r}")
+    local = os.fspath(path)
+    if not (os.path.isdir(local) if folder else os.path.isfile(local)):
+        raise TransferError(f"{local} is not a {'directory' if folder else 'file'}")
+    return local
+
+
 def upload_tree(
     conn: Connection, local_dir: str | os.PathLike[str], remote_dir: str, *, method: str = "auto"
 ) -> UploadReport:
@@ -305,11 +314,7 @@ def upload_tree(
     command, compared with the sha256 of what was sent, and renamed (posix-rename). Folders are
     created as needed (empty ones too). Remote files that do not exist locally are left alone.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, not {method!r}")
-    local = os.fspath(local_dir)
-    if not os.path.isdir(local):
-        raise TransferError(f"{local} is not a directory")
+    local = _checked_source(local_dir, method, folder=True)
     remote = home_relative(remote_dir)
 
     def once() -> UploadReport:
@@ -324,11 +329,7 @@ def upload_file(
     conn: Connection, local_path: str | os.PathLike[str], remote_path: str, *, method: str = "auto"
 ) -> UploadReport:
     """Upload one file (same guarantees as `upload_tree`); parent folders are created."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, not {method!r}")
-    local = os.fspath(local_path)
-    if not os.path.isfile(local):
-        raise TransferError(f"{local} is not a file")
+    local = _checked_source(local_path, method, folder=False)
     remote = home_relative(remote_path)
     parent, name = posixpath.split(remote)
     check_name(name)
