@@ -10,6 +10,7 @@ it only runs at public-API speed until the new version is tested and added here.
   ``_lock``, ``_cv``, ``_event`` and ``_closed``).
 - `set_request_size` / `read_request_size` set ``SFTPFile.MAX_REQUEST_SIZE`` and probe with
   ``SFTPFile._read``.
+- `send_window` reads ``Channel.out_window_size`` (how far the server has consumed a stream).
 - `rename_all` pipelines renames with ``SFTPClient._async_request`` / ``_read_response`` /
   ``_convert_status``.
 """
@@ -130,6 +131,12 @@ def set_request_size(f: paramiko.SFTPFile, size: int) -> None:
     """Read/write requests of ``size`` bytes on ``f`` (paramiko's default: 32 KiB)."""
     if enabled():
         f.MAX_REQUEST_SIZE = size
+
+
+def send_window(chan: paramiko.Channel) -> int | None:
+    """Bytes ``chan`` may still send before the server's next window adjustment (``Channel.out_window_size``);
+    None on the public-API path. The server adjusts the window as it consumes what was sent."""
+    return int(chan.out_window_size) if enabled() else None
 
 
 def read_request_size(f: paramiko.SFTPFile, first: int) -> tuple[int, bytes]:

@@ -80,7 +80,7 @@ def hash_timeout(conn: Connection, nbytes: int) -> float:
     return conn.target.op_timeout + nbytes / _HASH_RATE
 
 
-_HASH_BATCH = 16 << 20  # bytes of finished files per remote hash command during an upload
+_HASH_BATCH = 8 << 20  # bytes of finished files per remote hash command during an upload
 _HASH_JOBS = 4  # remote hash commands running at once during an upload
 
 

@@ -15,8 +15,10 @@ import contextlib
 import hashlib
 import os
 import posixpath
+import queue
 import stat
 import tarfile
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -129,9 +131,44 @@ _TAR_SCRIPT = 'mkdir -p -- "$1" && cd -- "$1" && exec tar -x -o -m -B -b 256 -f 
 _ZSTD_TAR_SCRIPT = 'mkdir -p -- "$1" && cd -- "$1" && zstd -d -q -c | tar -x -o -m -B -b 256 -f -'
 
 
-#: bytes sent (compressed, with zstd) after a file's end before it is hashed remotely
-#: (None: 2 channel windows, >= 8 MiB)
+#: bytes sent (compressed, with zstd) after a file's end before it is hashed remotely (None: as
+#: soon as the server has taken the file's end off the channel, by its window adjustments, plus
+#: `_PIPE_MARGIN` for the pipes into tar; `_FALLBACK_LAG` where paramiko's window is not read)
 _TAR_HASH_LAG: int | None = None
+_PIPE_MARGIN = 1 << 20
+_FALLBACK_LAG = 8 << 20
+
+
+class _StreamDigests:
+    """sha256 of each file as it is streamed, computed in a second thread (hashlib releases the
+    GIL) while this one compresses and sends: the local side hashes every byte once, overlapped."""
+
+    def __init__(self) -> None:
+        self.queue: queue.Queue[bytes | str | None] = queue.Queue(maxsize=32)
+        self.digests: dict[str, str] = {}
+        self.thread = threading.Thread(target=self._run, name="upload-sha256", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        h = hashlib.sha256()
+        while (item := self.queue.get()) is not None:
+            if isinstance(item, str):  # the end of file ``item``
+                self.digests[item] = h.hexdigest()
+                h = hashlib.sha256()
+            else:
+                h.update(item)
+
+    def update(self, data: bytes) -> None:
+        self.queue.put(data)
+
+    def end(self, rel: str) -> None:
+        self.queue.put(rel)
+
+    def finish(self) -> dict[str, str]:
+        """{rel: sha256} of every file ended so far, in order; the thread ends."""
+        self.queue.put(None)
+        self.thread.join()
+        return self.digests
 
 
 class _ChannelWriter:
@@ -171,8 +208,18 @@ def _send_tar(
     chan = conn.transport.open_session(timeout=t.channel_timeout)
     chan.settimeout(t.op_timeout)  # a stalled server: sendall() raises after op_timeout of no window
     exec_private(chan, sh_command(_ZSTD_TAR_SCRIPT if compress else _TAR_SCRIPT, base))
-    lag = _TAR_HASH_LAG if _TAR_HASH_LAG is not None else max(8 << 20, 2 * chan.out_window_size)
+    window = fastpath.send_window(chan)  # before anything is sent
     channel = _ChannelWriter(chan)
+
+    def written_until() -> int:
+        """Stream offset up to which the server has (very likely) written the files."""
+        if _TAR_HASH_LAG is not None:
+            return channel.sent - _TAR_HASH_LAG
+        left = fastpath.send_window(chan)
+        if window is None or left is None:
+            return channel.sent - _FALLBACK_LAG
+        return channel.sent - (window - left) - _PIPE_MARGIN  # taken off the channel, minus pipes
+
     # zstd's block flush at each file's end makes ``channel.sent`` count that file as sent
     zstd = (
         zstandard.ZstdCompressor(level=_ZSTD_UPLOAD_LEVEL).stream_writer(cast(IO[bytes], channel), closefd=False)
@@ -180,7 +227,7 @@ def _send_tar(
         else None
     )
     put = zstd.write if zstd is not None else channel.write
-    sent: dict[str, str] = {}
+    digests = _StreamDigests()
     in_flight: collections.deque[tuple[str, int, int]] = collections.deque()  # (name, size, stream end)
     now = int(time.time())
     try:
@@ -192,18 +239,18 @@ def _send_tar(
             info = tarfile.TarInfo(f.rel + PART_SUFFIX)
             info.size, info.mode, info.mtime = f.size, PRIVATE_FILE, now
             put(info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape"))
-            h = hashlib.sha256()
             with open(f.path, "rb") as fin:
                 for chunk in read_exactly(fin, f.size, f.path):
-                    h.update(chunk)
+                    digests.update(chunk)
                     put(chunk)
             if f.size % tarfile.BLOCKSIZE:
                 put(b"\0" * (tarfile.BLOCKSIZE - f.size % tarfile.BLOCKSIZE))
             if zstd is not None:
                 zstd.flush(zstandard.FLUSH_BLOCK)
-            sent[f.rel] = h.hexdigest()
+            digests.end(f.rel)
             in_flight.append((f.rel + PART_SUFFIX, f.size, channel.sent))
-            while in_flight and channel.sent - in_flight[0][2] >= lag:
+            until = written_until()
+            while in_flight and in_flight[0][2] <= until:
                 name, size, _ = in_flight.popleft()
                 hasher.add(name, size)
         put(b"\0" * (2 * tarfile.BLOCKSIZE))  # end of archive
@@ -213,6 +260,8 @@ def _send_tar(
     except BaseException:
         chan.close()
         raise
+    finally:
+        sent = digests.finish()
     rc, _, err = RemoteProcess(conn, chan, "tar -x").wait(t.op_timeout)
     if rc != 0:
         raise TransferError(
