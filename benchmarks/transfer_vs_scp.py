@@ -14,7 +14,7 @@ person would run with OpenSSH:
   and ~500 MB): ``python -m mqi_communicator.remote.transfer upload DIR REMOTE`` (stage-in)
   against ``scp -r DIR host:REMOTE``.
 
-Each time includes Python's start-up and imports, connecting, the transfer and our verification
+Each time includes Python's start-up and imports (of the byte-compiled package), connecting, the transfer and our verification
 (sha256 on both sides, .part + rename); scp verifies nothing. After every run the benchmark
 checks the result's sha256 itself. Every measurement is repeated (order alternating) while the
 machine is otherwise idle, and again while another process keeps one core busy (a Python busy
@@ -139,6 +139,9 @@ def main() -> int:
         print("scp not found (apt-get install openssh-client)", file=sys.stderr)
         return 2
 
+    # byte-compiled first, as an installed package is (PYTHONDONTWRITEBYTECODE would otherwise make
+    # every run compile the package again)
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "scripts" / "mqi_communicator")], check=True)
     work = Path(tempfile.mkdtemp(prefix="mqi-xfer-bench-", dir="/tmp"))
     server = SshServer(Path(tempfile.mkdtemp(prefix="mqi-sshd-bench-", dir="/tmp")))
     try:

@@ -63,6 +63,8 @@ def _remote_listing(sftp: paramiko.SFTPClient, base: str, dirs: Iterable[str]) -
         try:
             entries = sftp.listdir_attr(posixpath.join(base, d) if d else base)
         except FileNotFoundError:
+            if not d:  # no remote folder yet: nothing below it either (one round trip, not one per folder)
+                return found
             continue
         for a in entries:
             rel = f"{d}/{a.filename}" if d else a.filename
