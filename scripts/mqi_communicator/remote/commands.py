@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import paramiko
 
+from . import fastpath
 from .connection import COMPRESSION, Connection
 from .errors import CommandTimeout, TransferError
 
@@ -85,7 +86,7 @@ class RemoteProcess:
                         f"(it may still be running there): {short(self.command)}"
                     )
                 if chan.eof_received:  # no more output; only the exit status is awaited
-                    chan.status_event.wait(min(left, 1.0))
+                    fastpath.wait_exit_status(chan, min(left, 1.0))
                 else:
                     select.select([fd], [], [], min(left, 1.0))
             rc = chan.recv_exit_status()

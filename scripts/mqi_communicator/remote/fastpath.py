@@ -10,6 +10,7 @@ it only runs at public-API speed until the new version is tested and added here.
   ``_lock``, ``_cv``, ``_event`` and ``_closed``).
 - `set_request_size` / `read_request_size` set ``SFTPFile.MAX_REQUEST_SIZE`` and probe with
   ``SFTPFile._read``.
+- `wait_exit_status` waits on ``Channel.status_event``.
 - `send_window` reads ``Channel.out_window_size`` (how far the server has consumed a stream).
 - `rename_all` pipelines renames with ``SFTPClient._async_request`` / ``_read_response`` /
   ``_convert_status``.
@@ -17,6 +18,7 @@ it only runs at public-API speed until the new version is tested and added here.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import paramiko
@@ -137,6 +139,17 @@ def send_window(chan: paramiko.Channel) -> int | None:
     """Bytes ``chan`` may still send before the server's next window adjustment (``Channel.out_window_size``);
     None on the public-API path. The server adjusts the window as it consumes what was sent."""
     return int(chan.out_window_size) if enabled() else None
+
+
+def wait_exit_status(chan: paramiko.Channel, seconds: float) -> None:
+    """Wait up to ``seconds`` for the channel's exit status, woken by it (``Channel.status_event``);
+    the public-API path polls `exit_status_ready` every 10 ms."""
+    if enabled():
+        chan.status_event.wait(seconds)
+        return
+    end = time.monotonic() + seconds
+    while not chan.exit_status_ready() and time.monotonic() < end:
+        time.sleep(0.01)
 
 
 def read_request_size(f: paramiko.SFTPFile, first: int) -> tuple[int, bytes]:
