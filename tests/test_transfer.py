@@ -195,6 +195,7 @@ def test_upload_early_remote_hash_rechecks_files_still_being_written(
     once, tiny batches) only costs a second look, never a false failure."""
     monkeypatch.setattr(upload, "_TAR_HASH_LAG", 0)
     monkeypatch.setattr(hashing, "_HASH_BATCH", 1)
+    monkeypatch.setattr(hashing, "_HASH_COMMANDS", 10**9)
     local = tmp_path / "case"
     for i in range(12):
         (local / f"d{i % 3}").mkdir(parents=True, exist_ok=True)

@@ -84,7 +84,10 @@ def hash_timeout(conn: Connection, nbytes: int) -> float:
     return conn.target.op_timeout + nbytes / _HASH_RATE
 
 
-_HASH_BATCH = 8 << 20  # bytes of finished files per remote hash command during an upload
+_HASH_BATCH = 8 << 20  # at least this many bytes of finished files per remote hash command
+#: ... and at most about this many hash commands per upload: each is a new SSH session and three
+#: processes on the server (a 500 MB case in 8 MiB batches: ~60, which cost more CPU than hashing)
+_HASH_COMMANDS = 8
 _HASH_JOBS = 4  # remote hash commands running at once during an upload
 
 
@@ -95,8 +98,9 @@ class BackgroundHasher:
     10 per connection by default (MaxSessions).
     """
 
-    def __init__(self, conn: Connection, base: str) -> None:
-        self.conn, self.base, self.batch_bytes, self.max_jobs = conn, base, _HASH_BATCH, _HASH_JOBS
+    def __init__(self, conn: Connection, base: str, total_bytes: int = 0) -> None:
+        self.conn, self.base, self.max_jobs = conn, base, _HASH_JOBS
+        self.batch_bytes = max(_HASH_BATCH, total_bytes // _HASH_COMMANDS)
         self.pending: list[str] = []
         self.pending_bytes = 0
         self.jobs: collections.deque[tuple[RemoteProcess, list[str], int]] = collections.deque()

@@ -172,9 +172,10 @@ def _send_tar(
     writes for one large file, at less CPU (sftp-server answers every 255 KiB write request).
     ``compress``: the archive goes zstd-compressed into ``zstd -d | tar -x`` (CSV text: ~6x less
     to encrypt, send and decrypt).
-    A file whose end was sent well over a channel window ago has been written by tar, so it is
-    handed to the remote hasher while the stream goes on (a hash taken too early only costs a
-    second look: mismatches are hashed again once tar has exited).
+    A file whose end the server has taken off the channel (its window adjustments say so) has
+    been written by tar a moment later, so it is handed to the remote hasher while the stream
+    goes on (a hash taken too early only costs a second look: mismatches are hashed again once
+    tar has exited).
     """
     t = conn.target
     chan = conn.transport.open_session(timeout=t.channel_timeout)
@@ -278,7 +279,7 @@ def _upload_once(
                 )
         return _finish_report(report, t0)
     use_tar = method == "tar" or (method == "auto" and "tar" in remote_tools(conn))
-    hasher = BackgroundHasher(conn, base)
+    hasher = BackgroundHasher(conn, base, sum(f.size for f in todo))
     if use_tar:
         sent = _send_tar(conn, base, missing_dirs, todo, hasher, compress=use_zstd(conn))
     else:
