@@ -1,27 +1,33 @@
-"""Transfer benchmark: mqi_communicator.transfer against OpenSSH scp, on loopback, same server.
+"""Transfer benchmark: the remote transfer CLI against OpenSSH scp, whole commands, idle and loaded.
 
-    .venv/bin/python benchmarks/transfer_vs_scp.py [--repeats 3] [--download-mb 500] [--csv-files 100] [--csv-mb 90]
+    .venv/bin/python benchmarks/transfer_vs_scp.py [--repeats 3] [--dose-mb 500] [--case-mb 90 500]
 
 Starts the throwaway sshd of the tests (tests/infra/ssh/start-sshd.sh; openssh-server is installed
-when missing), then measures, alternating the order each repeat:
+when missing) and times, as separate processes, exactly what the pipeline runs against what a
+person would run with OpenSSH:
 
-- download of a raw dose file: a 3-D MC-like dose of a 10x10 cm proton field on MOQUI's 400x400
-  1-mm grid, float64, zero where no proton deposited (the target's case), and of a file of
-  random bytes (incompressible: the worst case for the zstd stream, not a dose),
-- upload of a case's MOQUI CSV folder (plan + per-layer CSVs in beam folders),
+- download of a raw dose volume (500 MB: a 3-D MC-like dose of a 10x10 cm proton field on MOQUI's
+  400x400 1-mm grid, float64, zero where no proton deposited):
+  ``python -m mqi_communicator.remote.transfer download REMOTE LOCAL --expected-sha256 SHA``
+  (stage-out: the sha256 comes from the job) against ``scp host:REMOTE LOCAL``;
+- upload of a case's MOQUI CSV folder (109 files: plan + per-layer CSVs in beam folders; ~90 MB
+  and ~500 MB): ``python -m mqi_communicator.remote.transfer upload DIR REMOTE`` (stage-in)
+  against ``scp -r DIR host:REMOTE``.
 
-with transfer.py (as the workflow calls it: connect, transfer, sha256 verified on both sides,
-.part + rename; compression "auto" = zstd, as the server has it; "none" shown for reference)
-and with ``scp`` using the same key, known_hosts and server (its default cipher;
-``scp -c aes128-gcm@openssh.com``, the cipher transfer.py negotiates, is shown too).
-Times include connecting. Prints per-run MB/s, medians and the ratio to scp against the
-1.3x target. On loopback the client, sshd, sftp-server, zstd and the remote hash share this
+Each time includes Python's start-up and imports (of the byte-compiled package), connecting, the transfer and our verification
+(sha256 on both sides, .part + rename); scp verifies nothing. After every run the benchmark
+checks the result's sha256 itself. Every measurement is repeated (order alternating) while the
+machine is otherwise idle, and again while another process keeps one core busy (a Python busy
+loop). Prints every run, medians and the ratio (scp time / our time: > 1 = faster) against the
+targets: download >= 1.3x; upload never slower than scp (>= 1.0x) for the ~90 MB case and >= 1.3x
+for the ~500 MB one. On loopback the client, sshd, tar, zstd and the remote hash share this
 machine's cores. All data lives under /tmp and is removed.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
 import shutil
@@ -30,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -38,10 +44,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the throwaway sshd helper lives in tests/
 
-from mqi_communicator import transfer  # noqa: E402
 from tests.infra.sshd_fixture import SshServer  # noqa: E402
 
-TARGET_RATIO = 1.3
+CASE_FILES = 109
+TARGETS = {"download": 1.3, "upload small": 1.0, "upload large": 1.3}
 
 
 def write_dose_volume(path: Path, size: int, seed: int = 3) -> float:
@@ -72,15 +78,6 @@ def write_dose_volume(path: Path, size: int, seed: int = 3) -> float:
     return zeros / (size // 8)
 
 
-def write_random(path: Path, size: int) -> None:
-    with open(path, "wb") as f:
-        left = size
-        while left:
-            chunk = min(left, 8 << 20)
-            f.write(os.urandom(chunk))
-            left -= chunk
-
-
 def write_csv_folder(root: Path, n_files: int, total_bytes: int, seed: int = 7) -> None:
     """A P2-like output folder: plan/RP*.dcm and log/<beam>/<NN>_<E>MeV.csv with CRLF rows of
     ``time_ms,x_mm,y_mm,count`` (float32 shortest repr; a spot's position repeats over its ~130
@@ -107,9 +104,8 @@ def write_csv_folder(root: Path, n_files: int, total_bytes: int, seed: int = 7) 
         (folder / f"{layer:02d}_{180 - 1.5 * layer:.2f}MeV.csv").write_text("".join(rows)[:per_file], newline="")
 
 
-def tree_bytes(root: Path) -> tuple[int, int]:
-    files = [p for p in root.rglob("*") if p.is_file()]
-    return len(files), sum(p.stat().st_size for p in files)
+def tree_digests(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): sha256(p) for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def sha256(path: Path) -> str:
@@ -117,150 +113,148 @@ def sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+@contextlib.contextmanager
+def busy_core(loaded: bool) -> Iterator[None]:
+    """While ``loaded``: another process keeps one core busy (a Python busy loop)."""
+    if not loaded:
+        yield
+        return
+    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--download-mb", type=int, default=500)
-    parser.add_argument("--csv-files", type=int, default=100)
-    parser.add_argument("--csv-mb", type=int, default=90)
-    parser.add_argument("--no-scp-gcm", action="store_true", help="skip the scp -c aes128-gcm reference")
-    parser.add_argument("--no-random", action="store_true", help="skip the random-bytes download")
+    parser.add_argument("--dose-mb", type=int, default=500)
+    parser.add_argument("--case-mb", type=int, nargs="+", default=[90, 500], help="case folder sizes (MB)")
+    parser.add_argument("--conditions", nargs="+", choices=["idle", "loaded"], default=["idle", "loaded"])
     args = parser.parse_args()
     if not shutil.which("scp"):
         print("scp not found (apt-get install openssh-client)", file=sys.stderr)
         return 2
 
+    # byte-compiled first, as an installed package is (PYTHONDONTWRITEBYTECODE would otherwise make
+    # every run compile the package again)
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "scripts" / "mqi_communicator")], check=True)
     work = Path(tempfile.mkdtemp(prefix="mqi-xfer-bench-", dir="/tmp"))
     server = SshServer(Path(tempfile.mkdtemp(prefix="mqi-sshd-bench-", dir="/tmp")))
     try:
         server.start()
-        conn_args = server.connect_args()
         ssh_cfg = ["-F", str(server.ssh_config)]
+        cli = [sys.executable, "-m", "mqi_communicator.remote.transfer"]
+        conn = [
+            *("--host", server.host, "--port", str(server.port), "--user", server.user),
+            *("--key", str(server.key), "--known-hosts", str(server.known_hosts)),
+        ]
 
         t0 = time.perf_counter()
-        raw_size = args.download_mb * 1_000_000
-        raws = {"dose": server.remote_dir / "dose.raw"}
-        zero_fraction = write_dose_volume(raws["dose"], raw_size)
-        if not args.no_random:
-            raws["random"] = server.remote_dir / "random.raw"
-            write_random(raws["random"], raw_size)
-        for path in raws.values():
-            if os.geteuid() == 0:
-                shutil.chown(path, server.user, server.user)
-        raw_sha = {kind: sha256(path) for kind, path in raws.items()}
-        csv_src = work / "moqui_csv"
-        write_csv_folder(csv_src, args.csv_files, args.csv_mb * 1_000_000)
-        n_csv, csv_size = tree_bytes(csv_src)
+        dose_size = args.dose_mb * 1_000_000
+        dose = server.remote_dir / "dose.raw"
+        zero_fraction = write_dose_volume(dose, dose_size)
+        if os.geteuid() == 0:
+            shutil.chown(dose, server.user, server.user)
+        dose_sha = sha256(dose)
+        cases: dict[str, tuple[Path, dict[str, str]]] = {}
+        for mb in args.case_mb:
+            src = work / f"case{mb}" / "moqui_csv"
+            write_csv_folder(src, CASE_FILES, mb * 1_000_000)
+            cases[f"upload {mb} MB"] = (src, tree_digests(src))
         print(
-            f"data: dose volume {raw_size / 1e6:.0f} MB ({zero_fraction:.0%} zero voxels"
-            + (", and random bytes of the same size" if "random" in raws else "")
-            + f"); CSV folder {n_csv} files, {csv_size / 1e6:.1f} MB (made in {time.perf_counter() - t0:.1f} s)"
+            f"data: dose volume {dose_size / 1e6:.0f} MB ({zero_fraction:.0%} zero voxels); case folders "
+            + ", ".join(
+                f"{len(d)} files {sum((s / r).stat().st_size for r in d) / 1e6:.0f} MB" for s, d in cases.values()
+            )
+            + f" (made in {time.perf_counter() - t0:.0f} s)"
         )
         print(f"server: OpenSSH on 127.0.0.1:{server.port}; {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}")
 
-        dl_local = work / "dl" / "dose.raw"
-        dl_local.parent.mkdir()
-        up_remote = server.remote_dir / "moqui_csv"
+        local = work / "dl" / "dose.raw"
+        up = server.remote_dir / "up"
 
-        def download_ours(kind: str, compression: str = "auto", known_sha: bool = False) -> Callable[[], None]:
-            def go() -> None:
-                # known_sha: the sha256 known beforehand, as the workflow has it from the remote job
-                with transfer.connect(**conn_args, compression=compression) as conn:
-                    expected = raw_sha[kind] if known_sha else None
-                    digest = transfer.download_file(conn, str(raws[kind]), dl_local, expected_sha256=expected)
-                assert digest == raw_sha[kind]
+        def run(command: list[str]) -> None:
+            subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
 
-            return go
+        def clean() -> None:
+            shutil.rmtree(local.parent, ignore_errors=True)
+            local.parent.mkdir()
+            shutil.rmtree(up, ignore_errors=True)
 
-        def download_scp(kind: str, cipher: list[str]) -> Callable[[], None]:
-            def go() -> None:
-                subprocess.run(["scp", "-q", *ssh_cfg, *cipher, f"sshd-test:{raws[kind]}", str(dl_local)], check=True)
-
-            return go
-
-        def upload_ours(compression: str = "auto") -> Callable[[], None]:
-            def go() -> None:
-                with transfer.connect(**conn_args, compression=compression) as conn:
-                    report = transfer.upload_tree(conn, csv_src, str(up_remote))
-                assert len(report.uploaded) == n_csv
-
-            return go
-
-        def upload_scp(cipher: list[str]) -> Callable[[], None]:
-            def go() -> None:
-                subprocess.run(
-                    ["scp", "-q", "-r", *ssh_cfg, *cipher, str(csv_src), f"sshd-test:{up_remote}"], check=True
-                )
-
-            return go
-
-        def clean_download() -> None:
-            dl_local.unlink(missing_ok=True)
-            Path(str(dl_local) + transfer.PART_SUFFIX).unlink(missing_ok=True)
-
-        def clean_upload() -> None:
-            shutil.rmtree(up_remote, ignore_errors=True)
+        # operation -> (size, {tool: command}, check)
+        ops: dict[str, tuple[int, dict[str, list[str]], Callable[[], None]]] = {}
 
         def check_download() -> None:
-            assert dl_local.stat().st_size == raw_size
+            assert sha256(local) == dose_sha, "downloaded dose differs"
 
-        def check_upload() -> None:
-            assert tree_bytes(up_remote) == (n_csv, csv_size)
+        ops["download dose"] = (
+            dose_size,
+            {
+                "ours": [*cli, "download", str(dose), str(local), *conn, "--expected-sha256", dose_sha],
+                "scp": ["scp", "-q", *ssh_cfg, f"sshd-test:{dose}", str(local)],
+            },
+            check_download,
+        )
+        for name, (src, digests) in cases.items():
 
-        gcm = ["-c", "aes128-gcm@openssh.com"]
-        cases: dict[str, tuple[int, Callable[[], None], Callable[[], None], dict[str, Callable[[], None]]]] = {}
-        for kind in raws:
-            runners = {
-                "transfer.py": download_ours(kind),
-                "transfer.py known sha": download_ours(kind, known_sha=True),
-                "transfer.py no zstd": download_ours(kind, compression="none"),
-                "scp": download_scp(kind, []),
-            }
-            if not args.no_scp_gcm:
-                runners["scp -c aes128-gcm"] = download_scp(kind, gcm)
-            cases[f"download {kind}"] = (raw_size, clean_download, check_download, runners)
-        runners = {"transfer.py": upload_ours(), "transfer.py no zstd": upload_ours("none"), "scp": upload_scp([])}
-        if not args.no_scp_gcm:
-            runners["scp -c aes128-gcm"] = upload_scp(gcm)
-        cases["upload CSVs"] = (csv_size, clean_upload, check_upload, runners)
+            def check_upload(digests: dict[str, str] = digests) -> None:
+                assert tree_digests(up) == digests, "uploaded case differs"
 
-        rates: dict[tuple[str, str], list[float]] = {}
-        for repeat in range(args.repeats):
-            for op, (size, clean, check, runners) in cases.items():
-                order = list(runners.items())
-                if repeat % 2:
-                    order.reverse()
-                for tool, runner in order:
-                    clean()
-                    subprocess.run(["sync"], check=False)  # no writeback of the previous run during this one
-                    t0 = time.perf_counter()
-                    runner()
-                    seconds = time.perf_counter() - t0
-                    rates.setdefault((op, tool), []).append(size / 1e6 / seconds)
-                    check()
-                clean()
-            print(f"repeat {repeat + 1}/{args.repeats} done (load {os.getloadavg()[0]:.2f})")
+            size = sum((src / rel).stat().st_size for rel in digests)
+            ops[name] = (
+                size,
+                {
+                    "ours": [*cli, "upload", str(src), str(up), *conn],
+                    "scp": ["scp", "-q", "-r", *ssh_cfg, str(src), f"sshd-test:{up}"],
+                },
+                check_upload,
+            )
+
+        seconds: dict[tuple[str, str, str], list[float]] = {}
+        for condition in args.conditions:
+            with busy_core(condition == "loaded"):
+                for repeat in range(args.repeats):
+                    for op, (_, tools, check) in ops.items():
+                        order = list(tools.items())
+                        if repeat % 2:
+                            order.reverse()
+                        for tool, command in order:
+                            clean()
+                            subprocess.run(["sync"], check=False)  # no writeback of the last run during this one
+                            t0 = time.perf_counter()
+                            run(command)
+                            seconds.setdefault((condition, op, tool), []).append(time.perf_counter() - t0)
+                            check()
+                    print(f"{condition}: repeat {repeat + 1}/{args.repeats} done (load {os.getloadavg()[0]:.2f})")
+            clean()
 
         print()
-        print(f"{'':16} {'tool':22} {'runs (MB/s)':22} {'median':>7} {'vs scp':>7}")
-        verdicts = []
-        for op, (_, _, _, runners) in cases.items():
-            scp_median = statistics.median(rates[(op, "scp")])
-            for tool in runners:
-                runs = rates[(op, tool)]
-                median = statistics.median(runs)
-                runs_text = ", ".join(f"{r:.0f}" for r in runs)
-                print(f"{op:16} {tool:22} {runs_text:22} {median:7.0f} {median / scp_median:6.2f}x")
-            for tool in ("transfer.py", "transfer.py known sha"):
-                ratio = statistics.median(rates[(op, tool)]) / scp_median if (op, tool) in rates else None
-                if ratio is not None:
-                    verdicts.append(f"{op} ({tool}): {ratio:.2f}x {'MET' if ratio >= TARGET_RATIO else 'MISSED'}")
-        print(f"\ntarget >= {TARGET_RATIO}x scp (medians of {args.repeats}):\n  " + "\n  ".join(verdicts))
-        print(
-            "transfer.py times include connect, sha256 on both sides (the remote one computed during the run,\n"
-            "except 'known sha': computed beforehand, as by the workflow's remote job) and the atomic rename;\n"
-            "scp does not verify. The random-bytes file is the worst case for zstd, not a dose."
+        header = f"{'':16}" + "".join(
+            f" | {c + ': ours (s)':>22} {'scp (s)':>20} {'ratio':>6}" for c in args.conditions
         )
+        print(header)
+        verdicts = []
+        for op, (size, _, _) in ops.items():
+            target = TARGETS["download"] if op.startswith("download") else None
+            if target is None:
+                target = TARGETS["upload small"] if size < 200e6 else TARGETS["upload large"]
+            row = f"{op:16}"
+            for condition in args.conditions:
+                ours, scp = seconds[(condition, op, "ours")], seconds[(condition, op, "scp")]
+                ratio = statistics.median(scp) / statistics.median(ours)
+                runs = lambda xs: "/".join(f"{x:.2f}" for x in xs)  # noqa: E731
+                row += f" | {runs(ours):>22} {runs(scp):>20} {ratio:5.2f}x"
+                verdicts.append(
+                    f"{op} {condition}: {ratio:.2f}x scp (median {statistics.median(ours):.2f} s vs "
+                    f"{statistics.median(scp):.2f} s; target >= {target}x) {'MET' if ratio >= target else 'MISSED'}"
+                )
+            print(row)
+        print(f"\nratio = median scp time / median our time, medians of {args.repeats}, sha256 checked:")
+        print("  " + "\n  ".join(verdicts))
     finally:
         try:
             server.stop(keep=False)

@@ -1,4 +1,4 @@
-"""mqi_communicator.remote_job against a real OpenSSH server and a real single-node SLURM (no mocks).
+"""mqi_communicator.remote.job (and beam, slurm, slurm_script, job_record) against a real OpenSSH server and a real single-node SLURM (no mocks).
 
 The controller (this test process, or the CLI as a subprocess) connects as the sshd fixture's
 unprivileged user and drives sbatch/squeue/scancel over SSH, exactly as from a workstation
@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from mqi_communicator import remote, remote_job, settings, transfer
+from mqi_communicator import settings
+from mqi_communicator.remote import beam, commands, connection, errors, job, job_record, slurm, slurm_script, stage
 from tests.infra.slurm_fixture import active_jobs
 
 if TYPE_CHECKING:
@@ -102,7 +103,7 @@ class Remote:
         return [
             sys.executable,
             "-m",
-            "mqi_communicator.remote_job",
+            "mqi_communicator.remote.job",
             *("--host", s.host, "--port", str(s.port), "--user", s.user),
             *("--key", str(s.key), "--known-hosts", str(s.known_hosts)),
             *("--remote-input", str(param), "--remote-workdir", str(param.parent / "job")),
@@ -119,9 +120,9 @@ def cluster(slurm_cluster: SlurmCluster, sshd_server: SshServer) -> Iterator[Rem
     sshd_server.ensure_running()
     user = pwd.getpwnam(sshd_server.user)
     # The SSH user must reach SLURM itself (client config in /etc/slurm, munge socket usable).
-    with transfer.connect(**sshd_server.connect_args()) as conn:
+    with connection.connect(**sshd_server.connect_args()) as conn:
         for cmd in (["sinfo", "-h", "-o", "%P"], ["squeue", "-h", "-u", sshd_server.user]):
-            res = transfer.run(conn, cmd, timeout=30)
+            res = commands.run(conn, cmd, timeout=30)
             if res.rc != 0 or (cmd[0] == "sinfo" and "gpu" not in res.stdout):
                 pytest.fail(
                     f"the sshd test user cannot use SLURM over SSH ({cmd}): {res.stderr.strip()}", pytrace=False
@@ -210,7 +211,7 @@ class QueueWatch:
 # without a cluster
 
 
-def spec(**overrides: Any) -> remote_job.JobSpec:
+def spec(**overrides: Any) -> slurm_script.JobSpec:
     values: dict[str, Any] = {
         "beam": "B1",
         "remote_input": "/r/moqui/B1/moqui_tps_B1.in",
@@ -220,11 +221,11 @@ def spec(**overrides: Any) -> remote_job.JobSpec:
         "moqui_dir": "/opt/moqui dir",
     }
     values.update(overrides)
-    return remote_job.JobSpec(**values)
+    return slurm_script.JobSpec(**values)
 
 
 def test_job_script_directives_and_quoting() -> None:
-    text = remote_job.render_job_script(spec(gpu_request="gpu", time_limit_min=30, account="proj"), "mqi-abc")
+    text = slurm_script.render_job_script(spec(gpu_request="gpu", time_limit_min=30, account="proj"), "mqi-abc")
     directives = [line for line in text.splitlines() if line.startswith("#SBATCH ")]
     assert directives == [
         "#SBATCH --job-name=mqi_B1",
@@ -238,25 +239,25 @@ def test_job_script_directives_and_quoting() -> None:
         "#SBATCH --ntasks=1",
         "#SBATCH --account=proj",
     ]
-    assert "--gres=gpu:1" in remote_job.render_job_script(spec(gpu_request="gres"), "t")
+    assert "--gres=gpu:1" in slurm_script.render_job_script(spec(gpu_request="gres"), "t")
     assert "moqui_dir='/opt/moqui dir'" in text
     assert 'exec /opt/moqui/tps_env --flag "$input"' in text
     assert "rc_file=/r/moqui/B1/B1.rc" in text
     syntax = subprocess.run(["bash", "-n"], input=text, text=True, capture_output=True)
     assert syntax.returncode == 0, syntax.stderr
-    with pytest.raises(remote_job.RemoteJobError, match="gpu_request"):
+    with pytest.raises(errors.RemoteJobError, match="gpu_request"):
         spec(gpu_request="gpus")
-    with pytest.raises(remote_job.RemoteJobError, match="absolute"):
+    with pytest.raises(errors.RemoteJobError, match="absolute"):
         spec(remote_output_dir="dose/B1")
-    with pytest.raises(remote_job.RemoteJobError, match="spaces"):
-        remote_job.render_job_script(spec(partition="gpu fast"), "t")
+    with pytest.raises(errors.RemoteJobError, match="spaces"):
+        slurm_script.render_job_script(spec(partition="gpu fast"), "t")
 
 
 def test_judge_reasons() -> None:
     s = spec()
     ok_rc = {"rc": "0", "job_id": "7"}
     log = "Total execution time: 1 s\n"
-    assert remote_job.judge(remote_job.Outputs(ok_rc, log, [("B1_2_Dose.raw", 8)]), "7", s, "COMPLETED") == (
+    assert beam.judge(beam.Outputs(ok_rc, log, [("B1_2_Dose.raw", 8)]), "7", s, "COMPLETED") == (
         "B1_2_Dose.raw",
         8,
         ["Total execution time:"],
@@ -271,8 +272,8 @@ def test_judge_reasons() -> None:
         (ok_rc, log, [("a_Dose.raw", 0)], "empty"),
     ]
     for rc, text, raws, reason in cases:
-        with pytest.raises(remote_job.JobFailed, match=reason):
-            remote_job.judge(remote_job.Outputs(rc, text, raws), "7", s, "COMPLETED")
+        with pytest.raises(errors.JobFailed, match=reason):
+            beam.judge(beam.Outputs(rc, text, raws), "7", s, "COMPLETED")
 
 
 # --------------------------------------------------------------------------------------------
@@ -338,7 +339,7 @@ def test_engine_failure_is_reported_and_resubmitted(cluster: Remote, tmp_path: P
     name = job_name(cluster, "B2")
     args = cluster.cli(param, tmp_path, name, "--gpu-request", "gres")
     first = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert first.returncode == remote_job.EXIT_FAILED, first.stderr
+    assert first.returncode == job.EXIT_FAILED, first.stderr
     assert "REMOTE JOB FAILED: engine exited with 3 (log: ['FATAL ERROR', 'ERROR:'])" in first.stderr
     assert not (tmp_path / "result.json").exists()
     record = json.loads((tmp_path / "job.json").read_text())
@@ -350,7 +351,7 @@ def test_engine_failure_is_reported_and_resubmitted(cluster: Remote, tmp_path: P
 
     # failed -> a rerun submits a new job (and keeps the history)
     second = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert second.returncode == remote_job.EXIT_FAILED
+    assert second.returncode == job.EXIT_FAILED
     record2 = json.loads((tmp_path / "job.json").read_text())
     assert record2["job_id"] != record["job_id"]
     assert [a["job_id"] for a in record2["attempts"]] == [record["job_id"]]
@@ -415,7 +416,7 @@ def test_max_wait_cancels_and_fails(cluster: Remote, tmp_path: Path) -> None:
         timeout=60,
     )
     elapsed = time.monotonic() - t0
-    assert run.returncode == remote_job.EXIT_FAILED, run.stderr
+    assert run.returncode == job.EXIT_FAILED, run.stderr
     record = json.loads((tmp_path / "job.json").read_text())
     assert "REMOTE JOB FAILED: job" in run.stderr and "after its submission (max wait" in run.stderr
     assert record["state"] == "cancelled" and "max wait" in record["reason"]
@@ -438,7 +439,7 @@ def test_rule_interface_with_settings_and_stage_out(cluster: Remote, tmp_path: P
             "ssh_key_path": str(s.key),
             "known_hosts_path": str(s.known_hosts),
         },
-        "remote_slurm": {"partition": "gpu", "gpu_request": "gpu", "max_wait_seconds": 60},
+        "remote_slurm": {"partition": "gpu", "gpu_request": "gpu", "max_wait_seconds": 60, "pseudonym_salt": "s3"},
         "simulation": {"timeout_seconds": 90},
     }
     staged = tmp_path / "stage_in.json"
@@ -448,7 +449,7 @@ def test_rule_interface_with_settings_and_stage_out(cluster: Remote, tmp_path: P
         )
     )
     args = [
-        *(sys.executable, "-m", "mqi_communicator.remote_job", "--settings", json.dumps(config)),
+        *(sys.executable, "-m", "mqi_communicator.remote.job", "--settings", json.dumps(config)),
         *("--staged", str(staged), "--beam", "B6", "--poll-min", "0.2"),
         *("--record", str(tmp_path / "B6.job.json"), "--result", str(tmp_path / "B6.remote.json")),
         *("--log", str(tmp_path / "simulate_B6.log")),
@@ -457,26 +458,40 @@ def test_rule_interface_with_settings_and_stage_out(cluster: Remote, tmp_path: P
     assert run.returncode == 0, run.stderr
     result = json.loads((tmp_path / "B6.remote.json").read_text())
     script = (param.parent / "B6.sbatch").read_text()  # job files beside the parameter file
-    assert "#SBATCH --job-name=mqi_c1_B6" in script and "#SBATCH --time=2" in script
+    # the queue shows a pseudonym, never the case id
+    pseudonym = slurm_script.case_pseudonym("c1", "s3")
+    assert f"#SBATCH --job-name=mqi_{pseudonym}_B6" in script and "#SBATCH --time=2" in script
+    assert "c1" not in pseudonym and pseudonym != slurm_script.case_pseudonym("c1", "other salt")
+    assert f"--comment={json.loads((tmp_path / 'B6.job.json').read_text())['token']}" in script
     assert f"moqui_dir={cluster.tps_env.parent}" in script
     assert result["tps_env"] == str(cluster.tps_env)
     # the stage-out rule's download, verified against the sha256 computed on the cluster
     local_raw = tmp_path / "B6_Dose.raw"
-    record = remote.stage_out(
+    record = stage.stage_out(
         settings.load(json.dumps(config)), tmp_path / "B6.remote.json", local_raw, tmp_path / "B6.simulate.json"
     )
     assert sha256(local_raw) == result["sha256"] and record["slurm_job_id"] == result["job_id"]
     assert record["slurm_partition"] == "gpu"
+    # patient data stays private: what the job wrote on the cluster, and what came back here
+    job_files = [param.parent / f"B6{suffix}" for suffix in (".sbatch", ".log", ".rc", ".slurm.out")]
+    written = [*job_files, param.parent / "out", Path(result["remote_raw"])]
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in written} == {
+        **{p.name: "0o600" for p in job_files},
+        "out": "0o700",
+        Path(result["remote_raw"]).name: "0o600",
+    }
+    local = [local_raw, tmp_path / "B6.simulate.json", tmp_path / "B6.remote.json", tmp_path / "B6.job.json"]
+    assert {oct(p.stat().st_mode & 0o777) for p in local} == {"0o600"}
 
 
 def test_killed_between_sbatch_and_record_finds_job_by_token(cluster: Remote, tmp_path: Path) -> None:
     """The narrowest window: sbatch went through, the controller died before recording the id."""
     param = cluster.beam("B7", sleep=1)
     name = job_name(cluster, "B7")
-    with transfer.connect(**cluster.sshd.connect_args()) as conn:
-        gone = remote_job.query(conn, "99999999")  # not in squeue, no accounting here
-        assert (gone.state, gone.active, gone.source) == (remote_job.GONE, False, "none")
-        spec = remote_job.JobSpec(
+    with connection.connect(**cluster.sshd.connect_args()) as conn:
+        gone = slurm.query(conn, slurm.JobRef("99999999"))  # not in squeue, no accounting here
+        assert (gone.state, gone.active, gone.source) == (slurm.GONE, False, "none")
+        spec = slurm_script.JobSpec(
             beam="B7",
             remote_input=str(param),
             remote_output_dir=str(param.parent / "out"),
@@ -487,10 +502,10 @@ def test_killed_between_sbatch_and_record_finds_job_by_token(cluster: Remote, tm
             job_name=name,
         )
         token = "mqi-" + uuid.uuid4().hex[:16]
-        record = remote_job.new_record(spec, conn, token, None)
-        script = remote_job.write_job_script(conn, spec, token)
-        remote_job.save_record(tmp_path / "job.json", record)  # 'submitting', as before sbatch
-        job_id = remote_job.submit(conn, script)  # ... and the controller dies right here
+        record = job_record.new_record(spec, conn, token, None)
+        script = slurm_script.write_job_script(conn, spec, token)
+        job_record.save_record(tmp_path / "job.json", record)  # 'submitting', as before sbatch
+        job_id = slurm.submit(conn, script)  # ... and the controller dies right here
     with QueueWatch(name) as watch:
         run = subprocess.run(cluster.cli(param, tmp_path, name), cwd=REPO, capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
@@ -515,7 +530,7 @@ def test_cluster_unreachable_keeps_the_job_for_a_rerun(cluster: Remote, tmp_path
         job_id = running_job(tmp_path / "job.json")
         cluster.sshd.kill()  # listener and every session: connection refused from now on
         _, err = proc.communicate(timeout=30)
-        assert proc.returncode == remote_job.EXIT_UNREACHABLE, err
+        assert proc.returncode == job.EXIT_UNREACHABLE, err
         assert "REMOTE JOB UNREACHABLE" in err and "rerun to re-attach" in err
         record = json.loads((tmp_path / "job.json").read_text())
         assert record["job_id"] == job_id and record["state"] in ("submitted", "running")
@@ -538,10 +553,10 @@ def test_recorded_job_id_reused_by_another_job_is_never_touched(cluster: Remote,
     decoy_dir.mkdir()
     (decoy_dir / "decoy.sh").write_text("#!/bin/bash\nsleep 60\n")
     cluster.own(decoy_dir)
-    with transfer.connect(**cluster.sshd.connect_args()) as conn:
+    with connection.connect(**cluster.sshd.connect_args()) as conn:
         decoy_cmd = ["sbatch", "--parsable", "-p", "cpu", "-J", f"{name}_decoy", "--comment=someone-else"]
         decoy_cmd += ["-o", "/dev/null", "-D", str(decoy_dir), str(decoy_dir / "decoy.sh")]
-        out = transfer.run(
+        out = commands.run(
             conn,
             decoy_cmd,
             timeout=30,
@@ -549,7 +564,7 @@ def test_recorded_job_id_reused_by_another_job_is_never_touched(cluster: Remote,
         )
         assert out.rc == 0, out.stderr
         decoy = out.stdout.strip()
-        spec = remote_job.JobSpec(
+        spec = slurm_script.JobSpec(
             beam="B9",
             remote_input=str(param),
             remote_output_dir=str(param.parent / "out"),
@@ -558,15 +573,15 @@ def test_recorded_job_id_reused_by_another_job_is_never_touched(cluster: Remote,
             moqui_dir=str(cluster.base),
             job_name=name,
         )
-        record = remote_job.new_record(spec, conn, "mqi-ours", None)
+        record = job_record.new_record(spec, conn, "mqi-ours", None)
         record.update(state="running", job_id=decoy)
-        remote_job.save_record(tmp_path / "job.json", record)
+        job_record.save_record(tmp_path / "job.json", record)
     try:
         wait_for(lambda: squeue_row(decoy).get("state") == "RUNNING", 20, "the decoy job RUNNING")
         run = subprocess.run(
             cluster.cli(param, tmp_path, name, "--max-wait", "1"), cwd=REPO, capture_output=True, text=True, timeout=60
         )
-        assert run.returncode == remote_job.EXIT_FAILED, run.stderr
+        assert run.returncode == job.EXIT_FAILED, run.stderr
         assert "belongs to another job" in run.stderr
         assert squeue_row(decoy)["state"] == "RUNNING"  # not cancelled, even past the max wait
         assert json.loads((tmp_path / "job.json").read_text())["state"] == "failed"

@@ -1,7 +1,7 @@
-"""mqi_communicator.transfer against a real OpenSSH server on 127.0.0.1 (no mocks).
+"""mqi_communicator.remote (connection, commands, upload, download, hashing) against a real OpenSSH server on 127.0.0.1 (no mocks).
 
 Needs the ``sshd_server`` fixture (tests/infra/sshd_fixture.py). The "remote" side is this
-machine, so the tests also check remote files directly on disk, independently of transfer.py.
+machine, so the tests also check remote files directly on disk, independently of the code under test.
 Fault tests crash (SIGKILL) or freeze (SIGSTOP) the real sshd / sftp-server processes.
 """
 
@@ -24,10 +24,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import paramiko
 import pytest
+from paramiko.buffered_pipe import BufferedPipe
 
-from mqi_communicator import transfer
-from mqi_communicator.transfer import AuthError, CommandTimeout, HostKeyError, TransferError, VerifyError
+from mqi_communicator.files import write_atomic
+from mqi_communicator.remote import commands, connection, download, fastpath, hashing, upload
+from mqi_communicator.remote import transfer as transfer_cli
+from mqi_communicator.remote.errors import AuthError, CommandTimeout, HostKeyError, TransferError, VerifyError
 
 if TYPE_CHECKING:
     from tests.infra.sshd_fixture import SshServer
@@ -59,6 +63,17 @@ def remote(sshd: SshServer) -> Iterator[Path]:
     path = sshd.remote_dir / uuid.uuid4().hex[:8]
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(params=["private-api", "public-api"])
+def paramiko_api(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways through paramiko: the fast paths on its private API, enabled for the pinned
+    version, and the public-API fallback that any other version gets (here: an untested version
+    number, exactly what a paramiko upgrade would present)."""
+    if request.param == "public-api":
+        monkeypatch.setattr(paramiko, "__version__", "0.0.0+untested")
+    assert fastpath.enabled() is (request.param == "private-api")
+    return str(request.param)
 
 
 def fast(sshd: SshServer, **overrides: Any) -> dict[str, Any]:
@@ -139,24 +154,24 @@ UPLOAD_WAYS = [("tar", "zstd"), ("tar", "none"), ("sftp", "none")]
 
 @pytest.mark.parametrize(("method", "compression"), UPLOAD_WAYS)
 def test_upload_tree_verified_and_idempotent(
-    sshd: SshServer, remote: Path, tmp_path: Path, method: str, compression: str
+    sshd: SshServer, remote: Path, tmp_path: Path, method: str, compression: str, paramiko_api: str
 ) -> None:
     local = tmp_path / "case"
     local.mkdir()
     files = make_tree(local)
-    with transfer.connect(**fast(sshd, compression=compression)) as conn:
-        report = transfer.upload_tree(conn, local, str(remote), method=method)
+    with connection.connect(**fast(sshd, compression=compression)) as conn:
+        report = upload.upload_tree(conn, local, str(remote), method=method)
         assert sorted(report.uploaded) == sorted(files)
         assert report.skipped == []
         assert report.bytes_sent == sum(len(d) for d in files.values())
-        for rel, data in files.items():  # checked on disk, not through transfer.py
+        for rel, data in files.items():  # checked on disk, not through the code under test
             assert (remote / rel).read_bytes() == data, rel
             assert not (remote / rel).is_symlink()
             assert report.files[rel] == hashlib.sha256(data).hexdigest()
         assert (remote / "empty_dir").is_dir()
         assert part_files(remote) == []
 
-        again = transfer.upload_tree(conn, local, str(remote), method=method)
+        again = upload.upload_tree(conn, local, str(remote), method=method)
         assert again.uploaded == []
         assert again.bytes_sent == 0
         assert sorted(again.skipped) == sorted(files)
@@ -165,10 +180,10 @@ def test_upload_tree_verified_and_idempotent(
         # one file changed (same size), one added: only those go
         (local / "plan" / "06_106.00MeV.csv").write_bytes(os.urandom(len(files["plan/06_106.00MeV.csv"])))
         (local / "log" / "new.csv").write_bytes(b"1,2,3,4\r\n")
-        third = transfer.upload_tree(conn, local, str(remote), method=method)
+        third = upload.upload_tree(conn, local, str(remote), method=method)
         assert sorted(third.uploaded) == ["log/new.csv", "plan/06_106.00MeV.csv"]
         assert (remote / "plan" / "06_106.00MeV.csv").read_bytes() == (local / "plan" / "06_106.00MeV.csv").read_bytes()
-        assert set(transfer.compare_tree(conn, local, str(remote))["identical"]) == set(third.files)
+        assert set(upload.compare_tree(conn, local, str(remote))["identical"]) == set(third.files)
     assert conn.connects == 1
 
 
@@ -178,14 +193,15 @@ def test_upload_early_remote_hash_rechecks_files_still_being_written(
 ) -> None:
     """The tar upload hashes files remotely while streaming; hashing them too early (here: at
     once, tiny batches) only costs a second look, never a false failure."""
-    monkeypatch.setattr(transfer, "_TAR_HASH_LAG", 0)
-    monkeypatch.setattr(transfer, "_HASH_BATCH", 1)
+    monkeypatch.setattr(upload, "_TAR_HASH_LAG", 0)
+    monkeypatch.setattr(hashing, "_HASH_BATCH", 1)
+    monkeypatch.setattr(hashing, "_HASH_COMMANDS", 10**9)
     local = tmp_path / "case"
     for i in range(12):
         (local / f"d{i % 3}").mkdir(parents=True, exist_ok=True)
         (local / f"d{i % 3}" / f"{i}.csv").write_bytes(os.urandom(3_000_000))
-    with transfer.connect(**fast(sshd, compression=compression)) as conn:
-        report = transfer.upload_tree(conn, local, str(remote), method="tar")
+    with connection.connect(**fast(sshd, compression=compression)) as conn:
+        report = upload.upload_tree(conn, local, str(remote), method="tar")
     assert len(report.uploaded) == 12
     for rel, digest in report.files.items():
         assert sha256(remote / rel) == digest == sha256(local / rel)
@@ -197,21 +213,21 @@ def test_upload_refuses_broken_symlinks_and_odd_names(sshd: SshServer, remote: P
     (tmp_path / "a" / "dangling.csv").symlink_to(tmp_path / "nowhere.csv")
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "two\nlines.csv").write_text("x")
-    with transfer.connect(**fast(sshd)) as conn:
+    with connection.connect(**fast(sshd)) as conn:
         with pytest.raises(TransferError, match=r"broken symlink .*dangling\.csv") as exc:
-            transfer.upload_tree(conn, tmp_path / "a", str(remote))
+            upload.upload_tree(conn, tmp_path / "a", str(remote))
         assert not exc.value.transient
         with pytest.raises(TransferError, match="unsupported character"):
-            transfer.upload_tree(conn, tmp_path / "b", str(remote))
+            upload.upload_tree(conn, tmp_path / "b", str(remote))
     assert not remote.exists()
 
 
 def test_upload_file_creates_parents_and_skips_identical(sshd: SshServer, remote: Path, tmp_path: Path) -> None:
     src = tmp_path / "in.csv"
     src.write_bytes(os.urandom(300_000))
-    with transfer.connect(**fast(sshd)) as conn:
-        first = transfer.upload_file(conn, src, str(remote / "a" / "b" / "in.csv"))
-        second = transfer.upload_file(conn, src, str(remote / "a" / "b" / "in.csv"))
+    with connection.connect(**fast(sshd)) as conn:
+        first = upload.upload_file(conn, src, str(remote / "a" / "b" / "in.csv"))
+        second = upload.upload_file(conn, src, str(remote / "a" / "b" / "in.csv"))
     assert first.uploaded == ["in.csv"] and first.bytes_sent == 300_000
     assert second.uploaded == [] and second.skipped == ["in.csv"]
     assert sha256(remote / "a" / "b" / "in.csv") == sha256(src)
@@ -219,36 +235,38 @@ def test_upload_file_creates_parents_and_skips_identical(sshd: SshServer, remote
 
 
 @pytest.mark.parametrize("compression", ["zstd", "none"])
-def test_download_verified_atomic_idempotent(sshd: SshServer, remote: Path, tmp_path: Path, compression: str) -> None:
+def test_download_verified_atomic_idempotent(
+    sshd: SshServer, remote: Path, tmp_path: Path, compression: str, paramiko_api: str
+) -> None:
     remote.mkdir()
     give_to_user(sshd, remote)
     data = os.urandom(3_000_000)
     (remote / "dose.raw").write_bytes(data)
     want = hashlib.sha256(data).hexdigest()
     local = tmp_path / "out" / "dose.raw"
-    with transfer.connect(**fast(sshd, compression=compression)) as conn:
-        assert transfer.download_file(conn, str(remote / "dose.raw"), local, expected_sha256=want) == want
+    with connection.connect(**fast(sshd, compression=compression)) as conn:
+        assert download.download_file(conn, str(remote / "dose.raw"), local, expected_sha256=want) == want
         assert local.read_bytes() == data
         assert part_files(tmp_path) == []
         inode = local.stat().st_ino
-        assert transfer.download_file(conn, str(remote / "dose.raw"), local) == want
+        assert download.download_file(conn, str(remote / "dose.raw"), local) == want
         assert local.stat().st_ino == inode  # identical: not downloaded again
 
         with pytest.raises(VerifyError, match="expected"):
-            transfer.download_file(conn, str(remote / "dose.raw"), tmp_path / "other.raw", expected_sha256="0" * 64)
+            download.download_file(conn, str(remote / "dose.raw"), tmp_path / "other.raw", expected_sha256="0" * 64)
         assert not (tmp_path / "other.raw").exists()
 
         with pytest.raises(TransferError) as missing:
-            transfer.download_file(conn, str(remote / "nope.raw"), tmp_path / "nope.raw")
+            download.download_file(conn, str(remote / "nope.raw"), tmp_path / "nope.raw")
         assert not missing.value.transient
         assert not (tmp_path / "nope.raw").exists()
 
         (remote / "link.raw").symlink_to(remote / "dose.raw")  # followed, as SFTP does
-        assert transfer.download_file(conn, str(remote / "link.raw"), tmp_path / "link.raw") == want
+        assert download.download_file(conn, str(remote / "link.raw"), tmp_path / "link.raw") == want
         assert (tmp_path / "link.raw").read_bytes() == data
 
         (remote / "empty.raw").write_bytes(b"")
-        assert transfer.download_file(conn, str(remote / "empty.raw"), tmp_path / "empty.raw") == sha256_bytes(b"")
+        assert download.download_file(conn, str(remote / "empty.raw"), tmp_path / "empty.raw") == sha256_bytes(b"")
         assert (tmp_path / "empty.raw").read_bytes() == b""
 
 
@@ -282,9 +300,9 @@ def test_zstd_download_sends_a_dose_volume_compressed(sshd: SshServer, remote: P
     written = {}
     for compression in ("zstd", "none"):
         local = tmp_path / compression / "dose.raw"
-        with transfer.connect(**fast(sshd, compression=compression)) as conn:
+        with connection.connect(**fast(sshd, compression=compression)) as conn:
             before = session_bytes_written(sshd)
-            digest = transfer.download_file(conn, str(remote / "dose.raw"), local)
+            digest = download.download_file(conn, str(remote / "dose.raw"), local)
             written[compression] = session_bytes_written(sshd) - before
         assert digest == sha256_bytes(data)
         assert local.read_bytes() == data
@@ -293,20 +311,71 @@ def test_zstd_download_sends_a_dose_volume_compressed(sshd: SshServer, remote: P
     assert written["zstd"] < len(data) / 4, written
 
 
+def test_public_api_fallback_takes_no_private_path(
+    sshd: SshServer, remote: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An untested paramiko keeps paramiko's own receive buffer and request size, and renames
+    file by file; a large SFTP download and a many-file SFTP upload still arrive intact."""
+    monkeypatch.setattr(paramiko, "__version__", "0.0.0+untested")
+    remote.mkdir()
+    give_to_user(sshd, remote)
+    data = os.urandom(5_000_000)
+    (remote / "dose.raw").write_bytes(data)
+    local = tmp_path / "case"
+    for i in range(30):
+        (local / f"b{i % 3}").mkdir(parents=True, exist_ok=True)
+        (local / f"b{i % 3}" / f"{i:02d}.csv").write_bytes(os.urandom(20_000 + i))
+    with connection.connect(**fast(sshd, compression="none")) as conn:
+        assert type(conn.sftp.sock.in_buffer) is BufferedPipe  # not fastpath.MessagePipe
+        digest = download.download_file(conn, str(remote / "dose.raw"), tmp_path / "dose.raw")
+        report = upload.upload_tree(conn, local, str(remote / "csv"), method="sftp")
+    assert digest == sha256_bytes(data) and (tmp_path / "dose.raw").read_bytes() == data
+    assert len(report.uploaded) == 30
+    for rel, want in report.files.items():
+        assert sha256(remote / "csv" / rel) == want == sha256(local / rel)
+    assert part_files(remote) == []
+
+
+@pytest.mark.parametrize("method", ["tar", "sftp"])
+def test_staged_and_downloaded_files_are_private(sshd: SshServer, remote: Path, tmp_path: Path, method: str) -> None:
+    """Patient data: 0600 files and 0700 folders on the server (whatever sshd's umask) and
+    locally (whatever this process's umask)."""
+    local = tmp_path / "case"
+    (local / "log" / "1G180").mkdir(parents=True)
+    (local / "plan.csv").write_bytes(b"name,id,birth\r\n")
+    (local / "log" / "1G180" / "01.csv").write_bytes(os.urandom(50_000))
+    previous = os.umask(0o022)  # a permissive umask: the modes below must not depend on it
+    try:
+        with connection.connect(**fast(sshd)) as conn:
+            upload.upload_tree(conn, local, str(remote / "case"), method=method)
+            commands.run(conn, ["sh", "-c", 'head -c 1000 /dev/urandom > "$1"', "sh", str(remote / "dose.raw")], 10)
+            download.download_file(conn, str(remote / "dose.raw"), tmp_path / "out" / "dose.raw")
+        write_atomic(tmp_path / "out" / "record.json", b"{}")
+    finally:
+        os.umask(previous)
+    staged = [remote, *sorted(remote.rglob("*"))]  # checked on disk, as the cluster would show them
+    assert {str(p.relative_to(remote)): oct(p.stat().st_mode & 0o777) for p in staged} == {
+        **{d: "0o700" for d in (".", "case", "case/log", "case/log/1G180")},
+        **{f: "0o600" for f in ("case/plan.csv", "case/log/1G180/01.csv", "dose.raw")},
+    }
+    assert oct((tmp_path / "out" / "dose.raw").stat().st_mode & 0o777) == "0o600"
+    assert oct((tmp_path / "out" / "record.json").stat().st_mode & 0o777) == "0o600"
+
+
 def test_zstd_wanted_by_setting_and_server_tools(sshd: SshServer) -> None:
-    with transfer.connect(**fast(sshd)) as conn:
-        tools = transfer._remote_tools(conn)  # asked of the real server
+    with connection.connect(**fast(sshd)) as conn:
+        tools = commands.remote_tools(conn)  # asked of the real server
     assert tools == {"tar", "zstd"}  # start-sshd.sh installs zstd when missing
     where = "moqui@login1:22"
-    assert transfer.zstd_wanted("auto", tools, where) is True
-    assert transfer.zstd_wanted("zstd", tools, where) is True
-    assert transfer.zstd_wanted("none", tools, where) is False
-    assert transfer.zstd_wanted("auto", frozenset({"tar"}), where) is False  # falls back to plain
+    assert commands.zstd_wanted("auto", tools, where) is True
+    assert commands.zstd_wanted("zstd", tools, where) is True
+    assert commands.zstd_wanted("none", tools, where) is False
+    assert commands.zstd_wanted("auto", frozenset({"tar"}), where) is False  # falls back to plain
     with pytest.raises(TransferError, match="moqui@login1:22 has no zstd command") as exc:
-        transfer.zstd_wanted("zstd", frozenset({"tar"}), where)
+        commands.zstd_wanted("zstd", frozenset({"tar"}), where)
     assert not exc.value.transient
     with pytest.raises(ValueError, match="compression must be one of"):
-        transfer.connect(**fast(sshd, compression="gzip"))
+        connection.connect(**fast(sshd, compression="gzip"))
 
 
 def test_connect_from_config(sshd: SshServer) -> None:
@@ -320,26 +389,26 @@ def test_connect_from_config(sshd: SshServer) -> None:
         "retries": 1,
         "op_timeout_seconds": 5,
     }
-    with transfer.connect_from_config(hpc) as conn:
+    with connection.connect_from_config(hpc) as conn:
         assert conn.target.op_timeout == 5 and conn.target.banner_timeout == 5
-        assert transfer.run(conn, "echo ok", timeout=10).stdout == "ok\n"
+        assert commands.run(conn, "echo ok", timeout=10).stdout == "ok\n"
         assert conn.transport.remote_cipher == "aes128-gcm@openssh.com"
 
 
 def test_run_remote_commands(sshd: SshServer) -> None:
-    with transfer.connect(**fast(sshd)) as conn:
-        rc, out, err = transfer.run(conn, "echo out; echo err >&2; exit 3", timeout=10)
+    with connection.connect(**fast(sshd)) as conn:
+        rc, out, err = commands.run(conn, "echo out; echo err >&2; exit 3", timeout=10)
         assert (rc, out, err) == (3, "out\n", "err\n")
-        assert transfer.run(conn, ["printf", "%s|", "a b", "$HOME", "'q'"], timeout=10).stdout == "a b|$HOME|'q'|"
-        assert transfer.run(conn, "wc -c", timeout=10, stdin=b"x" * 5_000_000).stdout.strip() == "5000000"
-        big = transfer.run(conn, "head -c 3000000 /dev/zero; head -c 3000000 /dev/zero >&2", timeout=10)
+        assert commands.run(conn, ["printf", "%s|", "a b", "$HOME", "'q'"], timeout=10).stdout == "a b|$HOME|'q'|"
+        assert commands.run(conn, "wc -c", timeout=10, stdin=b"x" * 5_000_000).stdout.strip() == "5000000"
+        big = commands.run(conn, "head -c 3000000 /dev/zero; head -c 3000000 /dev/zero >&2", timeout=10)
         assert len(big.stdout) == len(big.stderr) == 3_000_000  # both streams drained, no deadlock
 
         t0 = time.monotonic()
         with pytest.raises(CommandTimeout, match="did not finish within"):
-            transfer.run(conn, "sleep 30", timeout=0.5, idempotent=False)
+            commands.run(conn, "sleep 30", timeout=0.5, idempotent=False)
         assert time.monotonic() - t0 < 5
-        assert transfer.run(conn, "echo again", timeout=10).stdout == "again\n"  # fresh connection
+        assert commands.run(conn, "echo again", timeout=10).stdout == "again\n"  # fresh connection
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,7 +420,7 @@ def test_unknown_host_refused(sshd: SshServer, tmp_path: Path) -> None:
     empty.write_text("")
     t0 = time.monotonic()
     with pytest.raises(HostKeyError) as exc:
-        transfer.connect(**fast(sshd, known_hosts_path=str(empty), retries=3, backoff_s=1))
+        connection.connect(**fast(sshd, known_hosts_path=str(empty), retries=3, backoff_s=1))
     message = str(exc.value)
     assert f"127.0.0.1:{sshd.port}" in message and str(empty) in message and "unknown" in message
     assert time.monotonic() - t0 < 1  # not retried
@@ -364,14 +433,14 @@ def test_changed_host_key_refused(sshd: SshServer, tmp_path: Path) -> None:
     known = tmp_path / "known_hosts"
     known.write_text(f"[127.0.0.1]:{sshd.port} {' '.join(other.with_suffix('.pub').read_text().split()[:2])}\n")
     with pytest.raises(HostKeyError) as exc:
-        transfer.connect(**fast(sshd, known_hosts_path=str(known), retries=3, backoff_s=1))
+        connection.connect(**fast(sshd, known_hosts_path=str(known), retries=3, backoff_s=1))
     assert f"127.0.0.1:{sshd.port}" in str(exc.value) and "CHANGED" in str(exc.value)
     assert exc.value.attempts == 1
 
 
 def test_missing_known_hosts_file(sshd: SshServer, tmp_path: Path) -> None:
     with pytest.raises(HostKeyError, match="does not exist"):
-        transfer.connect(**fast(sshd, known_hosts_path=str(tmp_path / "nope")))
+        connection.connect(**fast(sshd, known_hosts_path=str(tmp_path / "nope")))
 
 
 def test_bad_client_key(sshd: SshServer, tmp_path: Path) -> None:
@@ -379,16 +448,16 @@ def test_bad_client_key(sshd: SshServer, tmp_path: Path) -> None:
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)], check=True)
     t0 = time.monotonic()
     with pytest.raises(AuthError) as exc:
-        transfer.connect(**fast(sshd, key_path=str(stranger), retries=3, backoff_s=1))
+        connection.connect(**fast(sshd, key_path=str(stranger), retries=3, backoff_s=1))
     assert "authentication" in str(exc.value) and str(stranger) in str(exc.value)
     assert not exc.value.transient and time.monotonic() - t0 < 1
 
     with pytest.raises(AuthError, match="cannot be loaded"):
-        transfer.connect(**fast(sshd, key_path=str(tmp_path / "absent")))
+        connection.connect(**fast(sshd, key_path=str(tmp_path / "absent")))
     locked = tmp_path / "id_locked"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "secret", "-f", str(locked)], check=True)
     with pytest.raises(AuthError, match="passphrase"):
-        transfer.connect(**fast(sshd, key_path=str(locked)))
+        connection.connect(**fast(sshd, key_path=str(locked)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,7 +468,7 @@ def test_connection_refused_is_retried_then_reported(sshd: SshServer) -> None:
     sshd.kill()
     t0 = time.monotonic()
     with pytest.raises(TransferError) as exc:
-        transfer.connect(**fast(sshd, retries=2, backoff_s=0.1))
+        connection.connect(**fast(sshd, retries=2, backoff_s=0.1))
     assert exc.value.transient and exc.value.attempts == 3
     assert time.monotonic() - t0 >= 0.3  # 0.1 + 0.2 s of backoff
     assert f"127.0.0.1:{sshd.port}" in str(exc.value)
@@ -417,7 +486,7 @@ def test_stalled_session_times_out_instead_of_hanging(sshd: SshServer, remote: P
             frozen.append(pid)
 
     try:
-        with transfer.connect(**fast(sshd, op_timeout=1.5, retries=0)) as conn:
+        with connection.connect(**fast(sshd, op_timeout=1.5, retries=0)) as conn:
             conn.sftp.stat(str(remote / "f.txt"))
             freeze()
             t0 = time.monotonic()
@@ -426,19 +495,19 @@ def test_stalled_session_times_out_instead_of_hanging(sshd: SshServer, remote: P
             assert exc.value.transient and "timed out" in str(exc.value)
             assert time.monotonic() - t0 < 5
 
-            assert transfer.run(conn, "true", timeout=5).rc == 0 and conn.connects == 2  # fresh one
+            assert commands.run(conn, "true", timeout=5).rc == 0 and conn.connects == 2  # fresh one
             freeze()
             t0 = time.monotonic()
             with pytest.raises(TransferError) as exc:  # remote command on a frozen connection
-                transfer.run(conn, "true", timeout=1.5)
+                commands.run(conn, "true", timeout=1.5)
             assert exc.value.transient and time.monotonic() - t0 < 6
 
             # with one retry, an operation whose session freezes completes on a fresh connection
             conn.target = dataclasses.replace(conn.target, retries=1)
-            assert transfer.run(conn, "true", timeout=5).rc == 0 and conn.connects == 3
+            assert commands.run(conn, "true", timeout=5).rc == 0 and conn.connects == 3
             freeze()
             t0 = time.monotonic()
-            digest = transfer.download_file(conn, str(remote / "f.txt"), tmp_path / "f.txt")
+            digest = download.download_file(conn, str(remote / "f.txt"), tmp_path / "f.txt")
             assert digest == hashlib.sha256(b"x").hexdigest() and conn.connects == 4
             assert time.monotonic() - t0 < 8
     finally:
@@ -452,7 +521,7 @@ def test_stalled_server_banner_timeout(sshd: SshServer) -> None:
     try:
         t0 = time.monotonic()
         with pytest.raises(TransferError) as exc:
-            transfer.connect(**fast(sshd, banner_timeout=1, retries=0))
+            connection.connect(**fast(sshd, banner_timeout=1, retries=0))
         assert exc.value.transient and time.monotonic() - t0 < 4
     finally:
         os.kill(sshd.pid, signal.SIGCONT)
@@ -465,10 +534,10 @@ def test_server_killed_mid_upload_then_rerun(
     target = remote / "dose.raw"
     watcher = when_size_reaches(remote / "dose.raw.part", KILL_AT, sshd.kill)
     with (
-        transfer.connect(**fast(sshd, retries=1, compression=compression)) as conn,
+        connection.connect(**fast(sshd, retries=1, compression=compression)) as conn,
         pytest.raises(TransferError) as exc,
     ):
-        transfer.upload_file(conn, big_file, str(target), method=method)
+        upload.upload_file(conn, big_file, str(target), method=method)
     watcher.join()
     assert exc.value.transient
     assert not target.exists()  # nothing under the final name
@@ -476,8 +545,8 @@ def test_server_killed_mid_upload_then_rerun(
     assert partial.exists() and partial.stat().st_size < BIG
 
     sshd.ensure_running()
-    with transfer.connect(**fast(sshd)) as conn:
-        report = transfer.upload_file(conn, big_file, str(target), method=method)
+    with connection.connect(**fast(sshd)) as conn:
+        report = upload.upload_file(conn, big_file, str(target), method=method)
     assert report.uploaded == ["dose.raw"]
     assert sha256(target) == sha256(big_file) == report.files["dose.raw"]
     assert part_files(remote) == []
@@ -501,8 +570,8 @@ def test_sending_process_killed_mid_download_is_resumed(
             killed.append(pid)
 
     watcher = when_size_reaches(tmp_path / "dose.raw.part", KILL_AT, kill_sender)
-    with transfer.connect(**fast(sshd, retries=2, compression=compression)) as conn:
-        digest = transfer.download_file(conn, str(remote / "dose.raw"), local)
+    with connection.connect(**fast(sshd, retries=2, compression=compression)) as conn:
+        digest = download.download_file(conn, str(remote / "dose.raw"), local)
         assert conn.connects == 2  # it did break, and was resumed on a fresh connection
     watcher.join()
     assert killed
@@ -529,8 +598,8 @@ def test_stalled_zstd_stream_times_out_and_resumes(
     watcher = when_size_reaches(tmp_path / "dose.raw.part", KILL_AT, freeze_zstd)
     try:
         t0 = time.monotonic()
-        with transfer.connect(**fast(sshd, op_timeout=1.5, retries=1, compression="zstd")) as conn:
-            digest = transfer.download_file(conn, str(remote / "dose.raw"), local)
+        with connection.connect(**fast(sshd, op_timeout=1.5, retries=1, compression="zstd")) as conn:
+            digest = download.download_file(conn, str(remote / "dose.raw"), local)
             assert conn.connects == 2
         assert time.monotonic() - t0 < 20
         watcher.join()
@@ -553,18 +622,18 @@ def test_server_killed_mid_download_then_rerun(
     local = tmp_path / "dose.raw"
     watcher = when_size_reaches(tmp_path / "dose.raw.part", KILL_AT, sshd.kill)
     with (
-        transfer.connect(**fast(sshd, retries=1, compression=compression)) as conn,
+        connection.connect(**fast(sshd, retries=1, compression=compression)) as conn,
         pytest.raises(TransferError) as exc,
     ):
-        transfer.download_file(conn, str(remote / "dose.raw"), local)
+        download.download_file(conn, str(remote / "dose.raw"), local)
     watcher.join()
     assert exc.value.transient
     assert not local.exists()  # nothing under the final name
     assert 0 < (tmp_path / "dose.raw.part").stat().st_size < BIG
 
     sshd.ensure_running()
-    with transfer.connect(**fast(sshd)) as conn:
-        digest = transfer.download_file(conn, str(remote / "dose.raw"), local)
+    with connection.connect(**fast(sshd)) as conn:
+        digest = download.download_file(conn, str(remote / "dose.raw"), local)
     assert digest == sha256(local) == sha256(big_file)
     assert part_files(tmp_path) == []
 
@@ -585,7 +654,7 @@ def test_cli_upload_check_download(sshd: SshServer, remote: Path, tmp_path: Path
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         env = {**os.environ, "PYTHONPATH": str(REPO / "scripts")}
         return subprocess.run(
-            [sys.executable, "-m", "mqi_communicator.transfer", *args, *common],
+            [sys.executable, "-m", "mqi_communicator.remote.transfer", *args, *common],
             capture_output=True,
             text=True,
             env=env,
@@ -599,7 +668,7 @@ def test_cli_upload_check_download(sshd: SshServer, remote: Path, tmp_path: Path
     assert check.returncode == 0 and json.loads(check.stdout)["different"] == []
     (local / "log" / "extra.csv").write_text("1\r\n")
     check = cli("check", str(local), str(remote))
-    assert check.returncode == transfer.EXIT_DIFFERENT and json.loads(check.stdout)["missing"] == ["log/extra.csv"]
+    assert check.returncode == transfer_cli.EXIT_DIFFERENT and json.loads(check.stdout)["missing"] == ["log/extra.csv"]
     down = cli("download", str(remote / "plan" / "RP.dcm"), str(tmp_path / "RP.dcm"))
     assert down.returncode == 0, down.stderr
     assert json.loads(down.stdout)["sha256"] == sha256(tmp_path / "RP.dcm") == sha256(local / "plan" / "RP.dcm")
@@ -607,8 +676,8 @@ def test_cli_upload_check_download(sshd: SshServer, remote: Path, tmp_path: Path
     empty = tmp_path / "empty_known_hosts"
     empty.write_text("")
     bad = subprocess.run(
-        [sys.executable, "-m", "mqi_communicator.transfer", "check", str(local), str(remote),
+        [sys.executable, "-m", "mqi_communicator.remote.transfer", "check", str(local), str(remote),
          *common[:-1], str(empty)],
         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO / "scripts")}, timeout=60,
     )  # fmt: skip
-    assert bad.returncode == transfer.EXIT_FAILED and "unknown" in bad.stderr
+    assert bad.returncode == transfer_cli.EXIT_FAILED and "unknown" in bad.stderr

@@ -9,7 +9,7 @@ import sys
 import uuid
 from pathlib import Path
 
-from mqi_communicator import transfer
+from mqi_communicator.remote import commands, connection
 from tests.infra.slurm_fixture import SlurmCluster
 from tests.infra.sshd_fixture import SshServer
 from tests.workflow import REPO, case_summaries, sample_scan_with_failing_case, snakemake, write_config
@@ -17,9 +17,9 @@ from tests.workflow import REPO, case_summaries, sample_scan_with_failing_case, 
 REMOTE = ["--profile", str(REPO / "profiles" / "remote")]
 
 
-def _ssh(server: SshServer, command: str) -> transfer.CommandResult:
-    with transfer.connect(server.host, server.port, server.user, server.key, server.known_hosts) as conn:
-        return transfer.run(conn, command, timeout=60)
+def _ssh(server: SshServer, command: str) -> commands.CommandResult:
+    with connection.connect(server.host, server.port, server.user, server.key, server.known_hosts) as conn:
+        return commands.run(conn, command, timeout=60)
 
 
 def _engine_for(server: SshServer) -> str:

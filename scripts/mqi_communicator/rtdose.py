@@ -37,10 +37,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import re
 import sys
-import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -55,6 +53,7 @@ from pydicom.valuerep import format_number_as_ds
 
 from . import __version__, geometry
 from .errors import CaseError
+from .files import atomic_output
 from .plan import RT_ION_PLAN_SOP_CLASS, Beam, Plan, read_plan, sanitize_beam_name
 
 RT_DOSE_SOP_CLASS = UID("1.2.840.10008.5.1.4.1.1.481.2")
@@ -374,18 +373,9 @@ def _frame_comment(frame: str, gantry: float, couch: float) -> str:
 
 
 def _save_atomic(ds: Dataset, target: Path) -> None:
-    """Write next to `target` under a unique hidden name, then rename (permissions follow umask)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
-    try:
-        with open(tmp, "xb") as handle:
-            ds.save_as(handle, enforce_file_format=True)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write `target` atomically and durably (`files.atomic_output`)."""
+    with atomic_output(target, durable=True) as handle:
+        ds.save_as(handle, enforce_file_format=True)
 
 
 def write_rtdose(

@@ -2,7 +2,7 @@
 
     cd <moqui_dir> && <tps_env> <beam.in> > <log> 2>&1
 
-Success (DESIGN §4) = exit 0, exactly one non-empty `*_Dose.raw` in the beam's OutputDir, and
+Success (DESIGN §4, `outcome`) = exit 0, exactly one non-empty `*_Dose.raw` in the beam's OutputDir, and
 no failure marker in the log. A run that neither ends nor fails is killed at the timeout. On a
 workstation each concurrently running beam holds an exclusive GPU (a lock file per device);
 the device is written into the run copy of the parameter file (GPUID). Under SLURM the job's
@@ -26,14 +26,9 @@ from typing import Any, TextIO
 
 from .files import sha256_of, write_json_atomic
 from .moqui_input import parse_parameter_file, render_parameter_file
+from .outcome import RAW_PATTERN, SimulationError, judge_run
 
-FAILURE_MARKERS = ("FATAL ERROR", "ERROR:", "Segmentation fault")
-SUCCESS_MARKERS = ("Total execution time:", "Time taken by MC engine:", "Simlulation finalizing..")
 BUILTIN = "builtin"
-
-
-class SimulationError(Exception):
-    """The engine run failed; the message says how (exit code, marker, missing output, timeout)."""
 
 
 def engine_command(tps_env: str) -> list[str]:
@@ -113,20 +108,11 @@ def run_engine(command: list[str], parameter_file: Path, moqui_dir: Path, log: T
 
 
 def check_success(returncode: int, output_dir: Path, log_path: Path) -> tuple[Path, list[str]]:
-    """The single raw dose file of a successful run, and the success markers seen."""
+    """The single raw dose file of a successful run, and the success markers seen (`outcome.judge_run`)."""
     text = log_path.read_text(errors="replace") if log_path.exists() else ""
-    failures = [m for m in FAILURE_MARKERS if m in text]
-    if returncode != 0:
-        raise SimulationError(f"engine exited with {returncode}" + (f" (log: {failures})" if failures else ""))
-    if failures:
-        raise SimulationError(f"engine log has failure marker(s) {failures} despite exit 0")
-    raws = sorted(output_dir.glob("*_Dose.raw"))
-    if len(raws) != 1:
-        found = [p.name for p in raws] or "none"
-        raise SimulationError(f"expected exactly one *_Dose.raw in {output_dir}, found {found}")
-    if raws[0].stat().st_size == 0:
-        raise SimulationError(f"{raws[0]} is empty")
-    return raws[0], [m for m in SUCCESS_MARKERS if m in text]
+    raws = [(p.name, p.stat().st_size) for p in sorted(output_dir.glob(RAW_PATTERN))]
+    name, _, markers = judge_run(returncode, text, raws, str(output_dir))
+    return output_dir / name, markers
 
 
 def simulate(args: argparse.Namespace) -> dict[str, Any]:

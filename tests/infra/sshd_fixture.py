@@ -170,7 +170,7 @@ class SshServer:
     # --- client side -----------------------------------------------------------------------------
 
     def connect_args(self) -> dict[str, Any]:
-        """Keyword arguments for ``mqi_communicator.transfer.connect``."""
+        """Keyword arguments for ``mqi_communicator.remote.connection.connect``."""
         return {
             "host": self.host,
             "port": self.port,

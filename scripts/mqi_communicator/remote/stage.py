@@ -1,5 +1,8 @@
 """The remote deployment's staging: P2 output and per-beam MOQUI inputs up to the cluster
-(stage in), a beam's raw dose back (stage out), over one verified SSH connection (`transfer`).
+(stage in), a beam's raw dose back (stage out), over one verified SSH connection.
+
+    python -m mqi_communicator.remote.stage stage-in  --case C --processing DIR --beams B1 B2 --report J
+    python -m mqi_communicator.remote.stage stage-out --result R --output-raw RAW --record J
 
 Remote layout, per case (`paths.hpc`, `~` = the remote user's home):
 
@@ -21,31 +24,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import settings, transfer
-from .files import write_atomic, write_json_atomic
-from .moqui_input import parse_parameter_file, parse_parameters, render_parameter_file, validate_parameters
+from .. import settings
+from ..files import write_atomic, write_json_atomic
+from .commands import absolute, remote_home, run
+from .connection import Connection, connect_from_config
+from .download import download_file
+from .errors import TransferError
+from .upload import upload_tree
 
 REMOTE_SUFFIX = ".remote.in"
 
 
-def connect(config: dict[str, Any]) -> transfer.Connection:
+def connect(config: dict[str, Any]) -> Connection:
     """The connection `hpc_connection` describes: key only, host key checked against known_hosts."""
-    return transfer.connect_from_config(config["hpc_connection"])
-
-
-def remote_home(conn: transfer.Connection) -> str:
-    result = transfer.run(conn, "pwd", timeout=30)
-    if result.rc != 0 or not result.stdout.strip().startswith("/"):
-        raise transfer.TransferError(f"cannot determine the remote home folder: {result.stderr.strip()}")
-    return result.stdout.strip()
-
-
-def absolute(path: str, home: str) -> str:
-    if path == "~" or path.startswith("~/"):
-        path = posixpath.join(home, path[2:])
-    if not path.startswith("/"):
-        path = posixpath.join(home, path)
-    return posixpath.normpath(path)
+    return connect_from_config(config["hpc_connection"])
 
 
 def remote_case_dirs(config: dict[str, Any], case_id: str, home: str) -> tuple[str, str]:
@@ -58,6 +50,9 @@ def remote_case_dirs(config: dict[str, Any], case_id: str, home: str) -> tuple[s
 
 def remote_parameters(local_in: Path, processing: Path, remote_root: str, remote_output_dir: str) -> str:
     """The beam's parameter file with every local path replaced by its remote counterpart."""
+    # imported here: it pulls in the plan reader (pydicom, numpy), which stage-out never needs
+    from ..moqui_input import parse_parameter_file, parse_parameters, render_parameter_file, validate_parameters
+
     params = parse_parameter_file(local_in)
     local_root = str(processing.resolve())
     moved: dict[str, object] = {"OutputDir": remote_output_dir}
@@ -89,12 +84,12 @@ def stage_in(config: dict[str, Any], case_id: str, processing: Path, beams: list
                 "output_dir": output_dir,
             }
         uploads = {
-            name: transfer.upload_tree(conn, processing / name, posixpath.join(root, name)).to_dict()
+            name: upload_tree(conn, processing / name, posixpath.join(root, name)).to_dict()
             for name in ("moqui_csv", "moqui")
         }
-        mkdirs = transfer.run(conn, ["mkdir", "-p", *(e["output_dir"] for e in beam_entries.values())], timeout=60)
+        mkdirs = run(conn, ["mkdir", "-p", *(e["output_dir"] for e in beam_entries.values())], timeout=60)
         if mkdirs.rc != 0:
-            raise transfer.TransferError(f"cannot create remote output folders: {mkdirs.stderr.strip()}")
+            raise TransferError(f"cannot create remote output folders: {mkdirs.stderr.strip()}")
     summary = {
         "case_id": case_id,
         "host": config["hpc_connection"]["host"],
@@ -113,7 +108,7 @@ def stage_out(config: dict[str, Any], result_path: Path, output_raw: Path, recor
     result = json.loads(result_path.read_text())
     started = time.monotonic()
     with connect(config) as conn:
-        sha = transfer.download_file(conn, result["remote_raw"], output_raw, expected_sha256=result["sha256"])
+        sha = download_file(conn, result["remote_raw"], output_raw, expected_sha256=result["sha256"])
     record = {
         "beam_number": result["beam_number"],
         "beam_name": result["beam_name"],
@@ -136,7 +131,10 @@ def stage_out(config: dict[str, Any], result_path: Path, output_raw: Path, recor
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Stage a case to the remote cluster and its doses back (SFTP).")
+    parser = argparse.ArgumentParser(
+        prog="python -m mqi_communicator.remote.stage",
+        description="Stage a case to the remote cluster and its doses back (SFTP).",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("stage-in", help="upload P2 output and the beams' MOQUI inputs")
     up.add_argument("--case", required=True)
@@ -159,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             record = stage_out(config, args.result, args.output_raw, args.record)
             print(f"downloaded {record['engine_output']} ({record['bytes']} bytes, sha256 verified)")
-    except (transfer.TransferError, ValueError, OSError, KeyError) as exc:
+    except (TransferError, ValueError, OSError, KeyError) as exc:
         print(f"{args.command.upper()} FAILED: {exc}", file=sys.stderr)
         return 1
     return 0

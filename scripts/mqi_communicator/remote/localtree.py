@@ -1,0 +1,72 @@
+"""The local side of an upload: the files of a folder (symlinks followed), read exactly as stat'ed."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from .connection import PART_SUFFIX, WRITE_REQ
+from .errors import TransferError
+from .hashing import check_name
+
+_LOCAL_CHUNK = 4 * WRITE_REQ  # read local files in multiples of the write request size
+
+
+@dataclass
+class LocalFile:
+    rel: str
+    path: str
+    size: int
+
+
+def walk_local(root: str) -> tuple[list[str], list[LocalFile]]:
+    """Directories and files below ``root`` (relative posix paths), symlinks followed."""
+    dirs: list[str] = []
+    files: list[LocalFile] = []
+    seen: set[tuple[int, int]] = set()
+
+    def visit(path: str, rel: str) -> None:
+        st = os.stat(path)
+        if (st.st_dev, st.st_ino) in seen:
+            raise TransferError(f"symlink loop at {path}")
+        seen.add((st.st_dev, st.st_ino))
+        with os.scandir(path) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for e in entries:
+            child_rel = f"{rel}/{e.name}" if rel else e.name
+            try:
+                cst = os.stat(e.path)  # follows symlinks
+            except FileNotFoundError as exc:
+                what = f"broken symlink {e.path} -> {os.readlink(e.path)}" if e.is_symlink() else f"{e.path} vanished"
+                raise TransferError(what) from exc
+            if stat.S_ISDIR(cst.st_mode):
+                dirs.append(child_rel)
+                visit(e.path, child_rel)
+                seen.discard((cst.st_dev, cst.st_ino))
+            elif stat.S_ISREG(cst.st_mode):
+                check_name(child_rel)
+                files.append(LocalFile(child_rel, e.path, cst.st_size))
+            else:
+                raise TransferError(f"{e.path} is neither a regular file nor a directory")
+
+    visit(root, "")
+    names = {f.rel for f in files}
+    clash = sorted(f.rel for f in files if f.rel + PART_SUFFIX in names)
+    if clash:
+        raise TransferError(
+            f"{root}: {clash[0]} and {clash[0]}{PART_SUFFIX} both exist; {PART_SUFFIX} is the temporary suffix"
+        )
+    return dirs, files
+
+
+def read_exactly(fin: Any, size: int, path: str) -> Iterable[bytes]:
+    left = size
+    while left:
+        chunk = fin.read(min(left, _LOCAL_CHUNK))
+        if not chunk:
+            raise TransferError(f"{path} shrank while being uploaded ({size - left} of {size} bytes read)")
+        left -= len(chunk)
+        yield chunk

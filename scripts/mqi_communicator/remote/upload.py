@@ -1,0 +1,384 @@
+"""Upload a folder or a file to the cluster: atomic (``.part`` + rename), sha256-verified, idempotent.
+
+Files already identical remotely (size, then sha256) are not sent. The others stream as ONE tar
+archive (zstd-compressed when the server has zstd) into ``[zstd -d |] tar -x`` over an exec
+channel (no per-file round trip, no SFTP framing), or by pipelined SFTP writes where the server
+has no tar; finished files are hashed remotely while the rest streams (`hashing`), and only
+verified files get their final name. Staged files are 0600 and folders 0700 on the server
+(created so explicitly, and under ``umask 077``).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import hashlib
+import os
+import posixpath
+import stat
+import tarfile
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import IO, Any, cast
+
+import paramiko
+import zstandard
+
+from ..files import PRIVATE_FILE, sha256_of
+from . import fastpath
+from .commands import RemoteProcess, exec_private, execute, home_relative, remote_tools, sh_command, use_zstd
+from .connection import PART_SUFFIX, WRITE_REQ, Connection
+from .errors import TransferError, VerifyError
+from .hashing import BackgroundHasher, StreamDigests, check_name, finish_sha256, hash_timeout, start_sha256
+from .localtree import LocalFile, read_exactly, walk_local
+
+#: Upload streams are compressed here (python zstandard) at this level: CSV text at ~400 MB/s.
+_ZSTD_UPLOAD_LEVEL = 1
+#: ... in this many worker threads, beside the thread that sends (and the one that hashes): the
+#: 90 MB case upload 1.37 -> 1.02 s on a busy 2-core machine (levels -1..-5 were no faster:
+#: what they save compressing, the larger stream costs again in paramiko)
+_ZSTD_UPLOAD_THREADS = 2
+PRIVATE_DIR = 0o700
+
+
+@dataclass
+class UploadReport:
+    """What an upload did. ``files``: every file of the tree with its sha256 (now present remotely)."""
+
+    local: str
+    remote: str
+    uploaded: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    bytes_sent: int = 0
+    files: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _remote_listing(sftp: paramiko.SFTPClient, base: str, dirs: Iterable[str]) -> dict[str, int | None]:
+    """Size of each entry (None: not a regular file) in ``base`` and in the given subfolders."""
+    found: dict[str, int | None] = {}
+    for d in ["", *dirs]:
+        try:
+            entries = sftp.listdir_attr(posixpath.join(base, d) if d else base)
+        except FileNotFoundError:
+            if not d:  # no remote folder yet: nothing below it either (one round trip, not one per folder)
+                return found
+            continue
+        for a in entries:
+            rel = f"{d}/{a.filename}" if d else a.filename
+            found[rel] = a.st_size if a.st_mode is not None and stat.S_ISREG(a.st_mode) else None
+    return found
+
+
+def _remote_stats(sftp: paramiko.SFTPClient, base: str, names: Iterable[str]) -> dict[str, int | None]:
+    """Like `_remote_listing` for a few named entries (one stat each, no folder listing)."""
+    found: dict[str, int | None] = {}
+    for name in names:
+        try:
+            a = sftp.stat(posixpath.join(base, name))
+        except FileNotFoundError:
+            continue
+        found[name] = a.st_size if a.st_mode is not None and stat.S_ISREG(a.st_mode) else None
+    return found
+
+
+def _identical(conn: Connection, base: str, files: list[LocalFile], listing: dict[str, int | None]) -> dict[str, str]:
+    """{rel: sha256} of the files already present remotely with the same size and sha256."""
+    same_size = [f for f in files if listing.get(f.rel) == f.size]
+    if not same_size:
+        return {}
+    names = [f.rel for f in same_size]
+    job = start_sha256(conn, base, names)  # hashes remotely while we hash here
+    local = {f.rel: sha256_of(f.path) for f in same_size}
+    remote = finish_sha256(job, names, hash_timeout(conn, sum(f.size for f in same_size)))
+    return {rel: h for rel, h in local.items() if remote.get(rel) == h}
+
+
+def _send_sftp(
+    conn: Connection, base: str, dirs: list[str], files: list[LocalFile], hasher: BackgroundHasher
+) -> dict[str, str]:
+    """Write each file to ``<rel>.part`` with pipelined SFTP writes; {rel: sha256 sent}."""
+    mk = sh_command('mkdir -p -- "$1" && cd -- "$1" && xargs -0 -r mkdir -p --', base)
+    rc, _, err = execute(conn, mk, conn.target.op_timeout, b"".join(d.encode() + b"\0" for d in dirs))
+    if rc != 0:
+        raise TransferError(f"mkdir -p {base} on {conn.target.where} failed: {err.decode(errors='replace').strip()}")
+    sftp = conn.sftp
+    sent: dict[str, str] = {}
+    for f in files:
+        h = hashlib.sha256()
+        with open(f.path, "rb") as fin:
+            # Not closed on failure: close() would wait for every pending write answer (op_timeout
+            # again on a stalled server); the handle goes with the dropped connection.
+            out = sftp.open(posixpath.join(base, f.rel + PART_SUFFIX), "wb")
+            out.chmod(PRIVATE_FILE)  # sftp-server creates with its own umask
+            fastpath.set_request_size(out, WRITE_REQ)
+            out.set_pipelined(True)  # write errors surface at close()
+            for chunk in read_exactly(fin, f.size, f.path):
+                h.update(chunk)
+                out.write(chunk)
+            out.close()
+        sent[f.rel] = h.hexdigest()
+        hasher.add(f.rel + PART_SUFFIX, f.size)  # complete once close() has returned
+    return sent
+
+
+# -x extract, -o do not restore owners, -m do not restore mtimes (as an SFTP upload), -f - stdin,
+# -b 256 -B: read 128 KiB records, however the pipe delivers them (10 KiB by default: measured 40 %
+# less CPU for tar with the larger ones)
+_TAR_SCRIPT = 'mkdir -p -- "$1" && cd -- "$1" && exec tar -x -o -m -B -b 256 -f -'
+# The same behind zstd: a failing zstd truncates tar's input, and tar then fails (its status is the
+# pipeline's); what arrives is checked by sha256 in any case.
+_ZSTD_TAR_SCRIPT = 'mkdir -p -- "$1" && cd -- "$1" && zstd -d -q -c | tar -x -o -m -B -b 256 -f -'
+
+
+#: bytes sent (compressed, with zstd) after a file's end before it is hashed remotely (None: as
+#: soon as the server has taken the file's end off the channel, by its window adjustments, plus
+#: `_PIPE_MARGIN` for the pipes into tar; `_FALLBACK_LAG` where paramiko's window is not read)
+_TAR_HASH_LAG: int | None = None
+_PIPE_MARGIN = 1 << 20
+_FALLBACK_LAG = 8 << 20
+
+
+class _ChannelWriter:
+    """File-like end of an exec channel's stdin, counting what was sent (zstd writes into it)."""
+
+    def __init__(self, chan: paramiko.Channel) -> None:
+        self.chan, self.sent = chan, 0
+
+    def write(self, data: bytes | memoryview) -> int:
+        # a memoryview: paramiko's sendall() re-slices what is left after each 32 KiB packet,
+        # which for bytes copies the rest of the buffer every time
+        self.chan.sendall(memoryview(data))
+        self.sent += len(data)
+        return len(data)
+
+
+def _send_tar(
+    conn: Connection,
+    base: str,
+    dirs: list[str],
+    files: list[LocalFile],
+    hasher: BackgroundHasher,
+    *,
+    compress: bool = False,
+) -> dict[str, str]:
+    """Stream all files as ONE tar archive into ``tar -x`` remotely, members named ``<rel>.part``.
+
+    No per-file round trip and no SFTP framing: measured ~1.6x the throughput of pipelined SFTP
+    writes for one large file, at less CPU (sftp-server answers every 255 KiB write request).
+    ``compress``: the archive goes zstd-compressed into ``zstd -d | tar -x`` (CSV text: ~6x less
+    to encrypt, send and decrypt).
+    A file whose end the server has taken off the channel (its window adjustments say so) has
+    been written by tar a moment later, so it is handed to the remote hasher while the stream
+    goes on (a hash taken too early only costs a second look: mismatches are hashed again once
+    tar has exited).
+    """
+    t = conn.target
+    chan = conn.transport.open_session(timeout=t.channel_timeout)
+    chan.settimeout(t.op_timeout)  # a stalled server: sendall() raises after op_timeout of no window
+    exec_private(chan, sh_command(_ZSTD_TAR_SCRIPT if compress else _TAR_SCRIPT, base))
+    window = fastpath.send_window(chan)  # before anything is sent
+    channel = _ChannelWriter(chan)
+
+    def written_until() -> int:
+        """Stream offset up to which the server has (very likely) written the files."""
+        if _TAR_HASH_LAG is not None:
+            return channel.sent - _TAR_HASH_LAG
+        left = fastpath.send_window(chan)
+        if window is None or left is None:
+            return channel.sent - _FALLBACK_LAG
+        return channel.sent - (window - left) - _PIPE_MARGIN  # taken off the channel, minus pipes
+
+    # zstd's block flush at each file's end makes ``channel.sent`` count that file as sent
+    zstd = (
+        zstandard.ZstdCompressor(level=_ZSTD_UPLOAD_LEVEL, threads=_ZSTD_UPLOAD_THREADS).stream_writer(
+            cast(IO[bytes], channel), closefd=False
+        )
+        if compress
+        else None
+    )
+    put = zstd.write if zstd is not None else channel.write
+    digests = StreamDigests()
+    in_flight: collections.deque[tuple[str, int, int]] = collections.deque()  # (name, size, stream end)
+    now = int(time.time())
+    try:
+        for d in dirs:
+            info = tarfile.TarInfo(d)
+            info.type, info.mode, info.mtime = tarfile.DIRTYPE, PRIVATE_DIR, now
+            put(info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape"))
+        for f in files:
+            info = tarfile.TarInfo(f.rel + PART_SUFFIX)
+            info.size, info.mode, info.mtime = f.size, PRIVATE_FILE, now
+            put(info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape"))
+            with open(f.path, "rb") as fin:
+                for chunk in read_exactly(fin, f.size, f.path):
+                    digests.update(chunk)
+                    put(chunk)
+            if f.size % tarfile.BLOCKSIZE:
+                put(b"\0" * (tarfile.BLOCKSIZE - f.size % tarfile.BLOCKSIZE))
+            if zstd is not None:
+                zstd.flush(zstandard.FLUSH_BLOCK)
+            digests.end(f.rel)
+            in_flight.append((f.rel + PART_SUFFIX, f.size, channel.sent))
+            until = written_until()
+            while in_flight and in_flight[0][2] <= until:
+                name, size, _ = in_flight.popleft()
+                hasher.add(name, size)
+        put(b"\0" * (2 * tarfile.BLOCKSIZE))  # end of archive
+        if zstd is not None:
+            zstd.flush(zstandard.FLUSH_FRAME)
+        chan.shutdown_write()
+    except BaseException:
+        chan.close()
+        raise
+    finally:
+        sent = digests.finish()
+    rc, _, err = RemoteProcess(conn, chan, "tar -x").wait(t.op_timeout)
+    if rc != 0:
+        raise TransferError(
+            f"tar -x into {base} on {t.where} failed (rc={rc}): {err.decode(errors='replace').strip()}",
+            transient=rc == -1,
+        )
+    for name, size, _ in in_flight:
+        hasher.add(name, size)
+    return sent
+
+
+def _upload_once(
+    conn: Connection,
+    local: str,
+    base: str,
+    dirs: list[str],
+    files: list[LocalFile],
+    listing: dict[str, int | None],
+    method: str,
+    remote: str,
+) -> UploadReport:
+    t0 = time.monotonic()
+    report = UploadReport(local=local, remote=remote)
+    identical = _identical(conn, base, files, listing)
+    todo = [f for f in files if f.rel not in identical]
+    report.skipped = [f.rel for f in files if f.rel in identical]
+    report.files.update(identical)
+    stale = [rel + PART_SUFFIX for rel in report.skipped if rel + PART_SUFFIX in listing]
+    for name in stale:  # left by an interrupted run, next to a file that is complete
+        with contextlib.suppress(FileNotFoundError):
+            conn.sftp.remove(posixpath.join(base, name))
+
+    missing_dirs = [d for d in dirs if d not in listing]
+    if not todo and not missing_dirs:
+        if not files and not listing:  # an empty folder: still mkdir -p it
+            rc, _, err = execute(conn, sh_command('mkdir -p -- "$1"', base), conn.target.op_timeout)
+            if rc != 0:
+                raise TransferError(
+                    f"mkdir -p {base} on {conn.target.where} failed: {err.decode(errors='replace').strip()}"
+                )
+        return _finish_report(report, t0)
+    use_tar = method == "tar" or (method == "auto" and "tar" in remote_tools(conn))
+    hasher = BackgroundHasher(conn, base, sum(f.size for f in todo))
+    if use_tar:
+        sent = _send_tar(conn, base, missing_dirs, todo, hasher, compress=use_zstd(conn))
+    else:
+        sent = _send_sftp(conn, base, missing_dirs, todo, hasher)
+    report.bytes_sent = sum(f.size for f in todo)
+    got = hasher.results()
+    bad = [rel + PART_SUFFIX for rel in sent if got.get(rel + PART_SUFFIX) != sent[rel]]
+    if bad:  # hashed too early while tar was still writing, or really different: look again
+        again = start_sha256(conn, base, bad)
+        got.update(finish_sha256(again, bad, hash_timeout(conn, report.bytes_sent)))
+    bad = [rel for rel in sent if got.get(rel + PART_SUFFIX) != sent[rel]]
+    sftp = conn.sftp
+    if bad:
+        for rel in bad:
+            with contextlib.suppress(OSError):
+                sftp.remove(posixpath.join(base, rel + PART_SUFFIX))
+        raise VerifyError(
+            f"upload to {conn.target.where}:{base}: sha256 differs remotely for {len(bad)} file(s), "
+            f"e.g. {bad[0]} (sent {sent[bad[0]]}, remote {got.get(bad[0] + PART_SUFFIX, 'missing')}); "
+            f"the partial files were removed"
+        )
+    # only verified files get their final name (an atomic replace)
+    fastpath.rename_all(sftp, [(posixpath.join(base, rel + PART_SUFFIX), posixpath.join(base, rel)) for rel in sent])
+    report.uploaded = list(sent)
+    report.files.update(sent)
+    return _finish_report(report, t0)
+
+
+def _finish_report(report: UploadReport, t0: float) -> UploadReport:
+    report.files = dict(sorted(report.files.items()))
+    report.seconds = time.monotonic() - t0
+    return report
+
+
+METHODS = ("auto", "tar", "sftp")
+
+
+def _checked_source(path: str | os.PathLike[str], method: str, *, folder: bool) -> str:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, not {method!r}")
+    local = os.fspath(path)
+    if not (os.path.isdir(local) if folder else os.path.isfile(local)):
+        raise TransferError(f"{local} is not a {'directory' if folder else 'file'}")
+    return local
+
+
+def upload_tree(
+    conn: Connection, local_dir: str | os.PathLike[str], remote_dir: str, *, method: str = "auto"
+) -> UploadReport:
+    """Upload a folder (symlinks followed) so that ``remote_dir`` holds the same files, verified.
+
+    Files already identical remotely (size, then sha256) are not sent. The others are written as
+    ``<name>.part`` (``method``: "tar" = one tar stream into ``tar -x`` over exec, zstd-compressed
+    as the connection's ``compression`` allows, "sftp" = pipelined SFTP writes, "auto" = tar when
+    the server has it), hashed remotely in one
+    command, compared with the sha256 of what was sent, and renamed (posix-rename). Folders are
+    created as needed (empty ones too). Remote files that do not exist locally are left alone.
+    """
+    local = _checked_source(local_dir, method, folder=True)
+    remote = home_relative(remote_dir)
+
+    def once() -> UploadReport:
+        dirs, files = walk_local(local)
+        listing = _remote_listing(conn.sftp, remote, dirs)
+        return _upload_once(conn, local, remote, dirs, files, listing, method, remote)
+
+    return conn.call(once, f"upload {local} -> {remote}")
+
+
+def upload_file(
+    conn: Connection, local_path: str | os.PathLike[str], remote_path: str, *, method: str = "auto"
+) -> UploadReport:
+    """Upload one file (same guarantees as `upload_tree`); parent folders are created."""
+    local = _checked_source(local_path, method, folder=False)
+    remote = home_relative(remote_path)
+    parent, name = posixpath.split(remote)
+    check_name(name)
+
+    def once() -> UploadReport:
+        base = parent or "."
+        files = [LocalFile(name, local, os.path.getsize(local))]
+        listing = _remote_stats(conn.sftp, base, [name, name + PART_SUFFIX])
+        return _upload_once(conn, local, base, [], files, listing, method, remote)
+
+    return conn.call(once, f"upload {local} -> {remote}")
+
+
+def compare_tree(conn: Connection, local_dir: str | os.PathLike[str], remote_dir: str) -> dict[str, list[str]]:
+    """Which files of a local folder are identical / different / missing remotely (nothing is sent)."""
+    local, remote = os.fspath(local_dir), home_relative(remote_dir)
+
+    def once() -> dict[str, list[str]]:
+        dirs, files = walk_local(local)
+        listing = _remote_listing(conn.sftp, remote, dirs)
+        identical = _identical(conn, remote, files, listing)
+        return {
+            "identical": [f.rel for f in files if f.rel in identical],
+            "different": [f.rel for f in files if f.rel not in identical and f.rel in listing],
+            "missing": [f.rel for f in files if f.rel not in listing],
+        }
+
+    return conn.call(once, f"compare {local} with {remote}")
