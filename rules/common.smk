@@ -67,10 +67,33 @@ OPERATIONAL = {
     "application": None,
     "alerts": None,
     "hpc_connection": None,
+    "paths": ("hpc",),
     "simulation": ("timeout_seconds", "gpu_devices", "gpu_lock_dir"),
-    "remote_slurm": ("partition", "account", "gpu_request", "max_wait_seconds"),
+    "remote_slurm": (
+        "partition",
+        "account",
+        "gpu_request",
+        "max_wait_seconds",
+        "pseudonym_salt",
+    ),
 }
+
+
+def operational_settings():
+    """The operational part of the config: what the steps read from MQI_RUNTIME_SETTINGS."""
+    return {
+        section: (
+            config[section]
+            if keys is None
+            else {k: config[section][k] for k in keys if k in config[section]}
+        )
+        for section, keys in OPERATIONAL.items()
+    }
+
+
 RUNTIME_ENVIRONMENT = {
+    # Read by mqi_communicator.settings.load on top of --settings (the remote steps need it).
+    "MQI_RUNTIME_SETTINGS": json.dumps(operational_settings(), sort_keys=True),
     "MQI_TIMEOUT_SECONDS": str(config["simulation"]["timeout_seconds"]),
     "MQI_GPU_DEVICES": ",".join(str(d) for d in config["simulation"]["gpu_devices"]),
     "MQI_GPU_LOCK_DIR": str(config["simulation"]["gpu_lock_dir"]),

@@ -7,6 +7,7 @@ a person running a CLI by hand passes the YAML file (`--settings config/config.y
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +45,20 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+RUNTIME_VARIABLE = "MQI_RUNTIME_SETTINGS"
+
+
 def load(value: str) -> dict[str, Any]:
-    """Inline JSON (starts with `{`) or a YAML/JSON file path; validated, defaults filled."""
+    """Inline JSON (starts with `{`) or a YAML/JSON file path; validated, defaults filled.
+    Under the workflow, the operational settings (timeouts, connection, alerts: what never
+    changes a result, so never a rule's params) arrive in MQI_RUNTIME_SETTINGS and are merged on top."""
     text = value if value.lstrip().startswith("{") else Path(value).read_text()
     loaded = json.loads(text) if value.lstrip().startswith("{") else yaml.safe_load(text)
     if not isinstance(loaded, dict):
         raise ValueError(f"{value}: configuration must be a mapping")
+    runtime = os.environ.get(RUNTIME_VARIABLE)
+    if runtime:
+        _merge(loaded, json.loads(runtime))
     return validate(loaded)
 
 
