@@ -132,7 +132,7 @@ def retry_decision(layout: Layout, case_dir: Path, failure: Failure) -> tuple[bo
         return True, f"transient failure, attempt {failure.attempts + 1} of {layout.max_attempts}"
     if failure.transient:
         return False, f"failed {failure.attempts} times (application.max_attempts); waiting for a change or a retry"
-    return False, "failed; waiting until a file of the case changes or a retry is requested"
+    return False, "waits for a change of the case or `bin/mqi retry`"
 
 
 def case_dirs(scan_dir: Path) -> Iterator[os.DirEntry[str]]:
@@ -163,12 +163,20 @@ def targets(layout: Layout, warn: Callable[[str], None]) -> list[str]:
         if failure is not None:
             again, why = retry_decision(layout, case_dir, failure)
             if not again:
-                warn(f"skipping case {case_id}: {failure.step} {why} ({first_line(failure.reason)}; log {failure.log})")
+                warn(
+                    f"skipping case {case_id}: {failure.step} {why} ({headline(failure.reason, case_dir)}; log {failure.log})"
+                )
                 continue
             warn(f"retrying case {case_id}: {why}")
         chosen.append(case_id)
     return chosen
 
 
-def first_line(text: str) -> str:
-    return text.strip().splitlines()[0] if text.strip() else ""
+def headline(reason: str, case_dir: Path | None = None) -> str:
+    """The line of a failure reason that says what is wrong: the first that is not a heading
+    ("... 2 problem(s):"), without the case folder's path in front of its files."""
+    lines = [line.strip().lstrip("-").strip() for line in reason.splitlines() if line.strip()]
+    chosen = next((line for line in lines if not line.endswith(":")), lines[0] if lines else "")
+    if case_dir is not None:
+        chosen = chosen.replace(f"{case_dir}/", "").replace(f"{case_dir}: ", "")
+    return chosen

@@ -105,7 +105,7 @@ def case_status(layout: state.Layout, case_dir: Path, index: dict[str, Any], now
             step=failure.step,
             beam=failure.beam or "",
             since=failure.time,
-            reason=f"{state.first_line(failure.reason)} [{why}]",
+            reason=f"{state.headline(failure.reason, case_dir)} [{why}]",
             log=failure.log,
         )
     if not (case_dir / layout.ready_marker).is_file():
@@ -187,21 +187,18 @@ def render(cases: list[CaseStatus], shown: list[CaseStatus], run: dict[str, Any]
     now = time.time()
     styles = {"running": "cyan", "failed": "bold red", "retrying": "yellow", "changed": "bold magenta"}
     styles |= {"finished": "green", "queued": "blue", "waiting": "dim"}
-    table = Table(title="mqi_communicator cases", expand=False)
-    for column in ("case", "state", "step / beam", "SLURM job", "time", "reason / verdict", "log"):
-        table.add_column(column, overflow="fold")
+    table = Table(title="mqi_communicator cases", expand=True)
+    slurm = any(c.slurm_job for c in shown)  # a column only where jobs go to SLURM
+    for column in ("case", "state", "step / beam", *(["SLURM job"] if slurm else []), "time"):
+        table.add_column(column, no_wrap=column != "step / beam")
+    table.add_column("reason / verdict", overflow="fold")
+    table.add_column("log", no_wrap=True)
     for c in shown:
         when = _ago(now - c.since) if c.state == "running" and c.since else _when(c.since)
         step = " / ".join(x for x in (c.step, c.beam) if x)
-        table.add_row(
-            c.case_id,
-            Text(c.state, style=styles.get(c.state, "")),
-            step,
-            c.slurm_job,
-            when,
-            c.reason or c.verdict,
-            c.log,
-        )
+        # Text(), not markup: reasons hold brackets and paths.
+        cells = (c.case_id, c.state, step, *([c.slurm_job] if slurm else []), when, c.reason or c.verdict, c.log)
+        table.add_row(*(Text(cell, style=styles.get(c.state, "") if i == 1 else "") for i, cell in enumerate(cells)))
     counts: dict[str, int] = {}
     for c in cases:
         counts[c.state] = counts.get(c.state, 0) + 1
