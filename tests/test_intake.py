@@ -123,8 +123,12 @@ def test_plan_mode_without_logs_and_forced_logs(tmp_path: Path, config: dict) ->
     manifest = build_manifest(case, config)
     assert manifest["mode"] == "plan"
     assert all(b["simulate"] for b in manifest["beams"])
+    assert manifest["labels"] == ["PLAN-BASED"]
     config["interpreter"]["source"] = "logs"
-    with pytest.raises(CaseError, match="no delivery folders"):
+    with pytest.raises(CaseError, match="declares plan mode"):
+        build_manifest(case, config)
+    (case / "_PLAN_MODE").unlink()
+    with pytest.raises(CaseError, match="waiting for deliveries of beam 2"):
         build_manifest(case, config)
 
 
