@@ -4,7 +4,17 @@ import os
 import sys
 from pathlib import Path
 
-from mqi_communicator.intake import CASE_ID_PATTERN, is_ready, recorded_failure
+from mqi_communicator.intake import (
+    CASE_ID_PATTERN,
+    case_readiness,
+    is_ready,
+    recorded_failure,
+)
+from mqi_communicator.settings import path_problems
+
+# Scan folder empty, or outputs inside it (the DAG would feed on its own outputs): stop now.
+for problem in path_problems(config):
+    raise WorkflowError(f"invalid configuration: {problem}")
 
 # The Python that runs Snakemake (the project's venv) runs the package's CLIs too.
 PYTHON = sys.executable
@@ -59,6 +69,12 @@ def ready_cases():
             continue
         if not is_ready(case_dir, app["ready_marker"], app["ready_quiet_seconds"]):
             continue
+        if not Path(processing("intake.json", case_dir.name)).exists():
+            # Deliveries still missing: wait (said on the console), or let intake fail the case.
+            state, reason = case_readiness(case_dir, config)
+            if state == "waiting":
+                logger.warning(f"case {case_dir.name}: {reason}")
+                continue
         error = recorded_failure(intake_failure_record(case_dir.name), case_dir)
         if error is not None:
             logger.warning(
@@ -99,6 +115,14 @@ def manifest(case_id):
     return json.loads(
         Path(checkpoints.intake.get(case_id=case_id).output[0]).read_text()
     )
+
+
+def dose_label(wildcards):
+    """The engine label, preceded by the case's labels (PLAN-BASED, FLAGGED): it goes into the
+    RT Dose's SeriesDescription, DoseComment and ImageComments, and the report's titles.
+    """
+    labels = manifest(wildcards.case_id).get("labels", [])
+    return " ".join([f"[{label}]" for label in labels] + [ENGINE_LABEL])
 
 
 def simulated_beams(case_id):

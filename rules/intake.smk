@@ -15,7 +15,13 @@ checkpoint intake:
         python=PYTHON,
         case_dir=lambda wildcards: SCAN_DIR / wildcards.case_id,
         failure_record=lambda wildcards: intake_failure_record(wildcards.case_id),
-        settings=settings_for("application", "interpreter"),
+        settings=settings_for(
+            "application",
+            "interpreter",
+            "log_checks",
+            "rooms",
+            "monitor_range_factors",
+        ),
     shell:
-        "{params.python} -m mqi_communicator.intake --case {params.case_dir:q} --output {output:q}"
+        "{params.python} -m mqi_communicator.intake --case={params.case_dir:q} --output {output:q}"
         " --failure-record {params.failure_record:q} --settings {params.settings:q} > {log:q} 2>&1"

@@ -18,7 +18,7 @@ rule report_dose_map:
         "../envs/mqi.yaml"
     params:
         python=PYTHON,
-        title=lambda wildcards: f"{wildcards.case_id} beam {wildcards.beam} ({ENGINE_LABEL})",
+        title=lambda wildcards: f"{wildcards.case_id} beam {wildcards.beam} ({dose_label(wildcards)})",
     shell:
         "{params.python} -m mqi_communicator.report figure --rtdose {input:q} --title {params.title:q}"
         " --output {output:q} > {log:q} 2>&1"
@@ -48,6 +48,7 @@ rule report_beam_table:
 
 rule case_summary:
     input:
+        manifest=processing("intake.json"),
         records=beam_records,
         rtdoses=beam_rtdoses,
         plan_dose=final_dicom("RD_PLAN.dcm"),
@@ -62,5 +63,6 @@ rule case_summary:
     params:
         python=PYTHON,
     shell:
-        "{params.python} -m mqi_communicator.report summary --case {wildcards.case_id} --records {input.records:q}"
-        " --rtdoses {input.rtdoses:q} --plan-dose {input.plan_dose:q} --output {output:q} > {log:q} 2>&1"
+        "{params.python} -m mqi_communicator.report summary --case={wildcards.case_id:q} --manifest {input.manifest:q}"
+        " --records {input.records:q} --rtdoses {input.rtdoses:q} --plan-dose {input.plan_dose:q} --output {output:q}"
+        " > {log:q} 2>&1"

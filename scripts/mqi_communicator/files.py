@@ -13,9 +13,13 @@ def write_atomic(path: Path, data: bytes) -> None:
     """Write via a temporary name and rename, so a killed job never leaves a half file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed write (full disk) leaves no temp file behind
+        raise
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ matplotlib.use("Agg")  # headless: cron, SLURM login nodes
 import matplotlib.pyplot as plt
 import numpy as np
 
+from .files import write_atomic, write_json_atomic
 from .rtdose import read_rtdose_dose
 
 
@@ -49,9 +51,10 @@ def dose_figure(rtdose_path: Path, title: str, output: Path) -> dict[str, float]
     ax_prof.legend(fontsize=8)
     ax_prof.grid(alpha=0.3)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output, dpi=90)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
     plt.close(fig)
+    write_atomic(output, buffer.getvalue())
     return {"max_dose": peak}
 
 
@@ -84,23 +87,38 @@ def beam_table(records: list[Path], rtdoses: list[Path], output: Path) -> None:
     rows = [row | {"max_dose": f"{row['max_dose']:.6g}"} for row in beam_rows(records, rtdoses)]
     for row in rows:
         del row["raw_sha256"]
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with open(output, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["beam"])
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]) if rows else ["beam"])
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(output, text.getvalue().encode())
 
 
-def case_summary(case_id: str, records: list[Path], rtdoses: list[Path], plan_dose: Path, output: Path) -> None:
-    """The case's end state in one file: every beam's run and RT Dose, and the plan dose."""
+def case_summary(
+    case_id: str,
+    records: list[Path],
+    rtdoses: list[Path],
+    plan_dose: Path,
+    output: Path,
+    manifest: dict[str, Any] | None = None,
+) -> None:
+    """The case's end state in one file: every beam's run and RT Dose, and the plan dose; with
+    the intake manifest, also the mode (logs | plan) and the labels (PLAN-BASED, FLAGGED)."""
     beams = beam_rows(records, rtdoses)
     plan = read_rtdose_dose(plan_dose)
-    summary = {
-        "case_id": case_id,
+    summary: dict[str, Any] = {"case_id": case_id}
+    if manifest is not None:
+        summary |= {
+            "mode": manifest.get("mode"),
+            "labels": manifest.get("labels", []),
+            "flags": manifest.get("flags", []),
+            "warnings": manifest.get("warnings", []),
+        }
+    summary |= {
         "beams": beams,
         "plan_dose": {"rt_dose": str(plan_dose), "max_dose": float(plan.dose.max()), "units": plan.units},
     }
-    output.write_text(json.dumps(summary, indent=1) + "\n")
+    write_json_atomic(output, summary)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     summary.add_argument("--records", type=Path, nargs="+", required=True)
     summary.add_argument("--rtdoses", type=Path, nargs="+", required=True)
     summary.add_argument("--plan-dose", type=Path, required=True)
+    summary.add_argument("--manifest", type=Path, help="the case's intake.json (mode and labels)")
     summary.add_argument("--output", type=Path, required=True)
     args = parser.parse_args(argv)
     try:
@@ -127,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "table":
             beam_table(args.records, args.rtdoses, args.output)
         else:
-            case_summary(args.case, args.records, args.rtdoses, args.plan_dose, args.output)
+            manifest = json.loads(args.manifest.read_text()) if args.manifest else None
+            case_summary(args.case, args.records, args.rtdoses, args.plan_dose, args.output, manifest)
     except (OSError, ValueError, KeyError) as exc:
         print(f"report failed: {exc}", file=sys.stderr)
         return 1
