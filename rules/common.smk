@@ -69,12 +69,6 @@ def ready_cases():
             continue
         if not is_ready(case_dir, app["ready_marker"], app["ready_quiet_seconds"]):
             continue
-        if not Path(processing("intake.json", case_dir.name)).exists():
-            # Deliveries still missing: wait (said on the console), or let intake fail the case.
-            state, reason = case_readiness(case_dir, config)
-            if state == "waiting":
-                logger.warning(f"case {case_dir.name}: {reason}")
-                continue
         error = recorded_failure(intake_failure_record(case_dir.name), case_dir)
         if error is not None:
             logger.warning(
@@ -82,6 +76,12 @@ def ready_cases():
                 f"({error.splitlines()[0]}); see {intake_failure_record(case_dir.name)}"
             )
             continue
+        if not Path(processing("intake.json", case_dir.name)).exists():
+            # Deliveries still missing: wait (said on the console), or let intake fail the case.
+            state, reason = case_readiness(case_dir, config)
+            if state == "waiting":
+                logger.warning(f"case {case_dir.name}: {reason}")
+                continue
         cases.append(case_dir.name)
     return cases
 
