@@ -26,6 +26,7 @@ rule report_dose_map:
 
 rule report_beam_table:
     input:
+        manifest=processing("intake.json"),
         records=beam_records,
         rtdoses=beam_rtdoses,
     output:
@@ -43,7 +44,7 @@ rule report_beam_table:
         python=PYTHON,
     shell:
         "{params.python} -m mqi_communicator.report table --records {input.records:q} --rtdoses {input.rtdoses:q}"
-        " --output {output:q} > {log:q} 2>&1"
+        " --manifest {input.manifest:q} --output {output:q} > {log:q} 2>&1"
 
 
 rule case_summary:

@@ -82,9 +82,12 @@ def beam_rows(records: list[Path], rtdoses: list[Path]) -> list[dict[str, Any]]:
     return rows
 
 
-def beam_table(records: list[Path], rtdoses: list[Path], output: Path) -> None:
-    """One row per beam: number, name, max dose and units, engine, run time, files."""
+def beam_table(records: list[Path], rtdoses: list[Path], output: Path, labels: list[str] | None = None) -> None:
+    """One row per beam: number, name, max dose and units, engine, run time, files; with the
+    case's labels (PLAN-BASED, FLAGGED) first, when given."""
     rows = [row | {"max_dose": f"{row['max_dose']:.6g}"} for row in beam_rows(records, rtdoses)]
+    if labels is not None:
+        rows = [{"labels": " ".join(labels)} | row for row in rows]
     for row in rows:
         del row["raw_sha256"]
     text = io.StringIO(newline="")
@@ -132,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     table.add_argument("--records", type=Path, nargs="+", required=True, help="simulate records, one per beam")
     table.add_argument("--rtdoses", type=Path, nargs="+", required=True, help="RT Doses, same order")
     table.add_argument("--output", type=Path, required=True)
+    table.add_argument("--manifest", type=Path, help="the case's intake.json (labels column)")
     summary = sub.add_parser("summary", help="case summary (JSON)")
     summary.add_argument("--case", required=True)
     summary.add_argument("--records", type=Path, nargs="+", required=True)
@@ -144,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "figure":
             dose_figure(args.rtdose, args.title, args.output)
         elif args.command == "table":
-            beam_table(args.records, args.rtdoses, args.output)
+            labels = json.loads(args.manifest.read_text()).get("labels", []) if args.manifest else None
+            beam_table(args.records, args.rtdoses, args.output, labels)
         else:
             manifest = json.loads(args.manifest.read_text()) if args.manifest else None
             case_summary(args.case, args.records, args.rtdoses, args.plan_dose, args.output, manifest)
