@@ -84,10 +84,10 @@ def beam_rows(records: list[Path], rtdoses: list[Path]) -> list[dict[str, Any]]:
 
 def beam_table(records: list[Path], rtdoses: list[Path], output: Path, labels: list[str] | None = None) -> None:
     """One row per beam: number, name, max dose and units, engine, run time, files; with the
-    case's labels (PLAN-BASED, FLAGGED) first, when given."""
+    case's labels (PLAN-BASED, FLAGGED) in a last column, when given."""
     rows = [row | {"max_dose": f"{row['max_dose']:.6g}"} for row in beam_rows(records, rtdoses)]
     if labels is not None:
-        rows = [{"labels": " ".join(labels)} | row for row in rows]
+        rows = [row | {"labels": " ".join(labels)} for row in rows]
     for row in rows:
         del row["raw_sha256"]
     text = io.StringIO(newline="")
