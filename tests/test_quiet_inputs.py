@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -262,3 +264,18 @@ def test_layer_numbers_checked_against_planrange(tmp_path: Path, config: dict) -
     ptn_file.rename(ptn_file.with_name(ptn_file.name.replace("_004", "_007")))
     with pytest.raises(CaseError, match=r"PTN layer numbers \[1, 2, 3, 7\] are not the delivered layers 1..4"):
         build_manifest(case, config)
+
+
+def test_intake_cli_does_not_remember_a_waiting_case_as_failed(tmp_path: Path) -> None:
+    late = casegen.write_case(tmp_path / "scan", "late")
+    delivery = sorted(p for p in late.iterdir() if p.is_dir())[1]
+    parked = shutil.move(delivery, tmp_path / "parked")
+    record = tmp_path / "out" / "intake.failed.json"
+    command = [sys.executable, "-m", "mqi_communicator.intake", "--case", str(late), "--output"]
+    command += [str(tmp_path / "out" / "intake.json"), "--failure-record", str(record)]
+    waiting = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert waiting.returncode == 1 and "INTAKE WAITING for case late" in waiting.stderr
+    assert not record.exists()  # the workflow keeps it waiting instead of skipping it as failed
+    shutil.move(parked, delivery)  # the logs arrive
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr

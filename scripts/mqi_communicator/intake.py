@@ -67,6 +67,10 @@ def recorded_failure(record: Path, case_dir: Path) -> str | None:
     return str(data.get("error")) if data.get("fingerprint") == case_fingerprint(case_dir) else None
 
 
+class CaseWaiting(CaseError):
+    """The case is incomplete but still within its wait: not a failure to remember."""
+
+
 def plan_mode_declared(case_dir: Path, ready_marker: str) -> bool:
     """The case says it has no logs to wait for: a _PLAN_MODE file or `source: plan` in the marker."""
     if (case_dir / PLAN_MODE_MARKER).exists():
@@ -186,7 +190,8 @@ def build_manifest(case_dir: Path, config: dict[str, Any], now: float | None = N
     if mode == "logs":
         missing = missing_deliveries(plan, deliveries)
         if missing:
-            raise CaseError(case_dir, waiting_state(case_dir, config, missing, now)[1])
+            state, reason = waiting_state(case_dir, config, missing, now)
+            raise (CaseWaiting if state == "waiting" else CaseError)(case_dir, reason)
     implausible = [p for d in deliveries for p in d.problems]
     labels = [PLAN_BASED_LABEL] if mode == "plan" else []
     if implausible:
@@ -259,6 +264,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = settings.load(args.settings)
         manifest = build_manifest(args.case, config)
+    except CaseWaiting as exc:
+        # Not recorded as a failure: the workflow keeps the case waiting (visibly) until the
+        # deliveries arrive or the wait ends, and then runs intake again.
+        print(f"INTAKE WAITING for case {args.case.name}: {exc}", file=sys.stderr)
+        return 1
     except (CaseError, ValueError) as exc:
         print(f"INTAKE FAILED for case {args.case.name}: {exc}", file=sys.stderr)
         if args.failure_record:
