@@ -4,6 +4,12 @@ from snakemake.utils import min_version, validate
 
 min_version("9.20")
 
+# Snakemake's own message for a YAML syntax error names neither the file nor the line.
+from mqi_communicator.settings import yaml_problem
+
+if yaml_problem("config/config.yaml"):
+    raise WorkflowError(yaml_problem("config/config.yaml"))
+
 
 configfile: "config/config.yaml"
 

@@ -8,9 +8,15 @@ from pathlib import Path
 
 from mqi_communicator.case_inputs import content_digest
 from mqi_communicator.errors import CaseError
+from mqi_communicator.intake import case_readiness
 from mqi_communicator.plan import find_plan, read_plan
 from mqi_communicator.rtdose import plan_sum_refusal_for
 from mqi_communicator.ops import recorder, state
+from mqi_communicator.settings import path_problems
+
+# Scan folder empty, or outputs inside it (the DAG would feed on its own outputs): stop now.
+for problem in path_problems(config):
+    raise WorkflowError(f"invalid configuration: {problem}")
 
 # The Python that runs Snakemake (the project's venv) runs the package's CLIs too.
 PYTHON = sys.executable
@@ -53,9 +59,21 @@ def case_targets():
     whatever changed in the config, the profile or the code (`bin/mqi reprocess` redoes one).
     """
     try:
-        return state.targets(LAYOUT, logger.warning)
+        cases = state.targets(LAYOUT, logger.warning)
     except ValueError as exc:
         raise WorkflowError(str(exc))
+    return [case for case in cases if not waiting_for_deliveries(case)]
+
+
+def waiting_for_deliveries(case_id):
+    """A case whose plan has beams without delivery logs waits for them (said on the console)
+    until application.delivery_wait_seconds, then intake fails it naming them."""
+    if Path(processing("intake.json", case_id)).exists():
+        return False
+    readiness, reason = case_readiness(SCAN_DIR / case_id, config)
+    if readiness == "waiting":
+        logger.warning(f"case {case_id}: {reason}")
+    return readiness == "waiting"
 
 
 CASES = case_targets()
@@ -173,6 +191,14 @@ def planned(case_id):
     }
 
 
+def dose_label(wildcards):
+    """The engine label, preceded by the case's labels (PLAN-BASED, FLAGGED): it goes into the
+    RT Dose's SeriesDescription, DoseComment and ImageComments, and the report's titles.
+    """
+    labels = manifest(wildcards.case_id).get("labels", [])
+    return " ".join([f"[{label}]" for label in labels] + [ENGINE_LABEL])
+
+
 def simulated_beams(case_id):
     return list(planned(case_id)["beams"])
 
@@ -223,8 +249,9 @@ def beam_figures(wildcards):
 
 
 def all_targets(wildcards):
-    """One summary per case that still needs work (finished ones are final: see case_targets)."""
-    return [processing("case_summary.json", case) for case in CASES]
+    """One summary per case that still needs work (finished ones are final: see case_targets).
+    With none, the scan folder itself, so that Snakemake says "Nothing to be done"."""
+    return [processing("case_summary.json", case) for case in CASES] or [str(SCAN_DIR)]
 
 
 def qa_case_results(wildcards):

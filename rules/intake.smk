@@ -15,7 +15,13 @@ rule intake:
         # Content, not mtime: a file replaced under an old timestamp changes this and reruns
         # intake and everything after it; a touched but identical file does not.
         content=case_content_digest,
-        settings=settings_for("interpreter"),
+        settings=settings_for(
+            "application",
+            "interpreter",
+            "log_checks",
+            "rooms",
+            "monitor_range_factors",
+        ),
     shell:
         "{params.python} -m mqi_communicator.intake --case={params.case_dir:q} --output {output:q}"
         " --settings {params.settings:q} > {log:q} 2>&1"

@@ -25,5 +25,5 @@ rule moqui_input:
         settings=settings_for("simulation"),
     shell:
         "{params.python} -m mqi_communicator.moqui_beam --manifest {input.manifest:q} --p2 {input.p2:q}"
-        " --beam {wildcards.beam} --parameters {output.parameters:q} --logdir {params.logdir:q}"
+        " --beam={wildcards.beam:q} --parameters {output.parameters:q} --logdir {params.logdir:q}"
         " --output-dir {params.output_dir:q} --settings {params.settings:q} > {log:q} 2>&1"

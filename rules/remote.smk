@@ -25,7 +25,7 @@ rule stage_in:
         beams=lambda wildcards: simulated_beams(wildcards.case_id),
         settings=settings_for("hpc_connection", "paths"),
     shell:
-        "{params.python} -m mqi_communicator.remote.stage stage-in --case {wildcards.case_id}"
+        "{params.python} -m mqi_communicator.remote.stage stage-in --case={wildcards.case_id:q}"
         " --processing {params.processing:q} --beams {params.beams} --report {output:q}"
         " --settings {params.settings:q} > {log:q} 2>&1"
 
@@ -52,7 +52,7 @@ rule remote_simulate:
             "hpc_connection", "paths", "remote_slurm", "simulation", "application"
         ),
     shell:
-        "{params.python} -m mqi_communicator.remote.job --staged {input.staged:q} --beam {wildcards.beam}"
+        "{params.python} -m mqi_communicator.remote.job --staged {input.staged:q} --beam={wildcards.beam:q}"
         " --record {params.job_record:q} --result {output:q} --log {log:q} --settings {params.settings:q}"
 
 

@@ -18,7 +18,7 @@ rule report_dose_map:
         "../envs/mqi.yaml"
     params:
         python=PYTHON,
-        title=lambda wildcards: f"{wildcards.case_id} beam {wildcards.beam} ({ENGINE_LABEL})",
+        title=lambda wildcards: f"{wildcards.case_id} beam {wildcards.beam} ({dose_label(wildcards)})",
     shell:
         "{params.python} -m mqi_communicator.report figure --rtdose {input:q} --title {params.title:q}"
         " --output {output:q} > {log:q} 2>&1"
@@ -26,6 +26,7 @@ rule report_dose_map:
 
 rule report_beam_table:
     input:
+        manifest=processing("intake.json"),
         records=beam_records,
         rtdoses=beam_rtdoses,
     output:
@@ -43,7 +44,7 @@ rule report_beam_table:
         python=PYTHON,
     shell:
         "{params.python} -m mqi_communicator.report table --records {input.records:q} --rtdoses {input.rtdoses:q}"
-        " --output {output:q} > {log:q} 2>&1"
+        " --manifest {input.manifest:q} --output {output:q} > {log:q} 2>&1"
 
 
 rule case_summary:
@@ -65,5 +66,6 @@ rule case_summary:
         python=PYTHON,
         plan_dose=plan_dose_arg,
     shell:
-        "{params.python} -m mqi_communicator.report summary --case {wildcards.case_id} --records {input.records:q}"
-        " --rtdoses {input.rtdoses:q} {params.plan_dose} --qa {input.qa:q} --output {output:q} > {log:q} 2>&1"
+        "{params.python} -m mqi_communicator.report summary --case={wildcards.case_id:q} --manifest {input.manifest:q}"
+        " --records {input.records:q} --rtdoses {input.rtdoses:q} {params.plan_dose} --qa {input.qa:q}"
+        " --output {output:q} > {log:q} 2>&1"

@@ -21,7 +21,7 @@ rule rtdose_beam:
         beam_number=beam_number,
         dose_type=config["simulation"]["dose_type"],
         calibration=rtdose_calibration_args(),
-        engine_label=ENGINE_LABEL,
+        engine_label=dose_label,
     shell:
         "{params.python} -m mqi_communicator.rtdose --input {input.raw:q} --plan {params.plan:q}"
         " --beam-number {params.beam_number} --dosetype {params.dose_type} --engine-label {params.engine_label:q}"
@@ -43,7 +43,7 @@ rule rtdose_plan:
         plan=plan_copy,
         dose_type=config["simulation"]["dose_type"],
         calibration=rtdose_calibration_args(),
-        engine_label=ENGINE_LABEL,
+        engine_label=dose_label,
     shell:
         "{params.python} -m mqi_communicator.rtdose --sum {input.raws:q} --plan {params.plan:q}"
         " --dosetype {params.dose_type} --engine-label {params.engine_label:q}"

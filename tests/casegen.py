@@ -277,9 +277,11 @@ def write_case(
     reversed_order: bool = False,
     ready: bool = True,
     plan_subfolder: bool = False,
+    plan_mode: bool | None = None,
     **delivery_options: object,
 ) -> Path:
-    """A whole case folder: plan, one delivery per treatment beam, and the ready marker."""
+    """A whole case folder: plan, one delivery per treatment beam, and the ready marker.
+    A case without deliveries declares plan mode (_PLAN_MODE) unless plan_mode is False."""
     spec = spec or standard_case()
     case_dir = root / case_id
     if case_dir.exists():
@@ -294,6 +296,8 @@ def write_case(
             slot = len(treatment) - 1 - order if reversed_order else order
             stamp = (base + datetime.timedelta(minutes=5 * slot)).strftime("%Y%m%d%H%M%S") + "00"
             write_delivery(case_dir, spec, beam.number, stamp, **delivery_options)  # type: ignore[arg-type]
+    if not deliveries if plan_mode is None else plan_mode:
+        (case_dir / "_PLAN_MODE").write_text("")
     if ready:
         (case_dir / "_CASE_READY").write_text("")
     return case_dir

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from mqi_communicator.case_inputs import changed_files, content_digest, content_record, is_ready, stat_fingerprint
 from mqi_communicator.errors import CaseError
-from mqi_communicator.intake import build_manifest, case_fingerprint, is_ready, recorded_failure
+from mqi_communicator.files import sha256_of
+from mqi_communicator.intake import build_manifest
 from tests import casegen
 
 
@@ -78,26 +80,24 @@ def test_broken_cases_name_file_and_problem(
     assert file_part in text
 
 
-def test_cli_failure_record_and_retry_after_change(tmp_path: Path) -> None:
+def test_cli_failure_names_the_file_and_writes_no_manifest(tmp_path: Path) -> None:
     case = casegen.write_case(tmp_path / "scan", "c1")
     _break(case, "wrong_patient")
-    record = tmp_path / "out" / "intake.failed.json"
     output = tmp_path / "out" / "intake.json"
     command = [sys.executable, "-m", "mqi_communicator.intake", "--case", str(case), "--output", str(output)]
-    command += ["--failure-record", str(record)]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     assert result.returncode == 1
     assert "INTAKE FAILED for case c1" in result.stderr and "PlanInfo.txt" in result.stderr
     assert not output.exists()
-    assert "differs from the plan's PatientID" in (recorded_failure(record, case) or "")
-    # The sender fixes the case: the record no longer matches, and a rerun succeeds and clears it.
+    # The sender fixes the case: a rerun succeeds and records what the case is made of.
     info = sorted(p for p in case.iterdir() if p.is_dir())[0] / "PlanInfo.txt"
     info.write_text(info.read_text().replace("SOMEONE_ELSE", "PSEUDO001"))
-    assert recorded_failure(record, case) is None
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
-    assert json.loads(output.read_text())["case_id"] == "c1"
-    assert not record.exists()
+    manifest = json.loads(output.read_text())
+    assert manifest["case_id"] == "c1"
+    assert manifest["inputs"]["files"][str(info.relative_to(case))] == sha256_of(info)
+    assert manifest["inputs"]["digest"] == content_digest(case)
 
 
 def test_readiness(tmp_path: Path) -> None:
@@ -109,33 +109,23 @@ def test_readiness(tmp_path: Path) -> None:
     assert is_ready(case, "_CASE_READY", 3600, now=time.time() + 7200)
 
 
-def test_fingerprint_changes_with_content_and_time(tmp_path: Path) -> None:
+def test_fingerprint_sees_a_replaced_file_even_with_its_old_mtime(tmp_path: Path) -> None:
     case = casegen.write_case(tmp_path, "c1")
-    before = case_fingerprint(case)
-    assert case_fingerprint(case) == before
+    before = stat_fingerprint(case)
+    digest = content_digest(case)
+    assert stat_fingerprint(case) == before
     ptn = next(case.rglob("*.ptn"))
-    os.utime(ptn, ns=(ptn.stat().st_atime_ns, ptn.stat().st_mtime_ns + 1_000_000))
-    assert case_fingerprint(case) != before
-
-
-def test_plan_mode_without_logs_and_forced_logs(tmp_path: Path, config: dict) -> None:
-    case = casegen.write_case(tmp_path, "c1", deliveries=False)
-    manifest = build_manifest(case, config)
-    assert manifest["mode"] == "plan"
-    assert all(b["simulate"] for b in manifest["beams"])
-    config["interpreter"]["source"] = "logs"
-    with pytest.raises(CaseError, match="no delivery folders"):
-        build_manifest(case, config)
-
-
-def test_fractions_and_resumed_delivery(tmp_path: Path, config: dict) -> None:
-    spec = casegen.standard_case()
-    case = casegen.write_case(tmp_path, "c1", spec)
-    # A second fraction of beam 2 interrupted after layer 2 and resumed at layer 3.
-    casegen.write_delivery(case, spec, 2, "2026110310000000", stop_layer=2)
-    casegen.write_delivery(case, spec, 2, "2026110310200000", start_layer=3)
-    manifest = build_manifest(case, config)
-    beam2 = manifest["beams"][0]
-    assert len(beam2["fractions"]) == 2
-    assert beam2["simulated_deliveries"] == ["2026110310000000", "2026110310200000"]
-    assert any("2 fractions" in w for w in manifest["warnings"])
+    old = ptn.stat()
+    data = bytearray(ptn.read_bytes())
+    data[0] ^= 0xFF
+    ptn.write_bytes(bytes(data))
+    os.utime(ptn, ns=(old.st_atime_ns, old.st_mtime_ns))  # as `cp -p` / `rsync -a` leave it
+    assert stat_fingerprint(case) != before  # the change time moved
+    assert content_digest(case) != digest  # and the content decides
+    # Touching a file without changing it: the fingerprint moves, the content digest does not.
+    record = content_record(case)
+    info = next(case.rglob("PlanInfo.txt"))
+    os.utime(info, ns=(info.stat().st_atime_ns, info.stat().st_mtime_ns + 5_000_000_000))
+    assert stat_fingerprint(case) != record["fingerprint"]
+    assert content_digest(case, record) == record["digest"]
+    assert changed_files(case, record["files"]) == []

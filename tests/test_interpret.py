@@ -119,7 +119,7 @@ def test_plan_based_mode_from_reference_plan(tmp_path: Path, reference_data: Pat
     case = tmp_path / "phantom"
     case.mkdir()
     (case / "RP_G2_9spots_phantom.dcm").write_bytes((reference_data / "RP_G2_9spots_phantom.dcm").read_bytes())
-    (case / "_CASE_READY").write_text("")
+    (case / "_CASE_READY").write_text("source: plan\n")  # plan mode declared in the ready marker
     manifest = build_manifest(case, config)
     assert manifest["mode"] == "plan"
     out = tmp_path / "p2"

@@ -49,13 +49,13 @@ def test_dry_run_real_run_and_resume(tmp_path: Path) -> None:
     assert "INTAKE FAILED for case broken" in broken_log
     assert "3 PTN files for 4 delivered layers" in broken_log
     assert "3 PTN files for 4 delivered layers" in output  # shown on the console too
-    assert (work / "data" / "cases" / "broken" / "intermediate" / "intake.failed.json").is_file()
+    assert (work / "data" / "cases" / "broken" / "intermediate" / "state" / "failed.json").is_file()
     assert not (work / "data" / "cases" / "broken" / "intermediate" / "moqui_csv").exists()
 
     again = snakemake(work)
     assert again.returncode == 0, again.stderr
     assert "Nothing to be done" in again.stdout + again.stderr
-    assert "skipping case broken: intake failed" in again.stdout + again.stderr
+    assert "skipping case broken: intake" in again.stdout + again.stderr
 
     # A new ready case (the waiting one becomes ready): only it is processed.
     (scan / "waiting" / "_CASE_READY").write_text("")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -50,3 +51,13 @@ def changed_files(case_dir: Path, recorded: dict[str, str]) -> list[str]:
     changed = sorted(set(recorded) ^ set(now))
     changed += sorted(rel for rel in set(recorded) & set(now) if sha256_of(now[rel]) != recorded[rel])
     return changed
+
+
+def is_ready(case_dir: Path, marker: str, quiet_seconds: float, now: float | None = None) -> bool:
+    """Ready = marker present and, when asked, no file in the case changed for quiet_seconds."""
+    if not (case_dir / marker).is_file():
+        return False
+    if quiet_seconds <= 0:
+        return True
+    newest = max((p.stat().st_mtime for p in case_dir.rglob("*")), default=0.0)
+    return ((time.time() if now is None else now) - newest) >= quiet_seconds

@@ -4,215 +4,181 @@ The manifest (`intake.json`) is the contract with every later step: the plan, th
 treatment beams, and for each delivery folder the beam number it declares in PlanInfo.txt (never
 its position among the folders), its layer range, monitor range codes and PTN files (size, sha256).
 All problems of a case are collected and reported together, each naming its file.
+
+A case is complete when every treatment beam of its plan has its deliveries; until then it
+waits, visibly, up to application.delivery_wait_seconds after its ready marker, then fails
+naming the missing beams (`case_readiness`). Plan mode only where configured or declared.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import re
 import sys
-from dataclasses import asdict, dataclass, field
+import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from . import ptn, settings
-from .case_inputs import content_record
+from . import settings
+from .case_inputs import content_record, is_ready
+from .delivery import Delivery, delivery_header, find_delivery_folders, fractions_of, read_delivery
 from .errors import CaseError
 from .files import sha256_of, write_json_atomic
 from .plan import Plan, find_plan, read_plan
 
 CASE_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
-DELIVERY_FOLDER_PATTERN = re.compile(r"^\d{16}$")
-PLANINFO_NAME = "PlanInfo.txt"
-PLANRANGE_NAMES = ("PlanRange.txt", "PlanRange.csv")
+# A case declares plan mode (no delivery logs: a pre-treatment check) with this file, or with a
+# line `source: plan` in its ready marker; only then (or with interpreter.source plan) is a case
+# without logs computed from the plan, and the result is labelled PLAN-BASED.
+PLAN_MODE_MARKER = "_PLAN_MODE"
+PLAN_MODE_LINE = re.compile(r"^\s*source\s*[:=]\s*plan\s*$", re.IGNORECASE | re.MULTILINE)
+PLAN_BASED_LABEL = "PLAN-BASED"
+FLAGGED_LABEL = "FLAGGED"
 
 
-@dataclass
-class PtnFile:
-    file: str
-    size: int
-    rows: int
-    sha256: str
+class CaseWaiting(CaseError):
+    """The case is incomplete but still within its wait: not a failure to remember."""
 
 
-@dataclass
-class Delivery:
-    folder: str  # relative to the case folder
-    irradiation_time: str | None  # the 16-digit folder name, when it is one
-    beam_number: int
-    start_layer: int
-    stop_layer: int
-    dose1_range_codes: list[int]
-    ptn: list[PtnFile] = field(default_factory=list)
-
-    @property
-    def layer_count(self) -> int:
-        return self.stop_layer - self.start_layer + 1
-
-
-def read_planinfo(path: Path) -> dict[str, str]:
-    """`KEY,VALUE` lines; keys upper-cased, blank lines ignored."""
-    values: dict[str, str] = {}
-    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
-        if not line.strip():
-            continue
-        key, sep, value = line.partition(",")
-        if not sep:
-            raise CaseError(path, f"line {number} is not KEY,VALUE: {line!r}")
-        values[key.strip().upper()] = value.strip()
-    return values
-
-
-def _int_field(path: Path, values: dict[str, str], key: str, default: int | None = None) -> int:
-    if key not in values:
-        if default is not None:
-            return default
-        raise CaseError(path, f"missing {key}")
+def plan_mode_declared(case_dir: Path, ready_marker: str) -> bool:
+    """The case says it has no logs to wait for: a _PLAN_MODE file or `source: plan` in the marker."""
+    if (case_dir / PLAN_MODE_MARKER).exists():
+        return True
     try:
-        return int(float(values[key]))
-    except ValueError as exc:
-        raise CaseError(path, f"{key} is not a number: {values[key]!r}") from exc
+        return bool(PLAN_MODE_LINE.search((case_dir / ready_marker).read_text(errors="replace")))
+    except OSError:
+        return False
 
 
-def read_planrange(path: Path) -> list[int]:
-    """DOSE1_RANGE codes, one per row (layer), from the CSV with header."""
-    with open(path, newline="", errors="replace") as handle:
-        rows = list(csv.DictReader(handle))
-    if not rows:
-        raise CaseError(path, "no layer rows")
-    header = {name.strip().upper(): name for name in rows[0] if name is not None}
-    if "DOSE1_RANGE" not in header:
-        raise CaseError(path, "no DOSE1_RANGE column")
-    codes: list[int] = []
-    for number, row in enumerate(rows, start=2):
-        raw = (row[header["DOSE1_RANGE"]] or "").strip()
-        try:
-            code = int(float(raw))
-        except ValueError as exc:
-            raise CaseError(path, f"line {number}: DOSE1_RANGE {raw!r} is not a number") from exc
-        if not 1 <= code <= 5:
-            raise CaseError(path, f"line {number}: DOSE1_RANGE {code} is not a monitor range code 1-5")
-        codes.append(code)
-    return codes
+def case_source(case_dir: Path, config: dict[str, Any]) -> str:
+    """'logs' or 'plan': interpreter.source, or for `auto` the case's own declaration."""
+    source = str(config["interpreter"]["source"])
+    declared = plan_mode_declared(case_dir, config["application"]["ready_marker"])
+    if source == "logs" and declared:
+        raise CaseError(
+            case_dir,
+            f"the case declares plan mode ({PLAN_MODE_MARKER} or 'source: plan') but interpreter.source is 'logs'",
+        )
+    if source == "auto":
+        return "plan" if declared else "logs"
+    return source
 
 
-def find_delivery_folders(case_dir: Path) -> list[Path]:
-    """Folders holding a PlanInfo.txt, or named like a delivery (16 digits), up to two levels down."""
-    found = {p.parent for p in case_dir.rglob(PLANINFO_NAME) if len(p.relative_to(case_dir).parts) <= 3}
-    found |= {p for p in case_dir.rglob("*") if p.is_dir() and DELIVERY_FOLDER_PATTERN.match(p.name)}
-    return sorted(found, key=lambda p: (p.name, str(p)))
+def _span(first: int, last: int) -> str:
+    return str(first) if first == last else f"{first}-{last}"
 
 
-def read_delivery(case_dir: Path, folder: Path, plan: Plan) -> Delivery:
-    planinfo_path = folder / PLANINFO_NAME
-    if not planinfo_path.is_file():
-        raise CaseError(folder, f"delivery folder has no {PLANINFO_NAME}")
-    info = read_planinfo(planinfo_path)
-    patient_id = info.get("DICOM_PATIENT_ID")
-    if patient_id is None:
-        raise CaseError(planinfo_path, "missing DICOM_PATIENT_ID")
-    if patient_id != plan.patient_id:
-        raise CaseError(
-            planinfo_path, f"DICOM_PATIENT_ID {patient_id!r} differs from the plan's PatientID {plan.patient_id!r}"
+def missing_deliveries(plan: Plan, deliveries: list[Delivery]) -> list[str]:
+    """Each treatment beam whose latest fraction is not complete (layers 1..N), described."""
+    missing: list[str] = []
+    for beam in plan.treatment_beams:
+        mine = sorted(
+            (d for d in deliveries if d.beam_number == beam.number), key=lambda d: (d.irradiation_time or "", d.folder)
         )
-    beam_number = _int_field(planinfo_path, info, "DICOM_BEAM_NUMBER")
-    beam = plan.beam(beam_number)
-    if beam is None:
-        numbers = ", ".join(str(b.number) for b in plan.treatment_beams)
-        raise CaseError(
-            planinfo_path, f"DICOM_BEAM_NUMBER {beam_number} is not a beam of the plan (treatment beams: {numbers})"
+        label = f"beam {beam.number} ({beam.name!r})"
+        if not mine:
+            missing.append(f"{label}: no delivery")
+            continue
+        latest = fractions_of(mine)[-1]
+        first, last, total = latest[0].start_layer, latest[-1].stop_layer, len(beam.layers)
+        gaps = ([_span(1, first - 1)] if first > 1 else []) + ([_span(last + 1, total)] if last < total else [])
+        if gaps:
+            missing.append(f"{label}: layers {', '.join(gaps)} of {total} not delivered")
+    return missing
+
+
+def waiting_state(
+    case_dir: Path, config: dict[str, Any], missing: list[str], now: float | None = None
+) -> tuple[str, str]:
+    """('waiting', reason) until application.delivery_wait_seconds after the ready marker's
+    modification time, then ('failed', reason); the reason names the missing beams."""
+    app = config["application"]
+    wait = float(app["delivery_wait_seconds"])
+    marker = case_dir / app["ready_marker"]
+    try:
+        since = marker.stat().st_mtime
+    except OSError:
+        since = time.time() if now is None else now
+    deadline = since + wait
+    current = time.time() if now is None else now
+    what = "; ".join(missing)
+    if current < deadline:
+        until = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(deadline))
+        return "waiting", (
+            f"waiting for deliveries of {what} (until {until}: application.delivery_wait_seconds {wait:g} s "
+            f"after {marker.name})"
         )
-    if beam.is_setup:
-        raise CaseError(
-            planinfo_path, f"DICOM_BEAM_NUMBER {beam_number} is the setup beam {beam.name!r}, which has no logs"
-        )
-    start = _int_field(planinfo_path, info, "START_LAYER_NUMBER", default=1)
-    stop = _int_field(planinfo_path, info, "STOP_LAYER_NUMBER")
-    if not 1 <= start <= stop <= len(beam.layers):
-        raise CaseError(
-            planinfo_path,
-            f"layers {start}..{stop} do not fit beam {beam_number} ({beam.name!r}), which has {len(beam.layers)} layers",
-        )
-    ptn_files = sorted(folder.glob("*.ptn"))
-    delivered = stop - start + 1
-    if len(ptn_files) != delivered:
-        raise CaseError(
-            folder,
-            f"{len(ptn_files)} PTN files for {delivered} delivered layers "
-            f"(START_LAYER_NUMBER {start}, STOP_LAYER_NUMBER {stop} in {PLANINFO_NAME})",
-        )
-    planrange = next((folder / n for n in PLANRANGE_NAMES if (folder / n).is_file()), None)
-    if planrange is None:
-        raise CaseError(folder, f"no {' or '.join(PLANRANGE_NAMES)}")
-    codes = read_planrange(planrange)
-    # PlanRange lists either the delivered layers or every layer of the beam.
-    if len(codes) == len(beam.layers):
-        codes = codes[start - 1 : stop]
-    elif len(codes) != delivered:
-        raise CaseError(
-            planrange, f"{len(codes)} rows, expected {delivered} delivered layers or {len(beam.layers)} plan layers"
-        )
-    files = []
-    for path in ptn_files:
-        try:
-            rows = ptn.check_size(path)
-        except ValueError as exc:
-            raise CaseError(path, str(exc).split(": ", 1)[1]) from exc
-        files.append(PtnFile(file=path.name, size=path.stat().st_size, rows=rows, sha256=sha256_of(path)))
-    return Delivery(
-        folder=str(folder.relative_to(case_dir)),
-        irradiation_time=folder.name if DELIVERY_FOLDER_PATTERN.match(folder.name) else None,
-        beam_number=beam_number,
-        start_layer=start,
-        stop_layer=stop,
-        dose1_range_codes=codes,
-        ptn=files,
+    return "failed", (
+        f"incomplete: {what}; still missing {wait:g} s (application.delivery_wait_seconds) after {marker.name}. "
+        f"If this case has no logs on purpose, declare plan mode ({PLAN_MODE_MARKER})."
     )
 
 
-def fractions_of(deliveries: list[Delivery]) -> list[list[Delivery]]:
-    """Group one beam's deliveries (in time order) into fractions: a delivery that resumes at the
-    layer after the previous one's last layer continues that fraction; anything else starts one."""
-    fractions: list[list[Delivery]] = []
-    for delivery in deliveries:
-        if fractions and delivery.start_layer == fractions[-1][-1].stop_layer + 1:
-            fractions[-1].append(delivery)
-        else:
-            fractions.append([delivery])
-    return fractions
+def case_readiness(case_dir: Path, config: dict[str, Any], now: float | None = None) -> tuple[str, str]:
+    """('ready' | 'waiting' | 'failed', reason) for an unfinished case, cheaply: the ready marker,
+    the plan and each delivery's PlanInfo.txt (no PTN is read). A case whose files have a
+    problem is 'ready': intake then reports the problem with the file it is in."""
+    app = config["application"]
+    if not is_ready(case_dir, app["ready_marker"], app["ready_quiet_seconds"], now):
+        return (
+            "waiting",
+            f"not ready: no {app['ready_marker']}, or files changed in the last {app['ready_quiet_seconds']} s",
+        )
+    try:
+        if case_source(case_dir, config) == "plan":
+            return "ready", "plan mode"
+        plan = read_plan(find_plan(case_dir))
+        deliveries = [delivery_header(case_dir, folder, plan) for folder in find_delivery_folders(case_dir)]
+    except (CaseError, ValueError, OSError) as exc:
+        return "ready", f"intake will report: {exc}"
+    missing = missing_deliveries(plan, deliveries)
+    return ("ready", "every treatment beam delivered") if not missing else waiting_state(case_dir, config, missing, now)
 
 
-def build_manifest(case_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
+def build_manifest(case_dir: Path, config: dict[str, Any], now: float | None = None) -> dict[str, Any]:
     """Validate a case and return its manifest; raises CaseError listing every problem."""
     case_id = case_dir.name
     if not CASE_ID_PATTERN.match(case_id):
         raise CaseError(case_dir, "case folder name must match [A-Za-z0-9._-]+")
     plan_path = find_plan(case_dir)
     plan = read_plan(plan_path)
+    mode = case_source(case_dir, config)
     problems: list[CaseError] = []
     deliveries: list[Delivery] = []
-    source = config["interpreter"]["source"]
-    folders = [] if source == "plan" else find_delivery_folders(case_dir)
-    for folder in folders:
+    folders = find_delivery_folders(case_dir)
+    warnings = list(plan.warnings)
+    if mode == "plan" and folders:
+        warnings.append(f"plan mode: {len(folders)} delivery folder(s) ignored")
+    for folder in folders if mode == "logs" else []:
         try:
-            deliveries.append(read_delivery(case_dir, folder, plan))
+            deliveries.append(read_delivery(case_dir, folder, plan, config))
         except CaseError as exc:
             problems.append(exc)
     if problems:
         raise CaseError(case_dir, f"{len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
-    mode = "logs" if deliveries else "plan"
-    if source == "logs" and not deliveries:
-        raise CaseError(case_dir, "interpreter.source is 'logs' but the case has no delivery folders")
-    warnings: list[str] = []
+    if mode == "logs":
+        missing = missing_deliveries(plan, deliveries)
+        if missing:
+            state, reason = waiting_state(case_dir, config, missing, now)
+            raise (CaseWaiting if state == "waiting" else CaseError)(case_dir, reason)
+    implausible = [p for d in deliveries for p in d.problems]
+    labels = [PLAN_BASED_LABEL] if mode == "plan" else []
+    if implausible:
+        if config["log_checks"]["on_failure"] == "fail":
+            raise CaseError(
+                case_dir,
+                f"{len(implausible)} implausible delivery log layer(s) (log_checks):\n"
+                + "\n".join(f"  - {p}" for p in implausible),
+            )
+        labels.append(FLAGGED_LABEL)
+        warnings += [f"FLAGGED (log_checks.on_failure flag): {p}" for p in implausible]
     beams = []
     for beam in plan.treatment_beams:
         mine = sorted(
             (d for d in deliveries if d.beam_number == beam.number), key=lambda d: (d.irradiation_time or "", d.folder)
         )
         fractions = fractions_of(mine)
-        if mode == "logs" and not mine:
-            warnings.append(f"beam {beam.number} ({beam.name!r}) has no delivery folder; it is not simulated")
         if len(fractions) > 1:
             warnings.append(
                 f"beam {beam.number} ({beam.name!r}) has {len(fractions)} fractions; the latest is simulated"
@@ -226,13 +192,16 @@ def build_manifest(case_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
                 "energies_mev": [layer.energy_mev for layer in beam.layers],
                 "fractions": [[d.folder for d in fraction] for fraction in fractions],
                 "simulated_deliveries": [d.folder for d in fractions[-1]] if fractions else [],
-                "simulate": mode == "plan" or bool(mine),
+                "simulate": True,
             }
         )
     return {
         "case_id": case_id,
         "case_dir": str(case_dir.resolve()),
         "mode": mode,
+        # Shown with the result wherever it appears (RT Dose, summary, report).
+        "labels": labels,
+        "flags": implausible,
         "plan": {
             "path": str(plan_path.relative_to(case_dir)),
             "file_name": plan_path.name,
@@ -243,7 +212,9 @@ def build_manifest(case_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
         "room": plan.room,
         "setup_beams": [b.number for b in plan.beams if b.is_setup],
         "beams": beams,
-        "deliveries": [asdict(d) | {"layer_count": d.layer_count} for d in deliveries],
+        "deliveries": [
+            {k: v for k, v in asdict(d).items() if k != "problems"} | {"layer_count": d.layer_count} for d in deliveries
+        ],
         "warnings": warnings,
     }
 
@@ -257,6 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = settings.load(args.settings)
         manifest = build_manifest(args.case, config)
+    except CaseWaiting as exc:
+        # Not recorded as a failure: the workflow keeps the case waiting (visibly) until the
+        # deliveries arrive or the wait ends, and then runs intake again.
+        print(f"INTAKE WAITING for case {args.case.name}: {exc}", file=sys.stderr)
+        return 1
     except (CaseError, ValueError) as exc:
         print(f"INTAKE FAILED for case {args.case.name}: {exc}", file=sys.stderr)
         return 1

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -95,8 +94,7 @@ def interpret_case(manifest: dict[str, Any], config: dict[str, Any], out_dir: Pa
     plan = read_plan(plan_path)
     calibration = ptn.RoomCalibration.from_config(config["rooms"][manifest["room"]])
     layout = config["interpreter"]["csv_layout"]
-    (out_dir / "plan").mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(plan_path, out_dir / "plan" / plan_path.name)
+    write_atomic(out_dir / "plan" / plan_path.name, plan_path.read_bytes())
     deliveries = {d["folder"]: d for d in manifest["deliveries"]}
     tables: LogTables | None = None
     summary: dict[str, Any] = {"case_id": manifest["case_id"], "mode": manifest["mode"], "layout": layout, "beams": []}
@@ -114,7 +112,7 @@ def interpret_case(manifest: dict[str, Any], config: dict[str, Any], out_dir: Pa
         if manifest["mode"] == "plan":
             for number, layer in enumerate(beam.layers, start=1):
                 data = plan_layer_samples(layer, calibration, config)
-                name = moqui_csv.layer_file_name(number, layer.energy_mev)
+                name = moqui_csv.layer_file_name(number, layer.energy_mev, len(beam.layers))
                 write_atomic(beam_dir / name, data)
                 written.append({"file": name, "layer": number, "bytes": len(data)})
         else:
@@ -124,14 +122,15 @@ def interpret_case(manifest: dict[str, Any], config: dict[str, Any], out_dir: Pa
                 )
             for folder in beam_entry["simulated_deliveries"]:
                 delivery = deliveries[folder]
-                for offset, entry in enumerate(delivery["ptn"]):
-                    number = delivery["start_layer"] + offset
+                for entry in delivery["ptn"]:
+                    # The layer intake read from the PTN's name, never its sorted position.
+                    number = entry["layer"]
                     path = case_dir / folder / entry["file"]
                     if path.stat().st_size != entry["size"]:
                         raise CaseError(path, "changed since intake; run the case again")
                     log = ptn.read_ptn(path)
-                    data = tables.encode(log, delivery["dose1_range_codes"][offset])
-                    name = moqui_csv.layer_file_name(number, beam.layers[number - 1].energy_mev)
+                    data = tables.encode(log, delivery["dose1_range_codes"][number - delivery["start_layer"]])
+                    name = moqui_csv.layer_file_name(number, beam.layers[number - 1].energy_mev, len(beam.layers))
                     write_atomic(beam_dir / name, data)
                     written.append(
                         {"file": name, "layer": number, "samples": len(log), "ptn": f"{folder}/{entry['file']}"}
@@ -152,11 +151,16 @@ def check_layout(manifest: dict[str, Any], out_dir: Path) -> None:
         files = sorted(beam_dir.glob("*.csv")) if beam_dir.is_dir() else []
         if not files:
             raise CaseError(beam_dir, f"no layer CSVs for beam {beam['number']} ({beam['name']!r})")
+        numbers = []
         for path in files:
             try:
                 moqui_csv.energy_of_file_name(path.name)
             except ValueError as exc:
                 raise CaseError(path, str(exc)) from exc
+            numbers.append(int(path.name.split("_", 1)[0]))
+        if numbers != sorted(numbers):
+            # The engine reads the files in name order; it must be layer order.
+            raise CaseError(beam_dir, f"layer CSV names do not sort in layer order: {[p.name for p in files]}")
 
 
 def run_external(manifest: dict[str, Any], config: dict[str, Any], out_dir: Path) -> None:

@@ -21,9 +21,14 @@ LAYOUTS = ("rows", "single_line")
 LAYER_FILE_PATTERN = re.compile(r"^(\d+)_(.+)MeV\.csv$")
 
 
-def layer_file_name(layer_index: int, energy_mev: float) -> str:
-    """`<NN>_<E:.2f>MeV.csv`; MOQUI reads the energy from the text after the first `_`."""
-    return f"{layer_index:02d}_{energy_mev:.2f}MeV.csv"
+def layer_file_name(layer_index: int, energy_mev: float, layer_count: int = 0) -> str:
+    """`<NN>_<E:.2f>MeV.csv`; MOQUI reads the energy from the text after the first `_`.
+
+    NN is zero padded to two digits (mqi_interpreter's names), or to as many digits as the
+    beam's layer count has (`layer_count`), so that the names of a beam with 100 or more layers
+    still sort in layer order (`007` < `100`); the energy part is unchanged."""
+    width = max(2, len(str(layer_count)))
+    return f"{layer_index:0{width}d}_{energy_mev:.2f}MeV.csv"
 
 
 def energy_of_file_name(name: str) -> float:

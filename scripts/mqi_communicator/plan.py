@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import re
 import sys
@@ -59,6 +60,7 @@ class Plan:
     patient_id: str
     room: str  # "G1" or "G2"
     beams: list[Beam]
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def treatment_beams(self) -> list[Beam]:
@@ -179,6 +181,101 @@ def _layers(ds: Dataset, beam: Dataset) -> list[Layer]:
     return layers
 
 
+def _count(value: object) -> int | None:
+    try:
+        return int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return None
+
+
+def _spot_count(cp: Dataset) -> int | None:
+    """Number of spot weights a control point holds (standard tag, else the SHI private one)."""
+    if "ScanSpotMetersetWeights" in cp:
+        value = cp.ScanSpotMetersetWeights
+        return len(value) if isinstance(value, list | tuple | pydicom.multival.MultiValue) else 1
+    if PRIVATE_SPOT_WEIGHTS in cp:
+        return int(_float32_array(cp[PRIVATE_SPOT_WEIGHTS]).size)
+    return None
+
+
+def _beam_problems(beam: Dataset, warnings: list[str]) -> list[str]:
+    """What a treatment beam's own declarations say is missing from it (a declaration that is
+    itself absent cannot be checked: a warning)."""
+    problems: list[str] = []
+    label = f"beam {beam.get('BeamNumber')} ({beam.get('BeamName', '')!r})"
+    cps = list(beam.get("IonControlPointSequence", []))
+    declared = _count(beam.get("NumberOfControlPoints"))
+    if declared is None:
+        warnings.append(f"{label}: no NumberOfControlPoints to check the control points against")
+    elif declared != len(cps):
+        problems.append(f"{label}: NumberOfControlPoints is {declared} but the beam holds {len(cps)} control points")
+    final = beam.get("FinalCumulativeMetersetWeight")
+    weights = [cp.get("CumulativeMetersetWeight") for cp in cps]
+    if final is None:
+        warnings.append(f"{label}: no FinalCumulativeMetersetWeight to check the meterset against")
+    elif not cps or weights[-1] is None:
+        problems.append(f"{label}: the last control point has no CumulativeMetersetWeight")
+    elif abs(float(weights[-1]) - float(final)) > 1e-6 * max(1.0, abs(float(final))):
+        problems.append(
+            f"{label}: cumulative meterset weight ends at {float(weights[-1]):g}, "
+            f"not at FinalCumulativeMetersetWeight {float(final):g}"
+        )
+    known = [float(w) for w in weights if w is not None]
+    if any(b < a for a, b in itertools.pairwise(known)):
+        problems.append(f"{label}: CumulativeMetersetWeight decreases between control points")
+    for cp in cps:
+        spots = _count(cp.get("NumberOfScanSpotPositions"))
+        found = _spot_count(cp)
+        if spots is not None and found is not None and spots != found:
+            problems.append(
+                f"{label}, control point {cp.get('ControlPointIndex')}: NumberOfScanSpotPositions is {spots} "
+                f"but it holds {found} spot weights"
+            )
+    return problems
+
+
+def plan_problems(ds: Dataset) -> tuple[list[str], list[str]]:
+    """(errors, warnings): the plan checked against its own declarations. A plan file cut short
+    (a truncated transfer) still parses, with beams, control points or spots missing; this is
+    what catches it: NumberOfBeams, the fraction group's beams and meterset, NumberOfControlPoints,
+    the cumulative meterset reaching FinalCumulativeMetersetWeight, and spots per control point."""
+    errors: list[str] = []
+    warnings: list[str] = []
+    beams = list(ds.get("IonBeamSequence", []))
+    groups = list(ds.get("FractionGroupSequence", []))
+    if not groups:
+        warnings.append("no FractionGroupSequence: the number of beams cannot be checked")
+    numbers = {_count(b.get("BeamNumber")) for b in beams}
+    treatment = [b for b in beams if not _is_setup_beam(b)]
+    for group in groups:
+        refs = list(group.get("ReferencedBeamSequence", []))
+        declared = _count(group.get("NumberOfBeams"))
+        if declared is None:
+            warnings.append(f"fraction group {group.get('FractionGroupNumber')}: no NumberOfBeams to check")
+        else:
+            if declared != len(beams):
+                errors.append(f"NumberOfBeams is {declared} but the plan holds {len(beams)} beams (IonBeamSequence)")
+            if declared != len(refs):
+                errors.append(
+                    f"fraction group {group.get('FractionGroupNumber')}: NumberOfBeams is {declared} but "
+                    f"ReferencedBeamSequence lists {len(refs)} beams"
+                )
+        referenced = {_count(r.get("ReferencedBeamNumber")): r for r in refs}
+        missing_meterset = [n for n, r in referenced.items() if n in numbers and r.get("BeamMeterset") is None]
+        if missing_meterset:
+            errors.append(f"ReferencedBeamSequence gives no BeamMeterset for beam(s) {missing_meterset}")
+        unknown = sorted(n for n in referenced if n is not None and n not in numbers)
+        if unknown:
+            # Seen in real exports (the reference phantom plan): tolerated, but said.
+            warnings.append(
+                f"the fraction group references beam number(s) {unknown} that are not in IonBeamSequence; "
+                "those beams' MU come from their meterset weights"
+            )
+    for beam in treatment:
+        errors.extend(_beam_problems(beam, warnings))
+    return errors, warnings
+
+
 def _is_setup_beam(beam: Dataset) -> bool:
     return (
         str(beam.get("BeamName", "")).strip().upper() == "SETUP"
@@ -195,6 +292,13 @@ def read_plan(path: Path) -> Plan:
         raise CaseError(path, f"cannot read DICOM: {exc}") from exc
     if str(ds.get("SOPClassUID", "")) != RT_ION_PLAN_SOP_CLASS:
         raise CaseError(path, f"not an RT Ion Plan (SOP class {ds.get('SOPClassUID')})")
+    errors, warnings = plan_problems(ds)
+    if errors:
+        raise CaseError(
+            path,
+            "the plan contradicts its own declarations (a truncated or damaged file?):\n"
+            + "\n".join(f"    {e}" for e in errors),
+        )
     beams: list[Beam] = []
     rooms: set[str] = set()
     for beam in ds.get("IonBeamSequence", []):
@@ -240,6 +344,7 @@ def read_plan(path: Path) -> Plan:
         patient_id=str(ds.get("PatientID", "")),
         room=rooms.pop(),
         beams=beams,
+        warnings=warnings,
     )
 
 

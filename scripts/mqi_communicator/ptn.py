@@ -7,16 +7,22 @@ actual beam-on, bits 0-6 repaint). Row i was sampled at i x TIMEGAIN ms.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from scipy.spatial import cKDTree
 
 ROW_BYTES = 16
 COLUMNS = ("x", "y", "x_size", "y_size", "dose1", "dose2", "layer", "flags")
 FLAG_PLANNED_BEAM_ON = 1 << 15
 FLAG_ACTUAL_BEAM_ON = 1 << 14
+# The layer number is the last run of digits before `.ptn` (`<irradiation time>_<layer>.ptn`).
+LAYER_NUMBER_PATTERN = re.compile(r"(\d+)\.ptn$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,68 @@ class RoomCalibration:
 
     def y_mm(self, raw: np.ndarray) -> np.ndarray:
         return (np.asarray(raw, dtype=np.float64) - self.y_offset) * self.y_gain_mm
+
+
+def layer_number(path: Path) -> int:
+    """The layer number in a PTN file's name, whatever its zero padding (`_7`, `_007`, `_120`)."""
+    match = LAYER_NUMBER_PATTERN.search(path.name)
+    if match is None:
+        raise ValueError(f"{path}: no layer number in the file name (expected <name>_<layer>.ptn)")
+    return int(match.group(1))
+
+
+def layer_problems(
+    log: np.ndarray,
+    calibration: RoomCalibration,
+    range_factor: float,
+    planned_mu: float,
+    planned_spots_mm: Sequence[tuple[float, float]],
+    checks: dict[str, Any],
+) -> list[str]:
+    """What makes one layer's log implausible against the plan (empty when it is plausible).
+
+    Beam-on samples (flag bit 14) that carry dose must lie inside the scanning field and, all but
+    a small share of the layer's MU, near a planned spot; the MU the monitor counted (dose1 x
+    monitor range factor x MU per count) must match the layer's planned MU within a tolerance."""
+    if len(log) == 0:
+        return ["the log is empty (0 samples)"]
+    if np.all(log == 0xFFFF):
+        return [f"every one of its {len(log)} samples is 0xFFFF (no data recorded)"]
+    problems: list[str] = []
+    dose1 = log[:, 4].astype(np.float64)
+    delivered_mu = float(dose1.sum()) * range_factor * calibration.mu_per_dose1_count
+    tolerance = float(checks["mu_tolerance"])
+    if planned_mu > 0 and abs(delivered_mu - planned_mu) > tolerance * planned_mu:
+        problems.append(
+            f"delivered {delivered_mu:.4g} MU against {planned_mu:.4g} MU planned "
+            f"({100 * (delivered_mu / planned_mu - 1):+.1f} %, tolerance {100 * tolerance:g} %)"
+        )
+    on = ((log[:, 7] & FLAG_ACTUAL_BEAM_ON) != 0) & (log[:, 4] > 0)
+    if not on.any():
+        if planned_mu > 0:
+            problems.append("no beam-on sample carries dose")
+        return problems
+    x = calibration.x_mm(log[on, 0])
+    y = calibration.y_mm(log[on, 1])
+    weight = dose1[on]
+    half = float(checks["scan_field_half_mm"])
+    outside = (np.abs(x) > half) | (np.abs(y) > half)
+    if outside.any():
+        first = int(np.flatnonzero(outside)[0])
+        problems.append(
+            f"{int(outside.sum())} beam-on samples lie outside the scanning field (|x|, |y| <= {half:g} mm), "
+            f"e.g. at ({x[first]:.1f}, {y[first]:.1f}) mm"
+        )
+    if len(planned_spots_mm):
+        distance, _ = cKDTree(np.asarray(planned_spots_mm, dtype=np.float64)).query(np.column_stack([x, y]))
+        far = distance > float(checks["spot_distance_mm"])
+        share = float(weight[far].sum() / weight.sum())
+        if share > float(checks["max_off_spot_fraction"]):
+            problems.append(
+                f"{100 * share:.1f} % of its beam-on dose lies more than {checks['spot_distance_mm']:g} mm "
+                f"from every planned spot (at most {100 * float(checks['max_off_spot_fraction']):g} % allowed)"
+            )
+    return problems
 
 
 def check_size(path: Path) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from .files import write_atomic, write_json_atomic
 from .rtdose import read_rtdose_dose
 
 
@@ -54,9 +56,10 @@ def dose_figure(rtdose_path: Path, title: str, output: Path) -> dict[str, float]
         ax.set_title(f"profile along {name} at {at}", fontsize=9)
         ax.grid(alpha=0.3)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output, dpi=90)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
     plt.close(fig)
+    write_atomic(output, buffer.getvalue())
     return {"max_dose": peak}
 
 
@@ -84,16 +87,19 @@ def beam_rows(records: list[Path], rtdoses: list[Path]) -> list[dict[str, Any]]:
     return rows
 
 
-def beam_table(records: list[Path], rtdoses: list[Path], output: Path) -> None:
-    """One row per beam: number, name, max dose and units, engine, run time, files."""
+def beam_table(records: list[Path], rtdoses: list[Path], output: Path, labels: list[str] | None = None) -> None:
+    """One row per beam: number, name, max dose and units, engine, run time, files; with the
+    case's labels (PLAN-BASED, FLAGGED) in a last column, when given."""
     rows = [row | {"max_dose": f"{row['max_dose']:.6g}"} for row in beam_rows(records, rtdoses)]
+    if labels is not None:
+        rows = [row | {"labels": " ".join(labels)} for row in rows]
     for row in rows:
         del row["raw_sha256"]
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with open(output, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["beam"])
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]) if rows else ["beam"])
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(output, text.getvalue().encode())
 
 
 def qa_summary(qa_path: Path) -> dict[str, Any]:
@@ -110,22 +116,36 @@ def qa_summary(qa_path: Path) -> dict[str, Any]:
 
 
 def case_summary(
-    case_id: str, records: list[Path], rtdoses: list[Path], plan_dose: Path | None, output: Path, qa: Path | None = None
+    case_id: str,
+    records: list[Path],
+    rtdoses: list[Path],
+    plan_dose: Path | None,
+    output: Path,
+    qa: Path | None = None,
+    manifest: dict[str, Any] | None = None,
 ) -> None:
     """The case's end state in one file: every beam's run and RT Dose, the plan dose (when the
-    beams share one geometry), the QA verdict."""
+    beams share one geometry), the QA verdict; with the intake manifest, also the mode
+    (logs | plan) and the labels (PLAN-BASED, FLAGGED)."""
     beams = beam_rows(records, rtdoses)
     plan_entry: dict[str, Any] = {"rt_dose": None, "note": "no plan sum: the beams do not share one geometry"}
     if plan_dose is not None:
         plan = read_rtdose_dose(plan_dose)
         plan_entry = {"rt_dose": str(plan_dose), "max_dose": float(plan.dose.max()), "units": plan.units}
-    summary = {
-        "case_id": case_id,
+    summary: dict[str, Any] = {"case_id": case_id}
+    if manifest is not None:
+        summary |= {
+            "mode": manifest.get("mode"),
+            "labels": manifest.get("labels", []),
+            "flags": manifest.get("flags", []),
+            "warnings": manifest.get("warnings", []),
+        }
+    summary |= {
         "qa": qa_summary(qa) if qa is not None else None,
         "beams": beams,
         "plan_dose": plan_entry,
     }
-    output.write_text(json.dumps(summary, indent=1) + "\n")
+    write_json_atomic(output, summary)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,21 +159,25 @@ def main(argv: list[str] | None = None) -> int:
     table.add_argument("--records", type=Path, nargs="+", required=True, help="simulate records, one per beam")
     table.add_argument("--rtdoses", type=Path, nargs="+", required=True, help="RT Doses, same order")
     table.add_argument("--output", type=Path, required=True)
+    table.add_argument("--manifest", type=Path, help="the case's intake.json (labels column)")
     summary = sub.add_parser("summary", help="case summary (JSON)")
     summary.add_argument("--case", required=True)
     summary.add_argument("--records", type=Path, nargs="+", required=True)
     summary.add_argument("--rtdoses", type=Path, nargs="+", required=True)
     summary.add_argument("--plan-dose", type=Path, help="the plan sum RT Dose, when one was written")
     summary.add_argument("--qa", type=Path, help="the case's qa.json (its verdict goes into the summary)")
+    summary.add_argument("--manifest", type=Path, help="the case's intake.json (mode and labels)")
     summary.add_argument("--output", type=Path, required=True)
     args = parser.parse_args(argv)
     try:
         if args.command == "figure":
             dose_figure(args.rtdose, args.title, args.output)
         elif args.command == "table":
-            beam_table(args.records, args.rtdoses, args.output)
+            labels = json.loads(args.manifest.read_text()).get("labels", []) if args.manifest else None
+            beam_table(args.records, args.rtdoses, args.output, labels)
         else:
-            case_summary(args.case, args.records, args.rtdoses, args.plan_dose, args.output, args.qa)
+            manifest = json.loads(args.manifest.read_text()) if args.manifest else None
+            case_summary(args.case, args.records, args.rtdoses, args.plan_dose, args.output, args.qa, manifest)
     except (OSError, ValueError, KeyError) as exc:
         print(f"report failed: {exc}", file=sys.stderr)
         return 1

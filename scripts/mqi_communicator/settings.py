@@ -45,6 +45,46 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+def path_problems(config: dict[str, Any]) -> list[str]:
+    """Path settings that cannot work: an empty scan folder setting (it would scan the working
+    folder), or an output folder inside the scan folder (outputs would look like case files)."""
+    local = config["paths"]["local"]
+    scan_text = str(local["scan_directory"]).strip()
+    if not scan_text:
+        return ["paths.local.scan_directory is empty; name the folder the cases arrive in"]
+    scan = Path(scan_text).expanduser().resolve()
+    problems = []
+    for key in ("processing_directory", "raw_output_directory", "final_dicom_directory"):
+        # The part before {case_id} is the folder every case's output goes under.
+        root = Path(str(local[key]).split("{case_id}", 1)[0] or ".").expanduser().resolve()
+        if root == scan or scan in root.parents or root in scan.parents:
+            problems.append(
+                f"paths.local.{key} ({local[key]}) and paths.local.scan_directory ({scan_text}) overlap; "
+                "outputs must be outside the scan folder"
+            )
+    return problems
+
+
+def load_yaml(path: Path) -> Any:
+    """A YAML file; a syntax error is a ValueError naming the file, line and column."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+        raise ValueError(f"{where}: YAML syntax error: {exc.problem or exc.context}") from exc
+
+
+def yaml_problem(path: str | Path) -> str | None:
+    """The syntax error of a YAML file, naming file and line; None when it parses or is absent."""
+    try:
+        if Path(path).is_file():
+            load_yaml(Path(path))
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 RUNTIME_VARIABLE = "MQI_RUNTIME_SETTINGS"
 
 
@@ -52,8 +92,8 @@ def load(value: str) -> dict[str, Any]:
     """Inline JSON (starts with `{`) or a YAML/JSON file path; validated, defaults filled.
     Under the workflow, the operational settings (timeouts, connection, alerts: what never
     changes a result, so never a rule's params) arrive in MQI_RUNTIME_SETTINGS and are merged on top."""
-    text = value if value.lstrip().startswith("{") else Path(value).read_text()
-    loaded = json.loads(text) if value.lstrip().startswith("{") else yaml.safe_load(text)
+    inline = value.lstrip().startswith("{")
+    loaded = json.loads(value) if inline else load_yaml(Path(value))
     if not isinstance(loaded, dict):
         raise ValueError(f"{value}: configuration must be a mapping")
     runtime = os.environ.get(RUNTIME_VARIABLE)

@@ -30,7 +30,7 @@ _WORKDIR: Path | None = None
 TRANSIENT_PATTERNS = re.compile(
     r"unreachable|connection (?:refused|reset|timed out)|timed? ?out|temporar|NODE_FAIL|PREEMPTED|"
     r"BOOT_FAIL|CANCELLED|slurmstepd: error|Broken pipe|No route to host|Resource temporarily unavailable|"
-    r"Name or service not known|killed by signal|OUT_OF_ME",
+    r"Name or service not known|killed by signal|OUT_OF_ME|INTAKE WAITING",
     re.IGNORECASE,
 )
 SLURM_SUBMITTED = re.compile(r"Job (\d+) has been submitted with SLURM jobid (\d+)")

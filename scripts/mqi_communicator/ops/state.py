@@ -16,13 +16,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..case_inputs import stat_fingerprint
+from ..case_inputs import is_ready, stat_fingerprint
 
 CASE_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
 SUMMARY = "case_summary.json"
@@ -84,16 +83,6 @@ def read_json(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
-
-
-def is_ready(case_dir: Path, marker: str, quiet_seconds: float, now: float | None = None) -> bool:
-    """Ready = marker present and, when asked, no file in the case changed for quiet_seconds."""
-    if not (case_dir / marker).is_file():
-        return False
-    if quiet_seconds <= 0:
-        return True
-    newest = max((p.stat().st_mtime for p in case_dir.rglob("*")), default=0.0)
-    return ((time.time() if now is None else now) - newest) >= quiet_seconds
 
 
 @dataclass
