@@ -191,11 +191,11 @@ def planned(case_id):
     }
 
 
-def dose_label(wildcards):
+def dose_label(wildcards, input):
     """The engine label, preceded by the case's labels (PLAN-BASED, FLAGGED): it goes into the
-    RT Dose's SeriesDescription, DoseComment and ImageComments, and the report's titles.
-    """
-    labels = manifest(wildcards.case_id).get("labels", [])
+    RT Dose's SeriesDescription, DoseComment and ImageComments, and the report's titles. Read
+    from the manifest (an input), so Snakemake evaluates it once intake has run."""
+    labels = read_manifest(input.manifest).get("labels", [])
     return " ".join([f"[{label}]" for label in labels] + [ENGINE_LABEL])
 
 

@@ -3,7 +3,8 @@
 
 rule report_dose_map:
     input:
-        final_dicom("RD_{beam}.dcm"),
+        rtdose=final_dicom("RD_{beam}.dcm"),
+        manifest=processing("intake.json"),
     output:
         report(
             processing("report/dose_{beam}.png"),
@@ -18,9 +19,11 @@ rule report_dose_map:
         "../envs/mqi.yaml"
     params:
         python=PYTHON,
-        title=lambda wildcards: f"{wildcards.case_id} beam {wildcards.beam} ({dose_label(wildcards)})",
+        title=lambda wildcards, input: (
+            f"{wildcards.case_id} beam {wildcards.beam} ({dose_label(wildcards, input)})"
+        ),
     shell:
-        "{params.python} -m mqi_communicator.report figure --rtdose {input:q} --title {params.title:q}"
+        "{params.python} -m mqi_communicator.report figure --rtdose {input.rtdose:q} --title {params.title:q}"
         " --output {output:q} > {log:q} 2>&1"
 
 

@@ -9,6 +9,7 @@ rule rtdose_beam:
     input:
         raw=raw_output("{beam}_Dose.raw"),
         p2=processing("moqui_csv"),
+        manifest=processing("intake.json"),
     output:
         final_dicom("RD_{beam}.dcm"),
     log:
@@ -32,6 +33,7 @@ rule rtdose_plan:
     input:
         raws=beam_raw_doses,
         p2=processing("moqui_csv"),
+        manifest=processing("intake.json"),
     output:
         final_dicom("RD_PLAN.dcm"),
     log:
