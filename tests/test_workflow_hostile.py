@@ -21,11 +21,12 @@ from tests.workflow import snakemake, write_config
 
 def _small_spec(patient_id: str) -> casegen.CaseSpec:
     spots = [casegen.grid_spots(10.0, 10.0), casegen.grid_spots(5.0, 5.0)]
+    # Both beams in one geometry, so the plan sum (RD_PLAN) is written and checked too.
     return casegen.CaseSpec(
         patient_id=patient_id,
         beams=[
             casegen.BeamSpec(2, "1G180:TX", [150.0, 145.0], spots, gantry_angle=180.0),
-            casegen.BeamSpec(3, "2G90", [140.0, 135.0], spots, gantry_angle=90.0),
+            casegen.BeamSpec(3, "2G90", [140.0, 135.0], spots, gantry_angle=180.0),
         ],
     )
 
