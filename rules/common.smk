@@ -10,7 +10,7 @@ from mqi_communicator.case_inputs import content_digest
 from mqi_communicator.errors import CaseError
 from mqi_communicator.intake import case_readiness
 from mqi_communicator.plan import find_plan, read_plan
-from mqi_communicator.rtdose import plan_sum_refusal_for
+from mqi_communicator.dose_frame import plan_sum_refusal_for
 from mqi_communicator.ops import recorder, state
 from mqi_communicator.settings import path_problems
 
@@ -186,7 +186,7 @@ def planned(case_id):
     return {
         "file_name": path.name,
         "beams": {b.sanitized_name: b.number for b in beams},
-        # Beams in different beam frames are not summed (rtdose.plan_sum_refusal_for).
+        # Beams in different beam frames are not summed (dose_frame.plan_sum_refusal_for).
         "plan_sum": plan_sum_refusal_for(path) is None,
     }
 

@@ -12,7 +12,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from mqi_communicator import geometry, rtdose
+from mqi_communicator import dose_frame, geometry, rtdose, rtdose_read
 from mqi_communicator.errors import CaseError
 from tests import casegen
 
@@ -116,7 +116,7 @@ def test_patient_frame_places_an_asymmetric_volume(tmp_path: Path, gantry: float
     offsets = [float(v) for v in ds.GridFrameOffsetVector]
     assert len(offsets) == VOLUME.ny and offsets[0] == 0 and np.all(np.diff(offsets) > 0)
     # the package's own reader agrees with this independent placement
-    image = rtdose.read_rtdose_dose(out)
+    image = rtdose_read.read_rtdose_dose(out)
     f, r, c = np.unravel_index(np.argmax(image.dose), image.dose.shape)
     coords = {image.axes[0]: image.col_mm[c], image.axes[1]: image.row_mm[r], image.axes[2]: image.frame_mm[f]}
     np.testing.assert_allclose([coords["x"], coords["y"], coords["z"]], point, atol=1e-6)
@@ -162,11 +162,11 @@ def test_patient_frame_refuses_what_it_does_not_handle(
 
 def test_plan_sum_only_where_beams_share_one_geometry(tmp_path: Path) -> None:
     same = plan(tmp_path, 90.0, second_gantry=90.0)
-    assert rtdose.plan_sum_refusal_for(same) is None
+    assert dose_frame.plan_sum_refusal_for(same) is None
     out = rtdose.write_rtdose(raw_plane(), GRID, same, tmp_path, beam_number=None, engine_label="t", calibrated=False)
     assert pydicom.dcmread(out).DoseSummationType == "PLAN"
     different = plan(tmp_path, 0.0, second_gantry=90.0)
-    assert "do not share one geometry" in str(rtdose.plan_sum_refusal_for(different))
+    assert "do not share one geometry" in str(dose_frame.plan_sum_refusal_for(different))
     with pytest.raises(CaseError, match="no plan sum: beams 1 \\(gantry 0"):
         rtdose.write_rtdose(
             raw_plane(), GRID, different, tmp_path / "x", beam_number=None, engine_label="t", calibrated=False

@@ -14,7 +14,7 @@ from pydicom.dataset import Dataset, FileMetaDataset, validate_file_meta
 from pydicom.sequence import Sequence
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
-from mqi_communicator import geometry, rtdose
+from mqi_communicator import geometry, rtdose, rtdose_read
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference-data"
@@ -206,7 +206,7 @@ def test_plane_mapping_hot_pixel(tmp_path: Path, plan_path: Path) -> None:
     assert pixel_to_patient(ds, 0, row, col).tolist() == [60.5, 30.0, -29.5]
     assert pixel_to_patient(ds, 0, 10, 20).tolist() == [-179.5, 30.0, -189.5]
     assert ds.DoseUnits == "GY"
-    image = rtdose.read_rtdose_dose(out)
+    image = rtdose_read.read_rtdose_dose(out)
     assert image.axes == "xzy" and image.units == "GY"
     frame, r, c = np.unravel_index(np.argmax(image.dose), image.dose.shape)
     assert (image.col_mm[c], image.row_mm[r], image.frame_mm[frame]) == (60.5, -29.5, 30.0)
@@ -246,7 +246,7 @@ def test_volume_mapping_hot_voxel(tmp_path: Path, plan_path: Path) -> None:
     assert pixels[180, 100, 5] > 0
     assert pixel_to_patient(ds, 180, 100, 5).tolist() == [-189.0, 30.0 - 20.0 + 201.0, 161.0]
     assert np.count_nonzero(pixels) == 2
-    image = rtdose.read_rtdose_dose(out)
+    image = rtdose_read.read_rtdose_dose(out)
     assert image.axes == "xyz"
     assert (image.col_mm[150], image.row_mm[10], image.frame_mm[30]) == (101.0, 31.0, -139.0)
     assert np.isclose(image.dose[30, 10, 150], 2.0, rtol=1e-4)
@@ -313,7 +313,7 @@ def test_dose_scale(tmp_path: Path, plan_path: Path) -> None:
     out = rtdose.write_rtdose(
         raw, PLANE, plan_path, tmp_path / "rd.dcm", beam_number=1, engine_label="t", calibrated=True, dose_scale=4.0
     )
-    assert np.isclose(rtdose.read_rtdose_dose(out).dose.max(), 2.0, rtol=1e-9)
+    assert np.isclose(rtdose_read.read_rtdose_dose(out).dose.max(), 2.0, rtol=1e-9)
 
 
 # --- plan sum -----------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import pydicom
 import pytest
 
 from mqi_communicator.plan import find_plan
-from mqi_communicator.rtdose import read_rtdose_dose
+from mqi_communicator.rtdose_read import read_rtdose_dose
 from tests import casegen
 from tests.workflow import REPO, SNAKEMAKE, snakemake, write_config
 

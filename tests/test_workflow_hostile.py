@@ -14,7 +14,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from mqi_communicator.rtdose import read_rtdose_dose
+from mqi_communicator.rtdose_read import read_rtdose_dose
 from tests import casegen
 from tests.workflow import snakemake, write_config
 

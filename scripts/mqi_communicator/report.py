@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from .files import write_atomic, write_json_atomic
-from .rtdose import read_rtdose_dose
+from .rtdose_read import read_rtdose_dose
 
 
 def dose_figure(rtdose_path: Path, title: str, output: Path) -> dict[str, float]:

@@ -1,25 +1,8 @@
 """P3: turn a MOQUI raw dose (plane or volume) into a DICOM RT Dose that references the plan.
 
-Geometry (see `geometry.beam_axes`). In the default "beam" frame, the frame in which each beam's
-dose is compared with the TPS's QA plane, every beam is placed as at gantry 0, head-first supine,
-whatever its gantry angle (the RT Dose's ImageComments say so):
-MOQUI x -> patient x, MOQUI y -> patient z, depth d -> patient y = iso_y - PLANE_DEPTH_MM + d
-(the phantom surface sits PLANE_DEPTH_MM = 20 mm before the isocentre). Lateral positions are
-taken relative to the isocentre: patient x = iso_x + x, patient z = iso_z + y. For the clinic's
-QA plans the isocentre lies on x = z = 0, so a 2 cm plane lands at ImagePositionPatient
-[-199.5, iso_y, -199.5] exactly as the TPS exports it. Positions are rounded to 0.1 um.
-
-- A grid with one depth voxel (2 cm mode) becomes one coronal plane like the TPS export:
-  ImageOrientationPatient [1,0,0, 0,0,1], columns = MOQUI x, rows = MOQUI y, so
-  pixel_array[row, col] == raw_plane[row, col] (no flip, no transpose); one frame, offset [0].
-- A volume becomes an axial multi-frame RT Dose: ImageOrientationPatient [1,0,0, 0,1,0],
-  columns = MOQUI x (patient x), rows = depth (patient y, increasing depth downwards),
-  frames = MOQUI y (patient z, increasing), GridFrameOffsetVector relative to the first frame.
-- The "patient" frame (`--frame patient`) turns the same pixels by the beam's gantry angle
-  (0/90/180/270, couch 0, HFS; anything else is refused): e.g. at gantry 90 the plane is
-  sagittal (columns patient +y, rows +z), at 180 coronal with columns along patient -x.
-- A plan sum (RD_PLAN) is written only when the treatment beams share one geometry (gantry and
-  couch angle, isocentre); beams in different beam frames are not summed (a clear error).
+Where the dose is placed (the beam or patient frame, a plane or a volume; see
+`geometry.beam_axes`) and when a plan sum is allowed are decided in `dose_frame`; reading an
+RT Dose back is `rtdose_read`.
 
 Pixels are unsigned integers with DoseGridScaling = max / (2^n - 1). The default is n = 32
 (uint32): the dose is kept to 2.3e-10 of its maximum, so the long low-dose tail of a Monte
@@ -41,7 +24,6 @@ import re
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import pydicom
@@ -52,6 +34,7 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian,
 from pydicom.valuerep import format_number_as_ds
 
 from . import __version__, geometry
+from .dose_frame import beam_geometry, frame_comment, image_geometry, plan_sum_refusal_for
 from .errors import CaseError
 from .files import atomic_output
 from .plan import RT_ION_PLAN_SOP_CLASS, Beam, Plan, read_plan, sanitize_beam_name
@@ -83,21 +66,6 @@ _PATIENT_STUDY_KEYWORDS = (
 )
 
 
-class DoseImage(NamedTuple):
-    """An RT Dose read back: dose[frame, row, col] and the patient coordinate of each index.
-
-    `axes` names the patient axis along columns, rows and frames ("xzy" for a coronal plane,
-    "xyz" for an axial volume); coordinates are those of pixel centres in mm.
-    """
-
-    dose: np.ndarray
-    col_mm: np.ndarray
-    row_mm: np.ndarray
-    frame_mm: np.ndarray
-    axes: str
-    units: str
-
-
 def output_name(beam_name: str | None) -> str:
     """File name of the RT Dose of one beam (its plan name), or of the plan sum for None."""
     return f"RD_{PLAN_SUM_NAME if beam_name is None else sanitize_beam_name(beam_name)}.dcm"
@@ -112,12 +80,6 @@ def sum_doses(paths: Iterable[Path | str], grid: geometry.Grid) -> np.ndarray:
     if total is None:
         raise ValueError("no raw dose files to sum")
     return total
-
-
-def _ds(value: float) -> str:
-    """A position for a DS element: rounded to 0.1 um, no float noise, at most 16 characters."""
-    text = f"{round(float(value), 4):.4f}".rstrip("0").rstrip(".")
-    return "0" if text in ("-0", "") else text
 
 
 def _quantize(dose: np.ndarray, bits: int) -> tuple[np.ndarray, str]:
@@ -180,72 +142,6 @@ def _referenced_plan(plan_ds: Dataset, beam_number: int | None) -> DicomSequence
     return DicomSequence([ref])
 
 
-def beam_geometry(plan_ds: Dataset, beam_number: int) -> tuple[float, float, str]:
-    """(gantry angle, couch angle, patient position) of a beam from its first control point."""
-    beam = next((b for b in plan_ds.get("IonBeamSequence", []) if int(b.BeamNumber) == beam_number), None)
-    if beam is None:
-        raise ValueError(f"no beam number {beam_number} in the plan")
-    cp0 = beam.IonControlPointSequence[0]
-    setups = {
-        int(s.PatientSetupNumber): s for s in plan_ds.get("PatientSetupSequence", []) if "PatientSetupNumber" in s
-    }
-    setup = setups.get(int(beam.get("ReferencedPatientSetupNumber", 0) or 0)) or next(iter(setups.values()), None)
-    position = str(setup.get("PatientPosition", "HFS")) if setup is not None else "HFS"
-    return float(cp0.get("GantryAngle") or 0.0), float(cp0.get("PatientSupportAngle") or 0.0), position
-
-
-def plan_sum_refusal_for(plan_path: Path | str, beam_numbers: Sequence[int] | None = None) -> str | None:
-    """Why the plan's beams (default: every treatment beam) may not be summed, or None."""
-    plan = read_plan(Path(plan_path))
-    plan_ds = pydicom.dcmread(plan_path, stop_before_pixels=True)
-    numbers = [b.number for b in plan.treatment_beams] if beam_numbers is None else list(beam_numbers)
-    beams = []
-    for number in numbers:
-        gantry, couch, _ = beam_geometry(plan_ds, number)
-        beam = plan.beam(number)
-        assert beam is not None
-        beams.append((number, gantry, couch, beam.isocenter_mm))
-    return geometry.plan_sum_refusal(beams)
-
-
-def _image_geometry(
-    dose: np.ndarray, grid: geometry.Grid, iso: tuple[float, float, float], axes: np.ndarray
-) -> tuple[np.ndarray, dict[str, object]]:
-    """Dose as (frames, rows, cols) and the Image Plane / Multi-frame attributes (DS strings).
-
-    `axes` (see `geometry.beam_axes`) holds the patient directions of MOQUI x, y and depth; the
-    pixels are never resampled, only placed: columns run along MOQUI x, rows along MOQUI y (a
-    plane) or depth (a volume, whose frames run along MOQUI y)."""
-    dx, dy, dz = grid.spacing_mm
-    x0, y0, d0 = grid.first_centre_mm
-    along_x, along_y, along_depth = (axes[:, k].astype(float) for k in range(3))
-    first = np.asarray(iso, dtype=float) + x0 * along_x + y0 * along_y + (d0 - geometry.PLANE_DEPTH_MM) * along_depth
-
-    def orientation(rows: np.ndarray) -> list[str]:
-        return [_ds(v) for v in (*along_x, *rows)]
-
-    if grid.nz == 1:
-        return dose[0][np.newaxis], {
-            "ImageOrientationPatient": orientation(along_y),
-            "ImagePositionPatient": [_ds(v) for v in first],
-            "PixelSpacing": [_ds(dy), _ds(dx)],
-            "SliceThickness": _ds(dz),
-            "GridFrameOffsetVector": ["0"],
-        }
-    frames = np.ascontiguousarray(dose.transpose(1, 0, 2))  # (MOQUI y, depth, x)
-    normal = np.cross(along_x, along_depth)
-    if float(normal @ along_y) < 0:  # frames must advance along the image normal: start at the far end
-        frames = frames[::-1]
-        first = first + (grid.ny - 1) * dy * along_y
-    return np.ascontiguousarray(frames), {
-        "ImageOrientationPatient": orientation(along_depth),
-        "ImagePositionPatient": [_ds(v) for v in first],
-        "PixelSpacing": [_ds(dz), _ds(dx)],
-        "SliceThickness": _ds(dy),
-        "GridFrameOffsetVector": [_ds(dy * k) for k in range(grid.ny)],
-    }
-
-
 def _lo(text: str) -> str:
     """Text for a 64-character LO element: whole, or cut at a word boundary and marked "..."."""
     if len(text) <= _LO_MAX:
@@ -287,7 +183,7 @@ def build_rtdose(
         axes = geometry.beam_axes(frame, gantry, couch, position)
     except geometry.GeometryError as exc:
         raise CaseError(plan.path, f"beam {beam.number} ({beam.name}): {exc}") from exc
-    planes, image = _image_geometry(dose, grid, beam.isocenter_mm, axes)
+    planes, image = image_geometry(dose, grid, beam.isocenter_mm, axes)
     pixels, scaling = _quantize(planes, bits)
     n_frames, rows, cols = pixels.shape
 
@@ -331,7 +227,7 @@ def build_rtdose(
     ds.InstanceNumber = 1
     ds.ImageComments = (
         f"Dose recomputed by {engine_label} for {what} of plan {plan_ds.SOPInstanceUID}; "
-        f"dose units {units}; {_frame_comment(frame, gantry, couch)}; written by mqi_communicator {__version__}."
+        f"dose units {units}; {frame_comment(frame, gantry, couch)}; written by mqi_communicator {__version__}."
     )
 
     ds.ImagePositionPatient = image["ImagePositionPatient"]
@@ -361,15 +257,6 @@ def build_rtdose(
     ds.PixelData = pixels.tobytes()
     ds["PixelData"].VR = "OW"
     return ds
-
-
-def _frame_comment(frame: str, gantry: float, couch: float) -> str:
-    if frame == "beam":
-        return (
-            f"placed in the beam's own frame as a TPS QA plane (gantry 0 geometry; the beam's gantry "
-            f"{gantry:g} deg and couch {couch:g} deg are not applied)"
-        )
-    return f"placed in the patient frame (gantry {gantry:g} deg, couch {couch:g} deg applied, HFS)"
 
 
 def _save_atomic(ds: Dataset, target: Path) -> None:
@@ -417,47 +304,6 @@ def write_rtdose(
         output = output / output_name(name)
     _save_atomic(ds, output)
     return output
-
-
-def _axis_coordinates(origin: Sequence[float], direction: np.ndarray, steps: np.ndarray) -> tuple[str, np.ndarray]:
-    axis = int(np.argmax(np.abs(direction)))
-    if not np.isclose(abs(direction[axis]), 1.0, atol=1e-6):
-        raise ValueError(f"orientation {direction.tolist()} is not along a patient axis")
-    return "xyz"[axis], float(origin[axis]) + direction[axis] * steps
-
-
-def _numbers(value: object) -> list[float]:
-    """A DS element's value as a list, whether pydicom gives one number (VM 1) or several."""
-    if value is None or value == "":
-        return []
-    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
-        return [float(value)]  # type: ignore[arg-type]
-    return [float(v) for v in value]
-
-
-def read_rtdose_dose(path: Path | str) -> DoseImage:
-    """Read an axis-aligned RT Dose: dose = pixel_array x DoseGridScaling as (frames, rows, cols)."""
-    ds = pydicom.dcmread(path)
-    pixels = np.asarray(ds.pixel_array, dtype=np.float64)
-    n_frames = int(ds.get("NumberOfFrames") or 1)
-    pixels = pixels.reshape(n_frames, int(ds.Rows), int(ds.Columns))
-    dose = pixels * float(ds.get("DoseGridScaling") or 1.0)
-    orientation = np.asarray([float(v) for v in ds.ImageOrientationPatient])
-    row_dir, col_dir = orientation[:3], orientation[3:]
-    normal = np.cross(row_dir, col_dir)
-    origin = [float(v) for v in ds.ImagePositionPatient]
-    row_spacing, col_spacing = (float(v) for v in ds.PixelSpacing)
-    col_axis, col_mm = _axis_coordinates(origin, row_dir, col_spacing * np.arange(pixels.shape[2]))
-    row_axis, row_mm = _axis_coordinates(origin, col_dir, row_spacing * np.arange(pixels.shape[1]))
-    offsets = np.asarray(_numbers(ds.get("GridFrameOffsetVector")) or [0.0])
-    if offsets.size != n_frames:
-        raise ValueError(f"{path}: {offsets.size} frame offsets for {n_frames} frames")
-    frame_axis, frame_mm = _axis_coordinates(origin, normal, offsets)
-    if offsets[0] != 0.0:  # absolute offsets (allowed for axial images only): the z of each frame
-        if frame_axis != "z" or normal[2] < 0:
-            raise ValueError(f"{path}: absolute GridFrameOffsetVector on a non-axial image")
-        frame_mm = offsets
-    return DoseImage(dose, col_mm, row_mm, frame_mm, col_axis + row_axis + frame_axis, str(ds.get("DoseUnits", "")))
 
 
 # --- command line -------------------------------------------------------------------------------

@@ -29,7 +29,8 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from .. import geometry
-from ..rtdose import MANUFACTURER, read_rtdose_dose
+from ..rtdose import MANUFACTURER
+from ..rtdose_read import read_rtdose_dose
 
 PHYSICAL, EFFECTIVE = "PHYSICAL", "EFFECTIVE"
 

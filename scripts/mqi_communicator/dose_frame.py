@@ -1,0 +1,122 @@
+"""Where an RT Dose sits in the patient: a beam's geometry, its frame, and the plan-sum rule.
+
+Owns the decisions `rtdose` (the writer) relies on: a beam's gantry/couch/patient position from
+the plan (`beam_geometry`), whether a plan's beams may be summed (`plan_sum_refusal_for`), how
+MOQUI's dose grid is placed as DICOM image planes (`image_geometry`) and the ImageComments
+sentence naming the frame (`frame_comment`).
+
+Geometry (see `geometry.beam_axes`). In the default "beam" frame, the frame in which each beam's
+dose is compared with the TPS's QA plane, every beam is placed as at gantry 0, head-first supine,
+whatever its gantry angle (the RT Dose's ImageComments say so):
+MOQUI x -> patient x, MOQUI y -> patient z, depth d -> patient y = iso_y - PLANE_DEPTH_MM + d
+(the phantom surface sits PLANE_DEPTH_MM = 20 mm before the isocentre). Lateral positions are
+taken relative to the isocentre: patient x = iso_x + x, patient z = iso_z + y. For the clinic's
+QA plans the isocentre lies on x = z = 0, so a 2 cm plane lands at ImagePositionPatient
+[-199.5, iso_y, -199.5] exactly as the TPS exports it. Positions are rounded to 0.1 um.
+
+- A grid with one depth voxel (2 cm mode) becomes one coronal plane like the TPS export:
+  ImageOrientationPatient [1,0,0, 0,0,1], columns = MOQUI x, rows = MOQUI y, so
+  pixel_array[row, col] == raw_plane[row, col] (no flip, no transpose); one frame, offset [0].
+- A volume becomes an axial multi-frame RT Dose: ImageOrientationPatient [1,0,0, 0,1,0],
+  columns = MOQUI x (patient x), rows = depth (patient y, increasing depth downwards),
+  frames = MOQUI y (patient z, increasing), GridFrameOffsetVector relative to the first frame.
+- The "patient" frame (`--frame patient`) turns the same pixels by the beam's gantry angle
+  (0/90/180/270, couch 0, HFS; anything else is refused): e.g. at gantry 90 the plane is
+  sagittal (columns patient +y, rows +z), at 180 coronal with columns along patient -x.
+- A plan sum (RD_PLAN) is written only when the treatment beams share one geometry (gantry and
+  couch angle, isocentre); beams in different beam frames are not summed (a clear error).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+
+from . import geometry
+from .plan import read_plan
+
+
+def _ds(value: float) -> str:
+    """A position for a DS element: rounded to 0.1 um, no float noise, at most 16 characters."""
+    text = f"{round(float(value), 4):.4f}".rstrip("0").rstrip(".")
+    return "0" if text in ("-0", "") else text
+
+
+def beam_geometry(plan_ds: Dataset, beam_number: int) -> tuple[float, float, str]:
+    """(gantry angle, couch angle, patient position) of a beam from its first control point."""
+    beam = next((b for b in plan_ds.get("IonBeamSequence", []) if int(b.BeamNumber) == beam_number), None)
+    if beam is None:
+        raise ValueError(f"no beam number {beam_number} in the plan")
+    cp0 = beam.IonControlPointSequence[0]
+    setups = {
+        int(s.PatientSetupNumber): s for s in plan_ds.get("PatientSetupSequence", []) if "PatientSetupNumber" in s
+    }
+    setup = setups.get(int(beam.get("ReferencedPatientSetupNumber", 0) or 0)) or next(iter(setups.values()), None)
+    position = str(setup.get("PatientPosition", "HFS")) if setup is not None else "HFS"
+    return float(cp0.get("GantryAngle") or 0.0), float(cp0.get("PatientSupportAngle") or 0.0), position
+
+
+def plan_sum_refusal_for(plan_path: Path | str, beam_numbers: Sequence[int] | None = None) -> str | None:
+    """Why the plan's beams (default: every treatment beam) may not be summed, or None."""
+    plan = read_plan(Path(plan_path))
+    plan_ds = pydicom.dcmread(plan_path, stop_before_pixels=True)
+    numbers = [b.number for b in plan.treatment_beams] if beam_numbers is None else list(beam_numbers)
+    beams = []
+    for number in numbers:
+        gantry, couch, _ = beam_geometry(plan_ds, number)
+        beam = plan.beam(number)
+        assert beam is not None
+        beams.append((number, gantry, couch, beam.isocenter_mm))
+    return geometry.plan_sum_refusal(beams)
+
+
+def image_geometry(
+    dose: np.ndarray, grid: geometry.Grid, iso: tuple[float, float, float], axes: np.ndarray
+) -> tuple[np.ndarray, dict[str, object]]:
+    """Dose as (frames, rows, cols) and the Image Plane / Multi-frame attributes (DS strings).
+
+    `axes` (see `geometry.beam_axes`) holds the patient directions of MOQUI x, y and depth; the
+    pixels are never resampled, only placed: columns run along MOQUI x, rows along MOQUI y (a
+    plane) or depth (a volume, whose frames run along MOQUI y)."""
+    dx, dy, dz = grid.spacing_mm
+    x0, y0, d0 = grid.first_centre_mm
+    along_x, along_y, along_depth = (axes[:, k].astype(float) for k in range(3))
+    first = np.asarray(iso, dtype=float) + x0 * along_x + y0 * along_y + (d0 - geometry.PLANE_DEPTH_MM) * along_depth
+
+    def orientation(rows: np.ndarray) -> list[str]:
+        return [_ds(v) for v in (*along_x, *rows)]
+
+    if grid.nz == 1:
+        return dose[0][np.newaxis], {
+            "ImageOrientationPatient": orientation(along_y),
+            "ImagePositionPatient": [_ds(v) for v in first],
+            "PixelSpacing": [_ds(dy), _ds(dx)],
+            "SliceThickness": _ds(dz),
+            "GridFrameOffsetVector": ["0"],
+        }
+    frames = np.ascontiguousarray(dose.transpose(1, 0, 2))  # (MOQUI y, depth, x)
+    normal = np.cross(along_x, along_depth)
+    if float(normal @ along_y) < 0:  # frames must advance along the image normal: start at the far end
+        frames = frames[::-1]
+        first = first + (grid.ny - 1) * dy * along_y
+    return np.ascontiguousarray(frames), {
+        "ImageOrientationPatient": orientation(along_depth),
+        "ImagePositionPatient": [_ds(v) for v in first],
+        "PixelSpacing": [_ds(dz), _ds(dx)],
+        "SliceThickness": _ds(dy),
+        "GridFrameOffsetVector": [_ds(dy * k) for k in range(grid.ny)],
+    }
+
+
+def frame_comment(frame: str, gantry: float, couch: float) -> str:
+    """The ImageComments clause saying in which frame the dose is placed and what was applied."""
+    if frame == "beam":
+        return (
+            f"placed in the beam's own frame as a TPS QA plane (gantry 0 geometry; the beam's gantry "
+            f"{gantry:g} deg and couch {couch:g} deg are not applied)"
+        )
+    return f"placed in the patient frame (gantry {gantry:g} deg, couch {couch:g} deg applied, HFS)"
