@@ -76,7 +76,9 @@ def test_dry_run_real_run_and_resume(tmp_path: Path) -> None:
     ("section", "value", "key"),
     [
         ("interpreter", {"csv_layout": "tabs"}, "csv_layout"),
-        ("application", {"max_workers": "four"}, "max_workers"),
+        ("application", {"max_attempts": "four"}, "max_attempts"),
+        # Removed keys are refused by name, not silently ignored (they were read by nothing).
+        ("application", {"max_workers": 4}, "max_workers"),
         ("rooms", {"G1": {"timegain_ms": 0.06}}, "x_offset"),
     ],
 )
