@@ -49,7 +49,7 @@ def test_pipeline_on_slurm_matches_embedded_default(
             assert data["slurm_partition"] == "gpu" and data["cuda_visible_devices"] not in (None, "")
             assert data["gpu"] == 0  # SLURM's GPU is device 0 inside the job
     # Local rules ran on the controller; only simulate went to SLURM.
-    assert "localrule intake:" in snakemake(work, *HPC, "--dry-run").stdout or "localrule" in log
+    assert "localrule" in log
     slurm_logs = {p.parts[-3] for p in (work / "logs" / "slurm").rglob("*.log")}
     assert slurm_logs == {"rule_simulate"} or slurm_logs == {"simulate"}, slurm_logs
 
