@@ -136,7 +136,10 @@ def stage_out(config: dict[str, Any], result_path: Path, output_raw: Path, recor
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Stage a case to the remote cluster and its doses back (SFTP).")
+    parser = argparse.ArgumentParser(
+        prog="python -m mqi_communicator.remote",
+        description="Stage a case to the remote cluster and its doses back (SFTP).",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("stage-in", help="upload P2 output and the beams' MOQUI inputs")
     up.add_argument("--case", required=True)
@@ -148,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     down.add_argument("--output-raw", type=Path, required=True)
     down.add_argument("--record", type=Path, required=True)
     for p in (up, down):
-        p.add_argument("--settings", default="config/config.yaml", help="config YAML path or inline JSON")
+        settings.add_argument(p)
     args = parser.parse_args(argv)
     try:
         config = settings.load(args.settings)

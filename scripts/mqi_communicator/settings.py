@@ -1,11 +1,13 @@
 """The workflow configuration as the CLIs see it: validated by the same JSON schema, with defaults.
 
-Rules pass the exact configuration Snakemake resolved as inline JSON (`--settings '{...}'`);
-a person running a CLI by hand passes the YAML file (`--settings config/config.yaml`).
+Rules pass the exact configuration Snakemake resolved as inline JSON (`--settings '{...}'`).
+A person running a CLI by hand, from any folder, gets this project's `config/config.yaml`
+(found next to the package, not in the current folder); `--config my-site.yaml` overrides it.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,10 @@ from typing import Any
 import jsonschema
 import yaml
 
-SCHEMA_PATH = Path(__file__).resolve().parents[2] / "config" / "schema" / "config.schema.yaml"
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+SCHEMA_PATH = PROJECT_ROOT / "config" / "schema" / "config.schema.yaml"
+# What the CLIs use without --config: the project's own configuration, whatever the current folder.
+DEFAULT_CONFIG = PROJECT_ROOT / "config" / "config.yaml"
 
 
 def _extend_with_defaults(validator_class: Any) -> Any:
@@ -46,8 +51,23 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
 
 def load(value: str) -> dict[str, Any]:
     """Inline JSON (starts with `{`) or a YAML/JSON file path; validated, defaults filled."""
-    text = value if value.lstrip().startswith("{") else Path(value).read_text()
-    loaded = json.loads(text) if value.lstrip().startswith("{") else yaml.safe_load(text)
+    inline = value.lstrip().startswith("{")
+    if not inline and not Path(value).is_file():
+        raise ValueError(f"configuration file {Path(value).resolve()} not found (--config names another one)")
+    text = value if inline else Path(value).read_text()
+    loaded = json.loads(text) if inline else yaml.safe_load(text)
     if not isinstance(loaded, dict):
         raise ValueError(f"{value}: configuration must be a mapping")
     return validate(loaded)
+
+
+def add_argument(parser: argparse.ArgumentParser) -> None:
+    """The CLIs' `--config` option (`--settings`, as the rules pass it, is the same option)."""
+    parser.add_argument(
+        "--config",
+        "--settings",
+        dest="settings",
+        metavar="YAML|JSON",
+        default=str(DEFAULT_CONFIG),
+        help="workflow configuration: a YAML file or inline JSON (default: %(default)s, from any folder)",
+    )
