@@ -30,7 +30,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
       tests use the same cluster meanwhile: one cluster per run, tests/infra/slurm_fixture.py);
     - the tests of one module that share a module-scoped fixture (an expensive workflow run),
       which each worker that got one of them would otherwise build again.
-    The rest is spread over the workers one test at a time; xdist starts the largest groups first."""
+    The rest is spread over the workers one test at a time; xdist starts the largest groups first,
+    then the rest in collection order, where the end-to-end workflow tests are put first so that
+    no long test starts last."""
+    items.sort(key=lambda item: not item.nodeid.startswith("tests/test_workflow_"))  # stable
     for item in items:
         names = set(getattr(item, "fixturenames", ()))
         if "sshd_server" in names:
