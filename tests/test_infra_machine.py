@@ -1,4 +1,4 @@
-"""tests/infra/machine.sh: the test servers' installs wait for a busy apt instead of failing.
+"""tests/infra/machine.sh and cleanup.sh: installs wait for a busy apt instead of failing; what they add is recorded and removed again.
 
 The lock is held the way apt-get holds it (an fcntl write lock, tests/infra/hold_apt_lock.py), on
 a scratch file named by APT_LOCK_FILES, and apt-get is a recording stand-in on PATH: no root,
@@ -123,3 +123,28 @@ def test_failed_install_refreshes_lists_once_then_reports_one_line(tmp_path: Pat
     assert done.stderr.splitlines() == [
         f"[t] ERROR: apt-get install nosuch failed: E: Unable to locate package nosuch (full log: {log})"
     ]
+
+
+def test_cleanup_removes_only_what_was_recorded(tmp_path: Path) -> None:
+    """tests/infra/cleanup.sh --dry-run: what it would remove is what machine.sh recorded."""
+    record = tmp_path / "added"
+    lock = tmp_path / "lock"
+    lock.touch()
+    env = {"MQI_TESTS_RECORD": str(record), "APT_LOCK_FILES": str(lock)}
+    # names that exist nowhere: should the dry run ever act, it removes nothing
+    pkg, user = "mqi-no-such-package", "mqi-no-such-user"
+    script = f'. "{APT_LOCK}"; record_added package {pkg}; record_added package {pkg}; record_added user {user}'
+    assert run_sourced(script, tmp_path, lock, **env).returncode == 0
+    assert record.read_text().splitlines() == [f"package {pkg}", f"user {user}"]  # each once
+    done = subprocess.run(
+        ["bash", str(INFRA / "cleanup.sh"), "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=os.environ | env | {"SLURM_CI_ROOT": str(tmp_path / "no-slurm")},
+    )
+    assert done.returncode == 0, done.stderr
+    said = done.stdout.splitlines()
+    assert f"[cleanup] apt-get purge -y -q --autoremove {pkg}" in said
+    assert not [line for line in said if "userdel" in line]  # a user that is gone already is left alone
+    assert record.is_file()  # a dry run keeps the record
