@@ -1,4 +1,5 @@
-"""tests/infra/machine.sh and cleanup.sh: installs wait for a busy apt instead of failing; what they add is recorded and removed again.
+"""tests/infra/machine.sh and cleanup.sh: the test servers' installs wait for a busy apt instead
+of failing; what they add is recorded, and cleanup.sh removes that again.
 
 The lock is held the way apt-get holds it (an fcntl write lock, tests/infra/hold_apt_lock.py), on
 a scratch file named by APT_LOCK_FILES, and apt-get is a recording stand-in on PATH: no root,
