@@ -15,6 +15,7 @@ Register it in the root ``tests/conftest.py`` with ``pytest_plugins = ["tests.in
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
@@ -93,11 +94,7 @@ def _start_failure(root: Path, out: subprocess.CompletedProcess[str]) -> str:
     """The reason in a few lines (the script's ERROR lines); everything it printed goes to a file.
     Every SLURM test of the session reports this same message: short, so it is read once."""
     full = root / "start-slurm.out"
-    try:
-        full.write_text(out.stdout + out.stderr)
-        where = f"full output: {full}"
-    except OSError:
-        where = out.stdout + out.stderr
+    where = f"full output: {full}" if full.is_file() else out.stdout + out.stderr
     errors = [line for line in out.stderr.splitlines() if "ERROR" in line] or out.stderr.splitlines()[-3:]
     return f"SLURM test cluster could not start ({START.name}, exit {out.returncode}):\n" + "\n".join([*errors, where])
 
@@ -130,6 +127,8 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
             except subprocess.TimeoutExpired:
                 _fail(f"{START} did not finish within 900 s")
             start_seconds = time.monotonic() - t0
+            with contextlib.suppress(OSError):  # what the start said (apt waits included), kept
+                (root / "start-slurm.out").write_text(out.stdout + out.stderr)
             if out.returncode != 0:
                 _fail(_start_failure(root, out))
             (root / STARTED_MARKER).touch()
