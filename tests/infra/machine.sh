@@ -37,7 +37,8 @@ apt_lock_holder() {
         # /proc/locks identifies a file as MAJ:MIN:INODE (hex major/minor, decimal inode)
         dev=$(stat -c '%D' "$f") || continue
         ino=$(stat -c '%i' "$f") || continue
-        key=$(printf '%02x:%02x:%s' $((0x$dev >> 8)) $((0x$dev & 0xff)) "$ino")
+        # (stat's %D is the user-space dev_t: major in bits 8-19, minor in bits 0-7 and 20-31)
+        key=$(printf '%02x:%02x:%s' $(((0x$dev >> 8) & 0xfff)) $(((0x$dev & 0xff) | ((0x$dev >> 12) & 0xfff00))) "$ino")
         # "1: POSIX  ADVISORY  WRITE 1234 08:01:5678 0 EOF"; blocked waiters ("1: -> ...") do not count
         while read -r _n arrow _a _b pid id _rest; do
             [ "$arrow" = "->" ] && continue
