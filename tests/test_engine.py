@@ -1,7 +1,7 @@
 """The built-in engine (`builtin-tps-env`): contract, physics, and MOQUI's real output.
 
 The reference test runs the engine through its CLI in a subprocess on the clinic's real plan
-and compares its spots with MOQUI's own raw plane for the same beam (shared/reference-data).
+and compares its spots with MOQUI's own raw plane for the same beam (tests/data/reference).
 Other tests call `engine.main` in-process (the same CLI entry point, without the start-up
 cost) on plans written here.
 """
@@ -26,7 +26,7 @@ from mqi_communicator.geometry import PHANTOM_3D, PLANE_2CM, read_raw
 from mqi_communicator.moqui_input import prepare_beam_logdir, render_parameter_file
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference-data"
+REFERENCE = Path(__file__).resolve().parent / "data" / "reference"  # in the repository: never skipped
 needs_reference = pytest.mark.skipif(
     not (REFERENCE / "RP_G2_9spots_phantom.dcm").exists(),
     reason=f"reference data from the real system not found at {REFERENCE}",

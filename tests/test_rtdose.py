@@ -17,7 +17,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from mqi_communicator import geometry, rtdose, rtdose_read
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference-data"
+REFERENCE = Path(__file__).resolve().parent / "data" / "reference"  # in the repository: never skipped
 REF_PLAN = REFERENCE / "RP_G2_9spots_phantom.dcm"
 REF_RAW = REFERENCE / "1S070_2_Dose.raw"
 needs_reference = pytest.mark.skipif(

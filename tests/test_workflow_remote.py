@@ -89,7 +89,8 @@ def test_remote_pipeline_matches_embedded_default(
     # The case's files really went through the SSH server's user, and nothing is left queued.
     listing = _ssh(sshd_server, f"ls {base}/Dose_raw/case001_G2/1G180_TX")
     assert "1G180:TX_2_Dose.raw" in listing.stdout, listing.stderr
-    assert subprocess.run(["squeue", "-h"], capture_output=True, text=True, check=False).stdout.strip() == ""
+    mine = ["squeue", "-h", "-u", sshd_server.user]  # the SLURM tests may run meanwhile (as root)
+    assert subprocess.run(mine, capture_output=True, text=True, check=False).stdout.strip() == ""
     for part in (work / "data").rglob("*.part"):
         raise AssertionError(f"partial file left: {part}")
 

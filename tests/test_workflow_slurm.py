@@ -5,6 +5,7 @@ embedded default's, and a failing beam fails only its case."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from tests.infra.slurm_fixture import SlurmCluster
@@ -18,6 +19,11 @@ def test_pipeline_on_slurm_matches_embedded_default(
     slurm_cluster: SlurmCluster, embedded_default_run: Path, tmp_path: Path
 ) -> None:
     scan = sample_scan_with_failing_case(tmp_path, "FAIL01")
+    # One sample case and the failing one: what SLURM adds (jobs on the GPU partition, a failure
+    # confined to its case, the retry) shows on 3 jobs as on 7; the cases' contents are checked
+    # by the local runs. Every SLURM job costs a nested Snakemake and status polling.
+    for other in ("case002_G1", "case003_plan_only"):
+        shutil.rmtree(scan / other)
     work = tmp_path / "work"
     work.mkdir()
     write_config(work, scan)
@@ -28,7 +34,7 @@ def test_pipeline_on_slurm_matches_embedded_default(
     assert first.returncode == 0, first.stderr[-3000:]
     dry = snakemake(work, *HPC, "--dry-run", timeout=300)
     listed = dry.stdout + dry.stderr
-    assert listed.count("rule simulate:") == 7  # 2 + 2 + 2 beams of the sample cases, 1 failing
+    assert listed.count("rule simulate:") == 3  # 2 beams of case001_G2, 1 failing
     assert "slurm_partition=gpu" in listed and "gpu=1" in listed
 
     run = snakemake(work, *HPC, timeout=900, env={"MQI_ENGINE_TEST_FAIL_BEAMS": "FAILS"})
@@ -38,7 +44,7 @@ def test_pipeline_on_slurm_matches_embedded_default(
 
     slurm = case_summaries(work)
     local = case_summaries(embedded_default_run)
-    assert sorted(slurm) == ["case001_G2", "case002_G1", "case003_plan_only"]
+    assert sorted(slurm) == ["case001_G2"]
     for case, summary in slurm.items():
         for beam, reference in zip(summary["beams"], local[case]["beams"], strict=True):
             assert beam["slurm_job"], f"{case} {beam['beam']} did not run as a SLURM job"
@@ -49,7 +55,7 @@ def test_pipeline_on_slurm_matches_embedded_default(
             assert data["slurm_partition"] == "gpu" and data["cuda_visible_devices"] not in (None, "")
             assert data["gpu"] == 0  # SLURM's GPU is device 0 inside the job
     # Local rules ran on the controller; only simulate went to SLURM.
-    assert "localrule intake:" in snakemake(work, *HPC, "--dry-run").stdout or "localrule" in log
+    assert "localrule" in log
     slurm_logs = {p.parts[-3] for p in (work / "logs" / "slurm").rglob("*.log")}
     assert slurm_logs == {"rule_simulate"} or slurm_logs == {"simulate"}, slurm_logs
 

@@ -352,9 +352,20 @@ def run(parameter_file: Path, started: float) -> Path:
     return out
 
 
+HELP = """usage: python -m mqi_communicator.engine INPUT.in      (or: builtin-tps-env INPUT.in)
+
+The built-in engine, called exactly as MOQUI's tps_env: reads the MOQUI parameter file INPUT.in
+and its CSV folder, writes <OutputDir>/<BeamName>_<k>_Dose.raw (float64, x fastest) and logs to
+stdout. An analytical pencil-beam approximation, NOT Monte Carlo: its doses are RELATIVE.
+Exit status: 0 done, 1 error (the log says which), 2 usage."""
+
+
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     args = sys.argv[1:] if argv is None else argv
+    if args and args[0] in ("-h", "--help"):
+        print(HELP)
+        return 0
     _log(f"{BANNER}, mqi_communicator {__version__}")
     if len(args) != 1 or args[0].startswith("-"):
         _log("ERROR: usage: builtin-tps-env <input.in> (one MOQUI parameter file)")

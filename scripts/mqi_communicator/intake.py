@@ -220,10 +220,13 @@ def build_manifest(case_dir: Path, config: dict[str, Any], now: float | None = N
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Validate a case folder and write its intake manifest (JSON).")
+    parser = argparse.ArgumentParser(
+        prog="python -m mqi_communicator.intake",
+        description="Validate a case folder and write its intake manifest (JSON).",
+    )
     parser.add_argument("--case", type=Path, required=True, help="the case folder (read only)")
     parser.add_argument("--output", type=Path, required=True, help="manifest to write (intake.json)")
-    parser.add_argument("--settings", default="config/config.yaml", help="config YAML path or inline JSON")
+    settings.add_argument(parser)
     args = parser.parse_args(argv)
     try:
         config = settings.load(args.settings)

@@ -185,12 +185,13 @@ def run_external(manifest: dict[str, Any], config: dict[str, Any], out_dir: Path
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description="P2: convert a case's PTN delivery logs (or plan spots) to MOQUI CSVs (mqi_interpreter layout)."
+        prog="python -m mqi_communicator.interpret",
+        description="P2: convert a case's PTN delivery logs (or plan spots) to MOQUI CSVs (mqi_interpreter layout).",
     )
     parser.add_argument("--logdir", type=Path, required=True, help="the case folder (plan + delivery folders)")
     parser.add_argument("--outputdir", type=Path, required=True, help="P2 output folder (plan/ and log/)")
     parser.add_argument("--manifest", type=Path, help="intake.json from P1; built from --logdir when omitted")
-    parser.add_argument("--settings", default="config/config.yaml", help="config YAML path or inline JSON")
+    settings.add_argument(parser)
     parser.add_argument("--summary", type=Path, help="write a JSON summary of the files written")
     args = parser.parse_args(argv)
     started = time.perf_counter()

@@ -69,14 +69,17 @@ def write_beam_input(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Write one beam's MOQUI parameter file and log folder for a case.")
+    parser = argparse.ArgumentParser(
+        prog="python -m mqi_communicator.moqui_beam",
+        description="Write one beam's MOQUI parameter file and log folder for a case.",
+    )
     parser.add_argument("--manifest", type=Path, required=True, help="the case's intake.json")
     parser.add_argument("--p2", type=Path, required=True, help="the case's P2 output folder (plan/, log/)")
     parser.add_argument("--beam", required=True, help="the beam's folder name in P2 output (sanitized beam name)")
     parser.add_argument("--parameters", type=Path, required=True, help="parameter file to write")
     parser.add_argument("--logdir", type=Path, required=True, help="the beam's logFilePath to lay out")
     parser.add_argument("--output-dir", type=Path, required=True, help="the beam's OutputDir")
-    parser.add_argument("--settings", default="config/config.yaml", help="config YAML path or inline JSON")
+    settings.add_argument(parser)
     args = parser.parse_args(argv)
     try:
         config = settings.load(args.settings)

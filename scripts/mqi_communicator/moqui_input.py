@@ -294,7 +294,8 @@ def _load_template(path: Path, key: str | None) -> dict[str, object]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description="Write one beam's MOQUI parameter file from a template, validate it and prepare its log folder."
+        prog="python -m mqi_communicator.moqui_input",
+        description="Write one beam's MOQUI parameter file from a template, validate it and prepare its log folder.",
     )
     parser.add_argument("--template", type=Path, required=True, help="YAML or JSON mapping of parameter keys")
     parser.add_argument("--template-key", help="dotted path of the mapping inside the file (e.g. moqui.parameters)")

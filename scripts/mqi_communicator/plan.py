@@ -349,7 +349,9 @@ def read_plan(path: Path) -> Plan:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Summarize an RT Ion Plan as JSON (beams, layers, spots).")
+    parser = argparse.ArgumentParser(
+        prog="python -m mqi_communicator.plan", description="Summarize an RT Ion Plan as JSON (beams, layers, spots)."
+    )
     parser.add_argument("plan", type=Path, help="RT Ion Plan file or a case folder holding one")
     args = parser.parse_args(argv)
     try:

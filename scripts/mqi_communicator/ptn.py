@@ -134,7 +134,9 @@ def write_ptn(path: Path, rows: np.ndarray) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Print a PTN log's rows (raw values) and a summary.")
+    parser = argparse.ArgumentParser(
+        prog="python -m mqi_communicator.ptn", description="Print a PTN log's rows (raw values) and a summary."
+    )
     parser.add_argument("ptn", type=Path)
     parser.add_argument("--head", type=int, default=5, help="rows to print")
     args = parser.parse_args(argv)

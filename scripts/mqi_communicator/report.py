@@ -149,7 +149,9 @@ def case_summary(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Report figures and tables for one case.")
+    parser = argparse.ArgumentParser(
+        prog="python -m mqi_communicator.report", description="Report figures and tables for one case."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     fig = sub.add_parser("figure", help="dose map and profiles of one RT Dose")
     fig.add_argument("--rtdose", type=Path, required=True)

@@ -1,11 +1,13 @@
 """The workflow configuration as the CLIs see it: validated by the same JSON schema, with defaults.
 
-Rules pass the exact configuration Snakemake resolved as inline JSON (`--settings '{...}'`);
-a person running a CLI by hand passes the YAML file (`--settings config/config.yaml`).
+Rules pass the exact configuration Snakemake resolved as inline JSON (`--settings '{...}'`).
+A person running a CLI by hand, from any folder, gets this project's `config/config.yaml`
+(found next to the package, not in the current folder); `--config my-site.yaml` overrides it.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from pathlib import Path
@@ -14,7 +16,10 @@ from typing import Any
 import jsonschema
 import yaml
 
-SCHEMA_PATH = Path(__file__).resolve().parents[2] / "config" / "schema" / "config.schema.yaml"
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+SCHEMA_PATH = PROJECT_ROOT / "config" / "schema" / "config.schema.yaml"
+# What the CLIs use without --config: the project's own configuration, whatever the current folder.
+DEFAULT_CONFIG = PROJECT_ROOT / "config" / "config.yaml"
 
 
 def _extend_with_defaults(validator_class: Any) -> Any:
@@ -93,6 +98,8 @@ def load(value: str) -> dict[str, Any]:
     Under the workflow, the operational settings (timeouts, connection, alerts: what never
     changes a result, so never a rule's params) arrive in MQI_RUNTIME_SETTINGS and are merged on top."""
     inline = value.lstrip().startswith("{")
+    if not inline and not Path(value).is_file():
+        raise ValueError(f"configuration file {Path(value).resolve()} not found (--config names another one)")
     loaded = json.loads(value) if inline else load_yaml(Path(value))
     if not isinstance(loaded, dict):
         raise ValueError(f"{value}: configuration must be a mapping")
@@ -100,9 +107,6 @@ def load(value: str) -> dict[str, Any]:
     if runtime:
         _merge(loaded, json.loads(runtime))
     return validate(loaded)
-
-
-DEFAULT_CONFIG = SCHEMA_PATH.parents[1] / "config.yaml"
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -126,3 +130,13 @@ def load_site(configfile: str | Path | None, workdir: Path | None = None) -> dic
             raise ValueError(f"{path}: configuration must be a mapping")
         _merge(config, site)
     return validate(config)
+def add_argument(parser: argparse.ArgumentParser) -> None:
+    """The CLIs' `--config` option (`--settings`, as the rules pass it, is the same option)."""
+    parser.add_argument(
+        "--config",
+        "--settings",
+        dest="settings",
+        metavar="YAML|JSON",
+        default=str(DEFAULT_CONFIG),
+        help="workflow configuration: a YAML file or inline JSON (default: %(default)s, from any folder)",
+    )

@@ -156,7 +156,10 @@ def simulate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Run one beam's MOQUI tps_env (or the built-in engine) and check it.")
+    parser = argparse.ArgumentParser(
+        prog="python -m mqi_communicator.simulate",
+        description="Run one beam's MOQUI tps_env (or the built-in engine) and check it.",
+    )
     parser.add_argument("--input", type=Path, required=True, help="the beam's MOQUI parameter file")
     parser.add_argument("--beam-name", help="beam named in the run record (default: from the file name)")
     parser.add_argument("--tps-env", default=BUILTIN, help="tps_env command, or 'builtin' for the built-in engine")

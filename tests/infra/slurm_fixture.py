@@ -5,15 +5,17 @@ Register it in the root ``tests/conftest.py`` with ``pytest_plugins = ["tests.in
 
 - A cluster that is already up (``sinfo`` answers and shows partitions ``cpu`` and ``gpu``) is
   reused as it is, whoever started it.
-- Otherwise the fixture starts one (root; installs the Debian packages when missing) and stops it
-  at the end of the session, unless another pytest session is still using it; then the last
-  session using it stops it.
+- Otherwise the fixture starts one (root; installs the Debian packages when missing, waiting for
+  a busy apt) and stops it at the end of the session, unless another pytest session is still
+  using it; then the last session using it stops it. Under pytest-xdist the workers share one
+  cluster: the first worker that needs it starts it, the controller stops it after the run.
 - Where no cluster can be started (not root, no apt-get, the start fails) the tests FAIL with the
   reason: a SLURM test that silently skips proves nothing. ``MQI_SKIP_SLURM=1`` skips them instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
@@ -88,6 +90,15 @@ def _open_users_lock(root: Path) -> IO[str] | None:
         return None
 
 
+def _start_failure(root: Path, out: subprocess.CompletedProcess[str]) -> str:
+    """The reason in a few lines (the script's ERROR lines); everything it printed goes to a file.
+    Every SLURM test of the session reports this same message: short, so it is read once."""
+    full = root / "start-slurm.out"
+    where = f"full output: {full}" if full.is_file() else out.stdout + out.stderr
+    errors = [line for line in out.stderr.splitlines() if "ERROR" in line] or out.stderr.splitlines()[-3:]
+    return f"SLURM test cluster could not start ({START.name}, exit {out.returncode}):\n" + "\n".join([*errors, where])
+
+
 def _fail(message: str) -> NoReturn:
     pytest.fail(f"{message}\n(set MQI_SKIP_SLURM=1 to skip the SLURM tests instead)", pytrace=False)
 
@@ -116,8 +127,10 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
             except subprocess.TimeoutExpired:
                 _fail(f"{START} did not finish within 900 s")
             start_seconds = time.monotonic() - t0
+            with contextlib.suppress(OSError):  # what the start said (apt waits included), kept
+                (root / "start-slurm.out").write_text(out.stdout + out.stderr)
             if out.returncode != 0:
-                _fail(f"{START} failed (exit {out.returncode}):\n{out.stdout}\n{out.stderr}")
+                _fail(_start_failure(root, out))
             (root / STARTED_MARKER).touch()
             started_here = True
             partitions = running_partitions()
@@ -134,15 +147,34 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
     finally:
         if users is not None:
             fcntl.flock(users, fcntl.LOCK_UN)
-            try:
-                fcntl.flock(users, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                pass  # another session still uses the cluster; the last one stops it
-            else:
-                if (root / STARTED_MARKER).exists():
-                    _run(["bash", str(STOP)], timeout=120)
-                    (root / STARTED_MARKER).unlink(missing_ok=True)
+            if not os.environ.get("PYTEST_XDIST_WORKER"):  # an xdist worker leaves it to the controller
+                _stop_if_last_user(root, users)
             users.close()
+
+
+def _stop_if_last_user(root: Path, users: IO[str]) -> None:
+    """Stop the cluster if a pytest session started it and no other session still uses it."""
+    try:
+        fcntl.flock(users, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return  # another session still uses the cluster; the last one stops it
+    try:
+        if (root / STARTED_MARKER).exists():
+            _run(["bash", str(STOP)], timeout=120)
+            (root / STARTED_MARKER).unlink(missing_ok=True)
+    finally:
+        fcntl.flock(users, fcntl.LOCK_UN)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Under pytest-xdist, the workers share one cluster (the first that needs it starts it) and
+    the controller stops it once every worker has finished: one cluster per test run."""
+    if os.environ.get("PYTEST_XDIST_WORKER") or not session.config.pluginmanager.hasplugin("dsession"):
+        return
+    users = _open_users_lock(slurm_root())
+    if users is not None:
+        with users:
+            _stop_if_last_user(slurm_root(), users)
 
 
 def active_jobs(name_prefix: str) -> list[str]:

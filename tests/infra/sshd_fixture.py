@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 SCRIPTS = Path(__file__).resolve().parent / "ssh"
-START_TIMEOUT_S = 600  # the first start may install openssh-server with apt-get
+START_TIMEOUT_S = 900  # the first start may wait for apt (up to 600 s) and install openssh-server
 
 
 class SshdError(RuntimeError):

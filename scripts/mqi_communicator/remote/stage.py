@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     down.add_argument("--output-raw", type=Path, required=True)
     down.add_argument("--record", type=Path, required=True)
     for p in (up, down):
-        p.add_argument("--settings", default="config/config.yaml", help="config YAML path or inline JSON")
+        settings.add_argument(p)
     args = parser.parse_args(argv)
     try:
         config = settings.load(args.settings)

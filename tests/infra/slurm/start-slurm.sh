@@ -12,8 +12,8 @@
 #
 # Environment (all optional):
 #   SLURM_CI_ROOT      state, logs, pid files, munge key, fake devices   (/tmp/mqi-slurm)
-#   SLURM_CI_CPUS      CPUs the node advertises (may exceed nproc)       (16)
-#   SLURM_CI_GPUS      fake GPUs                                         (4)
+#   SLURM_CI_CPUS      CPUs the node advertises (may exceed nproc)       (32)
+#   SLURM_CI_GPUS      fake GPUs (enough for two test workers at once)   (8)
 #   SLURM_CI_GPU_TYPE  GRES type (e.g. a100, for gpu_model=...); empty = untyped ()
 #   SLURM_CI_MEM_MB    RealMemory of the node                            (MemTotal - 1024)
 #   SLURM_CI_PORT_BASE slurmctld=BASE, slurmd=BASE+1                     (6817)
@@ -36,8 +36,8 @@ set -Eeuo pipefail
 HERE=$(dirname "$(readlink -f "$0")")
 ROOT=${SLURM_CI_ROOT:-/tmp/mqi-slurm}
 CONF_DIR=/etc/slurm
-CPUS=${SLURM_CI_CPUS:-16}
-GPUS=${SLURM_CI_GPUS:-4}
+CPUS=${SLURM_CI_CPUS:-32}
+GPUS=${SLURM_CI_GPUS:-8}
 GPU_TYPE=${SLURM_CI_GPU_TYPE:-}
 PORT_BASE=${SLURM_CI_PORT_BASE:-6817}
 TIMEOUT=${SLURM_CI_TIMEOUT:-60}
@@ -79,6 +79,8 @@ trap 'die "unexpected failure at line $LINENO: $BASH_COMMAND"' ERR
 
 # shellcheck source=tests/infra/slurm/pid-of.sh
 . "$(dirname "$(readlink -f "$0")")/pid-of.sh"
+# shellcheck source=tests/infra/machine.sh
+. "$HERE/../machine.sh"
 
 # wait_for WHAT DAEMON CMD...: rerun CMD every 0.2 s until it succeeds; fail after TIMEOUT or
 # as soon as DAEMON (if not "-") has died.
@@ -116,7 +118,8 @@ mkdir -p "$ROOT"
 chmod 755 "$ROOT" # munged: every directory above its socket must be o+x
 # Serialise concurrent starts (two test sessions at once); the nested stop skips the lock.
 exec 9>"$ROOT/.start.lock"
-flock -w "$TIMEOUT" 9 || die "another start-slurm.sh/stop-slurm.sh holds $ROOT/.start.lock"
+# (long enough for another start that waits for the apt lock and installs the packages)
+flock -w $((TIMEOUT + ${APT_LOCK_WAIT_S:-600} + 300)) 9 || die "another start-slurm.sh/stop-slurm.sh holds $ROOT/.start.lock"
 export SLURM_CI_LOCKED=1
 
 bins=(munged munge unmunge slurmctld slurmd sinfo sbatch srun squeue scontrol scancel)
@@ -126,18 +129,11 @@ for b in "${bins[@]}"; do command -v "$b" >/dev/null 2>&1 || missing+=("$b"); do
 if ((${#missing[@]})); then
     [ "$INSTALL" = 0 ] && die "missing commands: ${missing[*]} (apt-get install ${pkgs[*]}; SLURM_CI_INSTALL=0 forbids installing)"
     command -v apt-get >/dev/null || die "missing commands: ${missing[*]} and no apt-get to install ${pkgs[*]}"
-    log "installing ${pkgs[*]} (missing: ${missing[*]})"
+    log "installing ${pkgs[*]} (missing: ${missing[*]}); apt-get output: $ROOT/apt.log"
     # The packages start no service: there is no init system here, or policy-rc.d forbids it.
-    export DEBIAN_FRONTEND=noninteractive
-    apt_log=$ROOT/apt.log
-    if ! apt-get install -y -q --no-install-recommends "${pkgs[@]}" >"$apt_log" 2>&1; then
-        apt-get update -q >>"$apt_log" 2>&1 || true
-        apt-get install -y -q --no-install-recommends "${pkgs[@]}" >>"$apt_log" 2>&1 ||
-            {
-                tail -n 20 "$apt_log" >&2
-                die "apt-get install ${pkgs[*]} failed (log: $apt_log)"
-            }
-    fi
+    # apt_install waits (APT_LOCK_WAIT_S, 600 s) while another program holds the apt/dpkg lock.
+    APT_LOG_TAG=start-slurm apt_install "$ROOT/apt.log" "${pkgs[@]}" ||
+        die "could not install ${pkgs[*]} (see above; full log: $ROOT/apt.log)"
     for b in "${bins[@]}"; do command -v "$b" >/dev/null 2>&1 || die "$b still missing after installing ${pkgs[*]}"; done
     log "packages installed"
 fi

@@ -35,8 +35,12 @@ die() {
 }
 T0=$(date +%s.%N)
 
+# shellcheck source=tests/infra/machine.sh
+. "$(dirname "$(readlink -f "$0")")/../machine.sh"
+
 install_packages() { # PACKAGE...
-    echo "start-sshd: installing $* (apt-get)" >&2
+    local log=${TMPDIR:-/tmp}/mqi-sshd-apt.log
+    echo "start-sshd: installing $* (apt-get output: $log)" >&2
     # Keep the package's postinst from starting a system sshd on 0.0.0.0:22 (invoke-rc.d and
     # deb-systemd-invoke both honour policy-rc.d); ours is removed again afterwards.
     local policy=/usr/sbin/policy-rc.d own_policy=0
@@ -44,12 +48,10 @@ install_packages() { # PACKAGE...
         printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 0755 "$policy" && own_policy=1
     fi
     local rc=0
-    {
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@" ||
-            { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@"; }
-    } >&2 || rc=$?
+    # waits (APT_LOCK_WAIT_S, 600 s) while another program holds the apt/dpkg lock
+    APT_LOG_TAG=start-sshd apt_install "$log" "$@" || rc=$?
     [ "$own_policy" = 1 ] && rm -f "$policy"
-    [ "$rc" = 0 ] || die "apt-get install $* failed (rc=$rc)"
+    [ "$rc" = 0 ] || die "could not install $* (see above)"
 }
 
 missing=()
@@ -80,7 +82,10 @@ fi
 
 if [ "$(id -u)" = 0 ]; then
     USER_NAME=${SSHD_USER:-sshtest}
-    getent passwd "$USER_NAME" >/dev/null || useradd --create-home --shell /bin/bash "$USER_NAME"
+    if ! getent passwd "$USER_NAME" >/dev/null; then
+        useradd --create-home --shell /bin/bash "$USER_NAME"
+        record_added "user $USER_NAME" # tests/infra/cleanup.sh removes it again
+    fi
     # useradd leaves the password field "!" (locked); with UsePAM no, sshd then refuses every
     # method, public key included. "*" = no usable password, but not locked.
     case "$(getent shadow "$USER_NAME" | cut -d: -f2)" in
