@@ -130,6 +130,8 @@ def load_site(configfile: str | Path | None, workdir: Path | None = None) -> dic
             raise ValueError(f"{path}: configuration must be a mapping")
         _merge(config, site)
     return validate(config)
+
+
 def add_argument(parser: argparse.ArgumentParser) -> None:
     """The CLIs' `--config` option (`--settings`, as the rules pass it, is the same option)."""
     parser.add_argument(

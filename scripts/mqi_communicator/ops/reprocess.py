@@ -93,7 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--configfile", default=None, help="the site's config (default: config/config.yaml)")
     common.add_argument("--workdir", type=Path, default=Path.cwd(), help="where the workflow runs (default: here)")
-    parser = argparse.ArgumentParser(prog="bin/mqi", description="Explicit acts on one case.")
+    parser = argparse.ArgumentParser(
+        prog="python -m mqi_communicator.ops.reprocess",
+        description="Explicit acts on one case (`bin/mqi reprocess|retry`).",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     again = sub.add_parser(
         "reprocess", parents=[common], help="compute a case again; its previous results are moved aside, not lost"

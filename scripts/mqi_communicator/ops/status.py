@@ -219,7 +219,8 @@ def render(cases: list[CaseStatus], shown: list[CaseStatus], run: dict[str, Any]
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="bin/mqi status", description="Every case's state, read from the case folders (works during a run)."
+        prog="python -m mqi_communicator.ops.status",
+        description="Every case's state, read from the case folders (works during a run); `bin/mqi status`.",
     )
     parser.add_argument("--configfile", default=None, help="the site's config (default: config/config.yaml)")
     parser.add_argument("--workdir", type=Path, default=Path.cwd(), help="where the workflow runs (default: here)")

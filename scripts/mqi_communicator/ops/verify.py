@@ -61,7 +61,8 @@ def sweep(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="bin/mqi verify", description="Check finished cases' input files against what intake recorded."
+        prog="python -m mqi_communicator.ops.verify",
+        description="Check finished cases' input files against what intake recorded (`bin/mqi verify`).",
     )
     parser.add_argument("cases", nargs="*", help="case ids (default: --sweep)")
     parser.add_argument("--sweep", type=int, metavar="N", help="check the next N cases in turn (the timer's runner)")
