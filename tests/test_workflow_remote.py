@@ -94,6 +94,13 @@ def test_remote_pipeline_matches_embedded_default(
     for part in (work / "data").rglob("*.part"):
         raise AssertionError(f"partial file left: {part}")
 
+    # An engine failure is permanent: skipped until someone asks for a retry (bin/mqi retry).
+    skipped = snakemake(work, *REMOTE, "--dry-run")
+    assert "skipping case zz_failing: remote_simulate" in skipped.stdout + skipped.stderr
+    asked = subprocess.run(
+        [str(REPO / "bin" / "mqi"), "retry", "zz_failing", "--configfile", "test-config.yaml"], cwd=work, check=False
+    )
+    assert asked.returncode == 0
     again = snakemake(work, *REMOTE, "--dry-run")
     planned = again.stdout + again.stderr
     # Only the failed case is pending; its beam is resubmitted (the record says failed).

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 from tests.infra.slurm_fixture import SlurmCluster
@@ -59,7 +60,14 @@ def test_pipeline_on_slurm_matches_embedded_default(
     slurm_logs = {p.parts[-3] for p in (work / "logs" / "slurm").rglob("*.log")}
     assert slurm_logs == {"rule_simulate"} or slurm_logs == {"simulate"}, slurm_logs
 
-    # The next run retries just the failed beam (now healthy) and finishes that case.
+    # An engine failure is permanent: the next run skips the case and says why; once someone asks
+    # for a retry, the run after redoes just the failed beam (now healthy) and finishes the case.
+    skipped = snakemake(work, *HPC, "--dry-run")
+    assert "skipping case zz_failing: simulate" in skipped.stdout + skipped.stderr
+    asked = subprocess.run(
+        [str(REPO / "bin" / "mqi"), "retry", "zz_failing", "--configfile", "test-config.yaml"], cwd=work, check=False
+    )
+    assert asked.returncode == 0
     retry = snakemake(work, *HPC, timeout=600)
     assert retry.returncode == 0, retry.stderr[-3000:]
     retried = retry.stdout + retry.stderr

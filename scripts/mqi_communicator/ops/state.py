@@ -161,6 +161,15 @@ def targets(layout: Layout, warn: Callable[[str], None]) -> list[str]:
     return chosen
 
 
+def finished(layout: Layout) -> list[str]:
+    """Case ids that finished (for the report, which shows them all)."""
+    return [
+        entry.name
+        for entry in case_dirs(layout.scan_dir)
+        if CASE_ID_PATTERN.match(entry.name) and (layout.processing(entry.name) / SUMMARY).exists()
+    ]
+
+
 def headline(reason: str, case_dir: Path | None = None) -> str:
     """The line of a failure reason that says what is wrong: the first that is not a heading
     ("... 2 problem(s):"), without the case folder's path in front of its files."""
