@@ -95,11 +95,14 @@ class RunRecorder:
             print(f"mqi run recorder: {type(exc).__name__}: {exc}", file=sys.stderr)
 
     def _handle(self, record: LogRecord) -> None:
+        event = str(getattr(record, "event", "") or "")
         if not self.announced:
+            # A run starts executing jobs here; `--report`, `--lint` and the like never do.
+            if event != "workflow_started":
+                return
             self.announced = True
             self._write_last_run("running")
             self._verify_finished_cases()
-        event = str(getattr(record, "event", "") or "")
         if event == "job_info":
             self._job_started(record)
         elif event == "job_finished":
