@@ -183,15 +183,15 @@ def planned(case_id):
     gives no beams, and intake fails the case with the reason."""
     try:
         path = find_plan(SCAN_DIR / case_id)
-        beams = read_plan(path).treatment_beams
+        plan = read_plan(path)
     except (CaseError, OSError, ValueError, KeyError, AttributeError) as exc:
         logger.debug(f"case {case_id}: plan not read at DAG build ({exc})")
         return {"file_name": None, "beams": {}, "plan_sum": False}
     return {
         "file_name": path.name,
-        "beams": {b.sanitized_name: b.number for b in beams},
+        "beams": {b.sanitized_name: b.number for b in plan.treatment_beams},
         # Beams in different beam frames are not summed (dose_frame.plan_sum_refusal_for).
-        "plan_sum": plan_sum_refusal_for(path) is None,
+        "plan_sum": plan_sum_refusal_for(path, plan=plan) is None,
     }
 
 

@@ -37,7 +37,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from . import geometry
-from .plan import read_plan
+from .plan import Plan, read_plan
 
 
 def _ds(value: float) -> str:
@@ -60,9 +60,12 @@ def beam_geometry(plan_ds: Dataset, beam_number: int) -> tuple[float, float, str
     return float(cp0.get("GantryAngle") or 0.0), float(cp0.get("PatientSupportAngle") or 0.0), position
 
 
-def plan_sum_refusal_for(plan_path: Path | str, beam_numbers: Sequence[int] | None = None) -> str | None:
-    """Why the plan's beams (default: every treatment beam) may not be summed, or None."""
-    plan = read_plan(Path(plan_path))
+def plan_sum_refusal_for(
+    plan_path: Path | str, beam_numbers: Sequence[int] | None = None, plan: Plan | None = None
+) -> str | None:
+    """Why the plan's beams (default: every treatment beam) may not be summed, or None. `plan`:
+    the file already read with `read_plan`, so it is not parsed twice."""
+    plan = plan or read_plan(Path(plan_path))
     plan_ds = pydicom.dcmread(plan_path, stop_before_pixels=True)
     numbers = [b.number for b in plan.treatment_beams] if beam_numbers is None else list(beam_numbers)
     beams = []

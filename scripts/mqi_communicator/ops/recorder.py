@@ -9,6 +9,7 @@ alert is printed and never stops the run.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import socket
@@ -82,8 +83,9 @@ class RunRecorder:
         self.announced = False
 
     # -- plumbing ---------------------------------------------------------------------------
-    @property
+    @functools.cached_property
     def layout(self) -> state.Layout | None:
+        # Asked for only once records arrive, by when the Snakefile has called `configure`.
         return state.Layout.from_config(_CONFIG, _WORKDIR) if _CONFIG is not None else None
 
     def handle(self, record: LogRecord) -> None:
@@ -211,7 +213,7 @@ class RunRecorder:
         for name in (state.FAILED, state.RETRY, state.RUNNING):
             (processing / name).unlink(missing_ok=True)
         if failure is not None:
-            self._alert_recovered(case_id, failure)
+            self._alert_recovered(case_id)
 
     # -- files ------------------------------------------------------------------------------
     def _forget(self, jobid: int) -> None:
@@ -254,7 +256,7 @@ class RunRecorder:
         key = f"failed:{failure.step}:{failure.fingerprint}"
         alerts.notify_once(alert, layout.processing(case_id) / state.ALERTS, key, _CONFIG["alerts"])
 
-    def _alert_recovered(self, case_id: str, failure: state.Failure) -> None:
+    def _alert_recovered(self, case_id: str) -> None:
         layout = self.layout
         assert layout is not None and _CONFIG is not None
         ledger = layout.processing(case_id) / state.ALERTS

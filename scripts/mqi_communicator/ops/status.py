@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import settings
+from ..case_inputs import is_ready
 from ..files import write_json_atomic
 from . import recorder, state
 
@@ -63,8 +64,9 @@ def _summary_facts(path: Path, mtime_ns: int, index: dict[str, Any], case_id: st
     qa = summary.get("qa")
     qa = qa if isinstance(qa, dict) else {}
     verdict = str(summary.get("verdict") or qa.get("verdict") or "")
-    if summary.get("mode") == "plan":
-        verdict = f"{verdict} (plan-based)".strip()
+    # A plan-based or flagged result says so wherever it is shown (intake's labels).
+    labels = summary.get("labels") or (["PLAN-BASED"] if summary.get("mode") == "plan" else [])
+    verdict = " ".join([verdict, *(f"[{label}]" for label in labels)]).strip()
     index[case_id] = [mtime_ns, mtime_ns / 1e9, verdict]
     return mtime_ns / 1e9, verdict
 
@@ -110,7 +112,7 @@ def case_status(layout: state.Layout, case_dir: Path, index: dict[str, Any], now
         )
     if not (case_dir / layout.ready_marker).is_file():
         return CaseStatus(case_id, "waiting", reason=f"no {layout.ready_marker} yet")
-    if not state.is_ready(case_dir, layout.ready_marker, layout.ready_quiet_seconds, now):
+    if not is_ready(case_dir, layout.ready_marker, layout.ready_quiet_seconds, now):
         return CaseStatus(case_id, "waiting", reason=f"files changed in the last {layout.ready_quiet_seconds:g} s")
     return CaseStatus(case_id, "queued", reason="ready; the next run takes it")
 
