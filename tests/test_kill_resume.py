@@ -64,11 +64,13 @@ def _kill_everything(process: subprocess.Popen[bytes]) -> None:
 
 
 def _final_files(work: Path) -> dict[str, Path]:
+    """The results. A case's `state/` is the run recorder's bookkeeping (a killed run may leave
+    its `running.json`, which status reads as stale), not a result."""
     data = work / "data"
     return {
         str(p.relative_to(data)): p
         for p in sorted(data.rglob("*"))
-        if p.is_file() and not p.name.startswith(".") and p.suffix != ".tmp"
+        if p.is_file() and not p.name.startswith(".") and p.suffix != ".tmp" and p.parent.name != "state"
     }
 
 
