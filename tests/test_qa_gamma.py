@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -83,15 +86,42 @@ def test_the_planes_span_passing_to_failing() -> None:
     assert 50.0 < rates["noisy 6 % and shifted"] < 99.0
 
 
-def test_gamma_on_a_different_evaluated_grid_equals_pymedphys() -> None:
-    # The evaluated grid is offset by half a pixel and coarser: every point has its own weights.
+@pytest.mark.parametrize(("shift_mm", "scale"), [(1.0, 1.0), (7.0, 1.3)], ids=["near", "gross-failure"])
+@pytest.mark.parametrize("criteria", [Criteria(3, 2), Criteria(2, 2, local=True)], ids=lambda c: c.label)
+def test_gamma_on_a_different_evaluated_grid_equals_pymedphys(
+    shift_mm: float, scale: float, criteria: Criteria
+) -> None:
+    # The evaluated grid is offset by half a pixel and coarser: every point has its own weights
+    # (and, failing grossly, most points end early on a window bound).
     axis_eval = np.arange(80) * 1.5 - 59.0
     xe, ze = np.meshgrid(axis_eval, axis_eval, indexing="ij")
-    evaluated = 2.0 * np.exp(-(((xe - 1.0) / 22.0) ** 6 + (ze / 20.0) ** 6)) * (1 + RNG.normal(0, 0.01, xe.shape))
+    noise = 1 + RNG.normal(0, 0.01, xe.shape)
+    evaluated = scale * 2.0 * np.exp(-(((xe - shift_mm) / 22.0) ** 6 + (ze / 20.0) ** 6)) * noise
     reference = 2.0 * np.exp(-((X / 22.0) ** 6 + (Z / 20.0) ** 6))
-    criteria = Criteria(3, 2)
     ours = gamma_2d((AXIS, AXIS), reference, (axis_eval, axis_eval), evaluated, criteria)
     assert_same(ours, oracle(reference, evaluated, criteria, axes_eval=(axis_eval, axis_eval)))
+
+
+def test_gamma_keeps_to_the_calling_thread() -> None:
+    # A clinic workstation is never idle: BLAS threads for the thin stencil products cost three
+    # times the CPU for the same work. CPU time of this process's other threads must not grow.
+    def other_threads_ticks() -> int:
+        ticks = 0
+        for task in Path("/proc/self/task").iterdir():
+            if task.name != str(threading.get_native_id()):
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                ticks += int(fields[11]) + int(fields[12])  # utime, stime
+        return ticks
+
+    axis = np.arange(300) * 1.0
+    x, z = np.meshgrid(axis - 150, axis - 150, indexing="ij")
+    reference = 2.0 * np.exp(-((x / 60.0) ** 6 + (z / 60.0) ** 6))
+    evaluated = 1.3 * 2.0 * np.exp(-(((x - 6.0) / 60.0) ** 6 + (z / 60.0) ** 6))
+    before = other_threads_ticks()
+    for _ in range(5):
+        gamma_2d((axis, axis), reference, (axis, axis), evaluated * (1 + RNG.normal(0, 0.03, x.shape)), Criteria(2, 2))
+    # Threaded products give tens of ticks here; a tick or two may be another thread of pytest.
+    assert other_threads_ticks() - before <= 2
 
 
 def test_uniform_error_within_tolerance_passes_and_beyond_fails_everywhere() -> None:
