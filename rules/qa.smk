@@ -28,8 +28,9 @@ rule qa_case:
         " --sheet {output.sheet:q} > {log:q} 2>&1"
 
 
-# Runs when a case of this run has its QA; reads every case's qa.json, finished ones included (they
-# are no target any more, so they are read from disk, never recomputed).
+# Runs when a case of this run has its QA: adds this run's cases to the ledger of every assessed beam
+# (built once from every case's qa.json when missing) and draws the trend from it, so its cost does
+# not grow with the number of finished cases.
 rule qa_trend:
     input:
         qa_case_results,
@@ -47,8 +48,10 @@ rule qa_trend:
     params:
         python=PYTHON,
         min_cases=config["qa"]["trend"]["min_cases"],
+        ledger="results/qa_history.jsonl",
         history=processing("qa/qa.json", "*"),
     shell:
-        "{params.python} -m mqi_communicator.qa.trend --qa {input:q} --history {params.history:q}"
+        "{params.python} -m mqi_communicator.qa.trend --qa {input:q} --ledger {params.ledger:q}"
+        " --history {params.history:q}"
         " --min-cases {params.min_cases}"
         " --figure {output.figure:q} --json {output.json:q} > {log:q} 2>&1"

@@ -1,9 +1,15 @@
 """Across cases: the primary gamma pass rate per room over time, with TG-218's process-based
 limits (an individuals control chart of the site's own history: centre = mean, limits =
 mean -/+ 2.66 x mean moving range; a case below the lower limit is out of control even when it
-passes the universal 95 %). Reads every case's `qa.json`; writes a figure and a JSON table.
+passes the universal 95 %). Writes a figure and a JSON table.
 
-    python -m mqi_communicator.qa.trend --qa data/cases/*/intermediate/qa/qa.json \
+The points of every assessed beam are kept in a ledger (JSON lines, one per beam): a run reads
+the ledger and the `qa.json` of this run's cases only, so its cost does not grow with the number
+of finished cases' files (a reprocessed case's lines are replaced). Without a ledger, the first
+run builds it from `--history`, a glob of every case's `qa.json`.
+
+    python -m mqi_communicator.qa.trend --qa data/cases/NEW/intermediate/qa/qa.json \
+        --ledger results/qa_history.jsonl --history 'data/cases/*/intermediate/qa/qa.json' \
         --figure trend.png --json trend.json
 """
 
@@ -45,7 +51,25 @@ def points(qa_files: list[Path]) -> list[dict[str, Any]]:
                         "pass_rate_percent": float(rate),
                     }
                 )
-    return sorted(out, key=lambda p: (p["room"], p["written"], p["case_id"], p["beam"]))
+    return sorted(out, key=_order)
+
+
+def _order(point: dict[str, Any]) -> tuple[str, str, str, str]:
+    return (point["room"], point["written"], point["case_id"], point["beam"])
+
+
+def update_ledger(ledger: Path, qa_files: list[Path], history: str | None) -> list[dict[str, Any]]:
+    """Every point: the ledger's (built from `history` when there is none yet), with the cases of
+    `qa_files` replaced by their current points; the ledger is rewritten atomically."""
+    if ledger.exists():
+        known = [json.loads(line) for line in ledger.read_text().splitlines() if line.strip()]
+    else:
+        known = points([Path(p) for p in glob.glob(history or "")])
+    fresh = points(qa_files)
+    renewed = {p["case_id"] for p in fresh} | {json.loads(f.read_text())["case_id"] for f in qa_files}
+    merged = sorted([p for p in known if p["case_id"] not in renewed] + fresh, key=_order)
+    write_atomic(ledger, "".join(json.dumps(p, sort_keys=True) + "\n" for p in merged).encode())
+    return merged
 
 
 def control_limits(rates: list[float]) -> dict[str, float] | None:
@@ -62,9 +86,10 @@ def control_limits(rates: list[float]) -> dict[str, float] | None:
     }
 
 
-def trend(qa_files: list[Path], min_cases: int) -> dict[str, Any]:
+def trend(all_points: list[dict[str, Any]], min_cases: int) -> dict[str, Any]:
+    """Per room the points in time order, the control limits and which points fall below them."""
     rooms: dict[str, Any] = {}
-    for point in points(qa_files):
+    for point in all_points:
         rooms.setdefault(point["room"], {"points": []})["points"].append(point)
     for room in rooms.values():
         rates = [p["pass_rate_percent"] for p in room["points"]]
@@ -104,19 +129,25 @@ def figure(result: dict[str, Any]) -> bytes:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mqi_communicator.qa.trend", description=__doc__.splitlines()[0])
-    parser.add_argument("--qa", type=Path, nargs="*", default=[], help="qa.json of each case")
+    parser.add_argument("--qa", type=Path, nargs="*", default=[], help="qa.json of this run's cases")
+    parser.add_argument(
+        "--ledger", type=Path, help="the points of every assessed beam so far (JSON lines; updated in place)"
+    )
     parser.add_argument(
         "--history",
-        help="glob of every case's qa.json (the finished cases, which never enter a run again), e.g. "
-        "'data/cases/*/intermediate/qa/qa.json'",
+        help="glob of every case's qa.json, read only to build a missing ledger (or, without --ledger, "
+        "every run), e.g. 'data/cases/*/intermediate/qa/qa.json'",
     )
     parser.add_argument("--min-cases", type=int, default=5)
     parser.add_argument("--figure", type=Path, required=True)
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args(argv)
     try:
-        files = {*args.qa, *(Path(p) for p in glob.glob(args.history or ""))}
-        result = trend(sorted(files), args.min_cases)
+        if args.ledger:
+            all_points = update_ledger(args.ledger, args.qa, args.history)
+        else:
+            all_points = points(sorted({*args.qa, *(Path(p) for p in glob.glob(args.history or ""))}))
+        result = trend(all_points, args.min_cases)
     except (OSError, ValueError, KeyError) as exc:
         print(f"trend failed: {exc}", file=sys.stderr)
         return 1
