@@ -48,10 +48,11 @@ rule qa_trend:
     params:
         python=PYTHON,
         min_cases=config["qa"]["trend"]["min_cases"],
+        window=config["qa"]["trend"]["window"],
         ledger="results/qa_history.jsonl",
         history=processing("qa/qa.json", "*"),
     shell:
         "{params.python} -m mqi_communicator.qa.trend --qa {input:q} --ledger {params.ledger:q}"
         " --history {params.history:q}"
-        " --min-cases {params.min_cases}"
+        " --min-cases {params.min_cases} --window {params.window}"
         " --figure {output.figure:q} --json {output.json:q} > {log:q} 2>&1"

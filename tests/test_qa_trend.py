@@ -52,6 +52,17 @@ def test_trend_per_room_in_time_order_flags_out_of_control(tmp_path: Path) -> No
     assert g2["limits"] is None and "need 5" in g2["note"] and len(g2["points"]) == 1
 
 
+def test_the_trend_shows_and_judges_the_latest_window_of_each_room(tmp_path: Path) -> None:
+    files = [
+        write_qa(tmp_path / f"c{k}.json", "G1", f"2026-11-{10 + k:02d}T10:00:00+00:00", [rate])
+        for k, rate in enumerate([80.0, 85.0, 99.0, 99.2, 99.4, 99.6])
+    ]
+    room = trend.trend(trend.points(files), min_cases=3, window=4)["rooms"]["G1"]
+    assert [p["pass_rate_percent"] for p in room["points"]] == [99.0, 99.2, 99.4, 99.6]
+    assert room["beams_in_history"] == 6
+    assert room["limits"]["centre"] == pytest.approx(99.3)  # the old 80 and 85 % no longer count
+
+
 def test_trend_cli_writes_figure_and_json(tmp_path: Path) -> None:
     qa = write_qa(tmp_path / "c.json", "G2", "2026-11-01T10:00:00+00:00", [99.0])
     out = subprocess.run(

@@ -86,19 +86,23 @@ def control_limits(rates: list[float]) -> dict[str, float] | None:
     }
 
 
-def trend(all_points: list[dict[str, Any]], min_cases: int) -> dict[str, Any]:
-    """Per room the points in time order, the control limits and which points fall below them."""
+def trend(all_points: list[dict[str, Any]], min_cases: int, window: int | None = None) -> dict[str, Any]:
+    """Per room the latest `window` points in time order, their control limits and which points
+    fall below them (the drawing and its cost stay the same size as the history grows)."""
     rooms: dict[str, Any] = {}
     for point in all_points:
         rooms.setdefault(point["room"], {"points": []})["points"].append(point)
     for room in rooms.values():
+        room["beams_in_history"] = len(room["points"])
+        if window:
+            room["points"] = room["points"][-window:]
         rates = [p["pass_rate_percent"] for p in room["points"]]
         limits = control_limits(rates) if len(rates) >= min_cases else None
         room["limits"] = limits
         room["note"] = None if limits else f"{len(rates)} beams; control limits need {min_cases}"
         for p in room["points"]:
             p["out_of_control"] = bool(limits and p["pass_rate_percent"] < limits["lower"])
-    return {"rooms": rooms, "min_cases": min_cases}
+    return {"rooms": rooms, "min_cases": min_cases, "window": window}
 
 
 def figure(result: dict[str, Any]) -> bytes:
@@ -115,7 +119,7 @@ def figure(result: dict[str, Any]) -> bytes:
                     room["limits"][key], color="k", linestyle=style, label=f"process {key} {room['limits'][key]:.1f} %"
                 )
         ax.set_title(f"room {name}" + (f" ({room['note']})" if room["note"] else ""))
-        ax.set_xlabel("beam, in time order")
+        ax.set_xlabel(f"beam, in time order (latest {len(rates)} of {room['beams_in_history']})")
         ax.set_ylabel("pass rate (%)")
         ax.legend(fontsize=7)
     if not rooms:
@@ -138,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         help="glob of every case's qa.json, read only to build a missing ledger (or, without --ledger, "
         "every run), e.g. 'data/cases/*/intermediate/qa/qa.json'",
     )
-    parser.add_argument("--min-cases", type=int, default=5)
+    parser.add_argument("--min-cases", type=int, default=5, help="control limits need this many beams")
+    parser.add_argument("--window", type=int, default=250, help="show and judge the latest this many beams per room")
     parser.add_argument("--figure", type=Path, required=True)
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -147,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             all_points = update_ledger(args.ledger, args.qa, args.history)
         else:
             all_points = points(sorted({*args.qa, *(Path(p) for p in glob.glob(args.history or ""))}))
-        result = trend(all_points, args.min_cases)
+        result = trend(all_points, args.min_cases, args.window)
     except (OSError, ValueError, KeyError) as exc:
         print(f"trend failed: {exc}", file=sys.stderr)
         return 1
