@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -17,7 +18,7 @@ import pytest
 from mqi_communicator.plan import find_plan
 from mqi_communicator.rtdose_read import read_rtdose_dose
 from tests import casegen
-from tests.workflow import REPO, SNAKEMAKE, snakemake, write_config
+from tests.workflow import REPO, SNAKEMAKE, full_log, snakemake, write_config
 
 
 def _asymmetric_case(scan: Path) -> Path:
@@ -144,9 +145,10 @@ def test_killed_during_simulate_resumes_without_redoing_finished_beams(tmp_path:
     assert unlock.returncode == 0
     rerun = snakemake(work, timeout=600)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    log = rerun.stdout + rerun.stderr
+    log = full_log(rerun)
     assert finished.stat().st_mtime_ns == finished_mtime  # the finished beam was not redone
     finished_beam = finished.name.removesuffix(".simulate.json")
-    assert f"beam={finished_beam}" not in log.split("rule simulate:", 1)[-1].split("\n\n", 1)[0]
-    assert log.count("rule simulate:") == 1
+    simulated = re.findall(r"^(?:local)?rule simulate:\n((?:    .*\n)+)", log, re.MULTILINE)  # each job's block
+    assert len(simulated) == 1 and "wildcards: case_id=c1, beam=" in simulated[0], log[-3000:]
+    assert f"beam={finished_beam}" not in simulated[0]
     assert (work / "data" / "cases" / "c1" / "intermediate" / "case_summary.json").is_file()
