@@ -115,6 +115,32 @@ def test_failure_names_case_step_reason_and_log(layout: state.Layout, tmp_path: 
     assert len(lines) == 8
 
 
+def test_a_retried_job_is_told_once_and_can_still_finish(layout: state.Layout, tmp_path: Path) -> None:
+    log = tmp_path / "simulate_B1.log"
+    log.write_text("SIMULATION FAILED for moqui_tps_B1.in: engine exited with 3\n")
+    run, stream, _ = make(layout)
+    run.handle(record("Workflow has started!", event="workflow_started"))
+    for jobid in (7, 8):  # the hpc profile's `retries`: Snakemake starts the failed job again
+        run.handle(job_info(jobid, "simulate", "c4", "B1", log=str(log)))
+        run.handle(record("Error in rule simulate", logging.ERROR, event="job_error", jobid=jobid))
+    run.handle(job_info(9, "simulate", "c4", "B1", log=str(log)))
+    run.handle(record(event="job_finished", job_id=9))
+    run.handle(job_info(10, "case_summary", "c4"))
+    run.handle(record(event="job_finished", job_id=10))
+    run.close()
+    lines = [line.split(" ", 1)[1] if line[:2].isdigit() else line for line in stream.getvalue().splitlines()]
+    assert lines[1:8] == [
+        "case c4: simulate beam 1 started (B1)",  # no intake.json: the number of beams is not known
+        f"case c4 FAILED at simulate beam B1: SIMULATION FAILED for moqui_tps_B1.in: engine exited with 3 (log: {log})",
+        "    SIMULATION FAILED for moqui_tps_B1.in: engine exited with 3",
+        "case c4: simulate beam B1 started again",
+        "case c4 FAILED again at simulate beam B1: SIMULATION FAILED for moqui_tps_B1.in: engine exited with 3",
+        "case c4: simulate beam B1 started again",
+        "case c4 finished in 0s",
+    ]
+    assert ": 1 finished." in lines[8]
+
+
 def test_terminal_gets_a_live_table(layout: state.Layout) -> None:
     run, stream, _ = make(layout, terminal=True)
     run.handle(record("Workflow has started!", event="workflow_started"))

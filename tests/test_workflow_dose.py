@@ -101,6 +101,13 @@ def test_axis_and_sign_mapping_from_logs_to_rt_dose(finished_run: Path) -> None:
 def test_report_and_nothing_left_to_do(finished_run: Path) -> None:
     again = snakemake(finished_run, "--dry-run")
     assert "Nothing to be done" in again.stdout + again.stderr
+    # A real run with nothing to do says so on the console; Snakemake's own console on request.
+    idle = snakemake(finished_run)
+    assert idle.returncode == 0 and "Nothing to be done" in idle.stderr, idle.stderr
+    assert idle.stderr.splitlines()[-1].startswith("mqi: run ended after ") and "nothing to do." in idle.stderr
+    assert "Building DAG of jobs" not in idle.stderr and "Building DAG of jobs" in full_log(idle)
+    whole = snakemake(finished_run, env={"SNAKEMAKE_LOGGER_MQI_CONSOLE": "snakemake"})
+    assert whole.returncode == 0 and "Building DAG of jobs" in whole.stderr and "mqi: run" not in whole.stderr
     report = snakemake(finished_run, "--report", "report.html")
     assert report.returncode == 0, report.stderr[-2000:]
     html = (finished_run / "report.html").read_text(errors="replace")

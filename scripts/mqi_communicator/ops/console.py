@@ -57,16 +57,26 @@ class CaseAccount:
     """One case in this run, in the words of `bin/mqi status`."""
 
     case_id: str
-    state: str = "queued"  # running, finished, failed, waiting, skipped
+    noted: str = "queued"  # before its first job: waiting or skipped (the Snakefile's warnings)
+    reason: str = ""
     step: str = ""
     beams_total: int | None = None
     beams_done: int = 0
-    beams_started: int = 0
+    beams_started: list[str] = field(default_factory=list)
     started: float | None = None
     ended: float | None = None
-    reason: str = ""
+    finished: bool = False
+    failures: list[str] = field(default_factory=list)  # where its jobs failed (step, beam)
     verdict: str = ""
     steps_shown: set[str] = field(default_factory=set)
+
+    @property
+    def state(self) -> str:
+        if self.finished:
+            return "finished"  # a retried job succeeded
+        if self.failures:
+            return "failed"
+        return "running" if self.started else self.noted
 
     @property
     def beams(self) -> str:
@@ -145,7 +155,7 @@ class RunConsole:
             match = pattern.match(message)
             if match:
                 account = self.cases.setdefault(match.group(1), CaseAccount(match.group(1)))
-                account.state, account.reason = case_state, match.group(2).splitlines()[0]
+                account.noted, account.reason = case_state, match.group(2).splitlines()[0]
 
     def _start(self) -> None:
         self.started = time.time()
@@ -179,8 +189,6 @@ class RunConsole:
         account = self.cases.setdefault(case_id, CaseAccount(case_id))
         if account.started is None:
             account.started = time.time()
-        if account.state not in ("failed",):
-            account.state = "running"
         return account
 
     def _beams_total(self, case_id: str) -> int | None:
@@ -203,9 +211,12 @@ class RunConsole:
         if rule in SIMULATE_RULES:
             if account.beams_total is None:
                 account.beams_total = self._beams_total(case_id)
-            account.beams_started += 1
-            of = f"/{account.beams_total}" if account.beams_total else ""
-            self._event(f"case {case_id}: {rule} beam {account.beams_started}{of} started ({beam})")
+            if beam in account.beams_started:  # Snakemake retries a failed job (profile `retries`)
+                self._event(f"case {case_id}: {rule} beam {beam} started again")
+            else:
+                account.beams_started.append(str(beam))
+                of = f"/{account.beams_total}" if account.beams_total else ""
+                self._event(f"case {case_id}: {rule} beam {len(account.beams_started)}{of} started ({beam})")
         elif rule not in QUIET_RULES and rule not in account.steps_shown:
             account.steps_shown.add(rule)
             self._event(f"case {case_id}: {rule} started")
@@ -218,8 +229,8 @@ class RunConsole:
         account = self._account(case_id)
         if rule in SIMULATE_RULES:
             account.beams_done += 1
-        if rule == FINAL_RULE and account.state != "failed":
-            account.state, account.ended, account.step = "finished", time.time(), ""
+        if rule == FINAL_RULE:
+            account.finished, account.ended, account.step = True, time.time(), ""
             layout = self.layout()
             summary = state.read_json(layout.processing(case_id) / state.SUMMARY) if layout else None
             account.verdict = state.summary_verdict(summary or {})
@@ -240,11 +251,14 @@ class RunConsole:
         headline = state.headline(reason_lines, case_dir) or "no reason given"
         if case_id:
             account = self._account(case_id)
-            if account.state != "failed":  # its first failure in this run (others follow from it)
-                account.reason = where
-            account.state, account.ended, account.step = "failed", time.time(), where
-            self._line(f"case {case_id} FAILED at {where}: {headline}{log}", style="bold red")
+            again = where in account.failures
+            account.failures.append(where)
+            account.ended, account.step = time.time(), where
             self._show(account)
+            if again:  # a retry that failed the same way: the first failure showed the log
+                self._line(f"case {case_id} FAILED again at {where}: {headline}", style="bold red")
+                return
+            self._line(f"case {case_id} FAILED at {where}: {headline}{log}", style="bold red")
         else:
             self.failed_other.append(f"{where}: {headline}")
             self._line(f"{where} FAILED: {headline}{log}", style="bold red")
@@ -297,7 +311,7 @@ class RunConsole:
             if counts.get(name):
                 parts.append(f"{len(counts[name])} {label}")
         if counts.get("failed"):
-            parts[-1] += f" ({', '.join(f'{c} at {self.cases[c].reason}' for c in sorted(counts['failed']))})"
+            parts[-1] += f" ({', '.join(f'{c} at {self.cases[c].failures[0]}' for c in sorted(counts['failed']))})"
         if counts.get("waiting"):
             parts.append(f"{len(counts['waiting'])} waiting ({', '.join(sorted(counts['waiting']))})")
         if counts.get("skipped"):
