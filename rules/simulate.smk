@@ -26,3 +26,5 @@ rule simulate:
         "{params.python} -m mqi_communicator.simulate --input {input.parameters:q} --tps-env {params.tps_env:q}"
         ' --moqui-dir "$MQI_MOQUI_DIR" --log {log:q} --output-raw {output.raw:q} --record {output.record:q}'
         ' --timeout "$MQI_TIMEOUT_SECONDS" --gpu-devices "$MQI_GPU_DEVICES" --gpu-lock-dir "$MQI_GPU_LOCK_DIR"'
+        # The step's own lines (its result, or why it failed) after the engine's, not on the console.
+        " >> {log:q} 2>&1"

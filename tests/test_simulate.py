@@ -82,6 +82,19 @@ def test_failures_are_named(tmp_path: Path, body: str, reason: str) -> None:
     assert not (tmp_path / "B1_Dose.raw").exists() and not (tmp_path / "B1.json").exists()
 
 
+def test_failure_said_once_when_the_workflow_sends_stderr_to_the_log(tmp_path: Path) -> None:
+    # rules/simulate.smk: `... >> {log} 2>&1`, so that the step's lines stay off the console.
+    engine = _fake_engine(tmp_path, "echo FATAL ERROR: no beam; exit 3\n")
+    command = [sys.executable, "-m", "mqi_communicator.simulate", "--input", str(_parameter_file(tmp_path))]
+    command += ["--tps-env", engine, "--moqui-dir", str(tmp_path), "--log", str(tmp_path / "engine.log")]
+    command += ["--output-raw", str(tmp_path / "B1_Dose.raw"), "--record", str(tmp_path / "B1.json")]
+    command += ["--gpu-lock-dir", str(tmp_path / "locks")]
+    with open(tmp_path / "engine.log", "a") as log:
+        assert subprocess.run(command, stdout=log, stderr=log, timeout=60, check=False).returncode == 1
+    text = (tmp_path / "engine.log").read_text()
+    assert "FATAL ERROR: no beam" in text and text.count("SIMULATION FAILED for moqui_tps_B1.in") == 1, text
+
+
 def test_hung_engine_is_killed_at_timeout(tmp_path: Path) -> None:
     pid_file = tmp_path / "engine.pid"
     engine = _fake_engine(tmp_path, f"echo $$ > {pid_file}\nsleep 300 &\necho $! >> {pid_file}\nwait\n")

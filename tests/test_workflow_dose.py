@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -17,7 +18,7 @@ import pytest
 from mqi_communicator.plan import find_plan
 from mqi_communicator.rtdose_read import read_rtdose_dose
 from tests import casegen
-from tests.workflow import REPO, SNAKEMAKE, snakemake, write_config
+from tests.workflow import REPO, SNAKEMAKE, full_log, snakemake, write_config
 
 
 def _asymmetric_case(scan: Path) -> Path:
@@ -100,6 +101,13 @@ def test_axis_and_sign_mapping_from_logs_to_rt_dose(finished_run: Path) -> None:
 def test_report_and_nothing_left_to_do(finished_run: Path) -> None:
     again = snakemake(finished_run, "--dry-run")
     assert "Nothing to be done" in again.stdout + again.stderr
+    # A real run with nothing to do says so on the console; Snakemake's own console on request.
+    idle = snakemake(finished_run)
+    assert idle.returncode == 0 and "Nothing to be done" in idle.stderr, idle.stderr
+    assert idle.stderr.splitlines()[-1].startswith("mqi: run ended after ") and "nothing to do." in idle.stderr
+    assert "Building DAG of jobs" not in idle.stderr and "Building DAG of jobs" in full_log(idle)
+    whole = snakemake(finished_run, env={"SNAKEMAKE_LOGGER_MQI_CONSOLE": "snakemake"})
+    assert whole.returncode == 0 and "Building DAG of jobs" in whole.stderr and "mqi: run" not in whole.stderr
     report = snakemake(finished_run, "--report", "report.html")
     assert report.returncode == 0, report.stderr[-2000:]
     html = (finished_run / "report.html").read_text(errors="replace")
@@ -144,9 +152,10 @@ def test_killed_during_simulate_resumes_without_redoing_finished_beams(tmp_path:
     assert unlock.returncode == 0
     rerun = snakemake(work, timeout=600)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    log = rerun.stdout + rerun.stderr
+    log = full_log(rerun)
     assert finished.stat().st_mtime_ns == finished_mtime  # the finished beam was not redone
     finished_beam = finished.name.removesuffix(".simulate.json")
-    assert f"beam={finished_beam}" not in log.split("rule simulate:", 1)[-1].split("\n\n", 1)[0]
-    assert log.count("rule simulate:") == 1
+    simulated = re.findall(r"^(?:local)?rule simulate:\n((?:    .*\n)+)", log, re.MULTILINE)  # each job's block
+    assert len(simulated) == 1 and "wildcards: case_id=c1, beam=" in simulated[0], log[-3000:]
+    assert f"beam={finished_beam}" not in simulated[0]
     assert (work / "data" / "cases" / "c1" / "intermediate" / "case_summary.json").is_file()

@@ -16,7 +16,7 @@ import pytest
 
 from mqi_communicator.rtdose_read import read_rtdose_dose
 from tests import casegen
-from tests.workflow import snakemake, write_config
+from tests.workflow import full_log, snakemake, write_config
 
 
 def _small_spec(patient_id: str) -> casegen.CaseSpec:
@@ -105,7 +105,8 @@ def test_dash_late_planned_and_flagged_cases(tmp_path: Path) -> None:
     assert again.returncode != 0
     assert "incomplete: beam 3 ('2G90'): no delivery" in output
     assert (work / "data" / "cases" / "late" / "intermediate" / "state" / "failed.json").is_file()
-    assert "case_id=good" not in output and "case_id=-dash" not in output
+    detail = full_log(again)
+    assert "case_id=late" in detail and "case_id=good" not in detail and "case_id=-dash" not in detail
 
 
 def _dry_run(tmp_path: Path, **local: str) -> str:

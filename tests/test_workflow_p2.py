@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
 from tests import casegen
-from tests.workflow import snakemake, tree_digest, write_config
+from tests.workflow import full_log, snakemake, tree_digest, write_config
 
 
 def _scan_dir(root: Path) -> Path:
@@ -36,6 +37,8 @@ def test_dry_run_real_run_and_resume(tmp_path: Path) -> None:
         assert f"data/cases/{case}/intermediate/intake.json" in planned
     assert "waiting" not in planned.replace("skipping", "")
     assert "skipping" in planned and "bad name" in planned
+    # A dry run lists the jobs as Snakemake prints them (the physicists' preview).
+    assert planned.count("rule intake:") == 3 and "wildcards: case_id=good1" in planned
     assert not (work / "data").exists()
 
     run = snakemake(work)
@@ -48,7 +51,19 @@ def test_dry_run_real_run_and_resume(tmp_path: Path) -> None:
     broken_log = (work / "logs" / "broken" / "intake.log").read_text()
     assert "INTAKE FAILED for case broken" in broken_log
     assert "3 PTN files for 4 delivered layers" in broken_log
-    assert "3 PTN files for 4 delivered layers" in output  # shown on the console too
+    # The console gives an account per case; the failure names case, step, reason and log.
+    lines = output.splitlines()
+    failed = [line for line in lines if line.startswith("case broken FAILED at intake: ")]
+    assert len(failed) == 1 and "3 PTN files for 4 delivered layers" in failed[0], output
+    assert failed[0].endswith("(log: logs/broken/intake.log)")
+    assert any(re.search(r" case good1: simulate beam 2/2 started \((1G180_TX|2G90)\)$", x) for x in lines), output
+    assert any(line.startswith("case good2 finished in ") for line in lines), output
+    assert "2 finished, 1 failed (broken at intake)." in lines[-1]
+    # Snakemake's job listing went to its log file, not to the console.
+    assert len(lines) < 40 and "Shell command" not in output and "wildcards:" not in output
+    detail = full_log(run)
+    assert detail.count("localrule intake:") == 3 and "wildcards: case_id=good2" in detail
+    assert "Shell command:" in detail and "3 PTN files for 4 delivered layers" in detail
     assert (work / "data" / "cases" / "broken" / "intermediate" / "state" / "failed.json").is_file()
     assert not (work / "data" / "cases" / "broken" / "intermediate" / "moqui_csv").exists()
 
@@ -61,7 +76,7 @@ def test_dry_run_real_run_and_resume(tmp_path: Path) -> None:
     (scan / "waiting" / "_CASE_READY").write_text("")
     later = snakemake(work)
     assert later.returncode == 0, later.stderr
-    log = later.stdout + later.stderr
+    log = full_log(later)
     assert "wildcards: case_id=waiting" in log
     assert "case_id=good1" not in log and "case_id=good2" not in log
     assert (work / "data" / "cases" / "waiting" / "intermediate" / "case_summary.json").is_file()

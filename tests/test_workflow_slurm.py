@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 from tests.infra.slurm_fixture import SlurmCluster
-from tests.workflow import REPO, case_summaries, sample_scan_with_failing_case, snakemake, write_config
+from tests.workflow import REPO, case_summaries, full_log, sample_scan_with_failing_case, snakemake, write_config
 
 HPC = ["--profile", str(REPO / "profiles" / "hpc"), "--profile", str(REPO / "tests" / "profiles" / "hpc-test")]
 HPC += ["--workflow-profile", "none"]
@@ -39,8 +39,12 @@ def test_pipeline_on_slurm_matches_embedded_default(
     assert "slurm_partition=gpu" in listed and "gpu=1" in listed
 
     run = snakemake(work, *HPC, timeout=900, env={"MQI_ENGINE_TEST_FAIL_BEAMS": "FAILS"})
-    log = run.stdout + run.stderr
+    console = run.stdout + run.stderr
     assert run.returncode != 0  # the failing case
+    failed = [
+        line for line in console.splitlines() if line.startswith("case zz_failing FAILED at simulate beam FAILS:")
+    ]
+    assert len(failed) == 1 and failed[0].endswith("(log: logs/zz_failing/simulate_FAILS.log)"), console[-3000:]
     assert "test failure injected" in (work / "logs" / "zz_failing" / "simulate_FAILS.log").read_text()
 
     slurm = case_summaries(work)
@@ -56,7 +60,7 @@ def test_pipeline_on_slurm_matches_embedded_default(
             assert data["slurm_partition"] == "gpu" and data["cuda_visible_devices"] not in (None, "")
             assert data["gpu"] == 0  # SLURM's GPU is device 0 inside the job
     # Local rules ran on the controller; only simulate went to SLURM.
-    assert "localrule" in log
+    assert "localrule" in full_log(run)
     slurm_logs = {p.parts[-3] for p in (work / "logs" / "slurm").rglob("*.log")}
     assert slurm_logs == {"rule_simulate"} or slurm_logs == {"simulate"}, slurm_logs
 
@@ -70,7 +74,7 @@ def test_pipeline_on_slurm_matches_embedded_default(
     assert asked.returncode == 0
     retry = snakemake(work, *HPC, timeout=600)
     assert retry.returncode == 0, retry.stderr[-3000:]
-    retried = retry.stdout + retry.stderr
+    retried = full_log(retry)
     assert retried.count("rule simulate:") == 1 and "beam=FAILS" in retried
     assert "zz_failing" in case_summaries(work)
     nothing = snakemake(work, *HPC, "--dry-run")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +38,14 @@ def snakemake(
         check=False,
         env={**os.environ, **(env or {})},
     )
+
+
+def full_log(run: subprocess.CompletedProcess[str]) -> str:
+    """Snakemake's complete output of a run (rules, shell commands, reasons) from the log file
+    whose path the console names at the run's start and end."""
+    named = re.findall(r"Snakemake's full log: (\S+)", run.stderr)
+    assert len(named) == 2 and named[0] == named[1], run.stderr[-3000:]
+    return Path(named[0]).read_text()
 
 
 def tree_digest(root: Path) -> dict[str, str]:

@@ -155,6 +155,14 @@ def simulate(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _is_stderr(path: Path) -> bool:
+    try:
+        here, there = os.fstat(sys.stderr.fileno()), os.stat(path)
+    except (OSError, ValueError):
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m mqi_communicator.simulate",
@@ -176,9 +184,10 @@ def main(argv: list[str] | None = None) -> int:
         record = simulate(args)
     except (SimulationError, ValueError, KeyError, OSError) as exc:
         message = f"SIMULATION FAILED for {args.input.name}: {exc}"
-        print(message, file=sys.stderr)
-        with contextlib.suppress(OSError), open(args.log, "a") as log:
-            log.write(message + "\n")
+        print(message, file=sys.stderr, flush=True)
+        if not _is_stderr(args.log):  # the workflow sends stderr to the log: said there already
+            with contextlib.suppress(OSError), open(args.log, "a") as log:
+                log.write(message + "\n")
         return 1
     write_json_atomic(args.record, record)
     print(f"{args.input.name}: {record['engine_output']} on GPU {record['gpu']} in {record['seconds']} s")

@@ -170,6 +170,16 @@ def finished(layout: Layout) -> list[str]:
     ]
 
 
+def summary_verdict(summary: dict[str, Any]) -> str:
+    """A finished case's QA verdict as shown (`PASS`, `FAIL [FLAGGED]`): a plan-based or flagged
+    result says so wherever it is shown (intake's labels)."""
+    qa = summary.get("qa")
+    qa = qa if isinstance(qa, dict) else {}
+    verdict = str(summary.get("verdict") or qa.get("verdict") or "")
+    labels = summary.get("labels") or (["PLAN-BASED"] if summary.get("mode") == "plan" else [])
+    return " ".join([verdict, *(f"[{label}]" for label in labels)]).strip()
+
+
 def headline(reason: str, case_dir: Path | None = None) -> str:
     """The line of a failure reason that says what is wrong: the first that is not a heading
     ("... 2 problem(s):"), without the case folder's path in front of its files."""

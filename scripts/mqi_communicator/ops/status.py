@@ -60,13 +60,7 @@ def _summary_facts(path: Path, mtime_ns: int, index: dict[str, Any], case_id: st
     cached = index.get(case_id)
     if cached and cached[0] == mtime_ns:
         return float(cached[1]), str(cached[2])
-    summary = state.read_json(path) or {}
-    qa = summary.get("qa")
-    qa = qa if isinstance(qa, dict) else {}
-    verdict = str(summary.get("verdict") or qa.get("verdict") or "")
-    # A plan-based or flagged result says so wherever it is shown (intake's labels).
-    labels = summary.get("labels") or (["PLAN-BASED"] if summary.get("mode") == "plan" else [])
-    verdict = " ".join([verdict, *(f"[{label}]" for label in labels)]).strip()
+    verdict = state.summary_verdict(state.read_json(path) or {})
     index[case_id] = [mtime_ns, mtime_ns / 1e9, verdict]
     return mtime_ns / 1e9, verdict
 
