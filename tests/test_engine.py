@@ -403,14 +403,9 @@ def test_bad_csv_is_an_error_naming_the_file(tmp_path: Path, capsys: pytest.Capt
     assert "not a MOQUI layer file name" in capsys.readouterr().out
 
 
-def test_cli_exit_codes_and_test_hooks(tmp_path: Path) -> None:
-    params = beam_case(tmp_path, "HOOK:1", [(0.0, 0.0)])
+def test_cli_exit_codes(tmp_path: Path) -> None:
     missing = run_cli(tmp_path / "nope.in")
     assert missing.returncode == 1 and f"ERROR: cannot read parameter file {tmp_path / 'nope.in'}" in missing.stdout
-    failed = run_cli(params, MQI_ENGINE_TEST_FAIL_BEAMS="other, HOOK:1", MQI_ENGINE_TEST_SLEEP="0.2")
-    assert failed.returncode == 3
-    assert "sleeping 0.2 s" in failed.stdout and "FATAL ERROR: test failure injected" in failed.stdout
-    assert not (tmp_path / "out").exists()
     usage = subprocess.run(
         [sys.executable, "-m", "mqi_communicator.engine"],
         capture_output=True,

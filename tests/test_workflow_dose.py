@@ -18,7 +18,7 @@ import pytest
 from mqi_communicator.plan import find_plan
 from mqi_communicator.rtdose_read import read_rtdose_dose
 from tests import casegen
-from tests.workflow import REPO, SNAKEMAKE, full_log, snakemake, write_config
+from tests.workflow import REPO, SNAKEMAKE, full_log, snakemake, standin_copies, write_config
 
 
 def _asymmetric_case(scan: Path) -> Path:
@@ -123,11 +123,11 @@ def test_killed_during_simulate_resumes_without_redoing_finished_beams(tmp_path:
     casegen.write_case(scan, "c1")
     work = tmp_path / "work"
     work.mkdir()
-    write_config(work, scan)
+    # Each engine run (the stand-in tps_env) takes 4 s; one GPU, so the beams run one after the other.
+    write_config(work, scan, executables={"moqui": str(standin_copies(tmp_path, "c1 sleep 4\n") / "tps_env_faulty")})
     raw = work / "data" / "cases" / "c1" / "raw"
     command = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--configfile", str(work / "test-config.yaml")]
-    # Each engine run takes 4 s; one GPU, so the beams run one after the other.
-    env = {**os.environ, "MQI_ENGINE_TEST_SLEEP": "4"}
+    env = dict(os.environ)
     process = subprocess.Popen(
         command, cwd=work, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -135,7 +135,9 @@ def test_killed_during_simulate_resumes_without_redoing_finished_beams(tmp_path:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
             done = list(raw.glob("*.simulate.json")) if raw.is_dir() else []
-            running = [p for p in (work / "logs" / "c1").glob("simulate_*.log") if "Test hook" in p.read_text()]
+            running = [
+                p for p in (work / "logs" / "c1").glob("simulate_*.log") if "stand-in: sleeping" in p.read_text()
+            ]
             if len(done) == 1 and len(running) == 2:
                 break
             time.sleep(0.2)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import yaml
 
 from tests import casegen
 from tests.alert_servers import Inbox, alerts_section
-from tests.workflow import REPO, full_log, snakemake, tree_digest, write_config
+from tests.workflow import REPO, full_log, snakemake, standin_copies, tree_digest, write_config
 
 MQI = str(REPO / "bin" / "mqi")
 PYTHON = sys.executable
@@ -121,21 +120,10 @@ def test_reprocess_from_a_step_keeps_the_earlier_results(tmp_path: Path) -> None
     assert manifest.stat().st_mtime_ns == mtime
 
 
-def copy_standins(tmp_path: Path, faults: str) -> Path:
-    """The stand-in executables, run by this venv's Python, with the faults they are to show."""
-    standins = tmp_path / "standins"
-    shutil.copytree(REPO / "tests" / "standins", standins)
-    for script in standins.iterdir():
-        text = script.read_text()
-        script.write_text(text.replace("#!/usr/bin/env python3", f"#!{PYTHON}", 1))
-    (standins / "faults").write_text(faults)
-    return standins
-
-
 def _faulty_site(tmp_path: Path, alerts: dict) -> tuple[Path, Path]:
     """Four cases failing at intake, P2, the engine and P3, and one good case; the engine and the
     interpreter are stand-ins through the real command contracts (tests/standins)."""
-    standins = copy_standins(tmp_path, "zz_engine engine\nzz_p3 p3\n")
+    standins = standin_copies(tmp_path, "zz_engine engine\nzz_p3 p3\n")
     scan = tmp_path / "scan"
     casegen.write_case(scan, "good")
     broken = casegen.write_case(scan, "zz_intake")
@@ -217,7 +205,7 @@ def test_a_failure_at_each_step_is_recorded_and_shown(
 
 
 def test_status_follows_a_beam_from_queued_to_running_to_done(tmp_path: Path) -> None:
-    standins = copy_standins(tmp_path, "slow sleep 6\n")
+    standins = standin_copies(tmp_path, "slow sleep 6\n")
     scan = tmp_path / "scan"
     casegen.write_case(scan, "slow")
     work = tmp_path / "work"

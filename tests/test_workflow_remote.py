@@ -22,8 +22,8 @@ def _ssh(server: SshServer, command: str) -> commands.CommandResult:
         return commands.run(conn, command, timeout=60)
 
 
-def _engine_for(server: SshServer) -> str:
-    """A command that runs the built-in engine as the SSH server's (unprivileged) user.
+def _python_for(server: SshServer) -> str:
+    """A Python that runs the built-in engine as the SSH server's (unprivileged) user.
 
     The project's venv Python may live where that user cannot go (pyenv under /root here), so
     the system Python runs the package with the venv's site-packages, which must be readable;
@@ -36,7 +36,7 @@ def _engine_for(server: SshServer) -> str:
     for python in candidates:
         probe = f"cd /tmp && {python} -c 'import mqi_communicator.engine, scipy.ndimage'"
         if _ssh(server, probe).rc == 0:
-            return f"{python} -m mqi_communicator.engine"
+            return python
     raise AssertionError(f"the SSH test user cannot run the built-in engine with any of {candidates}")
 
 
@@ -48,9 +48,10 @@ def test_remote_pipeline_matches_embedded_default(
     work.mkdir()
     base = f"~/mqi-e2e-{uuid.uuid4().hex[:8]}"
     assert _ssh(sshd_server, f"mkdir -p {base}/tps_env").rc == 0
-    # The cluster's "MOQUI" is the built-in engine, run by the remote user; the injected failure
-    # hits the one beam named FAILS.
-    engine = f"env MQI_ENGINE_TEST_FAIL_BEAMS=FAILS {_engine_for(sshd_server)}"
+    # The cluster's "MOQUI" is the stand-in tps_env (the built-in engine), run by the remote user;
+    # the fault it is given hits the one beam named FAILS.
+    standin = REPO / "tests" / "standins" / "tps_env_faulty"
+    engine = f"env MQI_STANDIN_FAULTS=FAILS:engine {_python_for(sshd_server)} {standin}"
     write_config(
         work,
         scan,
@@ -77,7 +78,7 @@ def test_remote_pipeline_matches_embedded_default(
     run = snakemake(work, *REMOTE, timeout=900)
     log = run.stdout + run.stderr
     assert run.returncode != 0, log[-3000:]  # the failing case
-    assert "test failure injected" in (work / "logs" / "zz_failing" / "simulate_FAILS.log").read_text()
+    assert "cudaMalloc failed (stand-in)" in (work / "logs" / "zz_failing" / "simulate_FAILS.log").read_text()
 
     remote = case_summaries(work)
     local = case_summaries(embedded_default_run)

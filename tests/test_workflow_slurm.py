@@ -10,7 +10,15 @@ import subprocess
 from pathlib import Path
 
 from tests.infra.slurm_fixture import SlurmCluster
-from tests.workflow import REPO, case_summaries, full_log, sample_scan_with_failing_case, snakemake, write_config
+from tests.workflow import (
+    REPO,
+    case_summaries,
+    full_log,
+    sample_scan_with_failing_case,
+    snakemake,
+    standin_copies,
+    write_config,
+)
 
 HPC = ["--profile", str(REPO / "profiles" / "hpc"), "--profile", str(REPO / "tests" / "profiles" / "hpc-test")]
 HPC += ["--workflow-profile", "none"]
@@ -27,7 +35,9 @@ def test_pipeline_on_slurm_matches_embedded_default(
         shutil.rmtree(scan / other)
     work = tmp_path / "work"
     work.mkdir()
-    write_config(work, scan)
+    # The engine: the built-in one behind the stand-in tps_env, which fails the beam named FAILS
+    # in the run that is told to (the same raw doses otherwise).
+    write_config(work, scan, executables={"moqui": str(standin_copies(tmp_path) / "tps_env_faulty")})
 
     # Before intake the GPU jobs are unknown; after intake and P2 the dry-run lists them with
     # their partition and GPU request.
@@ -38,14 +48,14 @@ def test_pipeline_on_slurm_matches_embedded_default(
     assert listed.count("rule simulate:") == 3  # 2 beams of case001_G2, 1 failing
     assert "slurm_partition=gpu" in listed and "gpu=1" in listed
 
-    run = snakemake(work, *HPC, timeout=900, env={"MQI_ENGINE_TEST_FAIL_BEAMS": "FAILS"})
+    run = snakemake(work, *HPC, timeout=900, env={"MQI_STANDIN_FAULTS": "FAILS:engine"})
     console = run.stdout + run.stderr
     assert run.returncode != 0  # the failing case
     failed = [
         line for line in console.splitlines() if line.startswith("case zz_failing FAILED at simulate beam FAILS:")
     ]
     assert len(failed) == 1 and failed[0].endswith("(log: logs/zz_failing/simulate_FAILS.log)"), console[-3000:]
-    assert "test failure injected" in (work / "logs" / "zz_failing" / "simulate_FAILS.log").read_text()
+    assert "cudaMalloc failed (stand-in)" in (work / "logs" / "zz_failing" / "simulate_FAILS.log").read_text()
 
     slurm = case_summaries(work)
     local = case_summaries(embedded_default_run)

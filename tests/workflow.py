@@ -66,8 +66,8 @@ def case_summaries(work: Path) -> dict[str, dict]:
 
 
 def sample_scan_with_failing_case(root: Path, patient_id: str) -> Path:
-    """The bundled sample cases plus `zz_failing`, whose one beam is named FAILS: an engine run
-    with MQI_ENGINE_TEST_FAIL_BEAMS=FAILS fails on it and on nothing else."""
+    """The bundled sample cases plus `zz_failing`, whose one beam is named FAILS: the stand-in
+    engine (`standin_copies`) with MQI_STANDIN_FAULTS=FAILS:engine fails on it and on nothing else."""
     import shutil
 
     from tests import casegen
@@ -79,3 +79,16 @@ def sample_scan_with_failing_case(root: Path, patient_id: str) -> Path:
     )
     casegen.write_case(scan, "zz_failing", spec)
     return scan
+
+
+def standin_copies(tmp_path: Path, faults: str = "") -> Path:
+    """The stand-in executables of tests/standins (MOQUI's tps_env, mqi_interpreter: the real
+    command contracts), run by this venv's Python, with the faults they are to show."""
+    import shutil
+
+    copies = tmp_path / "standins"
+    shutil.copytree(REPO / "tests" / "standins", copies)
+    for script in copies.iterdir():
+        script.write_text(script.read_text().replace("#!/usr/bin/env python3", f"#!{sys.executable}", 1))
+    (copies / "faults").write_text(faults)
+    return copies

@@ -34,7 +34,6 @@ logged. `UsingPhantomGeo false` (patient CT) and any `Scorer` other than Dose ar
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 import traceback
@@ -80,10 +79,6 @@ SIGMA_STEP = 1.005  # 3-D: depths whose filter sigma agree within 0.5 % share on
 
 class EngineError(Exception):
     """A problem the engine reports as `ERROR: <message>` before exiting non-zero."""
-
-
-class InjectedFailure(Exception):
-    """The MQI_ENGINE_TEST_FAIL_BEAMS test hook."""
 
 
 # --- physics ------------------------------------------------------------------------------
@@ -269,16 +264,6 @@ def _read_layers(folder: Path) -> list[Layer]:
     return layers
 
 
-def _inject_test_hooks(beam_name: str) -> None:
-    delay = os.environ.get("MQI_ENGINE_TEST_SLEEP")
-    if delay:
-        _log(f"Test hook: sleeping {delay} s (MQI_ENGINE_TEST_SLEEP)")
-        time.sleep(float(delay))
-    failing = {item.strip() for item in os.environ.get("MQI_ENGINE_TEST_FAIL_BEAMS", "").split(",")}
-    if beam_name in failing:
-        raise InjectedFailure
-
-
 def run(parameter_file: Path, started: float) -> Path:
     """Compute one beam's dose as the parameter file asks; returns the raw file written."""
     try:
@@ -334,7 +319,6 @@ def run(parameter_file: Path, started: float) -> Path:
         f"Dose scale: {scale:g}"
         + (" (DoseScaleFactor)" if "DoseScaleFactor" in params else " (RELATIVE dose: no DoseScaleFactor given)")
     )
-    _inject_test_hooks(beam.name)
     layers = _read_layers(folder)
     total = sum(float(layer.samples[:, 3].sum()) for layer in layers)
     _log(f"Layers: {len(layers)}, samples: {sum(len(layer.samples) for layer in layers)}, counts: {total:g}")
@@ -376,9 +360,6 @@ def main(argv: list[str] | None = None) -> int:
     except EngineError as exc:
         _log(f"ERROR: {exc}")
         return 1
-    except InjectedFailure:
-        _log("FATAL ERROR: test failure injected")
-        return 3
     except Exception as exc:  # the log must carry a failure marker whatever went wrong
         traceback.print_exc()
         _log(f"ERROR: internal error in the built-in engine: {type(exc).__name__}: {exc}")
