@@ -29,7 +29,7 @@ import pytest
 from paramiko.buffered_pipe import BufferedPipe
 
 from mqi_communicator.files import write_atomic
-from mqi_communicator.remote import commands, connection, download, fastpath, hashing, upload
+from mqi_communicator.remote import commands, connection, download, fastpath, hashing, tarstream, upload
 from mqi_communicator.remote import transfer as transfer_cli
 from mqi_communicator.remote.errors import AuthError, CommandTimeout, HostKeyError, TransferError, VerifyError
 
@@ -193,9 +193,8 @@ def test_upload_early_remote_hash_rechecks_files_still_being_written(
 ) -> None:
     """The tar upload hashes files remotely while streaming; hashing them too early (here: at
     once, tiny batches) only costs a second look, never a false failure."""
-    monkeypatch.setattr(upload, "_TAR_HASH_LAG", 0)
-    monkeypatch.setattr(hashing, "_HASH_BATCH", 1)
-    monkeypatch.setattr(hashing, "_HASH_COMMANDS", 10**9)
+    monkeypatch.setattr(tarstream, "HASH_LAG", 0)
+    monkeypatch.setattr(hashing, "_HASH_RUNS", 10**9)  # one hash process per file
     local = tmp_path / "case"
     for i in range(12):
         (local / f"d{i % 3}").mkdir(parents=True, exist_ok=True)

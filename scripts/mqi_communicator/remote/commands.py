@@ -54,13 +54,18 @@ class RemoteProcess:
         self.conn, self.chan, self.command = conn, chan, command
 
     @classmethod
-    def start(cls, conn: Connection, command: str, stdin: bytes | None = None) -> RemoteProcess:
+    def start(
+        cls, conn: Connection, command: str, stdin: bytes | None = None, *, keep_stdin: bool = False
+    ) -> RemoteProcess:
+        """Start ``command``; ``stdin`` is sent, then stdin is closed (unless ``keep_stdin``: the
+        caller writes more to ``chan`` and calls ``chan.shutdown_write()``)."""
         chan = conn.transport.open_session(timeout=conn.target.channel_timeout)
         chan.settimeout(conn.target.op_timeout)
         exec_private(chan, command)
         if stdin:
             chan.sendall(stdin)
-        chan.shutdown_write()
+        if not keep_stdin:
+            chan.shutdown_write()
         return cls(conn, chan, command)
 
     def wait(self, timeout: float) -> tuple[int, bytes, bytes]:
