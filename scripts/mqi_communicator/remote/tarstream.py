@@ -50,7 +50,7 @@ ZSTD_TAR_SCRIPT = 'mkdir -p -- "$1" && cd -- "$1" && zstd -d -q -c | tar -x -o -
 #: taken the member's end off the channel, by its window adjustments, plus `_PIPE_MARGIN` for the
 #: pipes into tar; `_FALLBACK_LAG` where paramiko's window is not read)
 HASH_LAG: int | None = None
-_PIPE_MARGIN = 1 << 20
+_PIPE_MARGIN = 256 << 10  # the pipes (64 KiB) and zstd's and tar's buffers (128 KiB)
 _FALLBACK_LAG = 8 << 20
 
 

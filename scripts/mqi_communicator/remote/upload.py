@@ -24,7 +24,7 @@ import paramiko
 
 from ..files import PRIVATE_FILE, sha256_of
 from . import fastpath
-from .commands import execute, home_relative, remote_tools, sh_command, use_zstd
+from .commands import ask_tools, execute, home_relative, remote_tools, sh_command, use_zstd
 from .connection import PART_SUFFIX, WRITE_REQ, Connection
 from .errors import TransferError, VerifyError
 from .hashing import BackgroundHasher, check_name, finish_sha256, hash_timeout, start_sha256
@@ -211,7 +211,9 @@ def upload_tree(
 
     def once() -> UploadReport:
         dirs, files = walk_local(local)
+        asked = ask_tools(conn)  # answered while SFTP lists the remote folder
         listing = _remote_listing(conn.sftp, remote, dirs)
+        remote_tools(conn, asked)
         return _upload_once(conn, local, remote, dirs, files, listing, method, remote)
 
     return conn.call(once, f"upload {local} -> {remote}")
@@ -229,7 +231,9 @@ def upload_file(
     def once() -> UploadReport:
         base = parent or "."
         files = [LocalFile(name, local, os.path.getsize(local))]
+        asked = ask_tools(conn)  # answered while SFTP looks for the file
         listing = _remote_stats(conn.sftp, base, [name, name + PART_SUFFIX])
+        remote_tools(conn, asked)
         return _upload_once(conn, local, base, [], files, listing, method, remote)
 
     return conn.call(once, f"upload {local} -> {remote}")
