@@ -207,6 +207,38 @@ def test_upload_early_remote_hash_rechecks_files_still_being_written(
     assert part_files(remote) == []
 
 
+@pytest.mark.parametrize("compression", ["zstd", "none"])
+def test_upload_stream_piece_edges_in_four_sessions(
+    sshd: SshServer, remote: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compression: str
+) -> None:
+    """Files ending on and beside the stream's piece (zstd frame) and tar block boundaries arrive
+    whole; however many files, an upload opens four SSH sessions: the tools question, SFTP
+    (listing, renames), the tar stream and ONE remote hash command."""
+    piece = tarstream.PIECE
+    sizes = [0, 1, 511, 512, 513, piece - 512, piece - 1, piece, piece + 1, 3 * piece + 7]
+    local = tmp_path / "case"
+    (local / "log").mkdir(parents=True)
+    data = {f"log/{i:02d}.csv": os.urandom(sizes[i % len(sizes)]) for i in range(30)}
+    for rel, content in data.items():
+        (local / rel).write_bytes(content)
+    opened: list[str] = []
+    real_open = paramiko.Transport.open_session
+
+    def counting_open(self: paramiko.Transport, *args: Any, **kwargs: Any) -> paramiko.Channel:
+        opened.append("session")
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(paramiko.Transport, "open_session", counting_open)
+    with connection.connect(**fast(sshd, compression=compression)) as conn:
+        report = upload.upload_tree(conn, local, str(remote), method="auto")
+    assert len(opened) == 4
+    assert sorted(report.uploaded) == sorted(data)
+    for rel, content in data.items():
+        assert (remote / rel).read_bytes() == content, rel
+        assert report.files[rel] == hashlib.sha256(content).hexdigest()
+    assert part_files(remote) == []
+
+
 def test_upload_refuses_broken_symlinks_and_odd_names(sshd: SshServer, remote: Path, tmp_path: Path) -> None:
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "dangling.csv").symlink_to(tmp_path / "nowhere.csv")
