@@ -1,9 +1,10 @@
 """Upload a folder or a file to the cluster: atomic (``.part`` + rename), sha256-verified, idempotent.
 
 Files already identical remotely (size, then sha256) are not sent. The others stream as ONE tar
-archive (zstd-compressed when the server has zstd) into ``[zstd -d |] tar -x`` over an exec
-channel (no per-file round trip, no SFTP framing), or by pipelined SFTP writes where the server
-has no tar; finished files are hashed remotely while the rest streams (`hashing`), and only
+archive (zstd frames compressed in worker threads when the server has zstd) into
+``[zstd -d |] tar -x`` over an exec channel (`tarstream`: no per-file round trip, no SFTP
+framing), or by pipelined SFTP writes where the server has no tar; finished files are hashed
+remotely by one command while the rest streams (`hashing`), and only
 verified files get their final name. Staged files are 0600 and folders 0700 on the server
 (created so explicitly, and under ``umask 077``).
 """
