@@ -212,9 +212,10 @@ def upload_tree(
 
     def once() -> UploadReport:
         dirs, files = walk_local(local)
-        asked = ask_tools(conn)  # answered while SFTP lists the remote folder
+        asked = ask_tools(conn) if method != "sftp" else None  # answered while SFTP lists the folder
         listing = _remote_listing(conn.sftp, remote, dirs)
-        remote_tools(conn, asked)
+        if asked is not None:
+            remote_tools(conn, asked)
         return _upload_once(conn, local, remote, dirs, files, listing, method, remote)
 
     return conn.call(once, f"upload {local} -> {remote}")
@@ -232,9 +233,10 @@ def upload_file(
     def once() -> UploadReport:
         base = parent or "."
         files = [LocalFile(name, local, os.path.getsize(local))]
-        asked = ask_tools(conn)  # answered while SFTP looks for the file
+        asked = ask_tools(conn) if method != "sftp" else None  # answered while SFTP looks for the file
         listing = _remote_stats(conn.sftp, base, [name, name + PART_SUFFIX])
-        remote_tools(conn, asked)
+        if asked is not None:
+            remote_tools(conn, asked)
         return _upload_once(conn, local, base, [], files, listing, method, remote)
 
     return conn.call(once, f"upload {local} -> {remote}")
