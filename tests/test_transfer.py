@@ -712,3 +712,43 @@ def test_cli_upload_check_download(sshd: SshServer, remote: Path, tmp_path: Path
         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO / "scripts")}, timeout=60,
     )  # fmt: skip
     assert bad.returncode == transfer_cli.EXIT_FAILED and "unknown" in bad.stderr
+
+
+@pytest.mark.parametrize("tool", ["openssl", "sha256sum"])
+def test_remote_hash_scripts_with_and_without_openssl(tmp_path: Path, tool: str) -> None:
+    """The server-side hash scripts (run here by sh, as sshd would), with openssl and where only
+    coreutils' sha256sum exists: names with spaces, a missing one, batches ended by empty lines."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for program in {"xargs", "sha256sum", tool}:
+        found = shutil.which(program)
+        assert found, program
+        (bin_dir / program).symlink_to(found)
+    files = {"a b.csv": b"1,2\r\n", "sub/-x.csv": os.urandom(70_000), "sub/c (1).csv": b""}
+    for rel, data in files.items():
+        (tmp_path / "d" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "d" / rel).write_bytes(data)
+    names = [*files, "missing.csv"]
+    want = {rel: hashlib.sha256(data).hexdigest() for rel, data in files.items()}
+    env = {"PATH": str(bin_dir)}
+
+    def digests(out: bytes) -> dict[str, str]:
+        lines = [line.split(" *", 1) if " *" in line else line.split("  ", 1) for line in out.decode().splitlines()]
+        return {name.removeprefix("./"): digest for digest, name in lines}
+
+    listing = b"".join(f"./{n}".encode() + b"\0" for n in names)
+    run = subprocess.run(
+        ["/bin/sh", "-c", hashing._HASH_SCRIPT, "sh", str(tmp_path / "d"), "2"],
+        input=listing,
+        env=env,
+        capture_output=True,
+    )
+    assert run.returncode == 123 and digests(run.stdout) == want
+    batches = "./a b.csv\n\n./sub/-x.csv\n./missing.csv\n\n./sub/c (1).csv\n"  # the last batch ends with stdin
+    run = subprocess.run(
+        ["/bin/sh", "-c", hashing._BATCH_HASH_SCRIPT, "sh", str(tmp_path / "d")],
+        input=batches.encode(),
+        env=env,
+        capture_output=True,
+    )
+    assert run.returncode == 123 and digests(run.stdout) == want

@@ -20,13 +20,33 @@ _HASH_RATE = 20e6  # bytes/s assumed for remote hashing when sizing its timeout 
 
 # openssl's sha256 uses the CPU's SHA extensions (~1 GB/s); coreutils' sha256sum may not (~150 MB/s
 # measured with Debian 12's coreutils 9.1). Both print "<hex> *<name>" per file, in order.
-# $2: names per hash process at most (xargs starts one as soon as it has read that many names).
+# $2: names per hash process at most.
 _HASH_SCRIPT = r"""
 cd -- "$1" || exit 2
 if command -v openssl >/dev/null 2>&1 && openssl dgst -sha256 -r /dev/null >/dev/null 2>&1; then
     exec xargs -0 -r -n "$2" openssl dgst -sha256 -r
 fi
 exec xargs -0 -r -n "$2" sha256sum -b
+"""
+# The same for names arriving one a line while an upload goes on: each empty line ends a batch,
+# which is hashed at once (the caller sizes the batches); exit status 123 when a batch failed, as
+# xargs's.
+_BATCH_HASH_SCRIPT = r"""
+cd -- "$1" || exit 2
+if command -v openssl >/dev/null 2>&1 && openssl dgst -sha256 -r /dev/null >/dev/null 2>&1; then
+    hash() { openssl dgst -sha256 -r "$@"; }
+else
+    hash() { sha256sum -b "$@"; }
+fi
+rc=0
+set --
+while IFS= read -r name; do
+    if [ -n "$name" ]; then set -- "$@" "$name"; continue; fi
+    [ $# -eq 0 ] || hash "$@" || rc=123
+    set --
+done
+[ $# -eq 0 ] || hash "$@" || rc=123
+exit $rc
 """
 _ALL_AT_ONCE = 4096  # names per hash process when all names are known up front (xargs also splits by length)
 
@@ -88,32 +108,44 @@ def hash_timeout(conn: Connection, nbytes: int) -> float:
     return conn.target.op_timeout + nbytes / _HASH_RATE
 
 
-#: hash processes per upload at most: each is a process start on the server (109 files in 8 runs)
+#: hash processes per upload, about (each is a process start on the server): batches of
+#: total/_HASH_RUNS bytes, smaller towards the end (at least `_MIN_BATCH`)
 _HASH_RUNS = 8
+_MIN_BATCH = 2 << 20
+_MAX_NAMES = 500  # per batch (the command line's length)
 
 
 class BackgroundHasher:
     """Hashes uploaded ``.part`` files on the server while the upload goes on, in ONE remote
     command (one SSH session, whatever the number of files): each name is written to its stdin
-    once the file is complete there, and it hashes them in batches of ``len(files) / _HASH_RUNS``
-    as they come."""
+    once the file is complete there, and it hashes them in batches as they come. Batches shrink
+    towards the end of the upload (at most half of what is still to come), so that little is left
+    to hash once the stream is over."""
 
-    def __init__(self, conn: Connection, base: str, n_files: int) -> None:
+    def __init__(self, conn: Connection, base: str, total_bytes: int) -> None:
         self.conn, self.base = conn, base
-        self.per_run = max(1, -(-n_files // _HASH_RUNS))
+        self.batch = max(_MIN_BATCH, total_bytes // _HASH_RUNS)
+        self.left = total_bytes  # bytes not yet added
         self.job: RemoteProcess | None = None
         self.names: list[str] = []
         self.nbytes = 0
+        self.pending: tuple[int, int] = (0, 0)  # names, bytes in the batch being filled
 
     def add(self, name: str, size: int) -> None:
-        """``name`` is complete remotely: hash it (with the next batch)."""
+        """``name`` is complete remotely: hash it (with the batch being filled)."""
         check_name(name)
         if self.job is None:
-            command = sh_command(_HASH_SCRIPT, self.base or ".", str(self.per_run))
-            self.job = RemoteProcess.start(self.conn, command, keep_stdin=True)
-        self.job.chan.sendall(_listing([name]))
+            self.job = RemoteProcess.start(self.conn, sh_command(_BATCH_HASH_SCRIPT, self.base or "."), keep_stdin=True)
         self.names.append(name)
         self.nbytes += size
+        self.left -= size
+        count, nbytes = self.pending[0] + 1, self.pending[1] + size
+        line = ("./" + name + "\n").encode()
+        if nbytes >= max(_MIN_BATCH, min(self.batch, self.left // 2)) or count >= _MAX_NAMES:
+            line += b"\n"  # the batch is complete: hash it now
+            count = nbytes = 0
+        self.pending = (count, nbytes)
+        self.job.chan.sendall(line)
 
     def results(self) -> dict[str, str]:
         """{name: sha256} of every name added (absent: missing remotely)."""

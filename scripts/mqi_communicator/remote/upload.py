@@ -148,7 +148,7 @@ def _upload_once(
                 )
         return _finish_report(report, t0)
     use_tar = method == "tar" or (method == "auto" and "tar" in remote_tools(conn))
-    hasher = BackgroundHasher(conn, base, len(todo))
+    hasher = BackgroundHasher(conn, base, sum(f.size for f in todo))
     if use_tar:
         sent = send_archive(conn, base, missing_dirs, todo, hasher.add, compress=use_zstd(conn))
     else:
