@@ -31,3 +31,7 @@ if [[ "$(cat "$stamp" 2>/dev/null)" != "$digest" ]]; then
     .venv/bin/python -m pip install -q --no-deps -e .
     echo "$digest" >"$stamp"
 fi
+# Byte-compile the package (the venv's packages pip compiled): every CLI the pipeline starts then
+# loads .pyc files instead of compiling its modules again, also where PYTHONDONTWRITEBYTECODE is
+# set. Stale ones are ignored by Python (source newer), so a rerun after an edit refreshes them.
+.venv/bin/python -m compileall -q scripts/mqi_communicator >/dev/null

@@ -29,7 +29,7 @@ import pytest
 from paramiko.buffered_pipe import BufferedPipe
 
 from mqi_communicator.files import write_atomic
-from mqi_communicator.remote import commands, connection, download, fastpath, hashing, upload
+from mqi_communicator.remote import commands, connection, download, fastpath, hashing, tarstream, upload
 from mqi_communicator.remote import transfer as transfer_cli
 from mqi_communicator.remote.errors import AuthError, CommandTimeout, HostKeyError, TransferError, VerifyError
 
@@ -193,9 +193,8 @@ def test_upload_early_remote_hash_rechecks_files_still_being_written(
 ) -> None:
     """The tar upload hashes files remotely while streaming; hashing them too early (here: at
     once, tiny batches) only costs a second look, never a false failure."""
-    monkeypatch.setattr(upload, "_TAR_HASH_LAG", 0)
-    monkeypatch.setattr(hashing, "_HASH_BATCH", 1)
-    monkeypatch.setattr(hashing, "_HASH_COMMANDS", 10**9)
+    monkeypatch.setattr(tarstream, "HASH_LAG", 0)
+    monkeypatch.setattr(hashing, "_HASH_RUNS", 10**9)  # one hash process per file
     local = tmp_path / "case"
     for i in range(12):
         (local / f"d{i % 3}").mkdir(parents=True, exist_ok=True)
@@ -205,6 +204,38 @@ def test_upload_early_remote_hash_rechecks_files_still_being_written(
     assert len(report.uploaded) == 12
     for rel, digest in report.files.items():
         assert sha256(remote / rel) == digest == sha256(local / rel)
+    assert part_files(remote) == []
+
+
+@pytest.mark.parametrize("compression", ["zstd", "none"])
+def test_upload_stream_piece_edges_in_four_sessions(
+    sshd: SshServer, remote: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compression: str
+) -> None:
+    """Files ending on and beside the stream's piece (zstd frame) and tar block boundaries arrive
+    whole; however many files, an upload opens four SSH sessions: the tools question, SFTP
+    (listing, renames), the tar stream and ONE remote hash command."""
+    piece = tarstream.PIECE
+    sizes = [0, 1, 511, 512, 513, piece - 512, piece - 1, piece, piece + 1, 3 * piece + 7]
+    local = tmp_path / "case"
+    (local / "log").mkdir(parents=True)
+    data = {f"log/{i:02d}.csv": os.urandom(sizes[i % len(sizes)]) for i in range(30)}
+    for rel, content in data.items():
+        (local / rel).write_bytes(content)
+    opened: list[str] = []
+    real_open = paramiko.Transport.open_session
+
+    def counting_open(self: paramiko.Transport, *args: Any, **kwargs: Any) -> paramiko.Channel:
+        opened.append("session")
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(paramiko.Transport, "open_session", counting_open)
+    with connection.connect(**fast(sshd, compression=compression)) as conn:
+        report = upload.upload_tree(conn, local, str(remote), method="auto")
+    assert len(opened) == 4
+    assert sorted(report.uploaded) == sorted(data)
+    for rel, content in data.items():
+        assert (remote / rel).read_bytes() == content, rel
+        assert report.files[rel] == hashlib.sha256(content).hexdigest()
     assert part_files(remote) == []
 
 
@@ -681,3 +712,43 @@ def test_cli_upload_check_download(sshd: SshServer, remote: Path, tmp_path: Path
         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO / "scripts")}, timeout=60,
     )  # fmt: skip
     assert bad.returncode == transfer_cli.EXIT_FAILED and "unknown" in bad.stderr
+
+
+@pytest.mark.parametrize("tool", ["openssl", "sha256sum"])
+def test_remote_hash_scripts_with_and_without_openssl(tmp_path: Path, tool: str) -> None:
+    """The server-side hash scripts (run here by sh, as sshd would), with openssl and where only
+    coreutils' sha256sum exists: names with spaces, a missing one, batches ended by empty lines."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for program in {"xargs", "sha256sum", tool}:
+        found = shutil.which(program)
+        assert found, program
+        (bin_dir / program).symlink_to(found)
+    files = {"a b.csv": b"1,2\r\n", "sub/-x.csv": os.urandom(70_000), "sub/c (1).csv": b""}
+    for rel, data in files.items():
+        (tmp_path / "d" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "d" / rel).write_bytes(data)
+    names = [*files, "missing.csv"]
+    want = {rel: hashlib.sha256(data).hexdigest() for rel, data in files.items()}
+    env = {"PATH": str(bin_dir)}
+
+    def digests(out: bytes) -> dict[str, str]:
+        lines = [line.split(" *", 1) if " *" in line else line.split("  ", 1) for line in out.decode().splitlines()]
+        return {name.removeprefix("./"): digest for digest, name in lines}
+
+    listing = b"".join(f"./{n}".encode() + b"\0" for n in names)
+    run = subprocess.run(
+        ["/bin/sh", "-c", hashing._HASH_SCRIPT, "sh", str(tmp_path / "d"), "2"],
+        input=listing,
+        env=env,
+        capture_output=True,
+    )
+    assert run.returncode == 123 and digests(run.stdout) == want
+    batches = "./a b.csv\n\n./sub/-x.csv\n./missing.csv\n\n./sub/c (1).csv\n"  # the last batch ends with stdin
+    run = subprocess.run(
+        ["/bin/sh", "-c", hashing._BATCH_HASH_SCRIPT, "sh", str(tmp_path / "d")],
+        input=batches.encode(),
+        env=env,
+        capture_output=True,
+    )
+    assert run.returncode == 123 and digests(run.stdout) == want

@@ -1,4 +1,4 @@
-"""The remote deployment: SSH to the cluster (connection, commands, upload, download, hashing) and SLURM over it (job script, client, record, one beam); CLIs `stage`, `job`, `transfer`."""
+"""The remote deployment: SSH to the cluster (connection, commands, upload and its tar stream, download, hashing) and SLURM over it (job script, client, record, one beam); CLIs `stage`, `job`, `transfer`."""
 
 import sys
 

@@ -54,13 +54,18 @@ class RemoteProcess:
         self.conn, self.chan, self.command = conn, chan, command
 
     @classmethod
-    def start(cls, conn: Connection, command: str, stdin: bytes | None = None) -> RemoteProcess:
+    def start(
+        cls, conn: Connection, command: str, stdin: bytes | None = None, *, keep_stdin: bool = False
+    ) -> RemoteProcess:
+        """Start ``command``; ``stdin`` is sent, then stdin is closed (unless ``keep_stdin``: the
+        caller writes more to ``chan`` and calls ``chan.shutdown_write()``)."""
         chan = conn.transport.open_session(timeout=conn.target.channel_timeout)
         chan.settimeout(conn.target.op_timeout)
         exec_private(chan, command)
         if stdin:
             chan.sendall(stdin)
-        chan.shutdown_write()
+        if not keep_stdin:
+            chan.shutdown_write()
         return cls(conn, chan, command)
 
     def wait(self, timeout: float) -> tuple[int, bytes, bytes]:
@@ -154,11 +159,22 @@ def home_relative(path: str | os.PathLike[str]) -> str:
     return posixpath.normpath(p) if p else "."
 
 
-def remote_tools(conn: Connection) -> frozenset[str]:
-    """Which of the optional remote tools (tar, zstd) the server has; asked once per connection."""
+_TOOLS_SCRIPT = "for t in tar zstd; do command -v $t >/dev/null 2>&1 && echo $t; done; exit 0"
+
+
+def ask_tools(conn: Connection) -> RemoteProcess | None:
+    """Start asking which optional tools the server has, without waiting for the answer (the
+    caller does something else meanwhile, then passes the result to `remote_tools`); None when
+    known already."""
+    return None if conn.tools is not None else RemoteProcess.start(conn, sh_command(_TOOLS_SCRIPT))
+
+
+def remote_tools(conn: Connection, asked: RemoteProcess | None = None) -> frozenset[str]:
+    """Which of the optional remote tools (tar, zstd) the server has; asked once per connection
+    (``asked``: the question already started by `ask_tools`)."""
     if conn.tools is None:
-        script = "for t in tar zstd; do command -v $t >/dev/null 2>&1 && echo $t; done; exit 0"
-        rc, out, _ = execute(conn, sh_command(script), conn.target.op_timeout)
+        job = asked or RemoteProcess.start(conn, sh_command(_TOOLS_SCRIPT))
+        rc, out, _ = job.wait(conn.target.op_timeout)
         conn.tools = frozenset(out.decode(errors="replace").split()) if rc == 0 else frozenset()
     return conn.tools
 

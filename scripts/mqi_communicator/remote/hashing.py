@@ -1,5 +1,5 @@
-"""sha256 on both sides: on the server many files in one command, started while the upload goes on;
-locally in a second thread beside the transfer (`StreamDigests`).
+"""sha256 on both sides: on the server many files in one command, running while the upload goes on
+(`BackgroundHasher`); locally in a second thread beside the transfer (`StreamDigests`).
 
 openssl's sha256 uses the CPU's SHA extensions (~1 GB/s); coreutils' sha256sum may not (~150 MB/s
 measured with Debian 12's coreutils 9.1); the faster one present is used.
@@ -7,7 +7,6 @@ measured with Debian 12's coreutils 9.1); the faster one present is used.
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import queue
 import threading
@@ -21,13 +20,35 @@ _HASH_RATE = 20e6  # bytes/s assumed for remote hashing when sizing its timeout 
 
 # openssl's sha256 uses the CPU's SHA extensions (~1 GB/s); coreutils' sha256sum may not (~150 MB/s
 # measured with Debian 12's coreutils 9.1). Both print "<hex> *<name>" per file, in order.
+# $2: names per hash process at most.
 _HASH_SCRIPT = r"""
 cd -- "$1" || exit 2
 if command -v openssl >/dev/null 2>&1 && openssl dgst -sha256 -r /dev/null >/dev/null 2>&1; then
-    exec xargs -0 -r openssl dgst -sha256 -r
+    exec xargs -0 -r -n "$2" openssl dgst -sha256 -r
 fi
-exec xargs -0 -r sha256sum -b
+exec xargs -0 -r -n "$2" sha256sum -b
 """
+# The same for names arriving one a line while an upload goes on: each empty line ends a batch,
+# which is hashed at once (the caller sizes the batches); exit status 123 when a batch failed, as
+# xargs's.
+_BATCH_HASH_SCRIPT = r"""
+cd -- "$1" || exit 2
+if command -v openssl >/dev/null 2>&1 && openssl dgst -sha256 -r /dev/null >/dev/null 2>&1; then
+    hash() { openssl dgst -sha256 -r "$@"; }
+else
+    hash() { sha256sum -b "$@"; }
+fi
+rc=0
+set --
+while IFS= read -r name; do
+    if [ -n "$name" ]; then set -- "$@" "$name"; continue; fi
+    [ $# -eq 0 ] || hash "$@" || rc=123
+    set --
+done
+[ $# -eq 0 ] || hash "$@" || rc=123
+exit $rc
+"""
+_ALL_AT_ONCE = 4096  # names per hash process when all names are known up front (xargs also splits by length)
 
 
 def check_name(rel: str) -> None:
@@ -43,8 +64,11 @@ def check_name(rel: str) -> None:
 def start_sha256(conn: Connection, base: str, names: Sequence[str]) -> RemoteProcess:
     for name in names:
         check_name(name)
-    listing = b"".join(("./" + n).encode() + b"\0" for n in names)
-    return RemoteProcess.start(conn, sh_command(_HASH_SCRIPT, base or "."), listing)
+    return RemoteProcess.start(conn, sh_command(_HASH_SCRIPT, base or ".", str(_ALL_AT_ONCE)), _listing(names))
+
+
+def _listing(names: Sequence[str]) -> bytes:
+    return b"".join(("./" + n).encode() + b"\0" for n in names)
 
 
 def finish_sha256(job: RemoteProcess, names: Sequence[str], timeout: float) -> dict[str, str]:
@@ -84,52 +108,51 @@ def hash_timeout(conn: Connection, nbytes: int) -> float:
     return conn.target.op_timeout + nbytes / _HASH_RATE
 
 
-_HASH_BATCH = 8 << 20  # at least this many bytes of finished files per remote hash command
-#: ... and at most about this many hash commands per upload: each is a new SSH session and three
-#: processes on the server (a 500 MB case in 8 MiB batches: ~60, which cost more CPU than hashing)
-_HASH_COMMANDS = 8
-_HASH_JOBS = 4  # remote hash commands running at once during an upload
+#: hash processes per upload, about (each is a process start on the server): batches of
+#: total/_HASH_RUNS bytes, smaller towards the end (at least `_MIN_BATCH`)
+_HASH_RUNS = 8
+_MIN_BATCH = 2 << 20
+_MAX_NAMES = 500  # per batch (the command line's length)
 
 
 class BackgroundHasher:
-    """Hashes uploaded ``.part`` files remotely in batches while the upload goes on.
+    """Hashes uploaded ``.part`` files on the server while the upload goes on, in ONE remote
+    command (one SSH session, whatever the number of files): each name is written to its stdin
+    once the file is complete there, and it hashes them in batches as they come. Batches shrink
+    towards the end of the upload (at most half of what is still to come), so that little is left
+    to hash once the stream is over."""
 
-    At most ``_HASH_JOBS`` hash commands run at once: each is an SSH session, and OpenSSH allows
-    10 per connection by default (MaxSessions).
-    """
-
-    def __init__(self, conn: Connection, base: str, total_bytes: int = 0) -> None:
-        self.conn, self.base, self.max_jobs = conn, base, _HASH_JOBS
-        self.batch_bytes = max(_HASH_BATCH, total_bytes // _HASH_COMMANDS)
-        self.pending: list[str] = []
-        self.pending_bytes = 0
-        self.jobs: collections.deque[tuple[RemoteProcess, list[str], int]] = collections.deque()
-        self.sums: dict[str, str] = {}
+    def __init__(self, conn: Connection, base: str, total_bytes: int) -> None:
+        self.conn, self.base = conn, base
+        self.batch = max(_MIN_BATCH, total_bytes // _HASH_RUNS)
+        self.left = total_bytes  # bytes not yet added
+        self.job: RemoteProcess | None = None
+        self.names: list[str] = []
+        self.nbytes = 0
+        self.pending: tuple[int, int] = (0, 0)  # names, bytes in the batch being filled
 
     def add(self, name: str, size: int) -> None:
-        """``name`` is complete remotely: hash it with the next batch."""
-        self.pending.append(name)
-        self.pending_bytes += size
-        if self.pending_bytes >= self.batch_bytes:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.pending:
-            while len(self.jobs) >= self.max_jobs:
-                self._collect()
-            job = start_sha256(self.conn, self.base, self.pending)
-            self.jobs.append((job, self.pending, self.pending_bytes))
-            self.pending, self.pending_bytes = [], 0
-
-    def _collect(self) -> None:
-        job, names, nbytes = self.jobs.popleft()
-        self.sums.update(finish_sha256(job, names, hash_timeout(self.conn, nbytes)))
+        """``name`` is complete remotely: hash it (with the batch being filled)."""
+        check_name(name)
+        if self.job is None:
+            self.job = RemoteProcess.start(self.conn, sh_command(_BATCH_HASH_SCRIPT, self.base or "."), keep_stdin=True)
+        self.names.append(name)
+        self.nbytes += size
+        self.left -= size
+        count, nbytes = self.pending[0] + 1, self.pending[1] + size
+        line = ("./" + name + "\n").encode()
+        if nbytes >= max(_MIN_BATCH, min(self.batch, self.left // 2)) or count >= _MAX_NAMES:
+            line += b"\n"  # the batch is complete: hash it now
+            count = nbytes = 0
+        self.pending = (count, nbytes)
+        self.job.chan.sendall(line)
 
     def results(self) -> dict[str, str]:
-        self.flush()
-        while self.jobs:
-            self._collect()
-        return self.sums
+        """{name: sha256} of every name added (absent: missing remotely)."""
+        if self.job is None:
+            return {}
+        self.job.chan.shutdown_write()
+        return finish_sha256(self.job, self.names, hash_timeout(self.conn, self.nbytes))
 
 
 class StreamDigests:

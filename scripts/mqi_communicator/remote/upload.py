@@ -1,45 +1,36 @@
 """Upload a folder or a file to the cluster: atomic (``.part`` + rename), sha256-verified, idempotent.
 
 Files already identical remotely (size, then sha256) are not sent. The others stream as ONE tar
-archive (zstd-compressed when the server has zstd) into ``[zstd -d |] tar -x`` over an exec
-channel (no per-file round trip, no SFTP framing), or by pipelined SFTP writes where the server
-has no tar; finished files are hashed remotely while the rest streams (`hashing`), and only
+archive (zstd frames compressed in worker threads when the server has zstd) into
+``[zstd -d |] tar -x`` over an exec channel (`tarstream`: no per-file round trip, no SFTP
+framing), or by pipelined SFTP writes where the server has no tar; finished files are hashed
+remotely by one command while the rest streams (`hashing`), and only
 verified files get their final name. Staged files are 0600 and folders 0700 on the server
 (created so explicitly, and under ``umask 077``).
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import hashlib
 import os
 import posixpath
 import stat
-import tarfile
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import IO, Any, cast
+from typing import Any
 
 import paramiko
-import zstandard
 
 from ..files import PRIVATE_FILE, sha256_of
 from . import fastpath
-from .commands import RemoteProcess, exec_private, execute, home_relative, remote_tools, sh_command, use_zstd
+from .commands import ask_tools, execute, home_relative, remote_tools, sh_command, use_zstd
 from .connection import PART_SUFFIX, WRITE_REQ, Connection
 from .errors import TransferError, VerifyError
-from .hashing import BackgroundHasher, StreamDigests, check_name, finish_sha256, hash_timeout, start_sha256
+from .hashing import BackgroundHasher, check_name, finish_sha256, hash_timeout, start_sha256
 from .localtree import LocalFile, read_exactly, walk_local
-
-#: Upload streams are compressed here (python zstandard) at this level: CSV text at ~400 MB/s.
-_ZSTD_UPLOAD_LEVEL = 1
-#: ... in this many worker threads, beside the thread that sends (and the one that hashes): the
-#: 90 MB case upload 1.37 -> 1.02 s on a busy 2-core machine (levels -1..-5 were no faster:
-#: what they save compressing, the larger stream costs again in paramiko)
-_ZSTD_UPLOAD_THREADS = 2
-PRIVATE_DIR = 0o700
+from .tarstream import send_archive
 
 
 @dataclass
@@ -126,128 +117,6 @@ def _send_sftp(
     return sent
 
 
-# -x extract, -o do not restore owners, -m do not restore mtimes (as an SFTP upload), -f - stdin,
-# -b 256 -B: read 128 KiB records, however the pipe delivers them (10 KiB by default: measured 40 %
-# less CPU for tar with the larger ones)
-_TAR_SCRIPT = 'mkdir -p -- "$1" && cd -- "$1" && exec tar -x -o -m -B -b 256 -f -'
-# The same behind zstd: a failing zstd truncates tar's input, and tar then fails (its status is the
-# pipeline's); what arrives is checked by sha256 in any case.
-_ZSTD_TAR_SCRIPT = 'mkdir -p -- "$1" && cd -- "$1" && zstd -d -q -c | tar -x -o -m -B -b 256 -f -'
-
-
-#: bytes sent (compressed, with zstd) after a file's end before it is hashed remotely (None: as
-#: soon as the server has taken the file's end off the channel, by its window adjustments, plus
-#: `_PIPE_MARGIN` for the pipes into tar; `_FALLBACK_LAG` where paramiko's window is not read)
-_TAR_HASH_LAG: int | None = None
-_PIPE_MARGIN = 1 << 20
-_FALLBACK_LAG = 8 << 20
-
-
-class _ChannelWriter:
-    """File-like end of an exec channel's stdin, counting what was sent (zstd writes into it)."""
-
-    def __init__(self, chan: paramiko.Channel) -> None:
-        self.chan, self.sent = chan, 0
-
-    def write(self, data: bytes | memoryview) -> int:
-        # a memoryview: paramiko's sendall() re-slices what is left after each 32 KiB packet,
-        # which for bytes copies the rest of the buffer every time
-        self.chan.sendall(memoryview(data))
-        self.sent += len(data)
-        return len(data)
-
-
-def _send_tar(
-    conn: Connection,
-    base: str,
-    dirs: list[str],
-    files: list[LocalFile],
-    hasher: BackgroundHasher,
-    *,
-    compress: bool = False,
-) -> dict[str, str]:
-    """Stream all files as ONE tar archive into ``tar -x`` remotely, members named ``<rel>.part``.
-
-    No per-file round trip and no SFTP framing: measured ~1.6x the throughput of pipelined SFTP
-    writes for one large file, at less CPU (sftp-server answers every 255 KiB write request).
-    ``compress``: the archive goes zstd-compressed into ``zstd -d | tar -x`` (CSV text: ~6x less
-    to encrypt, send and decrypt).
-    A file whose end the server has taken off the channel (its window adjustments say so) has
-    been written by tar a moment later, so it is handed to the remote hasher while the stream
-    goes on (a hash taken too early only costs a second look: mismatches are hashed again once
-    tar has exited).
-    """
-    t = conn.target
-    chan = conn.transport.open_session(timeout=t.channel_timeout)
-    chan.settimeout(t.op_timeout)  # a stalled server: sendall() raises after op_timeout of no window
-    exec_private(chan, sh_command(_ZSTD_TAR_SCRIPT if compress else _TAR_SCRIPT, base))
-    window = fastpath.send_window(chan)  # before anything is sent
-    channel = _ChannelWriter(chan)
-
-    def written_until() -> int:
-        """Stream offset up to which the server has (very likely) written the files."""
-        if _TAR_HASH_LAG is not None:
-            return channel.sent - _TAR_HASH_LAG
-        left = fastpath.send_window(chan)
-        if window is None or left is None:
-            return channel.sent - _FALLBACK_LAG
-        return channel.sent - (window - left) - _PIPE_MARGIN  # taken off the channel, minus pipes
-
-    # zstd's block flush at each file's end makes ``channel.sent`` count that file as sent
-    zstd = (
-        zstandard.ZstdCompressor(level=_ZSTD_UPLOAD_LEVEL, threads=_ZSTD_UPLOAD_THREADS).stream_writer(
-            cast(IO[bytes], channel), closefd=False
-        )
-        if compress
-        else None
-    )
-    put = zstd.write if zstd is not None else channel.write
-    digests = StreamDigests()
-    in_flight: collections.deque[tuple[str, int, int]] = collections.deque()  # (name, size, stream end)
-    now = int(time.time())
-    try:
-        for d in dirs:
-            info = tarfile.TarInfo(d)
-            info.type, info.mode, info.mtime = tarfile.DIRTYPE, PRIVATE_DIR, now
-            put(info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape"))
-        for f in files:
-            info = tarfile.TarInfo(f.rel + PART_SUFFIX)
-            info.size, info.mode, info.mtime = f.size, PRIVATE_FILE, now
-            put(info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape"))
-            with open(f.path, "rb") as fin:
-                for chunk in read_exactly(fin, f.size, f.path):
-                    digests.update(chunk)
-                    put(chunk)
-            if f.size % tarfile.BLOCKSIZE:
-                put(b"\0" * (tarfile.BLOCKSIZE - f.size % tarfile.BLOCKSIZE))
-            if zstd is not None:
-                zstd.flush(zstandard.FLUSH_BLOCK)
-            digests.end(f.rel)
-            in_flight.append((f.rel + PART_SUFFIX, f.size, channel.sent))
-            until = written_until()
-            while in_flight and in_flight[0][2] <= until:
-                name, size, _ = in_flight.popleft()
-                hasher.add(name, size)
-        put(b"\0" * (2 * tarfile.BLOCKSIZE))  # end of archive
-        if zstd is not None:
-            zstd.flush(zstandard.FLUSH_FRAME)
-        chan.shutdown_write()
-    except BaseException:
-        chan.close()
-        raise
-    finally:
-        sent = digests.finish()
-    rc, _, err = RemoteProcess(conn, chan, "tar -x").wait(t.op_timeout)
-    if rc != 0:
-        raise TransferError(
-            f"tar -x into {base} on {t.where} failed (rc={rc}): {err.decode(errors='replace').strip()}",
-            transient=rc == -1,
-        )
-    for name, size, _ in in_flight:
-        hasher.add(name, size)
-    return sent
-
-
 def _upload_once(
     conn: Connection,
     local: str,
@@ -281,7 +150,7 @@ def _upload_once(
     use_tar = method == "tar" or (method == "auto" and "tar" in remote_tools(conn))
     hasher = BackgroundHasher(conn, base, sum(f.size for f in todo))
     if use_tar:
-        sent = _send_tar(conn, base, missing_dirs, todo, hasher, compress=use_zstd(conn))
+        sent = send_archive(conn, base, missing_dirs, todo, hasher.add, compress=use_zstd(conn))
     else:
         sent = _send_sftp(conn, base, missing_dirs, todo, hasher)
     report.bytes_sent = sum(f.size for f in todo)
@@ -343,7 +212,10 @@ def upload_tree(
 
     def once() -> UploadReport:
         dirs, files = walk_local(local)
+        asked = ask_tools(conn) if method != "sftp" else None  # answered while SFTP lists the folder
         listing = _remote_listing(conn.sftp, remote, dirs)
+        if asked is not None:
+            remote_tools(conn, asked)
         return _upload_once(conn, local, remote, dirs, files, listing, method, remote)
 
     return conn.call(once, f"upload {local} -> {remote}")
@@ -361,7 +233,10 @@ def upload_file(
     def once() -> UploadReport:
         base = parent or "."
         files = [LocalFile(name, local, os.path.getsize(local))]
+        asked = ask_tools(conn) if method != "sftp" else None  # answered while SFTP looks for the file
         listing = _remote_stats(conn.sftp, base, [name, name + PART_SUFFIX])
+        if asked is not None:
+            remote_tools(conn, asked)
         return _upload_once(conn, local, base, [], files, listing, method, remote)
 
     return conn.call(once, f"upload {local} -> {remote}")
