@@ -34,4 +34,4 @@ fi
 # Byte-compile the package (the venv's packages pip compiled): every CLI the pipeline starts then
 # loads .pyc files instead of compiling its modules again, also where PYTHONDONTWRITEBYTECODE is
 # set. Stale ones are ignored by Python (source newer), so a rerun after an edit refreshes them.
-.venv/bin/python -m compileall -q scripts/mqi_communicator >/dev/null
+.venv/bin/python -m compileall -q scripts/mqi_communicator scripts/snakemake_logger_plugin_mqi >/dev/null
