@@ -31,9 +31,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     - the tests of one module that share a module-scoped fixture (an expensive workflow run),
       which each worker that got one of them would otherwise build again.
     The rest is spread over the workers one test at a time; xdist starts the largest groups first,
-    then the rest in collection order, where the end-to-end workflow tests are put first so that
-    no long test starts last."""
-    items.sort(key=lambda item: not item.nodeid.startswith("tests/test_workflow_"))  # stable
+    then the rest in collection order, where the longest tests are put first (the kill test, then
+    the end-to-end workflow tests) so that no long test starts last."""
+    first = ("tests/test_kill_resume.py", "tests/test_workflow_")
+    items.sort(key=lambda item: next((k for k, head in enumerate(first) if item.nodeid.startswith(head)), len(first)))
     for item in items:
         names = set(getattr(item, "fixturenames", ()))
         if "sshd_server" in names:
