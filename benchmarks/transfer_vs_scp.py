@@ -15,8 +15,8 @@ person would run with OpenSSH:
   against ``scp -r DIR host:REMOTE``.
 
 Each time includes Python's start-up and imports (of the byte-compiled package), connecting, the transfer and our verification
-(sha256 on both sides, .part + rename); scp verifies nothing. After every run the benchmark
-checks the result's sha256 itself. Every measurement is repeated (order alternating) while the
+(sha256 here; on the server zstd's frame checksums, or sha256 without zstd; .part + rename); scp
+verifies nothing. After every run the benchmark checks the result's sha256 itself. Every measurement is repeated (order alternating) while the
 machine is otherwise idle, and again while another process keeps one core busy (a Python busy
 loop). Prints every run, medians and the ratio (scp time / our time: > 1 = faster) against the
 targets: download >= 1.3x; upload never slower than scp (>= 1.0x) for the ~90 MB case and >= 1.3x

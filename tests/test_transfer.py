@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import paramiko
 import pytest
+import zstandard
 from paramiko.buffered_pipe import BufferedPipe
 
 from mqi_communicator.files import write_atomic
@@ -187,19 +188,19 @@ def test_upload_tree_verified_and_idempotent(
     assert conn.connects == 1
 
 
-@pytest.mark.parametrize("compression", ["zstd", "none"])
 def test_upload_early_remote_hash_rechecks_files_still_being_written(
-    sshd: SshServer, remote: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compression: str
+    sshd: SshServer, remote: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The tar upload hashes files remotely while streaming; hashing them too early (here: at
-    once, tiny batches) only costs a second look, never a false failure."""
+    """The plain tar upload (no zstd: no frame checksums) hashes files remotely while streaming;
+    hashing them too early (here: at once, tiny batches) only costs a second look, never a false
+    failure."""
     monkeypatch.setattr(tarstream, "HASH_LAG", 0)
     monkeypatch.setattr(hashing, "_HASH_RUNS", 10**9)  # one hash process per file
     local = tmp_path / "case"
     for i in range(12):
         (local / f"d{i % 3}").mkdir(parents=True, exist_ok=True)
         (local / f"d{i % 3}" / f"{i}.csv").write_bytes(os.urandom(3_000_000))
-    with connection.connect(**fast(sshd, compression=compression)) as conn:
+    with connection.connect(**fast(sshd, compression="none")) as conn:
         report = upload.upload_tree(conn, local, str(remote), method="tar")
     assert len(report.uploaded) == 12
     for rel, digest in report.files.items():
@@ -212,8 +213,9 @@ def test_upload_stream_piece_edges_in_four_sessions(
     sshd: SshServer, remote: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compression: str
 ) -> None:
     """Files ending on and beside the stream's piece (zstd frame) and tar block boundaries arrive
-    whole; however many files, an upload opens four SSH sessions: the tools question, SFTP
-    (listing, renames), the tar stream and ONE remote hash command."""
+    whole; however many files, an upload opens three SSH sessions with zstd: the tools question,
+    SFTP (listing, renames) and the tar stream (verified by zstd's frame checksums), and ONE
+    remote hash command more without."""
     piece = tarstream.PIECE
     sizes = [0, 1, 511, 512, 513, piece - 512, piece - 1, piece, piece + 1, 3 * piece + 7]
     local = tmp_path / "case"
@@ -231,12 +233,105 @@ def test_upload_stream_piece_edges_in_four_sessions(
     monkeypatch.setattr(paramiko.Transport, "open_session", counting_open)
     with connection.connect(**fast(sshd, compression=compression)) as conn:
         report = upload.upload_tree(conn, local, str(remote), method="auto")
-    assert len(opened) == 4
+    assert len(opened) == (3 if compression == "zstd" else 4)
     assert sorted(report.uploaded) == sorted(data)
     for rel, content in data.items():
         assert (remote / rel).read_bytes() == content, rel
         assert report.files[rel] == hashlib.sha256(content).hexdigest()
     assert part_files(remote) == []
+
+
+def corrupting_compressor(monkeypatch: pytest.MonkeyPatch, frame_no: int, offset: int) -> list[bytes]:
+    """Flip one byte (at ``offset``, negative from the end) of the ``frame_no``-th zstd frame the
+    upload compresses, on its way to the server; returns the frames as compressed (unflipped)."""
+    real = tarstream._Compressors._compress
+    frames: list[bytes] = []
+    lock = threading.Lock()
+
+    def compress(self: Any, data: bytes) -> bytes:
+        frame = real(self, data)
+        with lock:
+            frames.append(frame)
+            if len(frames) != frame_no:
+                return frame
+        flipped = bytearray(frame)
+        flipped[offset] ^= 0x40
+        return bytes(flipped)
+
+    monkeypatch.setattr(tarstream._Compressors, "_compress", compress)
+    return frames
+
+
+@pytest.mark.parametrize("where", ["content", "checksum"])
+def test_upload_corrupted_zstd_frame_fails_and_renames_nothing(
+    sshd: SshServer, remote: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """zstd's frame checksums verify the zstd upload (no remote sha256): one byte flipped in a
+    frame's stored (incompressible) data, or in its checksum, decodes without a format error,
+    and only the checksum catches it; the upload fails naming it and renames nothing."""
+    local = tmp_path / "case"
+    (local / "beam").mkdir(parents=True)
+    # raw blocks; the server stops reading long before the end of the stream (16 MiB window)
+    (local / "beam" / "big.raw").write_bytes(os.urandom(40 * tarstream.PIECE))
+    (local / "plan.csv").write_bytes(b"id,x\r\n" * 100)
+    frames = corrupting_compressor(monkeypatch, 3, tarstream.PIECE // 2 if where == "content" else -1)
+    with connection.connect(**fast(sshd, compression="zstd")) as conn:
+        with pytest.raises(VerifyError, match=r"zstd -d rejected the stream .*checksum") as exc:
+            upload.upload_tree(conn, local, str(remote), method="tar")
+        assert "Restored data doesn't match checksum" in str(exc.value)  # zstd's own message
+        assert frames and all(zstandard.get_frame_parameters(f).has_checksum for f in frames)
+        assert not (remote / "beam" / "big.raw").exists() and not (remote / "plan.csv").exists()
+        assert part_files(remote) == []  # the partial files were removed
+
+        monkeypatch.undo()  # the same upload, uncorrupted, passes on the same connection
+        report = upload.upload_tree(conn, local, str(remote), method="tar")
+    assert sha256(remote / "beam" / "big.raw") == report.files["beam/big.raw"] == sha256(local / "beam" / "big.raw")
+
+
+@pytest.mark.parametrize("compression", ["zstd", "none"])
+def test_upload_into_unwritable_folder_fails_clearly(
+    sshd: SshServer, remote: Path, tmp_path: Path, compression: str
+) -> None:
+    """tar cannot write on the server: the upload fails with tar's status and message."""
+    local = tmp_path / "case"
+    local.mkdir()
+    (local / "plan.csv").write_bytes(os.urandom(3000))
+    remote.mkdir()
+    give_to_user(sshd, remote)
+    remote.chmod(0o500)
+    with (
+        connection.connect(**fast(sshd, compression=compression)) as conn,
+        pytest.raises(TransferError, match=r"tar -x into .* failed \(rc=2\): .*Permission denied") as exc,
+    ):
+        upload.upload_tree(conn, local, str(remote), method="tar")
+    assert not isinstance(exc.value, VerifyError) and not exc.value.transient
+    assert list(remote.iterdir()) == []
+
+
+def test_upload_zstd_size_mismatch_is_caught(
+    sshd: SshServer, remote: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server's .part sizes are checked against the local ones: here the archive carries
+    one file a byte short (a valid stream that zstd and tar accept)."""
+    local = tmp_path / "case"
+    local.mkdir()
+    for i in range(3):
+        (local / f"{i}.csv").write_bytes(os.urandom(10_000))
+    real = tarstream._archive
+
+    def short_archive(dirs: list[str], files: list[Any], digests: Any) -> Any:
+        cut = [dataclasses.replace(f, size=f.size - 1) if f.rel == "1.csv" else f for f in files]
+        return real(dirs, cut, digests)
+
+    monkeypatch.setattr(tarstream, "_archive", short_archive)
+    with (
+        connection.connect(**fast(sshd, compression="zstd")) as conn,
+        pytest.raises(
+            VerifyError, match=r"1 file\(s\) have the wrong size remotely, e.g. 1.csv.part \(9999 bytes, sent 10000\)"
+        ),
+    ):
+        upload.upload_tree(conn, local, str(remote), method="tar")
+    assert list(remote.iterdir()) == []
 
 
 def test_upload_refuses_broken_symlinks_and_odd_names(sshd: SshServer, remote: Path, tmp_path: Path) -> None:

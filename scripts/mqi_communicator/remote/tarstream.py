@@ -5,6 +5,12 @@ No per-file round trip and no SFTP framing. With zstd, the archive is cut into ~
 worker threads compress as independent frames (``zstd -d`` reads concatenated frames as one
 stream) while the thread that sends is busy with the pieces before them: compressing, hashing
 (`StreamDigests`) and paramiko's packet work overlap instead of taking turns.
+
+With zstd the stream verifies itself (`_check_zstd_result`): every frame carries the XXH64 of its
+decompressed bytes (the bytes read here and hashed into the sha256 of the report), which the
+server's ``zstd -d`` checks; SSH's MAC covers the order and completeness of the frames; zstd's and
+tar's exit statuses are both reported; and the server lists the size of every ``.part`` it
+holds once tar has finished. The files are not read back and re-hashed there.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from ..files import PRIVATE_FILE
 from . import fastpath
 from .commands import RemoteProcess, exec_private, sh_command
 from .connection import PART_SUFFIX, Connection
-from .errors import TransferError
+from .errors import TransferError, VerifyError
 from .hashing import StreamDigests
 from .localtree import LocalFile, read_exactly
 
@@ -35,15 +41,28 @@ PRIVATE_DIR = 0o700
 #: ratio (the level's window is smaller), small enough to keep every thread busy.
 PIECE = 1 << 20
 #: zstd parameters for the upload: level 1 ("fast" strategy) with a smaller hash table, which
-#: suits 1 MiB frames: CSV text at ~8x
-ZSTD_PARAMS = {"window_log": 20, "hash_log": 12, "chain_log": 12, "min_match": 6}
+#: suits 1 MiB frames: CSV text at ~8x. Every frame carries a content checksum (XXH64 of the
+#: decompressed bytes, verified by ``zstd -d``): the upload's end-to-end check.
+ZSTD_PARAMS = {"window_log": 20, "hash_log": 12, "chain_log": 12, "min_match": 6, "write_checksum": 1}
 # -x extract, -o do not restore owners, -m do not restore mtimes (as an SFTP upload), -f - stdin,
 # -b 256 -B: read 128 KiB records, however the pipe delivers them (10 KiB by default: measured 40 %
 # less CPU for tar with the larger ones)
 TAR_SCRIPT = 'mkdir -p -- "$1" && cd -- "$1" && exec tar -x -o -m -B -b 256 -f -'
-# The same behind zstd: a failing zstd truncates tar's input, and tar then fails (its status is the
-# pipeline's); what arrives is checked by sha256 in any case.
-ZSTD_TAR_SCRIPT = 'mkdir -p -- "$1" && cd -- "$1" && zstd -d -q -c | tar -x -o -m -B -b 256 -f -'
+# The same behind zstd, reporting both exit statuses (POSIX sh has no pipefail: zstd's goes to the
+# channel's stdout through fd 3), then, when both succeeded, the size of every .part file below the
+# folder ("<size> ./<name>" lines; wc -c takes the size from stat for regular files). Exit 0: an
+# unreadable folder there is no failure; the sizes of the files sent are checked one by one.
+ZSTD_TAR_SCRIPT = r"""
+mkdir -p -- "$1" && cd -- "$1" || exit 2
+exec 3>&1
+{ zstd -d -q -c 3>&-; echo "zstd-exit $?" >&3; } | tar -x -o -m -B -b 256 -f - 3>&-
+t=$?
+echo "tar-exit $t"
+exec 3>&-
+[ "$t" -eq 0 ] || exit 1
+find . -name '*.part' -type f -exec wc -c {} +
+exit 0
+"""
 
 
 #: bytes sent after a member's end before it counts as written (None: as soon as the server has
@@ -136,16 +155,18 @@ def send_archive(
     base: str,
     dirs: list[str],
     files: list[LocalFile],
-    on_written: Callable[[str, int], None],
+    on_written: Callable[[str, int], None] | None,
     *,
     compress: bool,
 ) -> dict[str, str]:
     """Stream ``dirs`` and ``files`` into ``tar -x`` under ``base``; returns {rel: sha256 sent}.
 
-    ``on_written(member, size)`` is called for each member once the server has taken its end off
-    the channel (its window adjustments say so: tar has written it a moment later), while the
-    stream goes on; for the rest after tar has exited. A member reported too early only costs the
-    caller a second look.
+    With ``compress`` the stream is verified here (`_check_zstd_result`: frame checksums, exit
+    statuses, sizes; `VerifyError` when it does not hold) and ``on_written`` must be None.
+    Without, ``on_written(member, size)`` is called for each member once the server has taken its
+    end off the channel (its window adjustments say so: tar has written it a moment later), while
+    the stream goes on, for the rest after tar has exited, so that the caller hashes them remotely;
+    a member reported too early only costs the caller a second look.
     """
     t = conn.target
     chan = conn.transport.open_session(timeout=t.channel_timeout)
@@ -162,6 +183,8 @@ def send_archive(
         # which for bytes copies the rest of the buffer every time
         chan.sendall(memoryview(data))
         sent += len(data)
+        if on_written is None:
+            return
         in_flight.extend((name, size, sent) for name, size in ends)
         until = _written_until(chan, sent, window)
         while in_flight and in_flight[0][2] <= until:
@@ -171,6 +194,7 @@ def send_archive(
     n = workers()
     zstd = _Compressors(n) if compress else None
     queued: collections.deque[tuple[concurrent.futures.Future[bytes], list[tuple[str, int]]]] = collections.deque()
+    process = RemoteProcess(conn, chan, "zstd -d | tar -x" if compress else "tar -x")
     try:
         for piece in _archive(dirs, files, digests):
             if zstd is None:
@@ -184,6 +208,13 @@ def send_archive(
             frame, ends = queued.popleft()
             send(frame.result(), ends)
         chan.shutdown_write()
+    except OSError as exc:
+        if not chan.exit_status_ready():  # the connection, not the remote command
+            chan.close()
+            raise
+        result = process.wait(t.op_timeout)  # it stopped reading (mkdir, zstd or tar failed): say why
+        _check_result(result, base, t.where, files if compress else None)
+        raise TransferError(f"tar -x into {base} on {t.where} stopped reading the stream") from exc
     except BaseException:
         chan.close()
         raise
@@ -191,12 +222,54 @@ def send_archive(
         if zstd is not None:
             zstd.close()
         sent_digests = digests.finish()
-    rc, _, err = RemoteProcess(conn, chan, "tar -x").wait(t.op_timeout)
-    if rc != 0:
-        raise TransferError(
-            f"tar -x into {base} on {t.where} failed (rc={rc}): {err.decode(errors='replace').strip()}",
-            transient=rc == -1,
-        )
+    _check_result(process.wait(t.op_timeout), base, t.where, files if compress else None)
     for name, size, _ in in_flight:
-        on_written(name, size)
+        if on_written is not None:
+            on_written(name, size)
     return sent_digests
+
+
+def _check_result(result: tuple[int, bytes, bytes], base: str, where: str, compressed: list[LocalFile] | None) -> None:
+    """Raise unless the remote ``[zstd -d |] tar -x`` succeeded (``compressed``: the files of a zstd
+    stream, checked by `_check_zstd_result`)."""
+    rc, out, err = result
+    message = err.decode(errors="replace").strip()
+    if compressed is not None and rc != -1:
+        _check_zstd_result(out.decode("utf-8", "surrogateescape"), message, base, where, compressed)
+    if rc != 0:
+        raise TransferError(f"tar -x into {base} on {where} failed (rc={rc}): {message}", transient=rc == -1)
+
+
+_SIGPIPE = 128 + 13  # sh's status of a process killed by SIGPIPE
+
+
+def _check_zstd_result(out: str, err: str, base: str, where: str, files: list[LocalFile]) -> None:
+    """What makes a zstd upload verified: ``zstd -d`` accepted every frame (each frame's XXH64 of
+    the decompressed bytes matched: the bytes read and hashed here), tar wrote the archive, and
+    every ``<rel>.part`` on the server has the size read here. SSH's MAC ensures that the frames
+    arrived complete and in order."""
+    status: dict[str, int] = {}
+    sizes: dict[str, int] = {}
+    for line in out.splitlines():
+        word, _, rest = line.strip().partition(" ")
+        if word in ("zstd-exit", "tar-exit"):
+            status[word] = int(rest)
+        elif word.isdigit() and rest.startswith("./"):
+            sizes[rest[2:]] = int(word)
+    unzstd, untar = status.get("zstd-exit", 0), status.get("tar-exit", 0)
+    if unzstd != 0 and not (unzstd == _SIGPIPE and untar != 0):  # not merely cut off by tar failing
+        raise VerifyError(
+            f"upload to {where}:{base}: zstd -d rejected the stream (rc={unzstd}: a frame's content "
+            f"checksum or data is corrupt; tar -x rc={untar}): {err}"
+        )
+    if untar != 0:
+        raise TransferError(f"tar -x into {base} on {where} failed (rc={untar}): {err}")
+    if len(status) < 2:
+        return  # mkdir/cd failed or the script was cut short: the caller reports its exit status
+    wrong = [f for f in files if sizes.get(f.rel + PART_SUFFIX) != f.size]
+    if wrong:
+        f = wrong[0]
+        raise VerifyError(
+            f"upload to {where}:{base}: {len(wrong)} file(s) have the wrong size remotely, e.g. "
+            f"{f.rel}{PART_SUFFIX} ({sizes.get(f.rel + PART_SUFFIX, 'missing')} bytes, sent {f.size})"
+        )

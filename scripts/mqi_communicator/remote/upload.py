@@ -1,11 +1,13 @@
-"""Upload a folder or a file to the cluster: atomic (``.part`` + rename), sha256-verified, idempotent.
+"""Upload a folder or a file to the cluster: atomic (``.part`` + rename), verified, idempotent.
 
 Files already identical remotely (size, then sha256) are not sent. The others stream as ONE tar
 archive (zstd frames compressed in worker threads when the server has zstd) into
 ``[zstd -d |] tar -x`` over an exec channel (`tarstream`: no per-file round trip, no SFTP
-framing), or by pipelined SFTP writes where the server has no tar; finished files are hashed
-remotely by one command while the rest streams (`hashing`), and only
-verified files get their final name. Staged files are 0600 and folders 0700 on the server
+framing), or by pipelined SFTP writes where the server has no tar. A zstd stream verifies itself
+(each frame's content checksum checked by ``zstd -d``, exit statuses, remote sizes); otherwise
+finished files are hashed remotely by one command while the rest streams (`hashing`) and compared
+with the sha256 sent. Only verified files get their final name; the report keeps every file's
+sha256 (computed here while reading). Staged files are 0600 and folders 0700 on the server
 (created so explicitly, and under ``umask 077``).
 """
 
@@ -117,6 +119,39 @@ def _send_sftp(
     return sent
 
 
+def _send_hashed(
+    conn: Connection, base: str, dirs: list[str], files: list[LocalFile], use_tar: bool, nbytes: int
+) -> dict[str, str]:
+    """Send by plain tar or SFTP, then compare the sha256 of every ``.part`` on the server (hashed
+    while the rest streams) with what was sent; {rel: sha256}."""
+    hasher = BackgroundHasher(conn, base, nbytes)
+    if use_tar:
+        sent = send_archive(conn, base, dirs, files, hasher.add, compress=False)
+    else:
+        sent = _send_sftp(conn, base, dirs, files, hasher)
+    got = hasher.results()
+    bad = [rel + PART_SUFFIX for rel in sent if got.get(rel + PART_SUFFIX) != sent[rel]]
+    if bad:  # hashed too early while tar was still writing, or really different: look again
+        again = start_sha256(conn, base, bad)
+        got.update(finish_sha256(again, bad, hash_timeout(conn, nbytes)))
+    bad = [rel for rel in sent if got.get(rel + PART_SUFFIX) != sent[rel]]
+    if bad:
+        _discard(conn, base, bad)
+        raise VerifyError(
+            f"upload to {conn.target.where}:{base}: sha256 differs remotely for {len(bad)} file(s), "
+            f"e.g. {bad[0]} (sent {sent[bad[0]]}, remote {got.get(bad[0] + PART_SUFFIX, 'missing')}); "
+            f"the partial files were removed"
+        )
+    return sent
+
+
+def _discard(conn: Connection, base: str, rels: list[str]) -> None:
+    """Remove the ``.part`` files of a failed verification (those that exist)."""
+    for rel in rels:
+        with contextlib.suppress(OSError):
+            conn.sftp.remove(posixpath.join(base, rel + PART_SUFFIX))
+
+
 def _upload_once(
     conn: Connection,
     local: str,
@@ -133,10 +168,8 @@ def _upload_once(
     todo = [f for f in files if f.rel not in identical]
     report.skipped = [f.rel for f in files if f.rel in identical]
     report.files.update(identical)
-    stale = [rel + PART_SUFFIX for rel in report.skipped if rel + PART_SUFFIX in listing]
-    for name in stale:  # left by an interrupted run, next to a file that is complete
-        with contextlib.suppress(FileNotFoundError):
-            conn.sftp.remove(posixpath.join(base, name))
+    # .part files left by an interrupted run, next to a file that is complete
+    _discard(conn, base, [rel for rel in report.skipped if rel + PART_SUFFIX in listing])
 
     missing_dirs = [d for d in dirs if d not in listing]
     if not todo and not missing_dirs:
@@ -148,30 +181,19 @@ def _upload_once(
                 )
         return _finish_report(report, t0)
     use_tar = method == "tar" or (method == "auto" and "tar" in remote_tools(conn))
-    hasher = BackgroundHasher(conn, base, sum(f.size for f in todo))
-    if use_tar:
-        sent = send_archive(conn, base, missing_dirs, todo, hasher.add, compress=use_zstd(conn))
-    else:
-        sent = _send_sftp(conn, base, missing_dirs, todo, hasher)
     report.bytes_sent = sum(f.size for f in todo)
-    got = hasher.results()
-    bad = [rel + PART_SUFFIX for rel in sent if got.get(rel + PART_SUFFIX) != sent[rel]]
-    if bad:  # hashed too early while tar was still writing, or really different: look again
-        again = start_sha256(conn, base, bad)
-        got.update(finish_sha256(again, bad, hash_timeout(conn, report.bytes_sent)))
-    bad = [rel for rel in sent if got.get(rel + PART_SUFFIX) != sent[rel]]
-    sftp = conn.sftp
-    if bad:
-        for rel in bad:
-            with contextlib.suppress(OSError):
-                sftp.remove(posixpath.join(base, rel + PART_SUFFIX))
-        raise VerifyError(
-            f"upload to {conn.target.where}:{base}: sha256 differs remotely for {len(bad)} file(s), "
-            f"e.g. {bad[0]} (sent {sent[bad[0]]}, remote {got.get(bad[0] + PART_SUFFIX, 'missing')}); "
-            f"the partial files were removed"
-        )
+    if use_tar and use_zstd(conn):  # verified by the stream itself: frame checksums, statuses, sizes
+        try:
+            sent = send_archive(conn, base, missing_dirs, todo, None, compress=True)
+        except VerifyError:
+            _discard(conn, base, [f.rel for f in todo])
+            raise
+    else:
+        sent = _send_hashed(conn, base, missing_dirs, todo, use_tar, report.bytes_sent)
     # only verified files get their final name (an atomic replace)
-    fastpath.rename_all(sftp, [(posixpath.join(base, rel + PART_SUFFIX), posixpath.join(base, rel)) for rel in sent])
+    fastpath.rename_all(
+        conn.sftp, [(posixpath.join(base, rel + PART_SUFFIX), posixpath.join(base, rel)) for rel in sent]
+    )
     report.uploaded = list(sent)
     report.files.update(sent)
     return _finish_report(report, t0)
@@ -203,8 +225,9 @@ def upload_tree(
     Files already identical remotely (size, then sha256) are not sent. The others are written as
     ``<name>.part`` (``method``: "tar" = one tar stream into ``tar -x`` over exec, zstd-compressed
     as the connection's ``compression`` allows, "sftp" = pipelined SFTP writes, "auto" = tar when
-    the server has it), hashed remotely in one
-    command, compared with the sha256 of what was sent, and renamed (posix-rename). Folders are
+    the server has it), verified (zstd: frame checksums, exit statuses and sizes; otherwise: hashed
+    remotely in one command and compared with the sha256 of what was sent), and renamed
+    (posix-rename). Folders are
     created as needed (empty ones too). Remote files that do not exist locally are left alone.
     """
     local = _checked_source(local_dir, method, folder=True)
