@@ -207,6 +207,13 @@ def simulated_beams(case_id):
     return list(planned(case_id)["beams"])
 
 
+def beam_options(wildcards):
+    """`--beam=NAME` per beam, each shell-quoted (a beam name may begin with '-' or hold a space)."""
+    return " ".join(
+        f"--beam={shlex.quote(beam)}" for beam in simulated_beams(wildcards.case_id)
+    )
+
+
 def beam_number(wildcards):
     return planned(wildcards.case_id)["beams"][wildcards.beam]
 

@@ -22,11 +22,11 @@ rule stage_in:
     params:
         python=PYTHON,
         processing=lambda wildcards: processing("", wildcards.case_id),
-        beams=lambda wildcards: simulated_beams(wildcards.case_id),
+        beams=beam_options,
         settings=settings_for("hpc_connection", "paths"),
     shell:
         "{params.python} -m mqi_communicator.remote.stage stage-in --case={wildcards.case_id:q}"
-        " --processing {params.processing:q} --beams {params.beams} --report {output:q}"
+        " --processing {params.processing:q} {params.beams} --report {output:q}"
         " --settings {params.settings:q} > {log:q} 2>&1"
 
 
@@ -54,6 +54,8 @@ rule remote_simulate:
     shell:
         "{params.python} -m mqi_communicator.remote.job --staged {input.staged:q} --beam={wildcards.beam:q}"
         " --record {params.job_record:q} --result {output:q} --log {log:q} --settings {params.settings:q}"
+        # Its progress (submitted, re-attached, the result) in its log, not on the console.
+        " >> {log:q} 2>&1"
 
 
 rule stage_out:

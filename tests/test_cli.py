@@ -94,3 +94,20 @@ def test_snakemake_dry_run_from_another_folder(tmp_path: Path) -> None:
     assert "This was a dry-run" in planned
     assert all(f"data/cases/{case}/intermediate/intake.json" in planned for case in ("case001_G2", "case002_G1"))
     assert not any(elsewhere.iterdir()), "the dry run wrote into the current folder"
+
+
+def test_stage_in_takes_beam_names_that_look_like_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stage-in rule passes one `--beam=NAME` per beam (shell-quoted): a plan's beam may be
+    named `-G90` or hold a space, and must reach stage-in as it is."""
+    from mqi_communicator.remote import stage
+
+    seen: list[list[str]] = []
+
+    def fake_stage_in(config, case, processing, beams, report):  # the upload itself is tested elsewhere
+        seen.append(beams)
+        return {"uploads": {}, "host": "h", "remote_root": "r"}
+
+    monkeypatch.setattr(stage, "stage_in", fake_stage_in)
+    args = ["stage-in", "--case=c", "--processing", str(tmp_path), "--beam=-G90", "--beam=1G180 TX"]
+    assert stage.main([*args, "--report", str(tmp_path / "r.json")]) == 0
+    assert seen == [["-G90", "1G180 TX"]]

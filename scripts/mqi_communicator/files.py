@@ -67,3 +67,13 @@ def write_json_atomic(path: Path, data: dict[str, Any], *, durable: bool = False
 def sha256_of(path: str | os.PathLike[str]) -> str:
     with open(path, "rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def is_stream_of(stream: IO[Any], path: str | os.PathLike[str]) -> bool:
+    """Whether `stream` writes to the file `path` (a workflow rule that sends a step's stderr to
+    the step's log: a line the step also appends to the log would then be there twice)."""
+    try:
+        here, there = os.fstat(stream.fileno()), os.stat(path)
+    except (OSError, ValueError):
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)

@@ -24,7 +24,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from .files import sha256_of, write_json_atomic
+from .files import is_stream_of, sha256_of, write_json_atomic
 from .moqui_input import parse_parameter_file, render_parameter_file
 from .outcome import RAW_PATTERN, SimulationError, judge_run
 
@@ -155,14 +155,6 @@ def simulate(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _is_stderr(path: Path) -> bool:
-    try:
-        here, there = os.fstat(sys.stderr.fileno()), os.stat(path)
-    except (OSError, ValueError):
-        return False
-    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m mqi_communicator.simulate",
@@ -185,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     except (SimulationError, ValueError, KeyError, OSError) as exc:
         message = f"SIMULATION FAILED for {args.input.name}: {exc}"
         print(message, file=sys.stderr, flush=True)
-        if not _is_stderr(args.log):  # the workflow sends stderr to the log: said there already
+        if not is_stream_of(sys.stderr, args.log):  # the workflow sends stderr to the log: said there already
             with contextlib.suppress(OSError), open(args.log, "a") as log:
                 log.write(message + "\n")
         return 1

@@ -43,6 +43,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..files import is_stream_of
 from .beam import RuleLog, read_remote_parameters, run_beam
 from .commands import absolute, absolute_command, remote_home
 from .connection import Connection, connect_from_config
@@ -198,7 +199,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    log = RuleLog(args.log)
+    # Under the workflow, stderr is the rule's log already: the lines go there once, not twice.
+    log = RuleLog(args.log, echo=None if args.log and is_stream_of(sys.stderr, args.log) else sys.stderr)
     stop = StopFlag().install()
     try:
         config = None

@@ -1,7 +1,7 @@
 """The remote deployment's staging: P2 output and per-beam MOQUI inputs up to the cluster
 (stage in), a beam's raw dose back (stage out), over one verified SSH connection.
 
-    python -m mqi_communicator.remote.stage stage-in  --case C --processing DIR --beams B1 B2 --report J
+    python -m mqi_communicator.remote.stage stage-in  --case C --processing DIR --beam=B1 --beam=B2 --report J
     python -m mqi_communicator.remote.stage stage-out --result R --output-raw RAW --record J
 
 Remote layout, per case (`paths.hpc`, `~` = the remote user's home):
@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     up = sub.add_parser("stage-in", help="upload P2 output and the beams' MOQUI inputs")
     up.add_argument("--case", required=True)
     up.add_argument("--processing", type=Path, required=True, help="the case's processing folder")
-    up.add_argument("--beams", nargs="+", required=True, help="beam folder names")
+    # One option per beam, given as --beam=NAME: a beam name may begin with '-'.
+    up.add_argument("--beam", dest="beams", action="append", required=True, help="a beam folder name (one per beam)")
     up.add_argument("--report", type=Path, required=True, help="stage-in summary (JSON)")
     down = sub.add_parser("stage-out", help="download one beam's raw dose")
     down.add_argument("--result", type=Path, required=True, help="the remote job's result JSON")
