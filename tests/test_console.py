@@ -179,3 +179,14 @@ def test_the_plugin_writes_the_console_only_for_a_run(dryrun: bool, wanted: str,
     common.show_failed_logs = True
     handler = LogHandler(common, LogHandlerSettings(console=wanted))  # type: ignore[arg-type]
     assert handler.writes_to_stream is writes and (handler.console is not None) is writes
+
+
+def test_the_summary_names_where_each_failed_case_failed(layout: state.Layout) -> None:
+    run, stream, _ = make(layout)
+    run.handle(record(event="workflow_started"))
+    run.handle(job_info(1, "interpret", "bad", log="logs/bad/interpret.log"))
+    run.handle(record("job failed", logging.ERROR, event="job_error", jobid=1, rule_name="interpret", log=[]))
+    run.handle(job_info(2, "intake", "slow"))  # still running when the run ends (killed)
+    run.close()
+    last = stream.getvalue().splitlines()[-1]
+    assert "1 failed (bad at interpret), 1 unfinished." in last, last

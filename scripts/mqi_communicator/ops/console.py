@@ -310,8 +310,8 @@ class RunConsole:
         for name, label in (("finished", "finished"), ("failed", "failed"), ("running", "unfinished")):
             if counts.get(name):
                 parts.append(f"{len(counts[name])} {label}")
-        if counts.get("failed"):
-            parts[-1] += f" ({', '.join(f'{c} at {self.cases[c].failures[0]}' for c in sorted(counts['failed']))})"
+                if name == "failed":
+                    parts[-1] += f" ({', '.join(f'{c} at {self.cases[c].failures[0]}' for c in sorted(counts[name]))})"
         if counts.get("waiting"):
             parts.append(f"{len(counts['waiting'])} waiting ({', '.join(sorted(counts['waiting']))})")
         if counts.get("skipped"):
