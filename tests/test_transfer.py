@@ -319,9 +319,9 @@ def test_upload_zstd_size_mismatch_is_caught(
         (local / f"{i}.csv").write_bytes(os.urandom(10_000))
     real = tarstream._archive
 
-    def short_archive(dirs: list[str], files: list[Any], digests: Any) -> Any:
+    def short_archive(dirs: list[str], files: list[Any], *rest: Any) -> Any:
         cut = [dataclasses.replace(f, size=f.size - 1) if f.rel == "1.csv" else f for f in files]
-        return real(dirs, cut, digests)
+        return real(dirs, cut, *rest)
 
     monkeypatch.setattr(tarstream, "_archive", short_archive)
     with (

@@ -3,8 +3,8 @@ an exec channel into ``[zstd -d |] tar -x`` on the server.
 
 No per-file round trip and no SFTP framing. With zstd, the archive is cut into ~1 MiB pieces that
 worker threads compress as independent frames (``zstd -d`` reads concatenated frames as one
-stream) while the thread that sends is busy with the pieces before them: compressing, hashing
-(`StreamDigests`) and paramiko's packet work overlap instead of taking turns.
+stream) while the thread that sends reads and hashes the next pieces and sends those before them:
+compressing, hashing and paramiko's packet work overlap instead of taking turns.
 
 With zstd the stream verifies itself (`_check_zstd_result`): every frame carries the XXH64 of its
 decompressed bytes (the bytes read here and hashed into the sha256 of the report), which the
@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import hashlib
 import os
 import tarfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 
 import paramiko
 import zstandard
@@ -32,8 +32,7 @@ from . import fastpath
 from .commands import RemoteProcess, exec_private, sh_command
 from .connection import PART_SUFFIX, Connection
 from .errors import TransferError, VerifyError
-from .hashing import StreamDigests
-from .localtree import LocalFile, read_exactly
+from .localtree import LocalFile
 
 PRIVATE_DIR = 0o700
 
@@ -88,44 +87,85 @@ def workers() -> int:
     return max(2, min(4, os.cpu_count() or 2))
 
 
-@dataclass
 class _Piece:
-    parts: list[bytes] = field(default_factory=list)
-    size: int = 0
-    ends: list[tuple[str, int]] = field(default_factory=list)  # (member name, file size) ending here
+    """~`PIECE` bytes of the archive in a reusable buffer, and the members whose end is in it."""
 
-    def add(self, data: bytes) -> None:
-        self.parts.append(data)
-        self.size += len(data)
+    def __init__(self, buffer: bytearray) -> None:
+        self.buffer = buffer
+        self.size = 0
+        self.ends: list[tuple[str, int]] = []  # (member name, file size) ending here
 
-    def data(self) -> bytes:
-        return self.parts[0] if len(self.parts) == 1 else b"".join(self.parts)
+    def room(self) -> memoryview:
+        return memoryview(self.buffer)[self.size :]
+
+    def data(self) -> memoryview:
+        return memoryview(self.buffer)[: self.size]
 
 
-def _archive(dirs: list[str], files: list[LocalFile], digests: StreamDigests) -> Iterator[_Piece]:
-    """The tar archive in pieces of about `PIECE` bytes; every file's bytes also go to ``digests``."""
+class _PieceBuffers:
+    """The pieces' buffers, used again once a piece has been compressed and sent: reading into
+    them costs no fresh memory (measured: 500 MB read into new 1 MiB objects 0.14 CPU-s, into
+    reused buffers 0.05 CPU-s). Used by the sending thread only."""
+
+    def __init__(self) -> None:
+        self.free: list[bytearray] = []
+
+    def take(self) -> _Piece:
+        return _Piece(self.free.pop() if self.free else bytearray(PIECE))
+
+    def give(self, piece: _Piece) -> None:
+        self.free.append(piece.buffer)
+
+
+def _archive(
+    dirs: list[str], files: list[LocalFile], buffers: _PieceBuffers, digests: dict[str, str]
+) -> Iterator[_Piece]:
+    """The tar archive in pieces of `PIECE` bytes (the last one shorter), read into reused buffers;
+    the sha256 of every file goes to ``digests`` (hashed here, while the workers compress the
+    pieces before: hashlib and zstd both release the GIL)."""
     now = int(time.time())
-    piece = _Piece()
+    piece = buffers.take()
+
+    def put(data: bytes) -> Iterator[_Piece]:
+        nonlocal piece
+        while data:
+            room = piece.room()
+            n = min(len(room), len(data))
+            room[:n] = data[:n]
+            piece.size += n
+            data = data[n:]
+            if piece.size == PIECE:
+                yield piece
+                piece = buffers.take()
+
     for d in dirs:
         info = tarfile.TarInfo(d)
         info.type, info.mode, info.mtime = tarfile.DIRTYPE, PRIVATE_DIR, now
-        piece.add(info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape"))
+        yield from put(info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape"))
     for f in files:
         info = tarfile.TarInfo(f.rel + PART_SUFFIX)
         info.size, info.mode, info.mtime = f.size, PRIVATE_FILE, now
-        piece.add(info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape"))
-        with open(f.path, "rb") as fin:
-            for chunk in read_exactly(fin, f.size, f.path, PIECE):
-                digests.update(chunk)
-                piece.add(chunk)
-                if piece.size >= PIECE:
+        yield from put(info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape"))
+        sha = hashlib.sha256()
+        with open(f.path, "rb", buffering=0) as fin:
+            left = f.size
+            while left:
+                room = piece.room()[:left]
+                n = fin.readinto(room)
+                if not n:
+                    raise TransferError(
+                        f"{f.path} shrank while being uploaded ({f.size - left} of {f.size} bytes read)"
+                    )
+                sha.update(room[:n])
+                piece.size += n
+                left -= n
+                if piece.size == PIECE:
                     yield piece
-                    piece = _Piece()
-        digests.end(f.rel)
-        if f.size % tarfile.BLOCKSIZE:
-            piece.add(b"\0" * (tarfile.BLOCKSIZE - f.size % tarfile.BLOCKSIZE))
+                    piece = buffers.take()
+        digests[f.rel] = sha.hexdigest()
+        yield from put(b"\0" * (-f.size % tarfile.BLOCKSIZE))
         piece.ends.append((f.rel + PART_SUFFIX, f.size))
-    piece.add(b"\0" * (2 * tarfile.BLOCKSIZE))  # end of archive
+    yield from put(b"\0" * (2 * tarfile.BLOCKSIZE))  # end of archive
     yield piece
 
 
@@ -137,13 +177,13 @@ class _Compressors:
         self.pool = concurrent.futures.ThreadPoolExecutor(n, thread_name_prefix="upload-zstd")
         self.params = zstandard.ZstdCompressionParameters.from_level(1, **ZSTD_PARAMS)
 
-    def _compress(self, data: bytes) -> bytes:
+    def _compress(self, data: memoryview) -> bytes:
         zc = getattr(self.local, "zc", None)
         if zc is None:
             zc = self.local.zc = zstandard.ZstdCompressor(compression_params=self.params)
         return zc.compress(data)
 
-    def submit(self, data: bytes) -> concurrent.futures.Future[bytes]:
+    def submit(self, data: memoryview) -> concurrent.futures.Future[bytes]:
         return self.pool.submit(self._compress, data)
 
     def close(self) -> None:
@@ -173,11 +213,12 @@ def send_archive(
     chan.settimeout(t.op_timeout)  # a stalled server: sendall() raises after op_timeout of no window
     exec_private(chan, sh_command(ZSTD_TAR_SCRIPT if compress else TAR_SCRIPT, base))
     window = fastpath.send_window(chan)  # before anything is sent
-    digests = StreamDigests()
+    digests: dict[str, str] = {}
+    buffers = _PieceBuffers()
     in_flight: collections.deque[tuple[str, int, int]] = collections.deque()  # (name, size, stream end)
     sent = 0
 
-    def send(data: bytes, ends: list[tuple[str, int]]) -> None:
+    def send(data: bytes | memoryview, ends: list[tuple[str, int]]) -> None:
         nonlocal sent
         # a memoryview: paramiko's sendall() re-slices what is left after each 32 KiB packet,
         # which for bytes copies the rest of the buffer every time
@@ -193,20 +234,25 @@ def send_archive(
 
     n = workers()
     zstd = _Compressors(n) if compress else None
-    queued: collections.deque[tuple[concurrent.futures.Future[bytes], list[tuple[str, int]]]] = collections.deque()
+    queued: collections.deque[tuple[concurrent.futures.Future[bytes], _Piece]] = collections.deque()
+
+    def send_oldest() -> None:
+        frame, piece = queued.popleft()
+        send(frame.result(), piece.ends)
+        buffers.give(piece)  # compressed: its buffer can take the next piece
+
     process = RemoteProcess(conn, chan, "zstd -d | tar -x" if compress else "tar -x")
     try:
-        for piece in _archive(dirs, files, digests):
+        for piece in _archive(dirs, files, buffers, digests):
             if zstd is None:
-                send(piece.data(), piece.ends)
+                send(piece.data(), piece.ends)  # sendall() returns once paramiko has packed it
+                buffers.give(piece)
                 continue
-            queued.append((zstd.submit(piece.data()), piece.ends))
+            queued.append((zstd.submit(piece.data()), piece))
             while len(queued) > n:
-                frame, ends = queued.popleft()
-                send(frame.result(), ends)
+                send_oldest()
         while queued:
-            frame, ends = queued.popleft()
-            send(frame.result(), ends)
+            send_oldest()
         chan.shutdown_write()
     except OSError as exc:
         if not chan.exit_status_ready():  # the connection, not the remote command
@@ -221,12 +267,11 @@ def send_archive(
     finally:
         if zstd is not None:
             zstd.close()
-        sent_digests = digests.finish()
     _check_result(process.wait(t.op_timeout), base, t.where, files if compress else None)
     for name, size, _ in in_flight:
         if on_written is not None:
             on_written(name, size)
-    return sent_digests
+    return digests
 
 
 def _check_result(result: tuple[int, bytes, bytes], base: str, where: str, compressed: list[LocalFile] | None) -> None:
