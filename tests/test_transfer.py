@@ -29,7 +29,7 @@ import pytest
 import zstandard
 from paramiko.buffered_pipe import BufferedPipe
 
-from mqi_communicator.files import write_atomic
+from mqi_communicator.files import KnownDigests, write_atomic
 from mqi_communicator.remote import commands, connection, download, fastpath, hashing, tarstream, upload
 from mqi_communicator.remote import transfer as transfer_cli
 from mqi_communicator.remote.errors import AuthError, CommandTimeout, HostKeyError, TransferError, VerifyError
@@ -186,6 +186,98 @@ def test_upload_tree_verified_and_idempotent(
         assert (remote / "plan" / "06_106.00MeV.csv").read_bytes() == (local / "plan" / "06_106.00MeV.csv").read_bytes()
         assert set(upload.compare_tree(conn, local, str(remote))["identical"]) == set(third.files)
     assert conn.connects == 1
+
+
+def recorded_case(root: Path, digest_of_first: str | None = None) -> tuple[KnownDigests, dict[str, bytes]]:
+    """A P2-like folder whose files are recorded as their writer records them (`KnownDigests`),
+    with a hard link of one (as a beam's logFilePath holds) and one file rewritten after it was
+    recorded. ``digest_of_first``: record that (wrong) digest for log/01.csv instead of its own."""
+    (root / "log").mkdir(parents=True)
+    (root / "beam").mkdir()
+    known = KnownDigests()
+    data = {"log/01.csv": os.urandom(300_000), "log/02.csv": os.urandom(1000), "plan.dcm": os.urandom(5000)}
+    for rel, content in data.items():
+        (root / rel).write_bytes(content)
+        known.add(root / rel, rel, hashlib.sha256(content).hexdigest())
+    if digest_of_first:
+        known = KnownDigests(
+            [dict(e, sha256=digest_of_first) if e["path"] == "log/01.csv" else e for e in known.entries]
+        )
+    os.link(root / "log" / "01.csv", root / "beam" / "01.csv")
+    data["beam/01.csv"] = data["log/01.csv"]
+    data["log/02.csv"] = os.urandom(1001)  # rewritten since: another size, another stat key
+    (root / "log" / "02.csv").write_bytes(data["log/02.csv"])
+    return known, data
+
+
+@pytest.mark.parametrize(("method", "compression"), UPLOAD_WAYS)
+def test_upload_reports_the_writers_digests_and_hashes_the_rest(
+    sshd: SshServer, remote: Path, tmp_path: Path, method: str, compression: str
+) -> None:
+    """Files recorded by their writer are reported with the recorded sha256 (their hard links
+    too); a file rewritten since it was recorded is hashed as it is read."""
+    local = tmp_path / "case"
+    known, data = recorded_case(local)
+    with connection.connect(**fast(sshd, compression=compression)) as conn:
+        report = upload.upload_tree(conn, local, str(remote), method=method, known=known)
+        assert sorted(report.uploaded) == sorted(data)
+        for rel, content in data.items():
+            assert (remote / rel).read_bytes() == content, rel
+            assert report.files[rel] == hashlib.sha256(content).hexdigest(), rel
+        again = upload.upload_tree(conn, local, str(remote), method=method, known=known)
+    assert again.uploaded == [] and again.files == report.files
+
+
+def test_upload_takes_a_recorded_digest_without_hashing_the_file(sshd: SshServer, remote: Path, tmp_path: Path) -> None:
+    """With zstd (the stream verifies the bytes read: frame checksums) a recorded digest is not
+    computed again: a record that names a wrong one shows through in the report."""
+    local = tmp_path / "case"
+    known, data = recorded_case(local, digest_of_first="0" * 64)
+    with connection.connect(**fast(sshd, compression="zstd")) as conn:
+        report = upload.upload_tree(conn, local, str(remote), method="tar", known=known)
+    assert report.files["log/01.csv"] == report.files["beam/01.csv"] == "0" * 64
+    assert report.files["log/02.csv"] == hashlib.sha256(data["log/02.csv"]).hexdigest()
+    assert (remote / "log" / "01.csv").read_bytes() == data["log/01.csv"]
+
+
+@pytest.mark.parametrize(("method", "compression"), [("tar", "none"), ("sftp", "none")])
+def test_upload_without_zstd_checks_the_servers_sha256_against_the_record(
+    sshd: SshServer, remote: Path, tmp_path: Path, method: str, compression: str
+) -> None:
+    """Without zstd the server hashes every file it received: a recorded digest that is not the
+    file's fails the upload, and no file gets its final name."""
+    local = tmp_path / "case"
+    known, _ = recorded_case(local, digest_of_first="0" * 64)
+    with (
+        connection.connect(**fast(sshd, compression=compression)) as conn,
+        pytest.raises(VerifyError, match="sha256 differs remotely for 2 file"),
+    ):
+        upload.upload_tree(conn, local, str(remote), method=method, known=known)
+    assert [p for p in remote.rglob("*") if p.is_file() and p.suffix != ".part"] == []
+    assert not any(p.name.startswith("01.csv") for p in part_files(remote))  # the mismatched ones are removed
+
+
+def test_upload_refuses_a_file_replaced_after_it_was_listed(
+    sshd: SshServer, remote: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file replaced between the listing (size, stat key, recorded digest) and its reading is
+    not sent under the old facts: the upload fails naming it, and nothing gets its final name."""
+    local = tmp_path / "case"
+    known, _ = recorded_case(local)
+    real_walk = upload.walk_local
+
+    def walk_then_replace(root: str, known: KnownDigests | None = None) -> Any:
+        listed = real_walk(root, known)
+        write_atomic(local / "log" / "01.csv", os.urandom(300_000))  # same size, new inode
+        return listed
+
+    monkeypatch.setattr(upload, "walk_local", walk_then_replace)
+    with (
+        connection.connect(**fast(sshd, compression="zstd")) as conn,
+        pytest.raises(TransferError, match=r"log/01\.csv was replaced or changed since it was listed"),
+    ):
+        upload.upload_tree(conn, local, str(remote), method="tar", known=known)
+    assert not (remote / "log" / "01.csv").exists()
 
 
 def test_upload_early_remote_hash_rechecks_files_still_being_written(

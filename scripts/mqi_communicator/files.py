@@ -1,4 +1,5 @@
-"""File helpers every step shares: THE atomic write (temp + rename, private mode) and sha256."""
+"""File helpers every step shares: THE atomic write (temp + rename, private mode), sha256, and the
+sha256 a step records of the files it wrote (`KnownDigests`)."""
 
 from __future__ import annotations
 
@@ -67,6 +68,63 @@ def write_json_atomic(path: Path, data: dict[str, Any], *, durable: bool = False
 def sha256_of(path: str | os.PathLike[str]) -> str:
     with open(path, "rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+StatKey = tuple[int, int, int, int]
+
+
+def stat_key(st: os.stat_result) -> StatKey:
+    """A file's identity and version, known without reading it: device, inode, size and mtime (ns).
+    A replaced file (new inode) or a rewritten one (size, mtime) gets another key; hard links of
+    one file share it. Not the ctime: making a hard link changes it, and the pipeline links P2's
+    CSVs into each beam's logFilePath after P2 has recorded them."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class KnownDigests:
+    """The sha256 of files, recorded by the step that wrote them (it hashes the bytes it has in
+    memory) with each file's `stat_key`, so that a step sending them later (stage-in) takes the
+    digest from here instead of reading every file once more to hash it: each byte hashed once.
+    A file whose key has changed since is not known (and is hashed again by its reader).
+
+    Saved in a JSON object as ``"files": [{"path": REL, "sha256": HEX, "stat_key": [...]}]`` (P2's
+    summary holds its files so)."""
+
+    def __init__(self, entries: list[dict[str, Any]] | None = None) -> None:
+        self.entries: list[dict[str, Any]] = []
+        self._by_key: dict[StatKey, str] = {}
+        for entry in entries or []:
+            self._remember(entry)
+
+    def _remember(self, entry: dict[str, Any]) -> None:
+        dev, ino, size, mtime_ns = (int(v) for v in entry["stat_key"])
+        self.entries.append(entry)
+        self._by_key[(dev, ino, size, mtime_ns)] = entry["sha256"]
+
+    def add(self, path: Path, rel: str, sha256: str) -> None:
+        """Record ``path`` (shown as ``rel``), just written, with the sha256 of what was written."""
+        self._remember({"path": rel, "sha256": sha256, "stat_key": list(stat_key(os.stat(path)))})
+
+    def get(self, key: StatKey) -> str | None:
+        return self._by_key.get(key)
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> KnownDigests:
+        """The ``files`` recorded in the JSON file ``path`` (none if it records none)."""
+        try:
+            record = json.loads(Path(path).read_text())
+            entries = record.get("files", []) if isinstance(record, dict) else None
+            if not isinstance(entries, list) or not all(
+                isinstance(e, dict) and isinstance(e.get("sha256"), str) and len(e.get("stat_key", ())) == 4
+                for e in entries
+            ):
+                raise ValueError("'files' is not a list of {path, sha256, stat_key}")
+            return cls(entries)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{path}: not a record of file digests: {exc}") from exc
 
 
 def is_stream_of(stream: IO[Any], path: str | os.PathLike[str]) -> bool:

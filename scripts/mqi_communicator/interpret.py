@@ -9,6 +9,7 @@ Deliveries are paired with beams by the manifest's DICOM_BEAM_NUMBER, never by f
 from __future__ import annotations
 
 import argparse
+import hashlib
 import shlex
 import subprocess
 import sys
@@ -21,7 +22,7 @@ import numpy as np
 
 from . import moqui_csv, ptn, settings
 from .errors import CaseError
-from .files import sha256_of, write_atomic, write_json_atomic
+from .files import KnownDigests, write_atomic, write_json_atomic
 from .intake import build_manifest
 from .plan import Layer, read_plan
 
@@ -89,12 +90,21 @@ def interpret_case(manifest: dict[str, Any], config: dict[str, Any], out_dir: Pa
     """Write the P2 layout for every simulated beam; returns a summary (files, samples)."""
     case_dir = Path(manifest["case_dir"])
     plan_path = case_dir / manifest["plan"]["path"]
-    if sha256_of(plan_path) != manifest["plan"]["sha256"]:
+    plan_bytes = plan_path.read_bytes()  # the bytes checked are the bytes copied
+    if hashlib.sha256(plan_bytes).hexdigest() != manifest["plan"]["sha256"]:
         raise CaseError(plan_path, "changed since intake; run the case again")
     plan = read_plan(plan_path)
     calibration = ptn.RoomCalibration.from_config(config["rooms"][manifest["room"]])
     layout = config["interpreter"]["csv_layout"]
-    write_atomic(out_dir / "plan" / plan_path.name, plan_path.read_bytes())
+    # Every file written is recorded with its sha256 (of the bytes in hand) in the summary's
+    # "files": stage-in reports these digests instead of reading the files again to hash them.
+    known = KnownDigests()
+
+    def write_output(path: Path, data: bytes) -> None:
+        write_atomic(path, data)
+        known.add(path, path.relative_to(out_dir).as_posix(), hashlib.sha256(data).hexdigest())
+
+    write_output(out_dir / "plan" / plan_path.name, plan_bytes)
     deliveries = {d["folder"]: d for d in manifest["deliveries"]}
     tables: LogTables | None = None
     summary: dict[str, Any] = {"case_id": manifest["case_id"], "mode": manifest["mode"], "layout": layout, "beams": []}
@@ -113,7 +123,7 @@ def interpret_case(manifest: dict[str, Any], config: dict[str, Any], out_dir: Pa
             for number, layer in enumerate(beam.layers, start=1):
                 data = plan_layer_samples(layer, calibration, config)
                 name = moqui_csv.layer_file_name(number, layer.energy_mev, len(beam.layers))
-                write_atomic(beam_dir / name, data)
+                write_output(beam_dir / name, data)
                 written.append({"file": name, "layer": number, "bytes": len(data)})
         else:
             if tables is None:
@@ -131,11 +141,12 @@ def interpret_case(manifest: dict[str, Any], config: dict[str, Any], out_dir: Pa
                     log = ptn.read_ptn(path)
                     data = tables.encode(log, delivery["dose1_range_codes"][number - delivery["start_layer"]])
                     name = moqui_csv.layer_file_name(number, beam.layers[number - 1].energy_mev, len(beam.layers))
-                    write_atomic(beam_dir / name, data)
+                    write_output(beam_dir / name, data)
                     written.append(
                         {"file": name, "layer": number, "samples": len(log), "ptn": f"{folder}/{entry['file']}"}
                     )
         summary["beams"].append({"number": beam.number, "name": beam.name, "folder": beam_dir.name, "layers": written})
+    summary["files"] = known.entries
     return summary
 
 

@@ -1,4 +1,5 @@
-"""The local side of an upload: the files of a folder (symlinks followed), read exactly as stat'ed."""
+"""The local side of an upload: the files of a folder (symlinks followed), read exactly as stat'ed,
+with the sha256 their writer recorded where it still holds (`KnownDigests`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from ..files import KnownDigests, StatKey, stat_key
 from .connection import PART_SUFFIX, WRITE_REQ
 from .errors import TransferError
 from .hashing import check_name
@@ -20,10 +22,22 @@ class LocalFile:
     rel: str
     path: str
     size: int
+    #: `stat_key` when listed: a file read later must still have it
+    key: StatKey | None = None
+    #: its sha256 as recorded by the step that wrote it (None: hash it while reading)
+    sha256: str | None = None
+
+    def check_unchanged(self, fd: int, when: str) -> None:
+        """Raise unless the open file ``fd`` is still the file listed, unchanged (``when``: "listed"
+        before reading, "read" after)."""
+        if self.key is not None and stat_key(os.fstat(fd)) != self.key:
+            what = "replaced or changed since it was listed" if when == "listed" else "changed while being uploaded"
+            raise TransferError(f"{self.path} was {what}")
 
 
-def walk_local(root: str) -> tuple[list[str], list[LocalFile]]:
-    """Directories and files below ``root`` (relative posix paths), symlinks followed."""
+def walk_local(root: str, known: KnownDigests | None = None) -> tuple[list[str], list[LocalFile]]:
+    """Directories and files below ``root`` (relative posix paths), symlinks followed; a file's
+    sha256 is taken from ``known`` when its `stat_key` is recorded there."""
     dirs: list[str] = []
     files: list[LocalFile] = []
     seen: set[tuple[int, int]] = set()
@@ -48,7 +62,8 @@ def walk_local(root: str) -> tuple[list[str], list[LocalFile]]:
                 seen.discard((cst.st_dev, cst.st_ino))
             elif stat.S_ISREG(cst.st_mode):
                 check_name(child_rel)
-                files.append(LocalFile(child_rel, e.path, cst.st_size))
+                key = stat_key(cst)
+                files.append(LocalFile(child_rel, e.path, cst.st_size, key, known.get(key) if known else None))
             else:
                 raise TransferError(f"{e.path} is neither a regular file nor a directory")
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import settings
-from ..files import write_atomic, write_json_atomic
+from ..files import KnownDigests, write_atomic, write_json_atomic
 from .commands import absolute, remote_home, run
 from .connection import Connection, connect_from_config
 from .download import download_file
@@ -34,6 +34,8 @@ from .errors import TransferError
 from .upload import upload_tree
 
 REMOTE_SUFFIX = ".remote.in"
+#: P2's summary in its output folder (rules/interpret.smk), with the sha256 of every file it wrote
+P2_SUMMARY = "p2_summary.json"
 
 
 def connect(config: dict[str, Any]) -> Connection:
@@ -68,6 +70,14 @@ def remote_parameters(local_in: Path, processing: Path, remote_root: str, remote
     return text
 
 
+def p2_digests(processing: Path) -> KnownDigests:
+    """The sha256 P2 recorded of the files it wrote (its summary's "files"), so that stage-in does
+    not hash them again; the beams' logFilePath folders hold hard links of the same files. None
+    when P2 recorded none (an external interpreter)."""
+    summary = processing / "moqui_csv" / P2_SUMMARY
+    return KnownDigests.load(summary) if summary.is_file() else KnownDigests()
+
+
 def stage_in(config: dict[str, Any], case_id: str, processing: Path, beams: list[str], report: Path) -> dict[str, Any]:
     """Upload the case's P2 output and each beam's MOQUI input; idempotent and verified."""
     started = time.monotonic()
@@ -84,8 +94,9 @@ def stage_in(config: dict[str, Any], case_id: str, processing: Path, beams: list
                 "parameter_file": posixpath.join(root, "moqui", beam, remote_in.name),
                 "output_dir": output_dir,
             }
+        known = p2_digests(processing)
         uploads = {
-            name: upload_tree(conn, processing / name, posixpath.join(root, name)).to_dict()
+            name: upload_tree(conn, processing / name, posixpath.join(root, name), known=known).to_dict()
             for name in ("moqui_csv", "moqui")
         }
         mkdirs = run(conn, ["mkdir", "-p", *(e["output_dir"] for e in beam_entries.values())], timeout=60)

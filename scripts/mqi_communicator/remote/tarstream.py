@@ -121,8 +121,9 @@ def _archive(
     dirs: list[str], files: list[LocalFile], buffers: _PieceBuffers, digests: dict[str, str]
 ) -> Iterator[_Piece]:
     """The tar archive in pieces of `PIECE` bytes (the last one shorter), read into reused buffers;
-    the sha256 of every file goes to ``digests`` (hashed here, while the workers compress the
-    pieces before: hashlib and zstd both release the GIL)."""
+    the sha256 of every file goes to ``digests``: as its writer recorded it, or hashed here while
+    the workers compress the pieces before (hashlib and zstd both release the GIL). A file must be
+    the one listed, unchanged, before and after it is read."""
     now = int(time.time())
     piece = buffers.take()
 
@@ -146,8 +147,9 @@ def _archive(
         info = tarfile.TarInfo(f.rel + PART_SUFFIX)
         info.size, info.mode, info.mtime = f.size, PRIVATE_FILE, now
         yield from put(info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape"))
-        sha = hashlib.sha256()
+        sha = None if f.sha256 else hashlib.sha256()  # recorded by its writer: not hashed again
         with open(f.path, "rb", buffering=0) as fin:
+            f.check_unchanged(fin.fileno(), "listed")
             left = f.size
             while left:
                 room = piece.room()[:left]
@@ -156,13 +158,15 @@ def _archive(
                     raise TransferError(
                         f"{f.path} shrank while being uploaded ({f.size - left} of {f.size} bytes read)"
                     )
-                sha.update(room[:n])
+                if sha is not None:
+                    sha.update(room[:n])
                 piece.size += n
                 left -= n
                 if piece.size == PIECE:
                     yield piece
                     piece = buffers.take()
-        digests[f.rel] = sha.hexdigest()
+            f.check_unchanged(fin.fileno(), "read")
+        digests[f.rel] = sha.hexdigest() if sha is not None else str(f.sha256)
         yield from put(b"\0" * (-f.size % tarfile.BLOCKSIZE))
         piece.ends.append((f.rel + PART_SUFFIX, f.size))
     yield from put(b"\0" * (2 * tarfile.BLOCKSIZE))  # end of archive

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..files import sha256_of
+from ..files import KnownDigests, sha256_of
 from .commands import home_relative
 from .connection import COMPRESSION, connect
 from .download import download_file
@@ -53,6 +53,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--key", required=True, help="private key file (unencrypted)")
     ap.add_argument("--known-hosts", required=True, help="known_hosts file that must hold the host's key")
     ap.add_argument("--expected-sha256", help="download: the sha256 the file must have (skips hashing it remotely)")
+    ap.add_argument(
+        "--known-digests",
+        type=Path,
+        help="upload: a JSON file whose 'files' hold the sha256 and stat key of files as their writer "
+        "recorded them (P2's p2_summary.json): those files are not hashed again",
+    )
     ap.add_argument("--method", choices=METHODS, default="auto", help="upload: tar stream over exec, or SFTP writes")
     ap.add_argument(
         "--compression", choices=COMPRESSION, default="auto", help="zstd streams: auto (when the server has zstd)"
@@ -71,6 +77,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     result: dict[str, Any]
     rc = 0
     try:
+        known = KnownDigests.load(args.known_digests) if args.known_digests else None
+    except (OSError, ValueError) as exc:
+        print(f"transfer: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    try:
         with connect(
             args.host,
             args.port,
@@ -84,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ) as conn:
             if args.action == "upload":
                 if os.path.isdir(args.src):
-                    result = upload_tree(conn, args.src, args.dst, method=args.method).to_dict()
+                    result = upload_tree(conn, args.src, args.dst, method=args.method, known=known).to_dict()
                 else:
                     result = upload_file(conn, args.src, args.dst, method=args.method).to_dict()
             elif args.action == "download":

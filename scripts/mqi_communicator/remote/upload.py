@@ -25,7 +25,7 @@ from typing import Any
 
 import paramiko
 
-from ..files import PRIVATE_FILE, sha256_of
+from ..files import PRIVATE_FILE, KnownDigests, sha256_of, stat_key
 from . import fastpath
 from .commands import ask_tools, execute, home_relative, remote_tools, sh_command, use_zstd
 from .connection import PART_SUFFIX, WRITE_REQ, Connection
@@ -86,7 +86,7 @@ def _identical(conn: Connection, base: str, files: list[LocalFile], listing: dic
         return {}
     names = [f.rel for f in same_size]
     job = start_sha256(conn, base, names)  # hashes remotely while we hash here
-    local = {f.rel: sha256_of(f.path) for f in same_size}
+    local = {f.rel: f.sha256 or sha256_of(f.path) for f in same_size}
     remote = finish_sha256(job, names, hash_timeout(conn, sum(f.size for f in same_size)))
     return {rel: h for rel, h in local.items() if remote.get(rel) == h}
 
@@ -102,8 +102,9 @@ def _send_sftp(
     sftp = conn.sftp
     sent: dict[str, str] = {}
     for f in files:
-        h = hashlib.sha256()
+        h = None if f.sha256 else hashlib.sha256()  # recorded by its writer: not hashed again
         with open(f.path, "rb") as fin:
+            f.check_unchanged(fin.fileno(), "listed")
             # Not closed on failure: close() would wait for every pending write answer (op_timeout
             # again on a stalled server); the handle goes with the dropped connection.
             out = sftp.open(posixpath.join(base, f.rel + PART_SUFFIX), "wb")
@@ -111,10 +112,12 @@ def _send_sftp(
             fastpath.set_request_size(out, WRITE_REQ)
             out.set_pipelined(True)  # write errors surface at close()
             for chunk in read_exactly(fin, f.size, f.path):
-                h.update(chunk)
+                if h is not None:
+                    h.update(chunk)
                 out.write(chunk)
+            f.check_unchanged(fin.fileno(), "read")
             out.close()
-        sent[f.rel] = h.hexdigest()
+        sent[f.rel] = h.hexdigest() if h is not None else str(f.sha256)
         hasher.add(f.rel + PART_SUFFIX, f.size)  # complete once close() has returned
     return sent
 
@@ -218,7 +221,12 @@ def _checked_source(path: str | os.PathLike[str], method: str, *, folder: bool) 
 
 
 def upload_tree(
-    conn: Connection, local_dir: str | os.PathLike[str], remote_dir: str, *, method: str = "auto"
+    conn: Connection,
+    local_dir: str | os.PathLike[str],
+    remote_dir: str,
+    *,
+    method: str = "auto",
+    known: KnownDigests | None = None,
 ) -> UploadReport:
     """Upload a folder (symlinks followed) so that ``remote_dir`` holds the same files, verified.
 
@@ -229,12 +237,14 @@ def upload_tree(
     remotely in one command and compared with the sha256 of what was sent), and renamed
     (posix-rename). Folders are
     created as needed (empty ones too). Remote files that do not exist locally are left alone.
+    The report's sha256 of a file recorded in ``known`` (by the step that wrote it, with the same
+    `stat_key`) is that record's: the file is read to be sent, not hashed again.
     """
     local = _checked_source(local_dir, method, folder=True)
     remote = home_relative(remote_dir)
 
     def once() -> UploadReport:
-        dirs, files = walk_local(local)
+        dirs, files = walk_local(local, known)
         asked = ask_tools(conn) if method != "sftp" else None  # answered while SFTP lists the folder
         listing = _remote_listing(conn.sftp, remote, dirs)
         if asked is not None:
@@ -255,7 +265,8 @@ def upload_file(
 
     def once() -> UploadReport:
         base = parent or "."
-        files = [LocalFile(name, local, os.path.getsize(local))]
+        st = os.stat(local)
+        files = [LocalFile(name, local, st.st_size, stat_key(st))]
         asked = ask_tools(conn) if method != "sftp" else None  # answered while SFTP looks for the file
         listing = _remote_stats(conn.sftp, base, [name, name + PART_SUFFIX])
         if asked is not None:
