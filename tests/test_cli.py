@@ -105,7 +105,7 @@ def test_stage_in_takes_beam_names_that_look_like_options(tmp_path: Path, monkey
 
     def fake_stage_in(config, case, processing, beams, report):  # the upload itself is tested elsewhere
         seen.append(beams)
-        return {"uploads": {}, "host": "h", "remote_root": "r"}
+        return {"upload": {"uploaded": []}, "host": "h", "remote_root": "r"}
 
     monkeypatch.setattr(stage, "stage_in", fake_stage_in)
     args = ["stage-in", "--case=c", "--processing", str(tmp_path), "--beam=-G90", "--beam=1G180 TX"]

@@ -266,8 +266,8 @@ def test_upload_refuses_a_file_replaced_after_it_was_listed(
     known, _ = recorded_case(local)
     real_walk = upload.walk_local
 
-    def walk_then_replace(root: str, known: KnownDigests | None = None) -> Any:
-        listed = real_walk(root, known)
+    def walk_then_replace(root: str, *rest: Any) -> Any:
+        listed = real_walk(root, *rest)
         write_atomic(local / "log" / "01.csv", os.urandom(300_000))  # same size, new inode
         return listed
 
@@ -278,6 +278,40 @@ def test_upload_refuses_a_file_replaced_after_it_was_listed(
     ):
         upload.upload_tree(conn, local, str(remote), method="tar", known=known)
     assert not (remote / "log" / "01.csv").exists()
+
+
+@pytest.mark.parametrize(("method", "compression"), UPLOAD_WAYS)
+def test_upload_sends_hard_links_once_and_only_the_folders_named(
+    sshd: SshServer, remote: Path, tmp_path: Path, method: str, compression: str
+) -> None:
+    """Stage-in's shape: two folders of a processing folder, the second holding hard links of the
+    first's files (a beam's logFilePath). A tar stream carries their bytes once and the server
+    gets the same links; SFTP writes each name. Other entries of the folder stay home."""
+    local = tmp_path / "intermediate"
+    (local / "moqui_csv" / "log").mkdir(parents=True)
+    (local / "moqui" / "B1" / "log").mkdir(parents=True)
+    (local / "state").mkdir()
+    (local / "state" / "private.json").write_text("{}")
+    (local / "intake.json").write_text("{}")
+    data = {f"{i}.csv": os.urandom(200_000 + i) for i in range(3)}
+    for name, content in data.items():
+        (local / "moqui_csv" / "log" / name).write_bytes(content)
+        os.link(local / "moqui_csv" / "log" / name, local / "moqui" / "B1" / "log" / name)
+    (local / "moqui" / "B1" / "beam.in").write_text("GPUID 0\n")
+    with connection.connect(**fast(sshd, compression=compression)) as conn:
+        report = upload.upload_tree(conn, local, str(remote), method=method, only=("moqui_csv", "moqui"))
+        with pytest.raises(TransferError, match=r"intermediate/moqui_tps does not exist"):
+            upload.upload_tree(conn, local, str(remote), method=method, only=("moqui_csv", "moqui_tps"))
+    assert sorted(p.name for p in remote.iterdir()) == ["moqui", "moqui_csv"]
+    assert len(report.uploaded) == 7
+    payload = sum(len(c) for c in data.values())
+    assert report.bytes_sent == (payload if method == "tar" else 2 * payload) + len("GPUID 0\n")
+    for name, content in data.items():
+        first, link = remote / "moqui_csv" / "log" / name, remote / "moqui" / "B1" / "log" / name
+        assert first.read_bytes() == link.read_bytes() == content
+        assert report.files[f"moqui/B1/log/{name}"] == hashlib.sha256(content).hexdigest()
+        assert (first.stat().st_ino == link.stat().st_ino) is (method == "tar"), name
+    assert part_files(remote) == []
 
 
 def test_upload_early_remote_hash_rechecks_files_still_being_written(

@@ -89,17 +89,21 @@ def test_remote_pipeline_matches_embedded_default(
         for beam, reference in zip(summary["beams"], local[case]["beams"], strict=True):
             assert beam["slurm_job"], f"{case} {beam['beam']}: no SLURM job recorded"
             assert beam["raw_sha256"] == reference["raw_sha256"]  # same engine, same inputs, same bytes
-    # Stage-in reported P2's recorded sha256 of each file (P2 hashed the bytes it wrote; the
-    # beams' logFilePath folders hold hard links of the same files), and each is the file's own.
-    staged = json.loads(next(work.rglob("case001_G2/**/remote/stage_in.json")).read_text())
+    # Stage-in reported P2's recorded sha256 of each file (P2 hashed the bytes it wrote), each
+    # the file's own; the beams' logFilePath files, hard links of P2's CSVs, were sent once and
+    # are hard links on the cluster too.
+    staged = json.loads(next(work.rglob("case001_G2/**/remote/stage_in.json")).read_text())["upload"]
     processing = Path(next(work.rglob("case001_G2/**/moqui_csv/p2_summary.json"))).parent.parent
     recorded = json.loads((processing / "moqui_csv" / "p2_summary.json").read_text())["files"]
     assert len(recorded) > 1
     for entry in recorded:
-        assert staged["uploads"]["moqui_csv"]["files"][entry["path"]] == entry["sha256"], entry["path"]
-    for folder, upload in staged["uploads"].items():
-        for rel, digest in upload["files"].items():
-            assert sha256_of(processing / folder / rel) == digest, f"{folder}/{rel}"
+        assert staged["files"]["moqui_csv/" + entry["path"]] == entry["sha256"], entry["path"]
+    for rel, digest in staged["files"].items():
+        assert sha256_of(processing / rel) == digest, rel
+    csv_bytes = sum(f.stat().st_size for f in (processing / "moqui_csv" / "log").rglob("*.csv"))
+    assert staged["bytes_sent"] < 1.1 * csv_bytes  # not twice
+    linked = _ssh(sshd_server, f"find {staged['remote']}/moqui -name '*.csv' -links 2 | wc -l")
+    assert int(linked.stdout) == len(list((processing / "moqui").rglob("*.csv"))) > 0, linked.stderr
     # The case's files really went through the SSH server's user, and nothing is left queued.
     listing = _ssh(sshd_server, f"ls {base}/Dose_raw/case001_G2/1G180_TX")
     assert "1G180:TX_2_Dose.raw" in listing.stdout, listing.stderr

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,9 +35,12 @@ class LocalFile:
             raise TransferError(f"{self.path} was {what}")
 
 
-def walk_local(root: str, known: KnownDigests | None = None) -> tuple[list[str], list[LocalFile]]:
-    """Directories and files below ``root`` (relative posix paths), symlinks followed; a file's
-    sha256 is taken from ``known`` when its `stat_key` is recorded there."""
+def walk_local(
+    root: str, known: KnownDigests | None = None, only: Collection[str] | None = None
+) -> tuple[list[str], list[LocalFile]]:
+    """Directories and files below ``root`` (relative posix paths), symlinks followed; only the
+    entries of ``root`` named in ``only`` when given (each must exist). A file's sha256 is taken
+    from ``known`` when its `stat_key` is recorded there."""
     dirs: list[str] = []
     files: list[LocalFile] = []
     seen: set[tuple[int, int]] = set()
@@ -49,6 +52,11 @@ def walk_local(root: str, known: KnownDigests | None = None) -> tuple[list[str],
         seen.add((st.st_dev, st.st_ino))
         with os.scandir(path) as it:
             entries = sorted(it, key=lambda e: e.name)
+        if only is not None and not rel:
+            entries = [e for e in entries if e.name in only]
+            missing = sorted(set(only) - {e.name for e in entries})
+            if missing:
+                raise TransferError(f"{os.path.join(root, missing[0])} does not exist")
         for e in entries:
             child_rel = f"{rel}/{e.name}" if rel else e.name
             try:

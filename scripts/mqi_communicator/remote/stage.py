@@ -34,6 +34,8 @@ from .errors import TransferError
 from .upload import upload_tree
 
 REMOTE_SUFFIX = ".remote.in"
+#: The case's processing folders that go to the cluster (P2's output, the beams' MOQUI inputs)
+STAGED = ("moqui_csv", "moqui")
 #: P2's summary in its output folder (rules/interpret.smk), with the sha256 of every file it wrote
 P2_SUMMARY = "p2_summary.json"
 
@@ -94,11 +96,9 @@ def stage_in(config: dict[str, Any], case_id: str, processing: Path, beams: list
                 "parameter_file": posixpath.join(root, "moqui", beam, remote_in.name),
                 "output_dir": output_dir,
             }
-        known = p2_digests(processing)
-        uploads = {
-            name: upload_tree(conn, processing / name, posixpath.join(root, name), known=known).to_dict()
-            for name in ("moqui_csv", "moqui")
-        }
+        # One stream for both folders: the beams' logFilePath files are hard links of P2's CSVs,
+        # sent once (the cluster gets the same links).
+        upload = upload_tree(conn, processing, root, known=p2_digests(processing), only=STAGED).to_dict()
         mkdirs = run(conn, ["mkdir", "-p", *(e["output_dir"] for e in beam_entries.values())], timeout=60)
         if mkdirs.rc != 0:
             raise TransferError(f"cannot create remote output folders: {mkdirs.stderr.strip()}")
@@ -108,7 +108,7 @@ def stage_in(config: dict[str, Any], case_id: str, processing: Path, beams: list
         "remote_root": root,
         "remote_dose_root": dose_root,
         "beams": beam_entries,
-        "uploads": uploads,
+        "upload": upload,
         "seconds": round(time.monotonic() - started, 3),
     }
     write_json_atomic(report, summary)
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         config = settings.load(args.settings)
         if args.command == "stage-in":
             summary = stage_in(config, args.case, args.processing, args.beams, args.report)
-            sent = sum(len(u["uploaded"]) for u in summary["uploads"].values())
+            sent = len(summary["upload"]["uploaded"])
             print(f"staged case {args.case} to {summary['host']}:{summary['remote_root']} ({sent} files sent)")
         else:
             record = stage_out(config, args.result, args.output_raw, args.record)

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 import paramiko
 import zstandard
 
-from ..files import PRIVATE_FILE
+from ..files import PRIVATE_FILE, stat_key
 from . import fastpath
 from .commands import RemoteProcess, exec_private, sh_command
 from .connection import PART_SUFFIX, Connection
@@ -123,7 +123,8 @@ def _archive(
     """The tar archive in pieces of `PIECE` bytes (the last one shorter), read into reused buffers;
     the sha256 of every file goes to ``digests``: as its writer recorded it, or hashed here while
     the workers compress the pieces before (hashlib and zstd both release the GIL). A file must be
-    the one listed, unchanged, before and after it is read."""
+    the one listed, unchanged, before and after it is read. A file that is a hard link of one
+    already in the archive goes as a tar hard link (no data)."""
     now = int(time.time())
     piece = buffers.take()
 
@@ -143,9 +144,21 @@ def _archive(
         info = tarfile.TarInfo(d)
         info.type, info.mode, info.mtime = tarfile.DIRTYPE, PRIVATE_DIR, now
         yield from put(info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape"))
+    first_of: dict[tuple[int, int], LocalFile] = {}  # (device, inode) -> the member that carries it
     for f in files:
         info = tarfile.TarInfo(f.rel + PART_SUFFIX)
         info.size, info.mode, info.mtime = f.size, PRIVATE_FILE, now
+        first = first_of.setdefault(f.key[:2], f) if f.key else f
+        if first is not f:
+            # A hard link of a file already in this archive (each beam's logFilePath links P2's
+            # CSVs): the server makes the same link, the bytes travel once.
+            if stat_key(os.stat(f.path)) != f.key:
+                raise TransferError(f"{f.path} was replaced or changed since it was listed")
+            info.type, info.size, info.linkname = tarfile.LNKTYPE, 0, first.rel + PART_SUFFIX
+            yield from put(info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape"))
+            digests[f.rel] = digests[first.rel]
+            piece.ends.append((f.rel + PART_SUFFIX, f.size))
+            continue
         yield from put(info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape"))
         sha = None if f.sha256 else hashlib.sha256()  # recorded by its writer: not hashed again
         with open(f.path, "rb", buffering=0) as fin:

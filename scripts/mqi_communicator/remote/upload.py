@@ -19,7 +19,7 @@ import os
 import posixpath
 import stat
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -184,7 +184,9 @@ def _upload_once(
                 )
         return _finish_report(report, t0)
     use_tar = method == "tar" or (method == "auto" and "tar" in remote_tools(conn))
-    report.bytes_sent = sum(f.size for f in todo)
+    # a tar stream carries a hard link's bytes once (`tarstream`); SFTP writes every file
+    carried = {f.key[:2] if use_tar and f.key else f.rel: f.size for f in todo}
+    report.bytes_sent = sum(carried.values())
     if use_tar and use_zstd(conn):  # verified by the stream itself: frame checksums, statuses, sizes
         try:
             sent = send_archive(conn, base, missing_dirs, todo, None, compress=True)
@@ -192,7 +194,7 @@ def _upload_once(
             _discard(conn, base, [f.rel for f in todo])
             raise
     else:
-        sent = _send_hashed(conn, base, missing_dirs, todo, use_tar, report.bytes_sent)
+        sent = _send_hashed(conn, base, missing_dirs, todo, use_tar, sum(f.size for f in todo))
     # only verified files get their final name (an atomic replace)
     fastpath.rename_all(
         conn.sftp, [(posixpath.join(base, rel + PART_SUFFIX), posixpath.join(base, rel)) for rel in sent]
@@ -227,6 +229,7 @@ def upload_tree(
     *,
     method: str = "auto",
     known: KnownDigests | None = None,
+    only: Collection[str] | None = None,
 ) -> UploadReport:
     """Upload a folder (symlinks followed) so that ``remote_dir`` holds the same files, verified.
 
@@ -237,6 +240,8 @@ def upload_tree(
     remotely in one command and compared with the sha256 of what was sent), and renamed
     (posix-rename). Folders are
     created as needed (empty ones too). Remote files that do not exist locally are left alone.
+    ``only``: just these entries of ``local_dir`` (e.g. two of its folders). A file that is a hard
+    link of another in the tree is sent once by tar (the server gets the same link).
     The report's sha256 of a file recorded in ``known`` (by the step that wrote it, with the same
     `stat_key`) is that record's: the file is read to be sent, not hashed again.
     """
@@ -244,7 +249,7 @@ def upload_tree(
     remote = home_relative(remote_dir)
 
     def once() -> UploadReport:
-        dirs, files = walk_local(local, known)
+        dirs, files = walk_local(local, known, only)
         asked = ask_tools(conn) if method != "sftp" else None  # answered while SFTP lists the folder
         listing = _remote_listing(conn.sftp, remote, dirs)
         if asked is not None:
