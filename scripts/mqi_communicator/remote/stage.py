@@ -74,8 +74,8 @@ def remote_parameters(local_in: Path, processing: Path, remote_root: str, remote
 
 def p2_digests(processing: Path) -> KnownDigests:
     """The sha256 P2 recorded of the files it wrote (its summary's "files"), so that stage-in does
-    not hash them again; the beams' logFilePath folders hold hard links of the same files. None
-    when P2 recorded none (an external interpreter)."""
+    not hash them again; the beams' logFilePath folders hold hard links of the same files. Empty
+    when P2 recorded none (an external interpreter, or P2 output from before it recorded them)."""
     summary = processing / "moqui_csv" / P2_SUMMARY
     return KnownDigests.load(summary) if summary.is_file() else KnownDigests()
 

@@ -7,10 +7,11 @@ stream) while the thread that sends reads and hashes the next pieces and sends t
 compressing, hashing and paramiko's packet work overlap instead of taking turns.
 
 With zstd the stream verifies itself (`_check_zstd_result`): every frame carries the XXH64 of its
-decompressed bytes (the bytes read here and hashed into the sha256 of the report), which the
-server's ``zstd -d`` checks; SSH's MAC covers the order and completeness of the frames; zstd's and
-tar's exit statuses are both reported; and the server lists the size of every ``.part`` it
-holds once tar has finished. The files are not read back and re-hashed there.
+decompressed bytes (the bytes read here), which the server's ``zstd -d`` checks; SSH's MAC covers
+the order and completeness of the frames; zstd's and tar's exit statuses are both reported; and
+the server lists the size of every ``.part`` it holds once tar has finished. The files are not
+read back and re-hashed there. A file that is a hard link of one already sent goes as a tar
+hard-link member: its bytes travel once.
 """
 
 from __future__ import annotations
