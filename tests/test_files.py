@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -63,3 +66,34 @@ def test_a_malformed_digest_record_is_named(tmp_path: Path, text: str) -> None:
     record.write_text(text)
     with pytest.raises(ValueError, match=r"p2_summary\.json: not a record of file digests"):
         KnownDigests.load(record)
+
+
+def test_the_next_write_removes_what_a_killed_writer_left(tmp_path: Path) -> None:
+    """A writer SIGKILLed mid-write (no cleanup runs) leaves its hidden temporary file; the next
+    write of the same file (the step run again) removes it. A live writer's temporary, one from
+    another host and another file's are left alone."""
+    target = tmp_path / "RD_PLAN.dcm"
+    killed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import os, signal; from mqi_communicator.files import atomic_output\n"
+            f"with atomic_output({str(target)!r}) as f:\n"
+            "    f.write(b'half a dose'); f.flush(); os.kill(os.getpid(), signal.SIGKILL)",
+        ],
+        check=False,
+    )
+    assert killed.returncode == -signal.SIGKILL
+    (left,) = [p.name for p in tmp_path.iterdir()]
+    assert left.startswith(".RD_PLAN.dcm.") and left.endswith(".tmp")
+    live = tmp_path / left.replace(left.split(".")[3], str(os.getpid()), 1)  # same host, a live pid
+    other_host = tmp_path / ".RD_PLAN.dcm.1.abcd1234.00000000.tmp"
+    other_file = tmp_path / f".RD_PLAN.dcm.old.{left[len('.RD_PLAN.dcm.') :]}"  # RD_PLAN.dcm.old's, same dead pid
+    for path in (live, other_host, other_file):
+        path.write_bytes(b"x")
+
+    write_atomic(target, b"whole dose")
+    assert target.read_bytes() == b"whole dose"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["RD_PLAN.dcm", live.name, other_host.name, other_file.name]
+    )

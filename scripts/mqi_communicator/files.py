@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import json
 import os
+import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,9 @@ from typing import IO, Any
 
 #: Mode of every file the pipeline writes: patient data, readable by its owner only.
 PRIVATE_FILE = 0o600
+#: In the name of every temporary file: which host wrote it (a temporary of a process that no
+#: longer runs is removed only by a writer on the same host: the pid says nothing elsewhere).
+_HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -38,7 +42,8 @@ def atomic_output(
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    _remove_stale_temporaries(target)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.{_HOST_TAG}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         os.fchmod(fd, mode)  # exactly ``mode``, whatever the umask
@@ -53,6 +58,34 @@ def atomic_output(
         raise
     if durable:
         fsync_dir(target.parent)
+
+
+def _remove_stale_temporaries(target: Path) -> None:
+    """Remove the temporary files of ``target`` that a killed writer left (SIGKILL, power cut:
+    no cleanup ran): written on this host by a process that no longer runs. The next write of the
+    target (the step run again) so leaves no trace of the one that was cut off. A temporary of a
+    running process, or of another host (a shared file system), is left alone."""
+    prefix = f".{target.name}."
+    try:
+        with os.scandir(target.parent) as entries:
+            names = [e.name for e in entries if e.name.startswith(prefix) and e.name.endswith(".tmp")]
+    except OSError:
+        return
+    for name in names:
+        parts = name[len(prefix) :].split(".")  # pid, random, host tag, "tmp"
+        if len(parts) == 4 and parts[2] == _HOST_TAG and parts[0].isdigit() and not _running(int(parts[0])):
+            with contextlib.suppress(OSError):
+                os.unlink(target.parent / name)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def write_atomic(path: Path, data: bytes, *, durable: bool = False) -> None:
