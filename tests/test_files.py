@@ -51,6 +51,8 @@ def test_known_digests_follow_the_file_not_the_name(tmp_path: Path) -> None:
     record.write_text(json.dumps({"case_id": "c1", "files": known.entries}))
     loaded = KnownDigests.load(record)
     assert len(loaded) == 1 and loaded.get(stat_key(os.stat(path))) == sha256_of(path)
+    record.write_text(json.dumps({"case_id": "c1"}))  # a summary from before P2 recorded files
+    assert len(KnownDigests.load(record)) == 0
 
     os.utime(path, ns=(0, os.stat(path).st_mtime_ns + 1))  # rewritten in place, same size
     assert loaded.get(stat_key(os.stat(path))) is None

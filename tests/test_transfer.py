@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -257,27 +258,29 @@ def test_upload_without_zstd_checks_the_servers_sha256_against_the_record(
     assert not any(p.name.startswith("01.csv") for p in part_files(remote))  # the mismatched ones are removed
 
 
+# beam/01.csv carries the bytes of its hard link log/01.csv (sorted first); plan.dcm has no link
+@pytest.mark.parametrize("replaced", ["beam/01.csv", "log/01.csv", "plan.dcm"])
 def test_upload_refuses_a_file_replaced_after_it_was_listed(
-    sshd: SshServer, remote: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    sshd: SshServer, remote: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, replaced: str
 ) -> None:
     """A file replaced between the listing (size, stat key, recorded digest) and its reading is
     not sent under the old facts: the upload fails naming it, and nothing gets its final name."""
     local = tmp_path / "case"
-    known, _ = recorded_case(local)
+    known, data = recorded_case(local)
     real_walk = upload.walk_local
 
     def walk_then_replace(root: str, *rest: Any) -> Any:
         listed = real_walk(root, *rest)
-        write_atomic(local / "log" / "01.csv", os.urandom(300_000))  # same size, new inode
+        write_atomic(local / replaced, os.urandom(len(data[replaced])))  # same size, new inode
         return listed
 
     monkeypatch.setattr(upload, "walk_local", walk_then_replace)
     with (
         connection.connect(**fast(sshd, compression="zstd")) as conn,
-        pytest.raises(TransferError, match=r"log/01\.csv was replaced or changed since it was listed"),
+        pytest.raises(TransferError, match=rf"{re.escape(replaced)} was replaced or changed since it was listed"),
     ):
         upload.upload_tree(conn, local, str(remote), method="tar", known=known)
-    assert not (remote / "log" / "01.csv").exists()
+    assert [p for p in remote.rglob("*") if p.is_file() and p.suffix != ".part"] == []
 
 
 @pytest.mark.parametrize(("method", "compression"), UPLOAD_WAYS)
