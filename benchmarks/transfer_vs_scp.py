@@ -1,6 +1,6 @@
 """Transfer benchmark: the remote transfer CLI against OpenSSH scp, whole commands, idle and loaded.
 
-    .venv/bin/python benchmarks/transfer_vs_scp.py [--repeats 3] [--dose-mb 500] [--case-mb 90 500]
+    .venv/bin/python benchmarks/transfer_vs_scp.py [--repeats 5] [--dose-mb 500] [--case-mb 90 500]
 
 Starts the throwaway sshd of the tests (tests/infra/ssh/start-sshd.sh; openssh-server is installed
 when missing) and times, as separate processes, exactly what the pipeline runs against what a
@@ -153,7 +153,7 @@ def busy_core(loaded: bool) -> Iterator[None]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dose-mb", type=int, default=500)
     parser.add_argument("--case-mb", type=int, nargs="+", default=[90, 500], help="case folder sizes (MB)")
     parser.add_argument("--conditions", nargs="+", choices=["idle", "loaded"], default=["idle", "loaded"])
