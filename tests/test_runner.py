@@ -151,8 +151,9 @@ def test_sigterm_cancels_the_slurm_job_and_a_rerun_completes(slurm_cluster: Slur
 
         t0 = time.monotonic()
         os.kill(runner.pid, signal.SIGTERM)  # timeout relays it to mqi-run
-        # The job is cancelled at once (scancel); Snakemake itself exits only when its status
-        # poller wakes up (plugin back-off, up to 180 s), so the runner may take longer.
+        # The job is cancelled at once (scancel, by Snakemake and by the runner); Snakemake itself
+        # exits only when its status poller wakes up (plugin back-off, up to 180 s), so the runner
+        # may take longer.
         job_gone = process_gone = runner_exit = None
         while job_gone is None or process_gone is None or runner_exit is None:
             now = time.monotonic() - t0
@@ -173,6 +174,10 @@ def test_sigterm_cancels_the_slurm_job_and_a_rerun_completes(slurm_cluster: Slur
         )
         assert job_gone < 30 and process_gone < 30
         assert "sending SIGINT to Snakemake" in out, out
+        # ... and the runner cancels the run's jobs itself at once, whatever Snakemake does (a
+        # SIGINT that lands while Snakemake checks job status cancels nothing; it may exit later
+        # than systemd's SIGKILL)
+        assert f"cancelling any job of this run (SLURM job name {prefix}_" in out, out
         assert not (workdir / "out" / "b1.txt").exists()
     finally:
         if runner.poll() is None:
