@@ -27,10 +27,10 @@ class LocalFile:
     #: its sha256 as recorded by the step that wrote it (None: hash it while reading)
     sha256: str | None = None
 
-    def check_unchanged(self, fd: int, when: str) -> None:
-        """Raise unless the open file ``fd`` is still the file listed, unchanged (``when``: "listed"
-        before reading, "read" after)."""
-        if self.key is not None and stat_key(os.fstat(fd)) != self.key:
+    def check_unchanged(self, st: os.stat_result, when: str) -> None:
+        """Raise unless ``st`` (of the open file, or of its name) is still the file listed,
+        unchanged (``when``: "listed" before reading, "read" after)."""
+        if self.key is not None and stat_key(st) != self.key:
             what = "replaced or changed since it was listed" if when == "listed" else "changed while being uploaded"
             raise TransferError(f"{self.path} was {what}")
 

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 import paramiko
 import zstandard
 
-from ..files import PRIVATE_FILE, stat_key
+from ..files import PRIVATE_FILE
 from . import fastpath
 from .commands import RemoteProcess, exec_private, sh_command
 from .connection import PART_SUFFIX, Connection
@@ -153,8 +153,7 @@ def _archive(
         if first is not f:
             # A hard link of a file already in this archive (each beam's logFilePath links P2's
             # CSVs): the server makes the same link, the bytes travel once.
-            if stat_key(os.stat(f.path)) != f.key:
-                raise TransferError(f"{f.path} was replaced or changed since it was listed")
+            f.check_unchanged(os.stat(f.path), "listed")
             info.type, info.size, info.linkname = tarfile.LNKTYPE, 0, first.rel + PART_SUFFIX
             yield from put(info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape"))
             digests[f.rel] = digests[first.rel]
@@ -163,7 +162,7 @@ def _archive(
         yield from put(info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape"))
         sha = None if f.sha256 else hashlib.sha256()  # recorded by its writer: not hashed again
         with open(f.path, "rb", buffering=0) as fin:
-            f.check_unchanged(fin.fileno(), "listed")
+            f.check_unchanged(os.fstat(fin.fileno()), "listed")
             left = f.size
             while left:
                 room = piece.room()[:left]
@@ -179,7 +178,7 @@ def _archive(
                 if piece.size == PIECE:
                     yield piece
                     piece = buffers.take()
-            f.check_unchanged(fin.fileno(), "read")
+            f.check_unchanged(os.fstat(fin.fileno()), "read")
         digests[f.rel] = sha.hexdigest() if sha is not None else str(f.sha256)
         yield from put(b"\0" * (-f.size % tarfile.BLOCKSIZE))
         piece.ends.append((f.rel + PART_SUFFIX, f.size))

@@ -104,7 +104,7 @@ def _send_sftp(
     for f in files:
         h = None if f.sha256 else hashlib.sha256()  # recorded by its writer: not hashed again
         with open(f.path, "rb") as fin:
-            f.check_unchanged(fin.fileno(), "listed")
+            f.check_unchanged(os.fstat(fin.fileno()), "listed")
             # Not closed on failure: close() would wait for every pending write answer (op_timeout
             # again on a stalled server); the handle goes with the dropped connection.
             out = sftp.open(posixpath.join(base, f.rel + PART_SUFFIX), "wb")
@@ -115,7 +115,7 @@ def _send_sftp(
                 if h is not None:
                     h.update(chunk)
                 out.write(chunk)
-            f.check_unchanged(fin.fileno(), "read")
+            f.check_unchanged(os.fstat(fin.fileno()), "read")
             out.close()
         sent[f.rel] = h.hexdigest() if h is not None else str(f.sha256)
         hasher.add(f.rel + PART_SUFFIX, f.size)  # complete once close() has returned
