@@ -188,7 +188,7 @@ def _beam(
 
 def layer_log(
     spots: Sequence[tuple[float, float]],
-    spot_mu: float,
+    spot_mu: float | Sequence[float],
     calibration: ptn.RoomCalibration,
     range_code: int,
     samples_per_spot: int,
@@ -216,10 +216,11 @@ def layer_log(
 
     x, y = raw_xy(*PARKED_MM, off_samples, 0.0)
     rows.append(block(x, y, rng.integers(0, 3, off_samples), on=False))
-    counts_per_spot = spot_mu / (calibration.mu_per_dose1_count * RANGE_FACTORS[range_code - 1])
-    for sx, sy in spots:
+    mus = [float(spot_mu)] * len(spots) if isinstance(spot_mu, int | float) else [float(m) for m in spot_mu]
+    for (sx, sy), mu in zip(spots, mus, strict=True):
+        counts = round(mu / (calibration.mu_per_dose1_count * RANGE_FACTORS[range_code - 1]))
         x, y = raw_xy(sx, sy, samples_per_spot, 3.0)
-        per_sample = rng.multinomial(round(counts_per_spot), np.full(samples_per_spot, 1.0 / samples_per_spot))
+        per_sample = rng.multinomial(counts, np.full(samples_per_spot, 1.0 / samples_per_spot))
         if per_sample.max() > 65535:
             raise ValueError("dose1 overflow: raise samples_per_spot or the range code")
         rows.append(block(x, y, per_sample, on=True))
@@ -240,8 +241,12 @@ def write_delivery(
     samples_per_spot: int = 40,
     off_samples: int = 200,
     seed: int = 0,
+    mu_scale: float = 1.0,
+    partial_layers: dict[int, tuple[Sequence[tuple[float, float]], Sequence[float]]] | None = None,
 ) -> Path:
-    """One delivery folder (16-digit irradiation time) for layers start..stop of a beam."""
+    """One delivery folder (16-digit irradiation time) for layers start..stop of a beam, every
+    spot's MU times `mu_scale`; `partial_layers` gives a layer's (spots, MU per spot) as the
+    machine logged them when the layer was interrupted or resumed (`write_interrupted`)."""
     beam = next(b for b in spec.beams if b.number == beam_number)
     stop = len(beam.energies_mev) if stop_layer is None else stop_layer
     codes = list(range_codes) if range_codes is not None else [2] * len(beam.energies_mev)
@@ -260,12 +265,55 @@ def write_delivery(
     (folder / "PlanRange.txt").write_text("\n".join(lines) + "\n")
     rng = np.random.default_rng(seed + 1000 * beam_number + start_layer)
     for k in range(start_layer, stop + 1):
+        spots, mus = (partial_layers or {}).get(
+            k, (beam.spots_xy_mm[k - 1], [beam.spot_mu] * len(beam.spots_xy_mm[k - 1]))
+        )
         log = layer_log(
-            beam.spots_xy_mm[k - 1], beam.spot_mu, calibration, codes[k - 1], samples_per_spot, off_samples, rng
+            spots, [m * mu_scale for m in mus], calibration, codes[k - 1], samples_per_spot, off_samples, rng
         )
         ptn.write_ptn(folder / f"{irradiation_time}_{k:03d}.ptn", log)
         (folder / f"{irradiation_time}_{k:03d}.mgn").write_bytes(b"\x00" * 32)  # planned pattern, ignored
     return folder
+
+
+def write_interrupted(
+    case_dir: Path,
+    spec: CaseSpec,
+    beam_number: int,
+    times: tuple[str, str],
+    layer: int,
+    spot: int,
+    share: float,
+    **options: object,
+) -> tuple[Path, Path]:
+    """A beam's delivery interrupted inside `layer` and resumed at that layer, as the machine logs
+    it: the first delivery (layers 1..layer) stops after `share` of spot `spot`'s MU (spots before
+    it complete); the resumed delivery (PlanInfo START_LAYER_NUMBER = layer) logs the rest of that
+    spot, unless share is 1, then the remaining spots of the layer, then the later layers."""
+    beam = next(b for b in spec.beams if b.number == beam_number)
+    spots, mu = list(beam.spots_xy_mm[layer - 1]), beam.spot_mu
+    first = (spots[: spot + 1], [mu] * spot + [mu * share])
+    rest = spot + 1 if share >= 1.0 else spot
+    second = (spots[rest:], ([] if share >= 1.0 else [mu * (1.0 - share)]) + [mu] * (len(spots) - spot - 1))
+    interrupted = write_delivery(
+        case_dir,
+        spec,
+        beam_number,
+        times[0],
+        stop_layer=layer,
+        partial_layers={layer: first},
+        **options,  # type: ignore[arg-type]
+    )
+    resumed = write_delivery(
+        case_dir,
+        spec,
+        beam_number,
+        times[1],
+        start_layer=layer,
+        partial_layers={layer: second},
+        **options,  # type: ignore[arg-type]
+    )
+    return interrupted, resumed
 
 
 def write_case(

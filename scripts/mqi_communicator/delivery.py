@@ -2,7 +2,7 @@
 
 Deliveries are paired with plan beams by PlanInfo.txt's DICOM_BEAM_NUMBER and PTN files with plan
 layers by the number in their name (never by sorted position, whatever the zero padding); each
-layer's log can be checked against the plan (`ptn.layer_problems`).
+fraction's layer logs are checked against the plan by `fractions.log_problems`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import csv
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from . import ptn
 from .errors import CaseError
@@ -50,7 +49,6 @@ class Delivery:
     stop_layer: int
     dose1_range_codes: list[int]  # per delivered layer, start..stop
     ptn: list[PtnFile] = field(default_factory=list)  # in layer order
-    problems: list[str] = field(default_factory=list)  # implausible layer logs (log_checks)
 
     @property
     def layer_count(self) -> int:
@@ -224,9 +222,10 @@ def range_codes_by_layer(path: Path, beam: Beam, start: int, stop: int) -> dict[
     return codes
 
 
-def read_delivery(case_dir: Path, folder: Path, plan: Plan, config: dict[str, Any] | None = None) -> Delivery:
-    """A delivery with its PTN files matched to plan layers; with `config`, each layer's log is
-    also checked against the plan (ptn.layer_problems) and its problems kept in `problems`."""
+def read_delivery(case_dir: Path, folder: Path, plan: Plan) -> Delivery:
+    """A delivery with its PTN files matched to plan layers. Whether each layer's log is plausible
+    is judged per fraction (`fractions.log_problems`): a layer resumed in a later delivery is
+    only whole in the union of both logs."""
     delivery = delivery_header(case_dir, folder, plan)
     beam = plan.beam(delivery.beam_number)
     assert beam is not None  # delivery_header checked it
@@ -242,33 +241,7 @@ def read_delivery(case_dir: Path, folder: Path, plan: Plan, config: dict[str, An
             rows = ptn.check_size(path)
         except ValueError as exc:
             raise CaseError(path, str(exc).split(": ", 1)[1]) from exc
-        if config is not None:
-            layer = beam.layers[number - 1]
-            problems = ptn.layer_problems(
-                ptn.read_ptn(path),
-                ptn.RoomCalibration.from_config(config["rooms"][plan.room]),
-                config["monitor_range_factors"][codes[number] - 1],
-                layer.mu,
-                layer.spot_xy_mm,
-                config["log_checks"],
-            )
-            delivery.problems += [
-                f"{path}: layer {number} ({layer.energy_mev:g} MeV) of beam {beam.number} ({beam.name!r}): {p}"
-                for p in problems
-            ]
         delivery.ptn.append(
             PtnFile(file=path.name, layer=number, size=path.stat().st_size, rows=rows, sha256=sha256_of(path))
         )
     return delivery
-
-
-def fractions_of(deliveries: list[Delivery]) -> list[list[Delivery]]:
-    """Group one beam's deliveries (in time order) into fractions: a delivery that resumes at the
-    layer after the previous one's last layer continues that fraction; anything else starts one."""
-    fractions: list[list[Delivery]] = []
-    for delivery in deliveries:
-        if fractions and delivery.start_layer == fractions[-1][-1].stop_layer + 1:
-            fractions[-1].append(delivery)
-        else:
-            fractions.append([delivery])
-    return fractions

@@ -22,9 +22,10 @@ from typing import Any
 
 from . import settings
 from .case_inputs import content_record, is_ready
-from .delivery import Delivery, delivery_header, find_delivery_folders, fractions_of, read_delivery
+from .delivery import Delivery, delivery_header, find_delivery_folders, read_delivery
 from .errors import CaseError
 from .files import sha256_of, write_json_atomic
+from .fractions import case_fractions, fractions_of, in_time_order, log_problems
 from .plan import Plan, find_plan, read_plan
 
 CASE_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
@@ -70,17 +71,16 @@ def _span(first: int, last: int) -> str:
 
 
 def missing_deliveries(plan: Plan, deliveries: list[Delivery]) -> list[str]:
-    """Each treatment beam whose latest fraction is not complete (layers 1..N), described."""
+    """Each treatment beam whose latest fraction is not complete (layers 1..N), described. A
+    delivery resumed inside its interrupted layer completes its fraction (fractions.fractions_of)."""
     missing: list[str] = []
     for beam in plan.treatment_beams:
-        mine = sorted(
-            (d for d in deliveries if d.beam_number == beam.number), key=lambda d: (d.irradiation_time or "", d.folder)
-        )
+        mine = in_time_order(d for d in deliveries if d.beam_number == beam.number)
         label = f"beam {beam.number} ({beam.name!r})"
         if not mine:
             missing.append(f"{label}: no delivery")
             continue
-        latest = fractions_of(mine)[-1]
+        latest = fractions_of(mine, len(beam.layers))[-1]
         first, last, total = latest[0].start_layer, latest[-1].stop_layer, len(beam.layers)
         gaps = ([_span(1, first - 1)] if first > 1 else []) + ([_span(last + 1, total)] if last < total else [])
         if gaps:
@@ -152,7 +152,7 @@ def build_manifest(case_dir: Path, config: dict[str, Any], now: float | None = N
         warnings.append(f"plan mode: {len(folders)} delivery folder(s) ignored")
     for folder in folders if mode == "logs" else []:
         try:
-            deliveries.append(read_delivery(case_dir, folder, plan, config))
+            deliveries.append(read_delivery(case_dir, folder, plan))
         except CaseError as exc:
             problems.append(exc)
     if problems:
@@ -162,7 +162,13 @@ def build_manifest(case_dir: Path, config: dict[str, Any], now: float | None = N
         if missing:
             state, reason = waiting_state(case_dir, config, missing, now)
             raise (CaseWaiting if state == "waiting" else CaseError)(case_dir, reason)
-    implausible = [p for d in deliveries for p in d.problems]
+    fractions = case_fractions(plan, deliveries)
+    implausible = [
+        p
+        for fraction in fractions
+        for beam_number, mine in fraction.beams.items()
+        for p in log_problems(case_dir, plan, beam_number, mine, config)
+    ]
     labels = [PLAN_BASED_LABEL] if mode == "plan" else []
     if implausible:
         if config["log_checks"]["on_failure"] == "fail":
@@ -174,15 +180,10 @@ def build_manifest(case_dir: Path, config: dict[str, Any], now: float | None = N
         labels.append(FLAGGED_LABEL)
         warnings += [f"FLAGGED (log_checks.on_failure flag): {p}" for p in implausible]
     beams = []
+    if len(fractions) > 1:
+        warnings.append(f"{len(fractions)} fractions delivered; the latest is simulated, each gets its delivery check")
     for beam in plan.treatment_beams:
-        mine = sorted(
-            (d for d in deliveries if d.beam_number == beam.number), key=lambda d: (d.irradiation_time or "", d.folder)
-        )
-        fractions = fractions_of(mine)
-        if len(fractions) > 1:
-            warnings.append(
-                f"beam {beam.number} ({beam.name!r}) has {len(fractions)} fractions; the latest is simulated"
-            )
+        beam_fractions = [f.beams[beam.number] for f in fractions if f.beams[beam.number]]
         beams.append(
             {
                 "number": beam.number,
@@ -190,8 +191,8 @@ def build_manifest(case_dir: Path, config: dict[str, Any], now: float | None = N
                 "sanitized_name": beam.sanitized_name,
                 "plan_layers": len(beam.layers),
                 "energies_mev": [layer.energy_mev for layer in beam.layers],
-                "fractions": [[d.folder for d in fraction] for fraction in fractions],
-                "simulated_deliveries": [d.folder for d in fractions[-1]] if fractions else [],
+                "fractions": [[d.folder for d in fraction] for fraction in beam_fractions],
+                "simulated_deliveries": [d.folder for d in beam_fractions[-1]] if beam_fractions else [],
                 "simulate": True,
             }
         )
@@ -212,8 +213,15 @@ def build_manifest(case_dir: Path, config: dict[str, Any], now: float | None = N
         "room": plan.room,
         "setup_beams": [b.number for b in plan.beams if b.is_setup],
         "beams": beams,
-        "deliveries": [
-            {k: v for k, v in asdict(d).items() if k != "problems"} | {"layer_count": d.layer_count} for d in deliveries
+        "deliveries": [asdict(d) | {"layer_count": d.layer_count} for d in deliveries],
+        # The case's fractions (docs/fractions.md): fraction n is each treatment beam's n-th.
+        "fractions": [
+            {
+                "number": f.number,
+                "complete": f.complete,
+                "beams": {str(b): [d.folder for d in ds] for b, ds in f.beams.items()},
+            }
+            for f in fractions
         ],
         "warnings": warnings,
     }

@@ -23,6 +23,7 @@ import numpy as np
 from . import moqui_csv, ptn, settings
 from .errors import CaseError
 from .files import KnownDigests, write_atomic, write_json_atomic
+from .fractions import layer_parts
 from .intake import build_manifest
 from .plan import Layer, read_plan
 
@@ -59,11 +60,12 @@ class LogTables:
             self.time = moqui_csv.float_table(np.arange(max(rows, 2 * len(self.time))) * self.timegain_ms, self.layout)
         return self.time
 
-    def encode(self, log: np.ndarray, range_code: int) -> bytes:
-        index = np.arange(len(log))
+    def encode(self, log: np.ndarray, range_code: int, first_row: int = 0) -> bytes:
+        """The rows' CSV text; `first_row` numbers them on after an earlier part of the layer."""
+        index = np.arange(first_row, first_row + len(log))
         return moqui_csv.encode(
             [
-                (self.time_table(len(log)), index),
+                (self.time_table(first_row + len(log)), index),
                 (self.x, log[:, 0]),
                 (self.y, log[:, 1]),
                 (self.counts[range_code], log[:, 4]),
@@ -130,21 +132,30 @@ def interpret_case(manifest: dict[str, Any], config: dict[str, Any], out_dir: Pa
                 tables = LogTables.build(
                     calibration, config["monitor_range_factors"], config["interpreter"]["dose_dividing_factor"], layout
                 )
-            for folder in beam_entry["simulated_deliveries"]:
-                delivery = deliveries[folder]
-                for entry in delivery["ptn"]:
-                    # The layer intake read from the PTN's name, never its sorted position.
-                    number = entry["layer"]
-                    path = case_dir / folder / entry["file"]
-                    if path.stat().st_size != entry["size"]:
+            simulated = [deliveries[folder] for folder in beam_entry["simulated_deliveries"]]
+            # A layer interrupted and resumed is logged in two deliveries: its CSV is both logs,
+            # in delivery order, its rows numbered on (docs/fractions.md).
+            for number, parts in layer_parts(simulated).items():
+                # The layer intake read from the PTN's name, never its sorted position.
+                chunks, samples = [], 0
+                for part in parts:
+                    path = case_dir / part.folder / part.file
+                    if path.stat().st_size != part.entry["size"]:
                         raise CaseError(path, "changed since intake; run the case again")
                     log = ptn.read_ptn(path)
-                    data = tables.encode(log, delivery["dose1_range_codes"][number - delivery["start_layer"]])
-                    name = moqui_csv.layer_file_name(number, beam.layers[number - 1].energy_mev, len(beam.layers))
-                    write_output(beam_dir / name, data)
-                    written.append(
-                        {"file": name, "layer": number, "samples": len(log), "ptn": f"{folder}/{entry['file']}"}
-                    )
+                    chunks.append(tables.encode(log, part.range_code, first_row=samples))
+                    samples += len(log)
+                data = moqui_csv.join(chunks, layout)
+                name = moqui_csv.layer_file_name(number, beam.layers[number - 1].energy_mev, len(beam.layers))
+                write_output(beam_dir / name, data)
+                written.append(
+                    {
+                        "file": name,
+                        "layer": number,
+                        "samples": samples,
+                        "ptn": " + ".join(f"{part.folder}/{part.file}" for part in parts),
+                    }
+                )
         summary["beams"].append({"number": beam.number, "name": beam.name, "folder": beam_dir.name, "layers": written})
     summary["files"] = known.entries
     return summary

@@ -1,0 +1,124 @@
+"""Which deliveries make one fraction (docs/fractions.md), on PTN logs of real interruptions as the
+machine writes them: the interrupted layer logged in both deliveries, the resumed delivery's
+PlanInfo starting at that layer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from mqi_communicator import ptn
+from mqi_communicator.delivery import find_delivery_folders, read_delivery
+from mqi_communicator.fractions import case_fractions
+from mqi_communicator.intake import build_manifest, case_readiness
+from mqi_communicator.interpret import interpret_case
+from mqi_communicator.plan import find_plan, read_plan
+from tests import casegen
+
+DAY1_EVENING = "2026110223500000"
+AFTER_MIDNIGHT = "2026110300100000"
+
+
+def interrupted_case(root: Path, share: float = 0.4) -> tuple[Path, casegen.CaseSpec]:
+    """Beam 3 normal; beam 2 interrupted inside layer 3 (spot 4 at `share` of its MU), resumed
+    at layer 3 twenty minutes later."""
+    spec = casegen.standard_case()
+    case = casegen.write_case(root, "resumed", spec, ready=False)
+    for folder in find_delivery_folders(case):
+        if "DICOM_BEAM_NUMBER,2" in (folder / "PlanInfo.txt").read_text():
+            for path in folder.iterdir():
+                path.unlink()
+            folder.rmdir()
+    casegen.write_interrupted(case, spec, 2, ("2026110209000000", "2026110209200000"), layer=3, spot=4, share=share)
+    (case / "_CASE_READY").write_text("")
+    return case, spec
+
+
+def layer_mu(case: Path, folder: str, file: str, code: int = 2) -> float:
+    rows = ptn.read_ptn(case / folder / file)
+    return (
+        float(rows[:, 4].astype(np.int64).sum())
+        * casegen.ROOMS["G2"].mu_per_dose1_count
+        * casegen.RANGE_FACTORS[code - 1]
+    )
+
+
+def test_a_delivery_resumed_inside_a_layer_is_one_fraction(tmp_path: Path, config: dict) -> None:
+    case, spec = interrupted_case(tmp_path)
+    # Before: the resumed delivery was a "new fraction" missing layers 1-2; the case waited, then failed.
+    assert case_readiness(case, config) == ("ready", "every treatment beam delivered")
+    manifest = build_manifest(case, config)
+    beam2 = next(b for b in manifest["beams"] if b["number"] == 2)
+    assert beam2["simulated_deliveries"] == ["2026110209000000", "2026110209200000"]
+    assert beam2["fractions"] == [["2026110209000000", "2026110209200000"]]
+    assert [f["number"] for f in manifest["fractions"]] == [1] and manifest["fractions"][0]["complete"]
+    # Each part alone is far from the layer's plan MU (log_checks would fail it); the union is not.
+    assert manifest["flags"] == [] and manifest["labels"] == []
+    planned = len(spec.beams[1].spots_xy_mm[2]) * spec.beams[1].spot_mu
+    first = layer_mu(case, "2026110209000000", "2026110209000000_003.ptn")
+    second = layer_mu(case, "2026110209200000", "2026110209200000_003.ptn")
+    assert first < 0.3 * planned and second < 0.75 * planned
+    assert abs(first + second - planned) < 0.005 * planned
+
+    # P2 writes layer 3 from both logs, rows numbered on: the engine sees the whole layer's MU.
+    out = tmp_path / "p2"
+    summary = interpret_case(manifest, config, out)
+    layers = {entry["layer"]: entry for entry in summary["beams"][0]["layers"]}
+    assert sorted(layers) == [1, 2, 3, 4]
+    assert layers[3]["ptn"] == "2026110209000000/2026110209000000_003.ptn + 2026110209200000/2026110209200000_003.ptn"
+    rows = [line.split(",") for line in (out / "log" / "1G180_TX" / layers[3]["file"]).read_text().splitlines()]
+    parts = [ptn.read_ptn(case / p) for p in layers[3]["ptn"].split(" + ")]
+    assert len(rows) == sum(len(p) for p in parts) == layers[3]["samples"]
+    counts = sum(int(r[3]) for r in rows)
+    assert counts == sum(int(p[:, 4].astype(np.int64).sum()) for p in parts)
+    times = [float(r[0]) for r in rows]
+    assert times == sorted(times) and times[len(parts[0])] > times[len(parts[0]) - 1]
+
+
+def test_single_line_layout_joins_the_parts_into_one_line(tmp_path: Path, config: dict) -> None:
+    case, _spec = interrupted_case(tmp_path)
+    config["interpreter"]["csv_layout"] = "single_line"
+    manifest = build_manifest(case, config)
+    summary = interpret_case(manifest, config, tmp_path / "p2")
+    entry = next(e for e in summary["beams"][0]["layers"] if e["layer"] == 3)
+    text = (tmp_path / "p2" / "log" / "1G180_TX" / entry["file"]).read_text()
+    assert text.count("\n") == 1 and text.endswith("\n") and ",," not in text
+    assert len(text.strip().split(",")) == 4 * entry["samples"]
+
+
+def test_deliveries_split_over_days_and_later_fractions(tmp_path: Path, config: dict) -> None:
+    spec = casegen.standard_case()
+    case = tmp_path / "course"
+    casegen.write_plan(case / "RP.course.dcm", spec)
+    # Fraction 1: beam 2 in the evening, beam 3 after midnight.
+    casegen.write_delivery(case, spec, 2, DAY1_EVENING)
+    casegen.write_delivery(case, spec, 3, AFTER_MIDNIGHT)
+    # Fraction 2, a day later: beam 3 first, then beam 2 interrupted after layer 2 and resumed at layer 3.
+    casegen.write_delivery(case, spec, 3, "2026110309000000")
+    casegen.write_delivery(case, spec, 2, "2026110309050000", stop_layer=2)
+    casegen.write_delivery(case, spec, 2, "2026110309300000", start_layer=3)
+    # Fraction 3 has begun: beam 2 restarts at layer 1 (its fraction 2 was complete).
+    casegen.write_delivery(case, spec, 2, "2026110409000000", stop_layer=1)
+    (case / "_CASE_READY").write_text("")
+    plan = read_plan(find_plan(case))
+    deliveries = [read_delivery(case, folder, plan) for folder in find_delivery_folders(case)]
+    fractions = case_fractions(plan, deliveries)
+    assert [f.number for f in fractions] == [1, 2, 3]
+    assert fractions[0].folders == [DAY1_EVENING, AFTER_MIDNIGHT]
+    assert fractions[1].folders == ["2026110309000000", "2026110309050000", "2026110309300000"]
+    assert fractions[0].complete and fractions[1].complete
+    assert fractions[2].missing() == {2: [2, 3, 4], 3: [1, 2, 3, 4]}
+    # The case waits for fraction 3 to complete: the latest fraction is the one simulated.
+    state, reason = case_readiness(case, config)
+    assert state == "waiting" and "beam 2 ('1G180:TX'): layers 2-4 of 4 not delivered" in reason
+
+
+def test_a_one_layer_beam_delivered_again_is_the_next_fraction(tmp_path: Path, config: dict) -> None:
+    spec = casegen.CaseSpec(beams=[casegen.BeamSpec(1, "ONE", [120.0], [[(0.0, 0.0), (10.0, 0.0)]])])
+    case = casegen.write_case(tmp_path, "one", spec)
+    casegen.write_delivery(case, spec, 1, "2026110409000000")
+    plan = read_plan(find_plan(case))
+    deliveries = [read_delivery(case, folder, plan) for folder in find_delivery_folders(case)]
+    fractions = case_fractions(plan, deliveries)
+    assert [f.complete for f in fractions] == [True, True]
