@@ -43,6 +43,7 @@ else:
 include: "rules/rtdose.smk"
 include: "rules/report.smk"
 include: "rules/qa.smk"
+include: "rules/fractions.smk"
 
 
 report: "report/workflow.rst"
@@ -61,6 +62,7 @@ localrules:
     case_summary,
     qa_case,
     qa_trend,
+    fraction_check,
 
 
 rule all:
@@ -68,3 +70,4 @@ rule all:
     input:
         all_targets,
         qa_targets,
+        fraction_targets,

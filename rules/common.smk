@@ -12,6 +12,7 @@ from mqi_communicator.intake import case_readiness
 from mqi_communicator.plan import find_plan, read_plan
 from mqi_communicator.dose_frame import plan_sum_refusal_for
 from mqi_communicator.ops import recorder, state
+from mqi_communicator.qa.fraction_records import pending as pending_fractions
 from mqi_communicator.settings import path_problems
 
 # Scan folder empty, or outputs inside it (the DAG would feed on its own outputs): stop now.
@@ -39,6 +40,7 @@ recorder.configure(config)
 wildcard_constraints:
     case_id="[A-Za-z0-9._-]+",
     beam="[A-Za-z0-9_-]+",
+    fraction="[0-9]+",
 
 
 def processing(name, case_id="{case_id}"):
@@ -81,6 +83,24 @@ def waiting_for_deliveries(case_id):
 # other way to tell a report from a run while it parses the workflow.
 REPORT = any(arg == "--report" or arg.startswith("--report=") for arg in sys.argv)
 CASES = state.finished(LAYOUT) if REPORT else case_targets()
+
+
+def fraction_cases():
+    """Complete fractions without a delivery record (docs/fractions.md), per case: of the cases
+    this run works on, and of finished cases in whose folder a delivery folder arrived since
+    their last record (two stats per finished case: state.finished_with_new_deliveries).
+    """
+    if REPORT:
+        return {}
+    found = {}
+    for case in [*CASES, *state.finished_with_new_deliveries(LAYOUT, logger.warning)]:
+        numbers = pending_fractions(SCAN_DIR / case, Path(processing("", case)), config)
+        if numbers:
+            found[case] = numbers
+    return found
+
+
+FRACTIONS = fraction_cases()
 
 # Settings that never change a result: how long to wait, which GPU, where to connect, whom to
 # alert. They reach the steps through the environment (declared by `envvars:` in the Snakefile,
@@ -289,3 +309,20 @@ def plan_dose_arg(wildcards, input):
         [input.plan_dose] if isinstance(input.plan_dose, str) else list(input.plan_dose)
     )
     return " ".join(f"--plan-dose {shlex.quote(str(p))}" for p in paths)
+
+
+def fraction_targets(wildcards):
+    return [
+        processing(f"fractions/{number}.json", case)
+        for case, numbers in FRACTIONS.items()
+        for number in numbers
+    ]
+
+
+def fraction_inputs(wildcards):
+    """A new case's fractions are checked once intake accepted it. A finished case's record
+    depends on no output of ours: its intake.json and results are final and never redone.
+    """
+    if os.path.exists(processing("case_summary.json", wildcards.case_id)):
+        return []
+    return [processing("intake.json", wildcards.case_id)]

@@ -7,13 +7,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from mqi_communicator import ptn
 from mqi_communicator.delivery import find_delivery_folders, read_delivery
+from mqi_communicator.errors import CaseError
 from mqi_communicator.fractions import case_fractions
 from mqi_communicator.intake import build_manifest, case_readiness
 from mqi_communicator.interpret import interpret_case
 from mqi_communicator.plan import find_plan, read_plan
+from mqi_communicator.qa.fraction_records import needs_scan, pending, record_fraction, record_path
 from tests import casegen
 
 DAY1_EVENING = "2026110223500000"
@@ -122,3 +125,50 @@ def test_a_one_layer_beam_delivered_again_is_the_next_fraction(tmp_path: Path, c
     deliveries = [read_delivery(case, folder, plan) for folder in find_delivery_folders(case)]
     fractions = case_fractions(plan, deliveries)
     assert [f.complete for f in fractions] == [True, True]
+
+
+def test_a_fraction_record_checks_the_resumed_layer_whole(tmp_path: Path, config: dict) -> None:
+    case, spec = interrupted_case(tmp_path, share=0.4)
+    processing = tmp_path / "processing"
+    assert pending(case, processing, config) == [1]
+    assert not needs_scan(case, processing)  # not watched before its first record
+    record = record_fraction(case, record_path(processing, 1), 1, config)
+    beam2 = next(b for b in record["beams"] if b["number"] == 2)
+    assert beam2["deliveries"] == ["2026110209000000", "2026110209200000"] and beam2["resumed_layers"] == [3]
+    layer3 = next(layer for layer in beam2["delivery"]["layers"] if layer["layer"] == 3)
+    assert layer3["ptn"] == "2026110209000000/2026110209000000_003.ptn + 2026110209200000/2026110209200000_003.ptn"
+    # What the monitor counted in both parts adds up to the layer's planned MU.
+    assert layer3["layer_mu_planned"] == pytest.approx(len(spec.beams[1].spots_xy_mm[2]) * spec.beams[1].spot_mu)
+    assert abs(layer3["layer_mu_diff_percent"]) < 0.5
+    assert [entry["layer"] for entry in beam2["delivery"]["layers"]] == [1, 2, 3, 4]
+    assert set(record["inputs"]) >= {"2026110209000000/2026110209000000_003.ptn", "RP.resumed.dcm"}
+    # Append-only: never written again; nothing pending; the case folder as seen is remembered.
+    written = record_path(processing, 1).read_bytes()
+    with pytest.raises(CaseError, match="never rewritten"):
+        record_fraction(case, record_path(processing, 1), 1, config)
+    assert record_path(processing, 1).read_bytes() == written
+    assert pending(case, processing, config) == [] and not needs_scan(case, processing)
+    # The next fraction arrives: the case folder changed; fraction 2 is pending once complete.
+    casegen.write_delivery(case, spec, 3, "2026110309000000")
+    assert needs_scan(case, processing) and pending(case, processing, config) == []
+    casegen.write_delivery(case, spec, 2, "2026110309100000", mu_scale=1.05)
+    assert pending(case, processing, config) == [2]
+    second = record_fraction(case, record_path(processing, 2), 2, config)
+    assert second["verdict"] == "FAIL" and second["deliveries"] == ["2026110309000000", "2026110309100000"]
+    failed = next(b for b in second["beams"] if b["number"] == 2)
+    assert failed["verdict"] == "FAIL" and all("+5.0" in reason for reason in failed["delivery"]["reasons"])
+    assert next(b for b in second["beams"] if b["number"] == 3)["verdict"] == "PASS"
+
+
+def test_a_recorded_fraction_grouped_otherwise_later_is_an_error_not_a_rewrite(tmp_path: Path, config: dict) -> None:
+    spec = casegen.standard_case()
+    case = casegen.write_case(tmp_path, "late", spec)
+    processing = tmp_path / "processing"
+    record_fraction(case, record_path(processing, 1), 1, config)
+    casegen.write_delivery(case, spec, 2, "2026110309000000")
+    casegen.write_delivery(case, spec, 3, "2026110309050000")
+    # An earlier delivery of beam 2 arrives late: fraction 1 would now be another delivery.
+    casegen.write_delivery(case, spec, 2, "2026110108000000")
+    with pytest.raises(CaseError, match="fraction 1 was recorded with deliveries"):
+        record_fraction(case, record_path(processing, 2), 2, config)
+    assert not record_path(processing, 2).exists()

@@ -22,7 +22,7 @@ from typing import Any
 
 from ..case_inputs import stat_fingerprint
 from ..files import write_json_atomic
-from . import alerts, state, verify
+from . import alerts, fraction_alerts, state, verify
 
 _CONFIG: dict[str, Any] | None = None
 _WORKDIR: Path | None = None
@@ -147,6 +147,7 @@ class RunRecorder:
             "rule": _field(record, "rule_name"),
             "case_id": wildcards.get("case_id"),
             "beam": wildcards.get("beam"),
+            "fraction": wildcards.get("fraction"),
             "log": list(getattr(record, "log", []) or []),
             "started": time.time(),
             "pid": os.getpid(),
@@ -168,6 +169,8 @@ class RunRecorder:
         self._forget(jobid)
         if job and job["case_id"] and job["rule"] == FINAL_RULE:
             self._case_finished(job["case_id"])
+        if job and job["case_id"] and job["rule"] == state.FRACTION_STEP:
+            self._fraction_recorded(job["case_id"], int(job["fraction"]))
 
     def _job_failed(self, record: LogRecord) -> None:
         self.failed_jobs += 1
@@ -255,6 +258,18 @@ class RunRecorder:
         alert = alerts.case_failed(case_id, failure.step, failure.reason, failure.log)
         key = f"failed:{failure.step}:{failure.fingerprint}"
         alerts.notify_once(alert, layout.processing(case_id) / state.ALERTS, key, _CONFIG["alerts"])
+
+    def _fraction_recorded(self, case_id: str, number: int) -> None:
+        """A fraction's delivery record is written: alert once when it is not PASS; a finished
+        case's earlier failure to record a fraction is over (a new case's ends at its summary)."""
+        layout = self.layout
+        assert layout is not None and _CONFIG is not None
+        processing = layout.processing(case_id)
+        fraction_alerts.alert_if_not_pass(processing, case_id, number, _CONFIG["alerts"])
+        failure = state.Failure.read(processing / state.FAILED)
+        if failure is not None and failure.step == state.FRACTION_STEP and (processing / state.SUMMARY).exists():
+            for name in (state.FAILED, state.RETRY):
+                (processing / name).unlink(missing_ok=True)
 
     def _alert_recovered(self, case_id: str) -> None:
         layout = self.layout

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..case_inputs import is_ready, stat_fingerprint
+from ..qa.fraction_records import needs_scan
 
 CASE_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
 SUMMARY = "case_summary.json"
@@ -30,6 +31,7 @@ RUNNING = "state/running.json"
 RETRY = "state/retry"
 CHANGED = "state/changed.json"
 ALERTS = "state/alerts.json"
+FRACTION_STEP = "fraction_check"  # the rule that writes fraction records (docs/fractions.md)
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,27 @@ def targets(layout: Layout, warn: Callable[[str], None]) -> list[str]:
                 continue
             warn(f"retrying case {case_id}: {why}")
         chosen.append(case_id)
+    return chosen
+
+
+def finished_with_new_deliveries(layout: Layout, warn: Callable[[str], None]) -> list[str]:
+    """Finished cases in whose folder a delivery folder may have arrived since their last fraction
+    record: a stat of the record stamp and one of the case folder per case (needs_scan), so the
+    cost stays that of `targets`. A failed record waits for a change or a retry like any failure."""
+    chosen = []
+    for entry in case_dirs(layout.scan_dir):
+        if not CASE_ID_PATTERN.match(entry.name):
+            continue
+        processing, case_dir = layout.processing(entry.name), Path(entry.path)
+        if not needs_scan(case_dir, processing) or not (processing / SUMMARY).exists():
+            continue
+        failure = Failure.read(processing / FAILED)
+        if failure is not None and failure.step == FRACTION_STEP:
+            again, why = retry_decision(layout, case_dir, failure)
+            if not again:
+                warn(f"skipping the new fractions of case {entry.name}: {why} ({headline(failure.reason, case_dir)})")
+                continue
+        chosen.append(entry.name)
     return chosen
 
 

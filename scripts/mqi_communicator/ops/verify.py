@@ -2,6 +2,7 @@
 
 A finished case is never recomputed on its own; a case whose files were replaced afterwards is
 marked `changed` (status) and reported once (alert), and someone decides (`bin/mqi reprocess`).
+New delivery folders are later fractions, each checked on its own (docs/fractions.md), not changes.
 The timer's runner checks a few finished cases per run (`--sweep N`, in turn, oldest check
 first), so the cost of a run does not grow with the number of finished cases; a check reads the
 case's files only when a file's name, size or times differ from what intake recorded.
@@ -17,10 +18,20 @@ from typing import Any
 
 from .. import settings
 from ..case_inputs import changed_files, stat_fingerprint
+from ..delivery import find_delivery_folders
 from ..files import write_json_atomic
 from . import alerts, state
 
 CURSOR = Path(".mqi") / "verify-cursor.json"
+
+
+def new_delivery_folders(case_dir: Path, manifest: dict[str, Any]) -> list[Path]:
+    """Delivery folders of a finished case that intake did not see: later fractions, each given
+    its own delivery record (docs/fractions.md); their files are not changes of what the finished
+    result used."""
+    known = {d.get("folder") for d in manifest.get("deliveries", [])}
+    found = [f.relative_to(case_dir) for f in find_delivery_folders(case_dir)]
+    return [f for f in found if str(f) not in known]
 
 
 def verify_case(layout: state.Layout, case_id: str, alerts_config: dict[str, Any] | None) -> list[str]:
@@ -33,7 +44,13 @@ def verify_case(layout: state.Layout, case_id: str, alerts_config: dict[str, Any
     case_dir = layout.scan_dir / case_id
     if not inputs or (inputs.get("fingerprint") == stat_fingerprint(case_dir)):
         return []
-    changed = changed_files(case_dir, inputs.get("files", {}))
+    recorded = inputs.get("files", {})
+    later = new_delivery_folders(case_dir, manifest)
+    changed = [
+        f
+        for f in changed_files(case_dir, recorded)
+        if f in recorded or not any(Path(f).is_relative_to(d) for d in later)
+    ]
     record_path = processing / state.CHANGED
     if not changed:
         record_path.unlink(missing_ok=True)

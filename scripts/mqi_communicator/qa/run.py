@@ -23,7 +23,7 @@ import scipy
 from .. import __version__, ptn, settings
 from ..files import sha256_of, write_atomic, write_json_atomic
 from ..plan import Plan, read_plan
-from . import delivery, sheet, verdict
+from . import resumed, sheet, verdict
 from .tps_dose import TpsDoseProblem, find_tps_doses, load_delivered_plane, load_tps_plane, match
 
 
@@ -92,7 +92,8 @@ def assess(
             for p in d["ptn"]:
                 inputs[str(case_dir / d["folder"] / p["file"])] = p["sha256"]
         record["dose"] = dose
-        record["delivery"] = delivery.check_beam(
+        # A layer interrupted and resumed is checked whole (docs/fractions.md).
+        record["delivery"] = resumed.check_beam(
             beam, mine, case_dir, calibration, config["monitor_range_factors"], qa["delivery"]
         )
         record["verdict"] = verdict.worst([dose["verdict"], record["delivery"]["verdict"]])

@@ -1,0 +1,227 @@
+"""Every delivered fraction's delivery check, one append-only record per fraction (docs/fractions.md).
+
+    <processing>/fractions/<n>.json   fraction n: its deliveries, per beam the delivery check
+                                      (qa/delivery.check_beam, a resumed layer whole) and verdict
+    <processing>/fractions/seen       the case folder as the last record saw it (see `needs_scan`)
+
+A record is written once and never rewritten; the finished dose and QA are never touched. The
+case's fractions are grouped by `fractions.case_fractions`; a fraction is recorded once it is
+complete (every treatment beam delivered layers 1..N). Later fractions arriving in a finished
+case become new records (the workflow asks `needs_scan`, a stat or two per finished case).
+
+    python -m mqi_communicator.qa.fraction_records --case CASE_DIR --fraction N \
+        --output <processing>/fractions/N.json --settings config/config.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from .. import __version__, ptn, settings
+from ..delivery import delivery_header, find_delivery_folders, read_delivery
+from ..errors import CaseError
+from ..files import sha256_of, write_atomic, write_json_atomic
+from ..fractions import CaseFraction, case_fractions
+from ..intake import case_source
+from ..plan import Plan, find_plan, read_plan
+from . import resumed, verdict
+
+RECORDS = "fractions"
+SEEN = "fractions/seen"
+
+
+def record_path(processing: Path, number: int) -> Path:
+    return processing / RECORDS / f"{number}.json"
+
+
+def recorded(processing: Path) -> list[int]:
+    """Numbers of the fractions already recorded."""
+    folder = processing / RECORDS
+    if not folder.is_dir():
+        return []
+    return sorted(int(p.stem) for p in folder.glob("*.json") if p.stem.isdigit())
+
+
+def _quiet(folder: Path, quiet_seconds: float, now: float) -> bool:
+    """A delivery folder still being copied is not read yet (application.ready_quiet_seconds)."""
+    if quiet_seconds <= 0:
+        return True
+    newest = max((p.stat().st_mtime for p in folder.rglob("*")), default=folder.stat().st_mtime)
+    return now - newest >= quiet_seconds
+
+
+def _arrived(case_dir: Path, config: dict[str, Any], now: float | None = None) -> list[Path]:
+    quiet = float(config["application"]["ready_quiet_seconds"])
+    current = time.time() if now is None else now
+    return [f for f in find_delivery_folders(case_dir) if _quiet(f, quiet, current)]
+
+
+def pending(case_dir: Path, processing: Path, config: dict[str, Any], now: float | None = None) -> list[int]:
+    """Complete fractions without a record, from PlanInfo.txt alone (no PTN is read). A case in
+    plan mode, or whose plan or PlanInfo cannot be read, has none here: intake, or the record's
+    own job, reports such problems with the file."""
+    try:
+        if case_source(case_dir, config) != "logs":
+            return []
+        plan = read_plan(find_plan(case_dir))
+        headers = [delivery_header(case_dir, folder, plan) for folder in _arrived(case_dir, config, now)]
+    except (CaseError, ValueError, OSError):
+        return []
+    done = set(recorded(processing))
+    return [f.number for f in case_fractions(plan, headers) if f.complete and f.number not in done]
+
+
+# -- the finished cases' cheap watch ----------------------------------------------------------
+def _watched_dirs(case_dir: Path, folders: list[Path]) -> dict[str, int]:
+    """Folders (other than the case folder) holding delivery folders, with their mtimes: a new
+    delivery folder changes its parent's modification time."""
+    parents = {f.parent for f in folders if f.parent != case_dir}
+    return {str(p.relative_to(case_dir)): p.stat().st_mtime_ns for p in sorted(parents)}
+
+
+def write_seen(processing: Path, case_dir: Path, case_mtime_ns: int, folders: list[Path]) -> None:
+    """Remember the case folder as this record saw it: the stamp's own mtime is the case
+    folder's, its content (usually empty) the other folders holding deliveries."""
+    extra = _watched_dirs(case_dir, folders)
+    path = processing / SEEN
+    write_atomic(path, json.dumps(extra).encode() if extra else b"")
+    os.utime(path, ns=(case_mtime_ns, case_mtime_ns))
+
+
+def needs_scan(case_dir: Path, processing: Path) -> bool:
+    """Whether a delivery folder may have arrived since the last record: one stat of the stamp
+    and one of the case folder (a case finished before fraction records existed has no stamp and
+    is not watched)."""
+    try:
+        seen = os.stat(processing / SEEN)
+        if os.stat(case_dir).st_mtime_ns != seen.st_mtime_ns:
+            return True
+        if not seen.st_size:
+            return False
+        extra = json.loads((processing / SEEN).read_text())
+        return any(os.stat(case_dir / rel).st_mtime_ns != ns for rel, ns in extra.items())
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError):
+        return True
+
+
+# -- a record ---------------------------------------------------------------------------------
+def check_conflicts(processing: Path, fractions: list[CaseFraction]) -> None:
+    """Records are append-only: a recorded fraction that the case now groups otherwise (a delivery
+    folder arrived out of order) is an error naming the record, never a silent rewrite."""
+    by_number = {f.number: f for f in fractions}
+    for number in recorded(processing):
+        path = record_path(processing, number)
+        try:
+            folders = sorted(json.loads(path.read_text())["deliveries"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CaseError(path, f"unreadable fraction record ({exc})") from exc
+        now = by_number[number].folders if number in by_number else []
+        if folders != now:
+            raise CaseError(
+                path,
+                f"fraction {number} was recorded with deliveries {folders}, the case now groups {now}; "
+                "records are never rewritten: `bin/mqi reprocess` the case to record its fractions again",
+            )
+
+
+def fraction_record(
+    case_dir: Path, plan_path: Path, plan: Plan, fraction: CaseFraction, config: dict[str, Any]
+) -> dict[str, Any]:
+    """The delivery check of every treatment beam of one complete fraction."""
+    qa = config["qa"]
+    calibration = ptn.RoomCalibration.from_config(config["rooms"][plan.room])
+    beams, inputs = [], {str(plan_path.relative_to(case_dir)): sha256_of(plan_path)}
+    for number, deliveries in sorted(fraction.beams.items()):
+        beam = plan.beam(number)
+        assert beam is not None
+        entries = [asdict(d) for d in deliveries]
+        for d in deliveries:
+            inputs |= {f"{d.folder}/{p.file}": p.sha256 for p in d.ptn}
+        check = resumed.check_beam(
+            beam, entries, case_dir, calibration, config["monitor_range_factors"], qa["delivery"]
+        )
+        beams.append(
+            {
+                "number": beam.number,
+                "name": beam.name,
+                "deliveries": [d.folder for d in deliveries],
+                "irradiation_times": [d.irradiation_time for d in deliveries],
+                # Layers interrupted and resumed: logged in two deliveries, checked as one log.
+                "resumed_layers": [
+                    b.start_layer for a, b in itertools.pairwise(deliveries) if b.start_layer == a.stop_layer
+                ],
+                "verdict": check["verdict"],
+                "delivery": check,
+            }
+        )
+    return {
+        "case_id": case_dir.name,
+        "fraction": fraction.number,
+        "verdict": verdict.worst([b["verdict"] for b in beams]),
+        "deliveries": fraction.folders,
+        "beams": beams,
+        "plan_sop_instance_uid": plan.sop_instance_uid,
+        "room": plan.room,
+        "criteria": qa["delivery"],
+        "inputs": inputs,
+        "software": {"mqi_communicator": __version__},
+        "written": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def record_fraction(case_dir: Path, output: Path, number: int, config: dict[str, Any]) -> dict[str, Any]:
+    """Write fraction `number`'s record to `output` (never over an existing one); returns it."""
+    if output.exists():
+        raise CaseError(output, "exists; fraction records are never rewritten")
+    processing = output.parent.parent
+    case_mtime_ns = case_dir.stat().st_mtime_ns  # before reading: a folder arriving meanwhile is seen next time
+    plan_path = find_plan(case_dir)
+    plan = read_plan(plan_path)
+    folders = _arrived(case_dir, config)
+    fractions = case_fractions(plan, [read_delivery(case_dir, folder, plan) for folder in folders])
+    check_conflicts(processing, fractions)
+    fraction = next((f for f in fractions if f.number == number), None)
+    if fraction is None or not fraction.complete:
+        what = "is not delivered" if fraction is None else f"is incomplete (layers missing: {fraction.missing()})"
+        raise CaseError(case_dir, f"fraction {number} {what}")
+    record = fraction_record(case_dir, plan_path, plan, fraction, config)
+    write_json_atomic(output, record)
+    write_seen(processing, case_dir, case_mtime_ns, find_delivery_folders(case_dir))
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m mqi_communicator.qa.fraction_records", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--case", type=Path, required=True, help="the case folder (read only)")
+    parser.add_argument("--fraction", type=int, required=True, help="the fraction's number (1 = the first)")
+    parser.add_argument("--output", type=Path, required=True, help="<processing>/fractions/<n>.json")
+    settings.add_argument(parser)
+    args = parser.parse_args(argv)
+    try:
+        config = settings.load(args.settings)
+        record = record_fraction(args.case, args.output, args.fraction, config)
+    except (CaseError, ValueError, OSError) as exc:
+        print(f"FRACTION CHECK FAILED for case {args.case.name}: {exc}", file=sys.stderr)
+        return 1
+    print(f"case {record['case_id']} fraction {record['fraction']}: {record['verdict']}")
+    for beam in record["beams"]:
+        reasons = "; ".join(beam["delivery"].get("reasons", []))
+        print(f"  beam {beam['number']} ({beam['name']}) {beam['verdict']} {reasons}".rstrip())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
