@@ -35,7 +35,16 @@ from .recorder import FINAL_RULE, JOBS_FAILED, failure_reason
 
 SIMULATE_RULES = ("simulate", "remote_simulate")
 # Steps that follow the one before within seconds: shown in the live table, not given a line.
-QUIET_RULES = {"moqui_input", "stage_out", "rtdose_plan", "report_dose_map", "report_beam_table", FINAL_RULE, "all"}
+QUIET_RULES = {
+    "moqui_input",
+    "stage_out",
+    "rtdose_plan",
+    "report_dose_map",
+    "report_beam_table",
+    FINAL_RULE,
+    state.FRACTION_STEP,  # its result gets a line of its own when it is written
+    "all",
+}
 # The case warnings of the Snakefile (ops.state.targets, common.smk's waiting_for_deliveries).
 SKIPPED = re.compile(r"^skipping case (\S+): (.*)", re.DOTALL)
 WAITING = re.compile(r"^case (\S+): (waiting .*)", re.DOTALL)
@@ -112,6 +121,7 @@ class RunConsole:
         self.nothing_to_do = False
         self.closed = False
         self.failed_other: list[str] = []
+        self.fraction_checks: list[str] = []  # "case n VERDICT" per fraction record written
         self.progress: Any = None
         self.overall: Any = None
         self.rows: dict[str, Any] = {}
@@ -223,12 +233,14 @@ class RunConsole:
         self._show(account)
 
     def _job_finished(self, jobid: int) -> None:
-        rule, case_id, _, _ = self.jobs.pop(jobid, ("", None, None, []))
+        rule, case_id, _, logs = self.jobs.pop(jobid, ("", None, None, []))
         if not case_id:
             return
         account = self._account(case_id)
         if rule in SIMULATE_RULES:
             account.beams_done += 1
+        if rule == state.FRACTION_STEP:
+            self._fraction_checked(account, logs)
         if rule == FINAL_RULE:
             account.finished, account.ended, account.step = True, time.time(), ""
             layout = self.layout()
@@ -237,6 +249,29 @@ class RunConsole:
             qa = f", QA {account.verdict}" if account.verdict else ""
             self._line(f"case {case_id} finished in {account.elapsed(account.ended)}{qa}", style="green")
         self._show(account)
+
+    def _fraction_checked(self, account: CaseAccount, logs: list[str]) -> None:
+        """A fraction's delivery record was written (docs/fractions.md): its verdict line, from the
+        step's log (`case X fraction N: VERDICT`, then one line per beam)."""
+        try:
+            lines = Path(logs[0]).read_text(errors="replace").splitlines() if logs else []
+        except OSError:
+            lines = []
+        found = next(
+            (re.match(r"case (\S+) fraction (\d+): (.+)", line) for line in lines if " fraction " in line), None
+        )
+        if found is None:
+            return
+        number, verdict = found.group(2), found.group(3).strip()
+        self.fraction_checks.append(f"{account.case_id} {number} {verdict}")
+        self._line(
+            f"case {account.case_id}: fraction {number} delivery check {verdict}",
+            "green" if verdict == "PASS" else "bold red",
+        )
+        layout = self.layout()
+        if layout is not None and (layout.processing(account.case_id) / state.SUMMARY).exists():
+            # A later fraction of a finished case: that case is done again.
+            account.finished, account.ended, account.step = True, time.time(), ""
 
     def _job_failed(self, record: LogRecord) -> None:
         jobid = int(getattr(record, "jobid", -1))
@@ -316,6 +351,8 @@ class RunConsole:
             parts.append(f"{len(counts['waiting'])} waiting ({', '.join(sorted(counts['waiting']))})")
         if counts.get("skipped"):
             parts.append(f"{len(counts['skipped'])} skipped after an earlier failure (bin/mqi status)")
+        if self.fraction_checks:
+            parts.append(f"fraction checks: {', '.join(self.fraction_checks)}")
         if self.failed_other:
             parts.append(f"also failed: {'; '.join(self.failed_other)}")
         ran = ", ".join(parts) if parts else ("nothing to do" if self.nothing_to_do else "no case ran")

@@ -25,6 +25,7 @@ from typing import Any
 from .. import settings
 from ..case_inputs import is_ready
 from ..files import write_json_atomic
+from ..qa.fraction_records import RECORDS, summary_line
 from . import recorder, state
 
 INDEX = Path(".mqi") / "status-index.json"
@@ -57,11 +58,18 @@ def _alive(pid: int, host: str) -> bool:
 
 
 def _summary_facts(path: Path, mtime_ns: int, index: dict[str, Any], case_id: str) -> tuple[float, str]:
+    # A fraction record added later changes its folder's mtime (docs/fractions.md).
+    try:
+        records_ns = (path.parent / RECORDS).stat().st_mtime_ns
+    except FileNotFoundError:
+        records_ns = 0
     cached = index.get(case_id)
-    if cached and cached[0] == mtime_ns:
+    if cached and cached[0] == mtime_ns and cached[3:] == [records_ns]:
         return float(cached[1]), str(cached[2])
     verdict = state.summary_verdict(state.read_json(path) or {})
-    index[case_id] = [mtime_ns, mtime_ns / 1e9, verdict]
+    fractions = summary_line(path.parent) if records_ns else ""
+    verdict = f"{verdict}; {fractions}" if fractions else verdict
+    index[case_id] = [mtime_ns, mtime_ns / 1e9, verdict, records_ns]
     return mtime_ns / 1e9, verdict
 
 

@@ -80,6 +80,22 @@ def pending(case_dir: Path, processing: Path, config: dict[str, Any], now: float
     return [f.number for f in case_fractions(plan, headers) if f.complete and f.number not in done]
 
 
+def summary_line(processing: Path) -> str:
+    """The fraction records at a glance, as `bin/mqi status` shows them: `fractions 1-3 PASS`, or
+    the ones that are not PASS (`fractions 1-3: 2 FAIL`); empty without records."""
+    verdicts = {}
+    for number in recorded(processing):
+        try:
+            verdicts[number] = str(json.loads(record_path(processing, number).read_text())["verdict"])
+        except (OSError, ValueError, KeyError, TypeError):
+            verdicts[number] = "unreadable"
+    if not verdicts:
+        return ""
+    span = f"{min(verdicts)}-{max(verdicts)}" if len(verdicts) > 1 else str(min(verdicts))
+    bad = [f"{n} {v}" for n, v in verdicts.items() if v != "PASS"]
+    return f"fractions {span}: {', '.join(bad)}" if bad else f"fractions {span} PASS"
+
+
 # -- the finished cases' cheap watch ----------------------------------------------------------
 def _watched_dirs(case_dir: Path, folders: list[Path]) -> dict[str, int]:
     """Folders (other than the case folder) holding delivery folders, with their mtimes: a new
