@@ -83,8 +83,11 @@ def finished_template(root: Path) -> tuple[Path, Path]:
 
 
 def clone_tree(source: Path, target: Path, old: str, new: str) -> None:
-    """Hard-link every file; rewrite the JSON files that name the case."""
+    """Hard-link every file; rewrite the JSON files that name the case; folders keep their
+    modification times (as `rsync -a` would; a finished case's fraction watch compares them)."""
+    folders = []
     for folder, _dirs, files in os.walk(source):
+        folders.append(Path(folder))
         rel = Path(folder).relative_to(source)
         (target / rel).mkdir(parents=True, exist_ok=True)
         for name in files:
@@ -94,6 +97,9 @@ def clone_tree(source: Path, target: Path, old: str, new: str) -> None:
                 os.utime(dst, ns=(src.stat().st_atime_ns, src.stat().st_mtime_ns))
             else:
                 os.link(src, dst)
+    for folder in reversed(folders):  # deepest first: filling a folder changed its parent's time
+        times = folder.stat()
+        os.utime(target / folder.relative_to(source), ns=(times.st_atime_ns, times.st_mtime_ns))
 
 
 def add_finished(template_case: Path, template_work: Path, scan: Path, work: Path, names: list[str]) -> None:

@@ -12,7 +12,10 @@ from mqi_communicator.intake import case_readiness
 from mqi_communicator.plan import find_plan, read_plan
 from mqi_communicator.dose_frame import plan_sum_refusal_for
 from mqi_communicator.ops import recorder, state
-from mqi_communicator.qa.fraction_records import pending as pending_fractions
+from mqi_communicator.qa.fraction_records import (
+    pending as pending_fractions,
+    scan_finished,
+)
 from mqi_communicator.settings import path_problems
 
 # Scan folder empty, or outputs inside it (the DAG would feed on its own outputs): stop now.
@@ -93,10 +96,19 @@ def fraction_cases():
     if REPORT:
         return {}
     found = {}
-    for case in [*CASES, *state.finished_with_new_deliveries(LAYOUT, logger.warning)]:
+    for case in CASES:
         numbers = pending_fractions(SCAN_DIR / case, Path(processing("", case)), config)
         if numbers:
             found[case] = numbers
+    for case in state.finished_with_new_deliveries(LAYOUT, logger.warning):
+        case_processing = Path(processing("", case))
+        numbers, seen = scan_finished(SCAN_DIR / case, case_processing, config)
+        if numbers:
+            found[case] = numbers
+        if seen is not None:
+            # Nothing complete to record: remember the folder as seen (the recorder writes it
+            # when a run starts), so this case is not read again at every DAG build.
+            recorder.remember_seen(case_processing, seen)
     return found
 
 

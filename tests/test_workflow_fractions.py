@@ -64,6 +64,7 @@ def test_later_fraction_in_a_finished_case_is_checked_and_alerted_once(
 
     second = snakemake(work)
     assert second.returncode == 0, second.stderr[-3000:]
+    assert "case resumed: fraction 2 delivery check FAIL" in second.stderr
     two = json.loads((processing / "fractions" / "2.json").read_text())
     assert two["verdict"] == "FAIL" and two["fraction"] == 2
     assert two["deliveries"] == ["2026110309000000", "2026110309050000"]
@@ -88,6 +89,15 @@ def test_later_fraction_in_a_finished_case_is_checked_and_alerted_once(
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert not (processing / "state" / "changed.json").exists()
     assert not any(p["kind"] == "case_changed" for _, p in webhook.posts)  # type: ignore[attr-defined]
+    shown = subprocess.run(
+        [sys.executable, "-m", "mqi_communicator.ops.status", "--configfile", "test-config.yaml", "--json", "--all"],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    entry = next(c for c in json.loads(shown.stdout)["cases"] if c["case_id"] == "resumed")
+    assert entry["state"] == "finished" and entry["verdict"].endswith("; fractions 1-2: 2 FAIL"), entry
 
     # A rerun: nothing to do, nothing sent, no record rewritten.
     records = {p.name: p.read_bytes() for p in (processing / "fractions").glob("*.json")}
@@ -96,3 +106,16 @@ def test_later_fraction_in_a_finished_case_is_checked_and_alerted_once(
     assert "rule fraction_check" not in full_log(again)
     assert fraction_alerts(inbox, webhook) == (subjects, posts)
     assert {p.name: p.read_bytes() for p in (processing / "fractions").glob("*.json")} == records
+
+    # Fraction 3 begins (beam 2 only): nothing to record yet; the run remembers the folder as seen,
+    # so later DAG builds do not read the case again; beam 3's delivery makes it pending.
+    casegen.write_delivery(case, spec, 2, "2026110409000000")
+    assert needs_scan(case, processing)
+    partial = snakemake(work)
+    assert partial.returncode == 0, partial.stderr[-2000:]
+    assert "rule fraction_check" not in full_log(partial)
+    assert not needs_scan(case, processing)
+    casegen.write_delivery(case, spec, 3, "2026110409050000")
+    assert needs_scan(case, processing)
+    dry = snakemake(work, "--dry-run")
+    assert "fractions/3.json" in dry.stdout + dry.stderr

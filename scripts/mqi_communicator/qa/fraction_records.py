@@ -22,7 +22,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -96,21 +96,38 @@ def summary_line(processing: Path) -> str:
     return f"fractions {span}: {', '.join(bad)}" if bad else f"fractions {span} PASS"
 
 
+def scan_finished(case_dir: Path, processing: Path, config: dict[str, Any]) -> tuple[list[int], Seen | None]:
+    """A finished case whose folder changed: its fractions to record, and, when there are none
+    and no delivery folder is still being copied, the folder as seen now (to remember, so it is
+    not read again until it changes)."""
+    seen = seen_now(case_dir)
+    numbers = pending(case_dir, processing, config)
+    settled = len(_arrived(case_dir, config)) == len(find_delivery_folders(case_dir))
+    return numbers, (seen if settled and not numbers else None)
+
+
 # -- the finished cases' cheap watch ----------------------------------------------------------
-def _watched_dirs(case_dir: Path, folders: list[Path]) -> dict[str, int]:
-    """Folders (other than the case folder) holding delivery folders, with their mtimes: a new
-    delivery folder changes its parent's modification time."""
-    parents = {f.parent for f in folders if f.parent != case_dir}
-    return {str(p.relative_to(case_dir)): p.stat().st_mtime_ns for p in sorted(parents)}
+@dataclass(frozen=True)
+class Seen:
+    """The case folder's modification time and, where delivery folders sit deeper, those of the
+    folders holding them: a new delivery folder changes its parent folder's time."""
+
+    case_mtime_ns: int
+    extra: dict[str, int]
 
 
-def write_seen(processing: Path, case_dir: Path, case_mtime_ns: int, folders: list[Path]) -> None:
-    """Remember the case folder as this record saw it: the stamp's own mtime is the case
-    folder's, its content (usually empty) the other folders holding deliveries."""
-    extra = _watched_dirs(case_dir, folders)
+def seen_now(case_dir: Path) -> Seen:
+    """Taken before the case's deliveries are read: a folder arriving meanwhile is seen next time."""
+    case_mtime_ns = case_dir.stat().st_mtime_ns
+    parents = {f.parent for f in find_delivery_folders(case_dir) if f.parent != case_dir}
+    return Seen(case_mtime_ns, {str(p.relative_to(case_dir)): p.stat().st_mtime_ns for p in sorted(parents)})
+
+
+def write_seen(processing: Path, seen: Seen) -> None:
+    """The stamp: its own mtime is the case folder's, its content (usually empty) the others."""
     path = processing / SEEN
-    write_atomic(path, json.dumps(extra).encode() if extra else b"")
-    os.utime(path, ns=(case_mtime_ns, case_mtime_ns))
+    write_atomic(path, json.dumps(seen.extra).encode() if seen.extra else b"")
+    os.utime(path, ns=(seen.case_mtime_ns, seen.case_mtime_ns))
 
 
 def needs_scan(case_dir: Path, processing: Path) -> bool:
@@ -201,10 +218,11 @@ def record_fraction(case_dir: Path, output: Path, number: int, config: dict[str,
     if output.exists():
         raise CaseError(output, "exists; fraction records are never rewritten")
     processing = output.parent.parent
-    case_mtime_ns = case_dir.stat().st_mtime_ns  # before reading: a folder arriving meanwhile is seen next time
+    seen = seen_now(case_dir)
     plan_path = find_plan(case_dir)
     plan = read_plan(plan_path)
     folders = _arrived(case_dir, config)
+    settled = len(folders) == len(find_delivery_folders(case_dir))
     fractions = case_fractions(plan, [read_delivery(case_dir, folder, plan) for folder in folders])
     check_conflicts(processing, fractions)
     fraction = next((f for f in fractions if f.number == number), None)
@@ -213,7 +231,8 @@ def record_fraction(case_dir: Path, output: Path, number: int, config: dict[str,
         raise CaseError(case_dir, f"fraction {number} {what}")
     record = fraction_record(case_dir, plan_path, plan, fraction, config)
     write_json_atomic(output, record)
-    write_seen(processing, case_dir, case_mtime_ns, find_delivery_folders(case_dir))
+    if settled:  # a folder still being copied is looked at again once it is quiet
+        write_seen(processing, seen)
     return record
 
 
