@@ -4,17 +4,20 @@ PlanInfo starting at that layer."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from mqi_communicator import ptn
+from mqi_communicator import ptn, settings
+from mqi_communicator.case_inputs import content_record
 from mqi_communicator.delivery import find_delivery_folders, read_delivery
 from mqi_communicator.errors import CaseError
 from mqi_communicator.fractions import case_fractions
 from mqi_communicator.intake import build_manifest, case_readiness
 from mqi_communicator.interpret import interpret_case
+from mqi_communicator.ops import state, verify
 from mqi_communicator.plan import find_plan, read_plan
 from mqi_communicator.qa.fraction_records import needs_scan, pending, record_fraction, record_path
 from tests import casegen
@@ -172,3 +175,27 @@ def test_a_recorded_fraction_grouped_otherwise_later_is_an_error_not_a_rewrite(t
     with pytest.raises(CaseError, match="fraction 1 was recorded with deliveries"):
         record_fraction(case, record_path(processing, 2), 2, config)
     assert not record_path(processing, 2).exists()
+
+
+def test_verify_reports_changed_files_but_not_a_later_fraction(tmp_path: Path, config: dict) -> None:
+    spec = casegen.standard_case()
+    scan = tmp_path / "scan"
+    case = casegen.write_case(scan, "done", spec)
+    site = settings.validate({"paths": {"local": {"scan_directory": str(scan)}}})
+    layout = state.Layout.from_config(site, tmp_path / "work")
+    processing = layout.processing("done")
+    processing.mkdir(parents=True)
+    manifest = build_manifest(case, config) | {"inputs": content_record(case)}
+    (processing / "intake.json").write_text(json.dumps(manifest))
+    (processing / state.SUMMARY).write_text(json.dumps({"case_id": "done"}))
+    casegen.write_delivery(case, spec, 2, "2026110309000000")
+    assert verify.verify_case(layout, "done", None) == []
+    assert not (processing / state.CHANGED).exists()
+    # A file the finished result used, replaced, still is a change; so is a stray file.
+    ptn_file = sorted((case / manifest["deliveries"][0]["folder"]).glob("*.ptn"))[0]
+    ptn_file.write_bytes(ptn_file.read_bytes()[::-1])
+    (case / "note.txt").write_text("added later")
+    assert verify.verify_case(layout, "done", None) == ["note.txt", str(ptn_file.relative_to(case))]
+    # A plan-based result gets no fraction records: logs arriving later are a change.
+    (processing / "intake.json").write_text(json.dumps(manifest | {"mode": "plan", "deliveries": []}))
+    assert "2026110309000000/PlanInfo.txt" in verify.verify_case(layout, "done", None)

@@ -29,6 +29,8 @@ def new_delivery_folders(case_dir: Path, manifest: dict[str, Any]) -> list[Path]
     """Delivery folders of a finished case that intake did not see: later fractions, each given
     its own delivery record (docs/fractions.md); their files are not changes of what the finished
     result used."""
+    if manifest.get("mode") != "logs":  # a plan-based result gets no fraction records: logs are a change
+        return []
     known = {d.get("folder") for d in manifest.get("deliveries", [])}
     found = [f.relative_to(case_dir) for f in find_delivery_folders(case_dir)]
     return [f for f in found if str(f) not in known]
