@@ -5,6 +5,8 @@ PlanInfo starting at that layer."""
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,14 @@ from mqi_communicator.intake import build_manifest, case_readiness
 from mqi_communicator.interpret import interpret_case
 from mqi_communicator.ops import state, verify
 from mqi_communicator.plan import find_plan, read_plan
-from mqi_communicator.qa.fraction_records import needs_scan, pending, record_fraction, record_path
+from mqi_communicator.qa.fraction_records import (
+    needs_scan,
+    pending,
+    record_fraction,
+    record_path,
+    scan_finished,
+    write_seen,
+)
 from tests import casegen
 
 DAY1_EVENING = "2026110223500000"
@@ -39,6 +48,13 @@ def interrupted_case(root: Path, share: float = 0.4) -> tuple[Path, casegen.Case
     casegen.write_interrupted(case, spec, 2, ("2026110209000000", "2026110209200000"), layer=3, spot=4, share=share)
     (case / "_CASE_READY").write_text("")
     return case, spec
+
+
+def settle(case: Path) -> None:
+    """The case folder last changed a minute ago (a time within the file system clock's tick of
+    now is never trusted: qa.fraction_records.seen_now)."""
+    past = time.time_ns() - 60_000_000_000
+    os.utime(case, ns=(past, past))
 
 
 def layer_mu(case: Path, folder: str, file: str, code: int = 2) -> float:
@@ -135,6 +151,7 @@ def test_a_fraction_record_checks_the_resumed_layer_whole(tmp_path: Path, config
     processing = tmp_path / "processing"
     assert pending(case, processing, config) == [1]
     assert not needs_scan(case, processing)  # not watched before its first record
+    settle(case)
     record = record_fraction(case, record_path(processing, 1), 1, config)
     beam2 = next(b for b in record["beams"] if b["number"] == 2)
     assert beam2["deliveries"] == ["2026110209000000", "2026110209200000"] and beam2["resumed_layers"] == [3]
@@ -199,3 +216,16 @@ def test_verify_reports_changed_files_but_not_a_later_fraction(tmp_path: Path, c
     # A plan-based result gets no fraction records: logs arriving later are a change.
     (processing / "intake.json").write_text(json.dumps(manifest | {"mode": "plan", "deliveries": []}))
     assert "2026110309000000/PlanInfo.txt" in verify.verify_case(layout, "done", None)
+
+
+def test_a_case_folder_changed_just_now_is_looked_at_again(tmp_path: Path, config: dict) -> None:
+    case = casegen.write_case(tmp_path, "fresh")
+    processing = tmp_path / "processing"
+    record_fraction(case, record_path(processing, 1), 1, config)
+    # Changed within a coarse file-system clock's tick: another folder could still arrive unseen.
+    assert needs_scan(case, processing)
+    settle(case)
+    numbers, seen = scan_finished(case, processing, config)
+    assert numbers == [] and seen is not None
+    write_seen(processing, seen)
+    assert not needs_scan(case, processing)

@@ -14,7 +14,7 @@ from pathlib import Path
 from mqi_communicator.qa.fraction_records import needs_scan
 from tests import casegen
 from tests.alert_servers import Inbox, alerts_section
-from tests.test_fractions import interrupted_case
+from tests.test_fractions import interrupted_case, settle
 from tests.workflow import full_log, snakemake, tree_digest, write_config
 
 FRACTION_KIND = "fraction_delivery"
@@ -111,6 +111,7 @@ def test_later_fraction_in_a_finished_case_is_checked_and_alerted_once(
     # so later DAG builds do not read the case again; beam 3's delivery makes it pending.
     casegen.write_delivery(case, spec, 2, "2026110409000000")
     assert needs_scan(case, processing)
+    settle(case)
     partial = snakemake(work)
     assert partial.returncode == 0, partial.stderr[-2000:]
     assert "rule fraction_check" not in full_log(partial)

@@ -37,6 +37,7 @@ from . import resumed, verdict
 
 RECORDS = "fractions"
 SEEN = "fractions/seen"
+FRESH_NS = 2_000_000_000  # 2 s: the coarsest modification-time tick of common file systems (FAT)
 
 
 def record_path(processing: Path, number: int) -> Path:
@@ -96,16 +97,6 @@ def summary_line(processing: Path) -> str:
     return f"fractions {span}: {', '.join(bad)}" if bad else f"fractions {span} PASS"
 
 
-def scan_finished(case_dir: Path, processing: Path, config: dict[str, Any]) -> tuple[list[int], Seen | None]:
-    """A finished case whose folder changed: its fractions to record, and, when there are none
-    and no delivery folder is still being copied, the folder as seen now (to remember, so it is
-    not read again until it changes)."""
-    seen = seen_now(case_dir)
-    numbers = pending(case_dir, processing, config)
-    settled = len(_arrived(case_dir, config)) == len(find_delivery_folders(case_dir))
-    return numbers, (seen if settled and not numbers else None)
-
-
 # -- the finished cases' cheap watch ----------------------------------------------------------
 @dataclass(frozen=True)
 class Seen:
@@ -117,10 +108,15 @@ class Seen:
 
 
 def seen_now(case_dir: Path) -> Seen:
-    """Taken before the case's deliveries are read: a folder arriving meanwhile is seen next time."""
+    """Taken before the case's deliveries are read: a folder arriving meanwhile is seen next time.
+    A folder changed in the last FRESH_NS may change again within the same tick of a coarse
+    file system clock, unseen: such a time is remembered off by one, so it is looked at again."""
     case_mtime_ns = case_dir.stat().st_mtime_ns
     parents = {f.parent for f in find_delivery_folders(case_dir) if f.parent != case_dir}
-    return Seen(case_mtime_ns, {str(p.relative_to(case_dir)): p.stat().st_mtime_ns for p in sorted(parents)})
+    extra = {str(p.relative_to(case_dir)): p.stat().st_mtime_ns for p in sorted(parents)}
+    if time.time_ns() - max([case_mtime_ns, *extra.values()]) < FRESH_NS:
+        case_mtime_ns -= 1
+    return Seen(case_mtime_ns, extra)
 
 
 def write_seen(processing: Path, seen: Seen) -> None:
@@ -128,6 +124,16 @@ def write_seen(processing: Path, seen: Seen) -> None:
     path = processing / SEEN
     write_atomic(path, json.dumps(seen.extra).encode() if seen.extra else b"")
     os.utime(path, ns=(seen.case_mtime_ns, seen.case_mtime_ns))
+
+
+def scan_finished(case_dir: Path, processing: Path, config: dict[str, Any]) -> tuple[list[int], Seen | None]:
+    """A finished case whose folder changed: its fractions to record, and, when there are none
+    and no delivery folder is still being copied, the folder as seen now (to remember, so it is
+    not read again until it changes)."""
+    seen = seen_now(case_dir)
+    numbers = pending(case_dir, processing, config)
+    settled = len(_arrived(case_dir, config)) == len(find_delivery_folders(case_dir))
+    return numbers, (seen if settled and not numbers else None)
 
 
 def needs_scan(case_dir: Path, processing: Path) -> bool:
