@@ -16,19 +16,13 @@ from mqi_communicator import ptn, settings
 from mqi_communicator.case_inputs import content_record
 from mqi_communicator.delivery import find_delivery_folders, read_delivery
 from mqi_communicator.errors import CaseError
+from mqi_communicator.fraction_watch import needs_scan, record_path, write_seen
 from mqi_communicator.fractions import case_fractions
 from mqi_communicator.intake import build_manifest, case_readiness
 from mqi_communicator.interpret import interpret_case
 from mqi_communicator.ops import state, verify
 from mqi_communicator.plan import find_plan, read_plan
-from mqi_communicator.qa.fraction_records import (
-    needs_scan,
-    pending,
-    record_fraction,
-    record_path,
-    scan_finished,
-    write_seen,
-)
+from mqi_communicator.qa.fraction_records import pending, record_fraction, scan_finished
 from tests import casegen
 
 DAY1_EVENING = "2026110223500000"
@@ -52,7 +46,7 @@ def interrupted_case(root: Path, share: float = 0.4) -> tuple[Path, casegen.Case
 
 def settle(case: Path) -> None:
     """The case folder last changed a minute ago (a time within the file system clock's tick of
-    now is never trusted: qa.fraction_records.seen_now)."""
+    now is never trusted: fraction_watch.seen_now)."""
     past = time.time_ns() - 60_000_000_000
     os.utime(case, ns=(past, past))
 

@@ -20,16 +20,16 @@ from logging import LogRecord
 from pathlib import Path
 from typing import Any
 
+from .. import fraction_watch
 from ..case_inputs import stat_fingerprint
 from ..files import write_json_atomic
-from ..qa import fraction_records
 from . import alerts, fraction_alerts, state, verify
 
 _CONFIG: dict[str, Any] | None = None
 _WORKDIR: Path | None = None
 # Finished cases whose folder changed without a fraction to record (common.smk): their stamp is
 # brought up to date when a run starts, never by a dry run, so they are not read again each run.
-_SEEN_LATER: list[tuple[Path, fraction_records.Seen]] = []
+_SEEN_LATER: list[tuple[Path, fraction_watch.Seen]] = []
 
 # A failure that a later run may not meet again: the network, the scheduler, a node, a signal.
 TRANSIENT_PATTERNS = re.compile(
@@ -49,7 +49,7 @@ def configure(config: dict[str, Any], workdir: Path | None = None) -> None:
     _CONFIG, _WORKDIR = config, (workdir or Path.cwd()).resolve()
 
 
-def remember_seen(processing: Path, seen: fraction_records.Seen) -> None:
+def remember_seen(processing: Path, seen: fraction_watch.Seen) -> None:
     """Called by the Snakefile: this finished case's folder, as scanned, has nothing to record."""
     _SEEN_LATER.append((processing, seen))
 
@@ -115,7 +115,7 @@ class RunRecorder:
             self._write_last_run("running")
             self._verify_finished_cases()
             for processing, seen in _SEEN_LATER:
-                fraction_records.write_seen(processing, seen)
+                fraction_watch.write_seen(processing, seen)
         if event == "job_info":
             self._job_started(record)
         elif event == "job_finished":

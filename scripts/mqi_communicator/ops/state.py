@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..case_inputs import is_ready, stat_fingerprint
-from ..qa.fraction_records import needs_scan
+from ..fraction_watch import needs_scan
 
 CASE_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
 SUMMARY = "case_summary.json"

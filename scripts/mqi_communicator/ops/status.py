@@ -25,7 +25,7 @@ from typing import Any
 from .. import settings
 from ..case_inputs import is_ready
 from ..files import write_json_atomic
-from ..qa.fraction_records import RECORDS, summary_line
+from ..fraction_watch import RECORDS, summary_line
 from . import recorder, state
 
 INDEX = Path(".mqi") / "status-index.json"

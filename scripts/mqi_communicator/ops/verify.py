@@ -18,7 +18,6 @@ from typing import Any
 
 from .. import settings
 from ..case_inputs import changed_files, stat_fingerprint
-from ..delivery import find_delivery_folders
 from ..files import write_json_atomic
 from . import alerts, state
 
@@ -29,6 +28,9 @@ def new_delivery_folders(case_dir: Path, manifest: dict[str, Any]) -> list[Path]
     """Delivery folders of a finished case that intake did not see: later fractions, each given
     its own delivery record (docs/fractions.md); their files are not changes of what the finished
     result used."""
+    # Imported here: `bin/mqi status` imports this module and must not load pydicom and scipy.
+    from ..delivery import find_delivery_folders
+
     if manifest.get("mode") != "logs":  # a plan-based result gets no fraction records: logs are a change
         return []
     known = {d.get("folder") for d in manifest.get("deliveries", [])}
