@@ -2,12 +2,12 @@
 
     <processing>/fractions/<n>.json   fraction n: its deliveries, per beam the delivery check
                                       (qa/delivery.check_beam, a resumed layer whole) and verdict
-    <processing>/fractions/seen       the case folder as the last record saw it (see `needs_scan`)
+    <processing>/fractions/seen       the case folder as the last record saw it (fraction_watch.py)
 
 A record is written once and never rewritten; the finished dose and QA are never touched. The
 case's fractions are grouped by `fractions.case_fractions`; a fraction is recorded once it is
 complete (every treatment beam delivered layers 1..N). Later fractions arriving in a finished
-case become new records (the workflow asks `needs_scan`, a stat or two per finished case).
+case become new records (the workflow asks `fraction_watch.needs_scan`: two stats per finished case).
 
     python -m mqi_communicator.qa.fraction_records --case CASE_DIR --fraction N \
         --output <processing>/fractions/N.json --settings config/config.yaml
