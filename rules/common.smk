@@ -88,32 +88,6 @@ REPORT = any(arg == "--report" or arg.startswith("--report=") for arg in sys.arg
 CASES = state.finished(LAYOUT) if REPORT else case_targets()
 
 
-def fraction_cases():
-    """Complete fractions without a delivery record (docs/fractions.md), per case: of the cases
-    this run works on, and of finished cases in whose folder a delivery folder arrived since
-    their last record (two stats per finished case: state.finished_with_new_deliveries).
-    """
-    if REPORT:
-        return {}
-    found = {}
-    for case in CASES:
-        numbers = pending_fractions(SCAN_DIR / case, Path(processing("", case)), config)
-        if numbers:
-            found[case] = numbers
-    for case in state.finished_with_new_deliveries(LAYOUT, logger.warning):
-        case_processing = Path(processing("", case))
-        numbers, seen = scan_finished(SCAN_DIR / case, case_processing, config)
-        if numbers:
-            found[case] = numbers
-        if seen is not None:
-            # Nothing complete to record: remember the folder as seen (the recorder writes it
-            # when a run starts), so this case is not read again at every DAG build.
-            recorder.remember_seen(case_processing, seen)
-    return found
-
-
-FRACTIONS = fraction_cases()
-
 # Settings that never change a result: how long to wait, which GPU, where to connect, whom to
 # alert. They reach the steps through the environment (declared by `envvars:` in the Snakefile,
 # so cluster jobs get them too), never through params: changing one must not rerun anything.
@@ -208,14 +182,20 @@ def read_manifest(path):
 
 
 @functools.lru_cache(maxsize=None)
+def case_plan(case_id):
+    """(path, Plan) of a case, read once per DAG build (the beams and the fraction checks)."""
+    path = find_plan(SCAN_DIR / case_id)
+    return path, read_plan(path)
+
+
+@functools.lru_cache(maxsize=None)
 def planned(case_id):
     """The case's plan file name and treatment beams, read when the DAG is built. No checkpoint:
     the whole DAG is known up front, so a backlog of new cases is not re-evaluated after every
     intake. Intake then checks the case against the same plan; a plan that cannot be read here
     gives no beams, and intake fails the case with the reason."""
     try:
-        path = find_plan(SCAN_DIR / case_id)
-        plan = read_plan(path)
+        path, plan = case_plan(case_id)
     except (CaseError, OSError, ValueError, KeyError, AttributeError) as exc:
         logger.debug(f"case {case_id}: plan not read at DAG build ({exc})")
         return {"file_name": None, "beams": {}, "plan_sum": False}
@@ -338,3 +318,36 @@ def fraction_inputs(wildcards):
     if os.path.exists(processing("case_summary.json", wildcards.case_id)):
         return []
     return [processing("intake.json", wildcards.case_id)]
+
+
+def fraction_cases():
+    """Complete fractions without a delivery record (docs/fractions.md), per case: of the cases
+    this run works on, and of finished cases in whose folder a delivery folder arrived since
+    their last record (two stats per finished case: state.finished_with_new_deliveries).
+    """
+    if REPORT:
+        return {}
+    found = {}
+    for case in CASES:
+        try:
+            plan = case_plan(case)[1]
+        except (CaseError, OSError, ValueError, KeyError, AttributeError):
+            continue  # intake reports it
+        numbers = pending_fractions(
+            SCAN_DIR / case, Path(processing("", case)), config, plan=plan
+        )
+        if numbers:
+            found[case] = numbers
+    for case in state.finished_with_new_deliveries(LAYOUT, logger.warning):
+        case_processing = Path(processing("", case))
+        numbers, seen = scan_finished(SCAN_DIR / case, case_processing, config)
+        if numbers:
+            found[case] = numbers
+        if seen is not None:
+            # Nothing complete to record: remember the folder as seen (the recorder writes it
+            # when a run starts), so this case is not read again at every DAG build.
+            recorder.remember_seen(case_processing, seen)
+    return found
+
+
+FRACTIONS = fraction_cases()

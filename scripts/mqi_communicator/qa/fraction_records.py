@@ -50,14 +50,16 @@ def _arrived(case_dir: Path, config: dict[str, Any], now: float | None = None) -
     return [f for f in find_delivery_folders(case_dir) if _quiet(f, quiet, current)]
 
 
-def pending(case_dir: Path, processing: Path, config: dict[str, Any], now: float | None = None) -> list[int]:
-    """Complete fractions without a record, from PlanInfo.txt alone (no PTN is read). A case in
-    plan mode, or whose plan or PlanInfo cannot be read, has none here: intake, or the record's
-    own job, reports such problems with the file."""
+def pending(
+    case_dir: Path, processing: Path, config: dict[str, Any], now: float | None = None, plan: Plan | None = None
+) -> list[int]:
+    """Complete fractions without a record, from PlanInfo.txt alone (no PTN is read; the plan is
+    read unless given). A case in plan mode, or whose plan or PlanInfo cannot be read, has none
+    here: intake, or the record's own job, reports such problems with the file."""
     try:
         if case_source(case_dir, config) != "logs":
             return []
-        plan = read_plan(find_plan(case_dir))
+        plan = plan or read_plan(find_plan(case_dir))
         headers = [delivery_header(case_dir, folder, plan) for folder in _arrived(case_dir, config, now)]
     except (CaseError, ValueError, OSError):
         return []
