@@ -96,12 +96,13 @@ def case_fractions(plan: Plan, deliveries: Iterable[Delivery]) -> list[CaseFract
 @dataclass(frozen=True)
 class LayerPart:
     """One delivery's log of a layer: the folder (relative to the case), the PTN file, its
-    DOSE1_RANGE code, and the manifest's entry for the file."""
+    DOSE1_RANGE code, the manifest's entry for the file and for its delivery."""
 
     folder: str
     file: str
     range_code: int
     entry: Mapping[str, Any]
+    delivery: Mapping[str, Any]
 
 
 def layer_parts(deliveries: Iterable[Mapping[str, Any]]) -> dict[int, list[LayerPart]]:
@@ -113,7 +114,7 @@ def layer_parts(deliveries: Iterable[Mapping[str, Any]]) -> dict[int, list[Layer
         for entry in delivery["ptn"]:
             layer = int(entry["layer"])
             code = int(delivery["dose1_range_codes"][layer - int(delivery["start_layer"])])
-            parts.setdefault(layer, []).append(LayerPart(delivery["folder"], entry["file"], code, entry))
+            parts.setdefault(layer, []).append(LayerPart(delivery["folder"], entry["file"], code, entry, delivery))
     return dict(sorted(parts.items()))
 
 

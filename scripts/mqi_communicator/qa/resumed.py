@@ -47,8 +47,10 @@ def check_beam(
                 entry = {"file": path.name, "layer": number, "size": path.stat().st_size, "rows": len(rows)}
                 entry["sha256"] = sha256_of(path)
                 sources[f"{folder}/{path.name}"] = " + ".join(f"{p.folder}/{p.file}" for p in parts)
+            # The rest of the delivery's manifest entry (beam, irradiation time) goes along.
             view.append(
-                {
+                dict(parts[0].delivery)
+                | {
                     "folder": folder,
                     "start_layer": number,
                     "stop_layer": number,
