@@ -218,3 +218,18 @@ def test_a_case_folder_changed_just_now_is_looked_at_again(tmp_path: Path, confi
     assert numbers == [] and seen is not None
     write_seen(processing, seen)
     assert not needs_scan(case, processing)
+
+
+def test_delivery_folders_beside_a_plan_two_levels_down_are_watched(tmp_path: Path, config: dict) -> None:
+    spec = casegen.standard_case()
+    case = casegen.write_case(tmp_path, "nested", spec, deliveries=False, plan_mode=False, plan_subfolder=True)
+    study = case / spec.patient_id / "1.2.3.4"  # the clinic's sender: <PatientID>/<StudyUID>/RP*.dcm
+    casegen.write_delivery(study, spec, 2, "2026110209000000")
+    casegen.write_delivery(study, spec, 3, "2026110209050000")
+    processing = tmp_path / "processing"
+    for folder in (case, study):
+        settle(folder)
+    record_fraction(case, record_path(processing, 1), 1, config)
+    assert not needs_scan(case, processing)
+    casegen.write_delivery(study, spec, 2, "2026110309000000")  # the case folder's own time is unchanged
+    assert needs_scan(case, processing)
