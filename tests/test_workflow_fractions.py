@@ -65,6 +65,7 @@ def test_later_fraction_in_a_finished_case_is_checked_and_alerted_once(
     second = snakemake(work)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "case resumed: fraction 2 delivery check FAIL" in second.stderr
+    assert "fraction checks not PASS: resumed 2 FAIL." in second.stderr.splitlines()[-1]
     two = json.loads((processing / "fractions" / "2.json").read_text())
     assert two["verdict"] == "FAIL" and two["fraction"] == 2
     assert two["deliveries"] == ["2026110309000000", "2026110309050000"]

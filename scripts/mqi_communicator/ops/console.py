@@ -121,7 +121,7 @@ class RunConsole:
         self.nothing_to_do = False
         self.closed = False
         self.failed_other: list[str] = []
-        self.fraction_checks: list[str] = []  # "case n VERDICT" per fraction record written
+        self.fraction_checks: list[str] = []  # "case n VERDICT" per fraction record not PASS
         self.progress: Any = None
         self.overall: Any = None
         self.rows: dict[str, Any] = {}
@@ -263,7 +263,8 @@ class RunConsole:
         if found is None:
             return
         number, verdict = found.group(2), found.group(3).strip()
-        self.fraction_checks.append(f"{account.case_id} {number} {verdict}")
+        if verdict != "PASS":
+            self.fraction_checks.append(f"{account.case_id} {number} {verdict}")
         self._line(
             f"case {account.case_id}: fraction {number} delivery check {verdict}",
             "green" if verdict == "PASS" else "bold red",
@@ -351,8 +352,8 @@ class RunConsole:
             parts.append(f"{len(counts['waiting'])} waiting ({', '.join(sorted(counts['waiting']))})")
         if counts.get("skipped"):
             parts.append(f"{len(counts['skipped'])} skipped after an earlier failure (bin/mqi status)")
-        if self.fraction_checks:
-            parts.append(f"fraction checks: {', '.join(self.fraction_checks)}")
+        if self.fraction_checks:  # (each one's line said PASS already)
+            parts.append(f"fraction checks not PASS: {', '.join(self.fraction_checks)}")
         if self.failed_other:
             parts.append(f"also failed: {'; '.join(self.failed_other)}")
         ran = ", ".join(parts) if parts else ("nothing to do" if self.nothing_to_do else "no case ran")
