@@ -20,11 +20,13 @@ rule qa_case:
         "../envs/mqi.yaml"
     params:
         python=PYTHON,
-        settings=settings_for("qa", "rooms", "monitor_range_factors"),
+        settings=settings_for("qa", "rooms", "monitor_range_factors", "calibration"),
         engine=ENGINE_LABEL,
+        calibration=calibration_json,
     shell:
         "{params.python} -m mqi_communicator.qa.run --manifest {input.manifest:q} --rtdoses {input.rtdoses:q}"
-        " --settings {params.settings:q} --engine {params.engine:q} --json {output.json:q}"
+        " --settings {params.settings:q} --engine {params.engine:q} --calibration {params.calibration:q}"
+        " --json {output.json:q}"
         " --sheet {output.sheet:q} > {log:q} 2>&1"
 
 

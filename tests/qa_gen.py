@@ -88,9 +88,14 @@ def write_tps_dose(
     dose_type: str = "PHYSICAL",
     volume: bool = False,
     plan_uid: str | None = None,
+    frame: str = "phantom",
+    plane_y_mm: float | None = None,
 ) -> Path:
-    """An RT Dose the way a TPS exports it: coronal plane (or axial volume) in patient mm,
-    x_mm/z_mm absolute patient coordinates; the plane sits at the plan isocentre's y."""
+    """An RT Dose the way a TPS exports a beam's verification dose on the water phantom
+    (docs/qa.md): coronal plane (or axial volume) in mm, x_mm/z_mm absolute coordinates; the plane
+    sits at the plan isocentre's y (or `plane_y_mm`). `frame` "phantom" gives the dose the
+    phantom's own frame of reference (as the export must); "plan" puts it in the plan's frame,
+    as a dose computed on the patient's images would be."""
     iso = [float(v) for v in plan.IonBeamSequence[0].IonControlPointSequence[0].IsocenterPosition]
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = RT_DOSE
@@ -104,6 +109,8 @@ def write_tps_dose(
     ds.Manufacturer = "IndependentTPS"
     for keyword in ("PatientName", "PatientID", "StudyInstanceUID", "FrameOfReferenceUID"):
         setattr(ds, keyword, plan.get(keyword, ""))
+    if frame == "phantom":  # the same phantom frame for every beam of the plan
+        ds.FrameOfReferenceUID = generate_uid(entropy_srcs=["water phantom", str(plan.SOPInstanceUID)])
     ds.SeriesInstanceUID = generate_uid()
     ds.SeriesNumber = 7
     ds.DoseUnits = units
@@ -134,7 +141,7 @@ def write_tps_dose(
     else:
         data = plane[np.newaxis]
         ds.ImageOrientationPatient = [1, 0, 0, 0, 0, 1]
-        ds.ImagePositionPatient = [float(x_mm[0]), iso[1], float(z_mm[0])]
+        ds.ImagePositionPatient = [float(x_mm[0]), iso[1] if plane_y_mm is None else plane_y_mm, float(z_mm[0])]
         ds.PixelSpacing = [dz, dx]
         ds.GridFrameOffsetVector = [0.0]
     scaling = float(data.max()) / 65535 if data.max() > 0 else 1.0
