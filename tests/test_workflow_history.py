@@ -59,6 +59,10 @@ def test_finished_cases_stay_final_and_reprocess_redoes_one(tmp_path: Path) -> N
     assert first.returncode == 0, first.stderr[-3000:]
     dicom = {case: work / "data" / "cases" / case / "dicom" for case in ("alpha", "beta")}
     before = {case: tree_digest(d) for case, d in dicom.items()}
+    recalibrated = work / "recalibrated.yaml"
+    record = yaml.safe_load((work / "config" / "calibration.yaml").read_text())
+    record["entries"] = [{**e, "gy_per_unit": 2 * e["gy_per_unit"]} for e in record["entries"]]
+    recalibrated.write_text(yaml.safe_dump(record))
 
     # Every operational setting and every result setting, edited in turn: nothing to do for a
     # finished case (before, raising a timeout replanned every beam: "Params have changed").
@@ -69,7 +73,7 @@ def test_finished_cases_stay_final_and_reprocess_redoes_one(tmp_path: Path) -> N
         "application.max_attempts": {"application": {"max_attempts": 5}},
         "hpc_connection.host": {"hpc_connection": {"host": "login2", "retries": 5}},
         "interpreter.csv_layout (result)": {"interpreter": {"csv_layout": "single_line"}},
-        "simulation.dose_scale_factor (result)": {"simulation": {"dose_scale_factor": 2.0}},
+        "calibration.record (result)": {"calibration": {"record": str(recalibrated)}},
         "rooms / engine (result)": {"executables": {"moqui": str(REPO / "tests" / "standins" / "tps_env_faulty")}},
     }
     for name, edit in edits.items():

@@ -143,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.measured_gy is not None and args.beam is None:
         parser.error("--measured-gy needs --beam (which beam was measured)")
+    if args.measured_gy is not None and not args.measured_gy > 0:
+        parser.error(f"--measured-gy must be a dose > 0 Gy, not {args.measured_gy:g}")
     try:
         config = settings.load_site(args.configfile, args.workdir)
         factor, method, source, details = derive(

@@ -173,7 +173,8 @@ def compare(tps: Plane, delivered: Plane, qa: dict[str, Any], dose_scale: dict[s
 def scale_not_verified(tps_units: str, delivered_units: str, dose_scale: dict[str, Any]) -> str | None:
     """Why the comparison cannot show that the delivered dose is right in Gy, or None."""
     if delivered_units == "RELATIVE":
-        return f"dose scale not verified: our dose is RELATIVE ({dose_scale.get('reason', 'no calibration')})"
+        why = str(dose_scale.get("reason") or "no calibration").removeprefix("dose scale not verified: ")
+        return f"dose scale not verified: our dose is RELATIVE ({why})"
     if tps_units == "RELATIVE":
         return "dose scale not verified: the TPS dose is RELATIVE (export it in Gy)"
     if dose_scale.get("state") != "current":
