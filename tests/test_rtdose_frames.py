@@ -127,6 +127,40 @@ def test_patient_frame_plane_read_by_simpleitk(tmp_path: Path, gantry: float) ->
     assert "PHANTOM" not in ds.SeriesDescription and "patient frame" in ds.ImageComments
 
 
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("HFP", "patient position 'HFP' is not handled in the patient frame"),
+        ("no frame", "plan has no FrameOfReferenceUID"),
+    ],
+)
+def test_patient_frame_refuses_what_it_cannot_place(tmp_path: Path, change: str, message: str) -> None:
+    ds = pydicom.dcmread(reference_plan_at(tmp_path, 90.0))
+    if change == "no frame":
+        del ds.FrameOfReferenceUID
+    else:
+        ds.PatientSetupSequence[0].PatientPosition = change
+    plan = tmp_path / "RP_changed.dcm"
+    ds.save_as(plan)
+    with pytest.raises(CaseError, match=message):
+        rtdose.write_rtdose(
+            np.zeros(PLANE.shape),
+            PLANE,
+            plan,
+            tmp_path,
+            beam_number=1,
+            engine_label="t",
+            calibrated=False,
+            frame="patient",
+        )
+    assert not list(tmp_path.glob("RD_*"))
+    # The beam frame needs neither: its phantom frame is its own.
+    out = rtdose.write_rtdose(
+        np.zeros(PLANE.shape), PLANE, plan, tmp_path, beam_number=1, engine_label="t", calibrated=False
+    )
+    assert pydicom.dcmread(out).PositionReferenceIndicator == "PHANTOM"
+
+
 # --- the beam frame: a phantom frame of its own ---------------------------------------------------
 
 
