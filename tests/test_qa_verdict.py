@@ -291,6 +291,9 @@ def test_fraction_scaling(tmp_path: Path) -> None:
     ds.DoseUnits, ds.DoseType, ds.DoseSummationType = "GY", "PHYSICAL", "BEAM"
     assert check_header(ds, tmp_path / "RD.dcm", 1.1, "plan", 30)[0] == pytest.approx(1 / 30)
     assert check_header(ds, tmp_path / "RD.dcm", 1.1, "fraction", 30)[0] == 1.0
+    ds.DoseSummationType = "BEAM_SESSION"  # one session: one fraction, whatever the setting says
+    assert check_header(ds, tmp_path / "RD.dcm", 1.1, "plan", 30)[0] == 1.0
+    ds.DoseSummationType = "BEAM"
     with pytest.raises(TpsDoseProblem, match="no NumberOfFractionsPlanned"):
         check_header(ds, tmp_path / "RD.dcm", 1.1, "plan", None)
 

@@ -8,8 +8,9 @@ Matching: the RT Dose must reference the plan (ReferencedRTPlanSequence SOP Inst
 exactly one beam (ReferencedBeamNumber, DoseSummationType BEAM); a PLAN dose is used only when the
 plan has a single treatment beam. Checks (each failure is a `TpsDoseProblem` with its reason, which
 the verdict turns into ERROR or NOT ASSESSED, never PASS): DoseUnits GY or RELATIVE; DoseType
-PHYSICAL, or EFFECTIVE divided by the configured RBE; summation BEAM or PLAN; a dose for all
-fractions divided by the plan's NumberOfFractionsPlanned (`qa.tps_dose_per: plan`).
+PHYSICAL, or EFFECTIVE divided by the configured RBE; summation BEAM or PLAN (a dose for all
+fractions, divided by the plan's NumberOfFractionsPlanned when `qa.tps_dose_per: plan`), or their
+one-session forms BEAM_SESSION / FRACTION_SESSION (PS3.3 C.8.8.3.4: one fraction, never divided).
 
 Geometry (docs/qa.md, "The TPS dose the clinic exports"): the TPS dose must be the beam's dose on
 the water phantom, in a frame of reference of its own. A dose in the plan's own frame of
@@ -39,6 +40,10 @@ from ..rtdose import MANUFACTURER
 from ..rtdose_read import read_rtdose_dose
 
 PHYSICAL, EFFECTIVE = "PHYSICAL", "EFFECTIVE"
+# DoseSummationType of one beam's dose, and of all the beams of a fraction group (PS3.3 C.8.8.3.4).
+BEAM_SUMMATIONS = ("BEAM", "BEAM_SESSION")
+PLAN_SUMMATIONS = ("PLAN", "FRACTION_SESSION")
+SESSION_SUMMATIONS = ("BEAM_SESSION", "FRACTION_SESSION")
 
 
 class TpsDoseProblem(Exception):
@@ -108,7 +113,11 @@ def match(
     if not of_plan:
         others = ", ".join(f"{p.name} -> {_plan_uid(ds)}" for p, ds in candidates)
         raise TpsDoseProblem("ERROR", f"no TPS RT Dose references plan {plan_uid} (found {others})")
-    beams = [(p, ds) for p, ds in of_plan if ds.get("DoseSummationType") == "BEAM" and beam_number in _beam_numbers(ds)]
+    beams = [
+        (p, ds)
+        for p, ds in of_plan
+        if ds.get("DoseSummationType") in BEAM_SUMMATIONS and beam_number in _beam_numbers(ds)
+    ]
     several = [f"{p.name} (beams {_beam_numbers(ds)})" for p, ds in beams if len(set(_beam_numbers(ds))) > 1]
     if several:
         raise TpsDoseProblem("ERROR", f"a BEAM dose must reference one beam; {', '.join(several)} references several")
@@ -117,7 +126,7 @@ def match(
         raise TpsDoseProblem("ERROR", f"{len(beams)} TPS RT Doses for beam {beam_number} ({names}); expected one")
     if beams:
         return beams[0][0]
-    plans = [p for p, ds in of_plan if ds.get("DoseSummationType") == "PLAN"]
+    plans = [p for p, ds in of_plan if ds.get("DoseSummationType") in PLAN_SUMMATIONS]
     if plans and treatment_beams == 1:
         return plans[0]
     found = "; ".join(f"{p.name}: {ds.get('DoseSummationType')} beams {_beam_numbers(ds) or '-'}" for p, ds in of_plan)
@@ -133,8 +142,11 @@ def check_header(
     if units not in ("GY", "RELATIVE"):
         raise TpsDoseProblem("ERROR", f"{path.name}: DoseUnits {units!r}; expected GY or RELATIVE")
     summation = ds.get("DoseSummationType")
-    if summation not in ("BEAM", "PLAN"):
-        raise TpsDoseProblem("ERROR", f"{path.name}: DoseSummationType {summation!r}; expected BEAM (or PLAN)")
+    if summation not in BEAM_SUMMATIONS + PLAN_SUMMATIONS:
+        raise TpsDoseProblem(
+            "ERROR",
+            f"{path.name}: DoseSummationType {summation!r}; expected BEAM, BEAM_SESSION, PLAN or FRACTION_SESSION",
+        )
     dose_type = ds.get("DoseType")
     factor = 1.0
     if dose_type == EFFECTIVE:
@@ -142,7 +154,7 @@ def check_header(
         notes.append(f"TPS dose is EFFECTIVE (RBE-weighted); divided by RBE {rbe:g} to compare with physical dose")
     elif dose_type != PHYSICAL:
         raise TpsDoseProblem("ERROR", f"{path.name}: DoseType {dose_type!r}; expected PHYSICAL or EFFECTIVE")
-    if per == "plan" and units == "GY":
+    if per == "plan" and units == "GY" and summation not in SESSION_SUMMATIONS:
         if not fractions or fractions < 1:
             raise TpsDoseProblem(
                 "ERROR", f"{path.name}: dose is for the whole plan but the plan has no NumberOfFractionsPlanned"
