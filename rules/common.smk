@@ -176,7 +176,9 @@ def current_calibration(wildcards, input):
 def rtdose_calibration_args(wildcards, input):
     """RT Dose in GY with the current calibration of the engine and room; RELATIVE without one."""
     entry = current_calibration(wildcards, input)
-    return "" if entry is None else f"--calibrated --dose-scale {entry['gy_per_unit']!r}"
+    return (
+        "" if entry is None else f"--calibrated --dose-scale {entry['gy_per_unit']!r}"
+    )
 
 
 def calibration_json(wildcards, input):
@@ -215,10 +217,16 @@ def planned(case_id):
 
 
 def dose_label(wildcards, input):
-    """The engine label, preceded by the case's labels (PLAN-BASED, FLAGGED): it goes into the
+    """The engine label, preceded by the case's labels (PLAN-BASED, FLAGGED, and DOSE SCALE NOT
+    VERIFIED without a current calibration, as QA will say): it goes into the
     RT Dose's SeriesDescription, DoseComment and ImageComments, and the report's titles. Read
     from the manifest (an input), so Snakemake evaluates it once intake has run."""
     labels = read_manifest(input.manifest).get("labels", [])
+    scale = calibration.status(
+        current_calibration(wildcards, input), config["calibration"]["max_age_days"]
+    )
+    if scale["state"] != "current":
+        labels = [*labels, calibration.UNVERIFIED_LABEL]
     return " ".join([f"[{label}]" for label in labels] + [ENGINE_LABEL])
 
 

@@ -25,6 +25,8 @@ import yaml
 from ..files import write_atomic
 
 ENGINES = ("builtin", "moqui")
+# The label of a result whose dose scale is not a current calibration, wherever it is shown.
+UNVERIFIED_LABEL = "DOSE SCALE NOT VERIFIED"
 METHODS = ("tps", "measured")
 HEADER = (
     "# Absolute dose calibration record, written by `bin/mqi calibrate` (docs/qa.md, Calibration).\n"

@@ -38,7 +38,7 @@ from .tps_dose import (
     match,
 )
 
-UNVERIFIED_LABEL = "DOSE SCALE NOT VERIFIED"
+UNVERIFIED_LABEL = dose_calibration.UNVERIFIED_LABEL
 
 
 def _referenced_beam(path: Path) -> int | None:
