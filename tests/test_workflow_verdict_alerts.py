@@ -4,6 +4,7 @@ so in its "recovered" message instead of "nothing to do"."""
 
 from __future__ import annotations
 
+import json
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
@@ -73,6 +74,12 @@ def test_a_qa_fail_alerts_once_and_recovered_says_the_verdict(
     assert verdict.count("dose FAIL: 3%/2mm global pass rate") == 2
     assert posts[2]["case_id"] == "qafail" and posts[2]["details"]["verdict"] == "FAIL"
     assert posts[2]["details"]["sheet"] == str(sheet)
+
+    # The trend of the same run: the built-in engine's RELATIVE, log-based points in their own
+    # stratum, at the irradiation times of the delivery folders (tests/casegen.py: 09:00, 09:05).
+    [(name, stratum)] = json.loads((work / "results" / "qa_trend.json").read_text())["strata"].items()
+    assert name.startswith("G2 | built-in") and "| log-based | relative | 3%/2mm global, cutoff 10 %" in name
+    assert [p["time"] for p in stratum["points"]] == ["2026110209000000", "2026110209050000"]
 
     # Later runs (the case is final) and a rerun of the alert by hand send nothing more.
     third = snakemake(work)
