@@ -47,7 +47,7 @@ def write_qa(
 
 
 def alert_cli(work: Path, *cases: str) -> subprocess.CompletedProcess[str]:
-    command = [str(REPO / "bin" / "mqi"), "verdict-alert", "--configfile", "test-config.yaml"]
+    command = [sys.executable, "-m", "mqi_communicator.ops.verdict_alerts", "--configfile", "test-config.yaml"]
     return subprocess.run([*command, *cases], cwd=work, capture_output=True, text=True, check=False, timeout=120)
 
 

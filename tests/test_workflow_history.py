@@ -180,7 +180,7 @@ def test_a_failure_at_each_step_is_recorded_and_shown(
     subjects, posts = received(inbox, webhook)
     assert sorted(posts) == sorted([*(("case_failed", case) for case in expected), ("case_verdict", "good")])
     assert len(subjects) == len(expected) + 1
-    assert any(s.endswith("case good QA NOT ASSESSED") for s in subjects)
+    assert any("case good QA NOT ASSESSED" in s for s in subjects)
     for case in expected:
         assert sum(case in subject for subject in subjects) == 1, subjects
 
@@ -199,7 +199,7 @@ def test_a_failure_at_each_step_is_recorded_and_shown(
     subjects, posts = received(inbox, webhook)
     assert posts[len(expected) + 1 :] == [("case_recovered", "zz_intake"), ("case_verdict", "zz_intake")]
     assert len(subjects) == len(expected) + 3
-    assert subjects[-2].endswith("case zz_intake recovered, QA NOT ASSESSED")
+    assert "case zz_intake recovered, QA NOT ASSESSED" in subjects[-2]
 
     # An explicit retry of a permanent failure: it runs again (and fails again, once).
     retry = subprocess.run([MQI, "retry", "zz_engine", "--configfile", "test-config.yaml"], cwd=work, check=True)
