@@ -196,6 +196,16 @@ def test_delivery_time_comes_from_the_intake_manifest(tmp_path: Path, config: di
     assert stratum["points"][0]["beam"] == beams[-1]["name"]  # the later beam number, delivered first
 
 
+def test_without_intake_manifest_the_time_is_the_fraction_qa_recorded(tmp_path: Path) -> None:
+    qa = json.loads(case_qa(tmp_path, "c", "G2", "2026-11-02T10:00:00+00:00", [99.0, 98.0]).read_text())
+    qa["fraction_assessed"] = {"source": "logs", "first_irradiation": "2026103107300000"}
+    [point, _] = trend_points.beam_points(qa, None)
+    assert (point["time"], point["time_source"], point["mode"]) == ("2026103107300000", "delivery", "log-based")
+    del qa["fraction_assessed"]
+    [point, _] = trend_points.beam_points(qa, None)
+    assert point["stratum"] == "unknown" and point["unknown_because"] == "no time"
+
+
 def test_the_trend_shows_the_latest_window_and_judges_against_it(tmp_path: Path) -> None:
     rates = [80.0, 85.0] + [99.0, 99.2] * 3
     files = [

@@ -4,7 +4,8 @@ its fraction was delivered, and the ledger that keeps them (docs/alerts-and-tren
 A stratum is what makes pass rates comparable: room, engine, mode (log-based or PLAN-BASED),
 comparison (absolute or RELATIVE) and the primary gamma criteria. A beam's time is the
 irradiation time of the fraction its QA assessed: the 16-digit delivery folder names
-(YYYYMMDDhhmmssxx) of the case's intake.json, which sits beside the `qa/` folder of qa.json. A
+(YYYYMMDDhhmmssxx) of the case's intake.json, which sits beside the `qa/` folder of qa.json
+(without it, the first irradiation qa.json's `fraction_assessed` records for the case). A
 plan-based case delivered nothing: its points are ordered by the time its QA was written (they
 are a stratum of their own). A point whose stratum or time cannot be told goes to the stratum
 "unknown", which is shown but never judged, and never mixed with the others.
@@ -67,8 +68,10 @@ def _engine(qa: dict[str, Any]) -> str | None:
 def beam_points(qa: dict[str, Any], manifest: dict[str, Any] | None) -> list[dict[str, Any]]:
     """The points of one case's qa.json (assessed beams only), `manifest` its intake.json."""
     labels = qa.get("labels", []) or []
-    plan_case = PLAN_BASED_LABEL in labels or (manifest or {}).get("mode") == "plan"
+    assessed = qa.get("fraction_assessed") or {}  # the case's deliveries as QA recorded them, if it did
+    plan_case = PLAN_BASED_LABEL in labels or "plan" in ((manifest or {}).get("mode"), assessed.get("source"))
     times = fraction_times(manifest) if manifest else {}
+    case_time = assessed.get("first_irradiation") if irradiation_time(assessed.get("first_irradiation")) else None
     written = (qa.get("provenance") or {}).get("written")
     out = []
     for beam in qa["beams"]:
@@ -96,7 +99,7 @@ def beam_points(qa: dict[str, Any], manifest: dict[str, Any] | None) -> list[dic
         if plan_beam:
             point["time"], point["time_source"] = _stamp(written or ""), "qa written (plan-based: nothing delivered)"
         else:
-            point["time"], point["time_source"] = times.get(beam.get("number", -1)), "delivery"
+            point["time"], point["time_source"] = times.get(beam.get("number", -1)) or case_time, "delivery"
         missing = [k for k in (*STRATUM_FIELDS, "time") if not point.get(k)]
         point["stratum"] = UNKNOWN if missing else stratum_name(point)
         if missing:
