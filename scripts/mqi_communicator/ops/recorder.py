@@ -133,7 +133,8 @@ class RunRecorder:
         self._write_last_run(status)
 
     def _verify_finished_cases(self) -> None:
-        """A few finished cases per run are checked for inputs changed after finishing (verify)."""
+        """A few finished cases per run are checked for inputs changed after finishing (verify), and
+        the QA verdict alerts no channel took earlier are tried again (verdict_alerts)."""
         layout = self.layout
         assert layout is not None and _CONFIG is not None and _WORKDIR is not None
         count = _CONFIG["application"]["verify_finished_per_run"]
