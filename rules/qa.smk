@@ -32,7 +32,8 @@ rule qa_case:
 
 # Runs when a case of this run has its QA: adds this run's cases to the ledger of every assessed beam
 # (built once from every case's qa.json when missing) and draws the trend from it, so its cost does
-# not grow with the number of finished cases.
+# not grow with the number of finished cases. Points are stratified and ordered by the delivery
+# times of each case's intake.json, beside its qa/ folder (docs/alerts-and-trend.md).
 rule qa_trend:
     input:
         qa_case_results,
