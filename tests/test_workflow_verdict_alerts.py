@@ -82,7 +82,7 @@ def test_a_qa_fail_alerts_once_and_recovered_says_the_verdict(
     # The trend of the same run: the built-in engine's RELATIVE, log-based points in their own
     # stratum, at the irradiation times of the delivery folders (tests/casegen.py: 09:00, 09:05).
     [(name, stratum)] = json.loads((work / "results" / "qa_trend.json").read_text())["strata"].items()
-    assert name.startswith("G2 | built-in") and "| log-based | relative | 3%/2mm global, cutoff 10 %" in name
+    assert name.startswith("G2 | built-in") and "| log-based | absolute | 3%/2mm global, cutoff 10 %" in name
     assert [p["time"] for p in stratum["points"]] == ["2026110209000000", "2026110209050000"]
 
     # Later runs (the case is final) and a rerun of the alert by hand send nothing more.
