@@ -49,6 +49,10 @@ def _position_flags(result: dict[str, Any], tol: dict[str, Any]) -> list[str]:
     return flags
 
 
+def _pairs_badly(result: dict[str, Any], tol: dict[str, Any]) -> bool:
+    return bool(_position_flags(result, tol)) or result["pairing"]["planned_spots_not_delivered"] > 0
+
+
 def check_layer(
     layer: Layer,
     rows: np.ndarray,
@@ -73,8 +77,9 @@ def check_layer(
             notes.append("spots were delivered in another order than planned (matched by position)")
         if result["pairing"]["paintings"] > 1:
             notes.append(f"{result['pairing']['paintings']} paintings: each spot's MU summed over them")
+        # A wrong x_sign shows as a layer that pairs badly but would pair well mirrored.
         mirrored = spot_match.Visits(visits.xy * [-1.0, 1.0], visits.mu, visits.painting, visits.first_sample)
-        if _position_flags(result, tol) and not _position_flags(
+        if _pairs_badly(result, tol) and not _pairs_badly(
             spot_match.match_spots(mirrored, planned_xy, planned_mu, tol), tol
         ):
             notes.append("the log matches the plan with x mirrored: check the room's x_sign (docs/log-plan-frame.md)")
