@@ -12,7 +12,7 @@ import pytest
 from mqi_communicator import moqui_csv, ptn
 from mqi_communicator.interpret import LogTables
 from mqi_communicator.plan import Beam, Layer, read_plan
-from mqi_communicator.qa import delivery
+from mqi_communicator.qa import delivery, spot_match
 from tests import casegen
 
 CAL = casegen.ROOMS["G2"]
@@ -235,3 +235,11 @@ def test_scan_modes_without_spots_are_not_assessed_by_name(tol: dict) -> None:
     beam = Beam(2, "W", "", "G2", "TREATMENT", False, 0.0, (0.0, 0.0, 0.0), None, 0, [], scan_mode="UNIFORM")
     result = delivery.check_beam(beam, [{"folder": "x"}], Path("."), CAL, [1.0] * 5, tol)
     assert result["verdict"] == "NOT ASSESSED" and "scan mode UNIFORM" in result["reasons"][0]
+
+
+def test_two_visits_nearest_one_spot_still_pair_with_two_spots() -> None:
+    planned = np.array([[0.0, 0.0], [10.0, 0.0]])
+    xy = np.array([[4.0, 0.0], [4.5, 0.0]])  # both nearest the first spot
+    visits = spot_match.Visits(xy, np.ones(2), np.ones(2, np.int64), np.arange(2))
+    assert spot_match.assign(visits, planned, 10.0).tolist() == [0, 1]
+    assert spot_match.assign(visits, planned, 5.0).tolist() == [0, -1]  # 5.5 mm: beyond the gate
