@@ -147,6 +147,11 @@ def test_plan_based_mode_from_reference_plan(tmp_path: Path, reference_data: Pat
     assert values[:, 3].sum() * cal.mu_per_dose1_count == pytest.approx(9.0, rel=1e-3)
     spots = {(round(x), round(y)) for x, y in values[:, 1:3]}
     assert spots == {(x, y) for x in (-50, 0, 50) for y in (-50, 0, 50)}
+    # At 110 MeV the plan's 9 MU are the counts the monitor counted in the real 2S110 log
+    # (303.3 M inside the field; docs/log-plan-frame.md), not 9 MU / 2.12e-8 = 424.5 M.
+    counts = moqui_csv.read_layer(out / "log" / "2S110" / "01_110.00MeV.csv")[:, 3].sum()
+    assert counts * cal.mu_per_count(110.0) == pytest.approx(9.0, rel=1e-3)
+    assert counts == pytest.approx(303.3e6, rel=0.01)
 
 
 def test_cli_mirrors_mqi_interpreter(tmp_path: Path) -> None:
