@@ -116,7 +116,7 @@ def perturb_logs(
         rows = ptn.read_ptn(path).astype(np.int64)
         on = (rows[:, 7] & ptn.FLAG_ACTUAL_BEAM_ON) != 0
         if layer == index:
-            rows[on, 0] += round(dx_mm / calibration.x_gain_mm)
+            rows[on, 0] += round(dx_mm / (calibration.x_gain_mm * calibration.x_sign))  # plan-frame dx
         rows[:, 4] = np.rint(rows[:, 4] * mu_scale)
         ptn.write_ptn(path, rows)
 
@@ -141,8 +141,10 @@ def test_3mm_spot_shift_in_one_layer_fails_the_delivery_and_names_the_layer(tmp_
     assert f1["delivery"]["verdict"] == "FAIL"
     assert f1["delivery"]["flagged_layers"] == [2]
     layer = f1["delivery"]["layers"][1]
-    assert layer["position_mean_mm"] == pytest.approx(3.0, abs=0.1)
-    assert any("layer 2" in reason and "position_mean" in reason for reason in f1["delivery"]["reasons"])
+    assert layer["position_mean_x_mm"] == pytest.approx(3.0, abs=0.1)
+    assert layer["position_mean_mm"] == pytest.approx(3.0, abs=0.1)  # the worse axis
+    assert abs(layer["position_mean_y_mm"]) < 0.1
+    assert any("layer 2" in reason and "position mean x +3.0" in reason for reason in f1["delivery"]["reasons"])
     assert beam(result, "F2")["verdict"] == "PASS"
     assert f1["verdict"] == "FAIL" and result["verdict"] == "FAIL"
 

@@ -251,6 +251,7 @@ def read_delivery(case_dir: Path, folder: Path, plan: Plan, config: dict[str, An
                 layer.mu,
                 layer.spot_xy_mm,
                 config["log_checks"],
+                energy_mev=layer.energy_mev,
             )
             delivery.problems += [
                 f"{path}: layer {number} ({layer.energy_mev:g} MeV) of beam {beam.number} ({beam.name!r}): {p}"
