@@ -1,8 +1,8 @@
 """Independent TPS doses for QA tests and the sample cases (no pipeline code is used).
 
 A tiny "TPS": each spot of the plan (read here with pydicom from the control points) is a 2-D
-Gaussian of its own beam model (sigma by energy and room), weighted by the spot's MU (dose per
-MU in the entrance plateau independent of energy); the plane lies in the beam frame of
+Gaussian of its own beam model (sigma by energy and room), weighted by the spot's MU and the
+stopping power (the clinic's MU counts protons); the plane lies in the beam frame of
 docs/qa.md (MOQUI x -> x, MOQUI y -> z, the plane through the isocentre, y = iso_y), in the water
 phantom's own frame of reference. Written as RT Dose with pydicom directly: a coronal plane, or
 an axial volume whose row at iso_y is the plane.
@@ -25,10 +25,11 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 RT_DOSE = "1.2.840.10008.5.1.4.1.1.481.2"
 RT_ION_PLAN = "1.2.840.10008.5.1.4.1.1.481.8"
-# Gy per MU (per cm^2 of a 1-spot layer-equivalent) in the entrance plateau. A monitor unit is a
-# charge in the monitor chamber, i.e. protons x their stopping power in air; the entrance dose in
-# water is protons x their stopping power in water, so dose per MU there hardly depends on energy.
-GY_PER_MU = 0.01
+# Gy per MU (per cm^2 of a 1-spot layer-equivalent) at 150 MeV in the entrance plateau. The
+# clinic's MU counts protons: a real log gives the planned MU as count x 2.12e-8 x f(E), f being
+# MOQUI's protons-per-count table (docs/log-plan-frame.md), so protons per MU do not depend on
+# energy, and the entrance dose per MU follows the stopping power, ~ E^-0.77 (Bragg-Kleeman).
+GY_PER_MU_150 = 0.01
 # The "TPS beam model": in-air sigma at the isocentre (mm) per room, by energy (MeV).
 SIGMA_MODEL = {
     "G1": ((70.0, 150.0, 230.0), (10.5, 5.8, 3.7)),
@@ -70,12 +71,13 @@ def tps_plane(
     dose = np.zeros((z_mm.size, x_mm.size))
     for index, (energy, xy, mu) in enumerate(layers):
         sigma = float(np.interp(energy, energies, sigmas))
+        stopping = (150.0 / energy) ** 0.77
         for (sx, sz), w in zip(xy, mu, strict=True):
             if shift_layer is not None and shift_layer[0] == index:
                 sx, sz = sx + shift_layer[1], sz + shift_layer[2]
             gx = np.exp(-((x_mm - sx) ** 2) / (2 * sigma**2))
             gz = np.exp(-((z_mm - sz) ** 2) / (2 * sigma**2))
-            dose += np.outer(gz, gx) * (w * mu_scale * GY_PER_MU * 100.0 / (2 * np.pi * sigma**2))
+            dose += np.outer(gz, gx) * (w * mu_scale * stopping * GY_PER_MU_150 * 100.0 / (2 * np.pi * sigma**2))
     return dose
 
 
