@@ -23,7 +23,7 @@ import scipy
 from .. import __version__, ptn, settings
 from ..files import sha256_of, write_atomic, write_json_atomic
 from ..plan import Plan, read_plan
-from . import delivery, sheet, verdict
+from . import delivery, sheet, verdict, volume
 from .tps_dose import TpsDoseProblem, find_tps_doses, load_delivered_plane, load_tps_plane, match
 
 
@@ -77,8 +77,13 @@ def assess(
             tps_path = match(candidates, plan.sop_instance_uid, beam.number, len(plan.treatment_beams))
             inputs[str(tps_path)] = sha256_of(tps_path)
             record["tps_dose"] = str(tps_path)
-            tps = load_tps_plane(tps_path, beam.isocenter_mm[1], qa, fractions)
-            dose = verdict.compare(tps, load_delivered_plane(rd), qa)
+            if volume.is_volume(rd) and volume.is_volume(tps_path):  # 3-D gamma where there is volume
+                dose = volume.compare_volume(
+                    volume.load_tps_volume(tps_path, qa, fractions), volume.load_delivered_volume(rd), qa
+                )
+            else:
+                tps = load_tps_plane(tps_path, beam.isocenter_mm[1], qa, fractions)
+                dose = verdict.compare(tps, load_delivered_plane(rd), qa)
         except TpsDoseProblem as problem:
             dose = verdict.error(problem.reason, problem.kind)
         arrays = dose.pop("_arrays", None)

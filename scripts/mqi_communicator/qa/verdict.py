@@ -91,6 +91,7 @@ def compare(tps: Plane, delivered: Plane, qa: dict[str, Any]) -> dict[str, Any]:
     return {
         "verdict": verdict,
         "reasons": reasons,
+        "evaluation": f"2-D gamma on the plane at depth {qa['plane_depth_mm']:g} mm",
         "comparison": "relative" if relative else "absolute",
         "scale_applied": scale,
         "notes": notes,

@@ -1,0 +1,143 @@
+"""The dose line in 3-D on real RT Dose files: axial multi-frame volumes written here with
+pydicom (not with the pipeline's writer), read back by qa/volume.py, compared with 3-D gamma;
+the pass rates against pymedphys.gamma on the arrays read back independently."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from scipy.special import erf
+
+from mqi_communicator.qa import verdict
+from mqi_communicator.qa.tps_dose import Plane
+from mqi_communicator.qa.volume import Volume, compare_volume, is_volume, load_tps_volume, load_volume
+
+RT_DOSE = "1.2.840.10008.5.1.4.1.1.481.2"
+X = np.arange(20) * 2.0 - 19.0  # patient x (columns)
+Y = np.arange(26) * 2.0 - 49.0  # patient y (rows): the beam goes along +y, the surface at y = -50
+Z = np.arange(18) * 2.0 - 17.0  # patient z (frames)
+
+
+def proton_field(range_mm: float = 36.0, shift_x_mm: float = 0.0, scale: float = 1.0) -> np.ndarray:
+    """dose[z, y, x] (Gy): a 2.4 x 2 cm field, entrance plateau, high-dose region, distal fall-off."""
+    z, y, x = np.meshgrid(Z, Y, X, indexing="ij")
+    depth = y + 50.0
+    lateral = 0.25 * (1 + erf((12 - np.abs(x - shift_x_mm)) / 4.0)) * (1 + erf((10 - np.abs(z)) / 4.0))
+    plateau = 0.5 + 0.5 / (1 + np.exp(-(depth - 24.0) / 4.0))
+    return 2.0 * scale * lateral * plateau * 0.5 * (1 - erf((depth - range_mm) / 3.5))
+
+
+def write_volume(path: Path, dose: np.ndarray, *, units: str = "GY", frames_descending: bool = False) -> Path:
+    """An axial RT Dose the way a TPS exports one (frames along z, rows along y, columns along x)."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = RT_DOSE
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = RT_DOSE, meta.MediaStorageSOPInstanceUID, "RTDOSE"
+    ds.DoseUnits, ds.DoseType, ds.DoseSummationType = units, "PHYSICAL", "BEAM"
+    frames = dose[::-1] if frames_descending else dose
+    zs = Z[: dose.shape[0]][::-1] if frames_descending else Z[: dose.shape[0]]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.ImagePositionPatient = [float(X[0]), float(Y[0]), float(zs[0])]
+    ds.PixelSpacing = [2.0, 2.0]
+    # Relative offsets along the normal (+z); a descending stack has absolute, falling z.
+    ds.GridFrameOffsetVector = [float(v) for v in (zs if frames_descending else zs - zs[0])]
+    scaling = float(frames.max()) / 65535
+    pixels = np.rint(frames / scaling).astype("<u2")
+    ds.NumberOfFrames, ds.Rows, ds.Columns = pixels.shape
+    ds.FrameIncrementPointer = 0x3004000C
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit, ds.PixelRepresentation = 15, 0
+    ds.DoseGridScaling = f"{scaling:.10g}"
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def read_back(path: Path) -> np.ndarray:
+    """dose[z, y, x] as stored, read with pydicom alone (frames ascending in z)."""
+    ds = pydicom.dcmread(path)
+    dose = ds.pixel_array * float(ds.DoseGridScaling)
+    return dose[::-1] if float(ds.GridFrameOffsetVector[1]) < float(ds.GridFrameOffsetVector[0]) else dose
+
+
+@pytest.fixture
+def qa(config: dict) -> dict:
+    return config["qa"]
+
+
+def test_noisy_delivered_volume_is_assessed_in_3d_as_pymedphys_does(tmp_path: Path, qa: dict) -> None:
+    pymedphys = pytest.importorskip("pymedphys")
+    rng = np.random.default_rng(3)
+    tps_path = write_volume(tmp_path / "tps.dcm", proton_field(), frames_descending=True)
+    delivered = np.clip(proton_field(range_mm=38.0) * (1 + rng.normal(0, 0.04, (Z.size, Y.size, X.size))), 0, None)
+    delivered_path = write_volume(tmp_path / "delivered.dcm", delivered)
+    assert is_volume(tps_path) and is_volume(delivered_path)
+    result = compare_volume(load_tps_volume(tps_path, qa, fractions=1), load_volume(delivered_path), qa)
+    assert result["evaluation"] == (
+        f"3-D gamma over the volume ({result['gamma_primary']['points_evaluated']} voxels above the cutoff)"
+    )
+    for key, criteria in (("gamma_primary", qa["gamma"]["primary"]), ("gamma_secondary", qa["gamma"]["secondary"])):
+        theirs = pymedphys.gamma(
+            (Z, Y, X),
+            read_back(tps_path),
+            (Z, Y, X),
+            read_back(delivered_path),
+            criteria["dose_percent"],
+            criteria["distance_mm"],
+            lower_percent_dose_cutoff=qa["gamma"]["cutoff_percent"],
+            max_gamma=qa["gamma"]["max_gamma"],
+            interp_algo="scipy",
+        )
+        valid = theirs[np.isfinite(theirs)]
+        assert result[key]["points_evaluated"] == valid.size
+        assert result[key]["pass_rate_percent"] == pytest.approx(100.0 * np.mean(valid <= 1), abs=1e-3)
+    assert 80.0 < result["gamma_primary"]["pass_rate_percent"] < 100.0
+    assert result["_arrays"]["gamma"].shape == (Z.size, X.size)  # a coronal plane for the figure
+
+
+def test_a_distal_error_fails_the_volume_but_passes_the_2cm_plane(tmp_path: Path, qa: dict) -> None:
+    tps = load_tps_volume(write_volume(tmp_path / "tps.dcm", proton_field()), qa, fractions=1)
+    short = load_volume(write_volume(tmp_path / "delivered.dcm", proton_field(range_mm=31.0)))
+    in_volume = compare_volume(tps, short, qa)
+    assert in_volume["verdict"] == "FAIL", in_volume["reasons"]
+    row = int(np.argmin(np.abs(Y + 50.0 - qa["plane_depth_mm"])))  # the plane 2 cm deep
+
+    def plane(volume: Volume) -> Plane:
+        return Plane(volume.dose[:, row, :], volume.z_mm, volume.x_mm, "xz", volume.units)
+
+    on_plane = verdict.compare(plane(tps), plane(short), qa)
+    assert on_plane["verdict"] == "PASS" and on_plane["evaluation"].startswith("2-D gamma on the plane")
+    # The figure shows where it fails: a plane in the distal fall-off, not the entrance.
+    assert "most voxels failing" in in_volume["_arrays"]["plane"]
+
+
+def test_relative_delivered_volume_is_scaled_and_says_so(tmp_path: Path, qa: dict) -> None:
+    tps = load_tps_volume(write_volume(tmp_path / "tps.dcm", proton_field()), qa, fractions=1)
+    delivered = load_volume(write_volume(tmp_path / "d.dcm", proton_field(scale=0.37), units="RELATIVE"))
+    result = compare_volume(tps, delivered, qa)
+    assert result["comparison"] == "relative" and result["scale_applied"] == pytest.approx(1 / 0.37, rel=1e-3)
+    assert result["verdict"] == "PASS" and any("RELATIVE comparison" in n for n in result["notes"])
+
+
+def test_tps_dose_beyond_the_delivered_volume_is_an_error(tmp_path: Path, qa: dict) -> None:
+    tps = load_tps_volume(write_volume(tmp_path / "tps.dcm", proton_field()), qa, fractions=1)
+    delivered = load_volume(write_volume(tmp_path / "d.dcm", proton_field()))
+    cut = Volume(delivered.dose[:, :, 8:], delivered.z_mm, delivered.y_mm, delivered.x_mm[8:], "GY")
+    result = compare_volume(tps, cut, qa)
+    assert result["verdict"] == "ERROR" and "outside the delivered dose volume" in result["reasons"][0]
+
+
+def test_a_plane_is_not_a_volume(tmp_path: Path) -> None:
+    path = write_volume(tmp_path / "plane.dcm", proton_field()[:1])
+    assert not is_volume(path)
+    with pytest.raises(ValueError, match=r"plane\.dcm: not an axial dose volume"):
+        load_volume(path)
