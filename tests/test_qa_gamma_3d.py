@@ -132,3 +132,29 @@ def test_bad_input_is_refused() -> None:
         gamma_3d((LATERAL[::-1], LATERAL, DEPTH), REFERENCE, AXES, REFERENCE, Criteria())
     with pytest.raises(ValueError, match="NaN"):
         gamma_3d(AXES, REFERENCE, AXES, REFERENCE * np.nan, Criteria())
+
+
+def test_a_subset_is_the_points_pymedphys_draws() -> None:
+    # pymedphys' random_subset shuffles the points above the cutoff with numpy's global generator.
+    evaluated = VOLUMES["Monte Carlo-like (2 % noise, 1 mm deeper)"]
+    above = np.flatnonzero(REFERENCE.ravel() >= 0.1 * REFERENCE.max())
+    np.random.seed(3)
+    np.random.shuffle(above)
+    mask = np.zeros(REFERENCE.size, dtype=bool)
+    mask[above[:500]] = True
+    ours = gamma_3d(AXES, REFERENCE, AXES, evaluated, Criteria(2, 2), subset=mask.reshape(REFERENCE.shape))
+    np.random.seed(3)
+    theirs = pymedphys.gamma(
+        AXES,
+        REFERENCE,
+        AXES,
+        evaluated,
+        2,
+        2,
+        lower_percent_dose_cutoff=10,
+        max_gamma=2,
+        interp_algo="scipy",
+        random_subset=500,
+    )
+    assert ours.evaluated == 500
+    assert_same(ours, theirs)

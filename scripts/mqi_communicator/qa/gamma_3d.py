@@ -90,8 +90,11 @@ def gamma_3d(
     axes_evaluation: tuple[Any, Any, Any],
     dose_evaluation: np.ndarray,
     criteria: Criteria,
+    subset: np.ndarray | None = None,
 ) -> GammaResult:
-    """Gamma of `dose_evaluation` against `dose_reference` (3-D, axes as pymedphys takes them)."""
+    """Gamma of `dose_evaluation` against `dose_reference` (3-D, axes as pymedphys takes them);
+    `subset` (a boolean mask of the reference grid) limits it to those points above the cutoff,
+    as pymedphys' `random_subset` does with the points it draws."""
     reference = np.asarray(dose_reference, dtype=np.float64)
     full = np.asarray(dose_evaluation, dtype=np.float64)
     if reference.ndim != 3 or full.ndim != 3:
@@ -105,7 +108,12 @@ def gamma_3d(
     gamma = np.full(reference.shape, np.nan)
     if norm <= 0:
         return GammaResult(gamma, criteria, 0, 0)
-    points = np.flatnonzero(reference.ravel() >= criteria.cutoff_percent / 100 * norm)
+    above = reference >= criteria.cutoff_percent / 100 * norm
+    if subset is not None:
+        if np.shape(subset) != reference.shape:
+            raise ValueError(f"subset has shape {np.shape(subset)}, the reference {reference.shape}")
+        above &= np.asarray(subset, dtype=bool)
+    points = np.flatnonzero(above.ravel())
     if points.size == 0:
         return GammaResult(gamma, criteria, 0, 0)
     indices = np.unravel_index(points, reference.shape)
