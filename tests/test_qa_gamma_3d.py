@@ -90,10 +90,13 @@ def test_gamma_3d_with_other_criteria_equals_pymedphys() -> None:
 @pytest.mark.parametrize(
     "axes_eval",
     [
-        tuple(a + 1.0 for a in AXES),  # shifted by half a step: one shared fraction past the nodes
-        (np.arange(15) * 2.5 - 18.3, np.arange(15) * 2.5 - 18.1, np.arange(20) * 2.5 - 0.2),  # coarser, offset
+        tuple(a - 1.0 for a in AXES),  # shifted by half a step: one shared fraction past the nodes
+        # 1.5 mm, offset: the points sit at 3 x 3 x 3 different fractions of a step past a node
+        (np.arange(24) * 1.5 - 17.6, np.arange(24) * 1.5 - 17.8, np.arange(34) * 1.5 - 0.7),
+        # coarser and offset: 5 x 5 x 5 fractions, each point interpolated on its own
+        (np.arange(15) * 2.5 - 18.3, np.arange(15) * 2.5 - 18.1, np.arange(20) * 2.5 - 0.2),
     ],
-    ids=["half-step shift", "coarser offset grid"],
+    ids=["half-step shift", "1.5 mm grid", "coarser offset grid"],
 )
 def test_gamma_3d_on_another_evaluated_grid_equals_pymedphys(axes_eval) -> None:
     # The evaluated grid does not hold the reference points: part of the reference reaches

@@ -37,6 +37,7 @@ from .gamma_sphere import (
 )
 
 _NODE_CHUNK = 4096  # reference points whose spheres are interpolated at once on the nodes (~2 MB per row)
+_MAX_FRACTIONS = 64  # distinct positions of the reference points between nodes that get stencils
 _CHUNK = 1 << 20  # (sphere points x reference points) evaluated at once off the nodes (~8 MB per array)
 _BOUND_MIN_SPHERE = 12  # smaller spheres are cheaper to evaluate than to bound
 _BOUND_MIN_SPARED = 0.1  # a bound that spares fewer of the points is paused ...
@@ -48,13 +49,15 @@ _RETIRE_GAIN = 8  # each point the whole search's windows end early saves tens o
 class _Points:
     """The reference points still searching, as parallel arrays (compressed as points finish):
     index among all points, reference dose, gamma squared so far, local-gamma factor, flat index
-    of the node they start from, and (off the shared-fraction path) their positions in mm."""
+    of the node they start from, and either which of the shared fractions they sit at or
+    (off the nodes' paths) their positions in mm."""
 
     position: np.ndarray
     ref: np.ndarray
     factor: np.ndarray | None
     cell: np.ndarray
     centre_inside: np.ndarray | None
+    group: np.ndarray | None
     mm: np.ndarray | None  # (3, points)
     squared: np.ndarray = field(init=False)
 
@@ -76,12 +79,12 @@ class _Points:
 @dataclass(frozen=True)
 class _Geometry:
     """The cropped evaluated volume in mm, the whole grid's edges, and (when the reference points
-    share one) their fraction of a step past their node along each axis."""
+    share a few) the fractions of a step past their node along each axis at which they sit."""
 
     origin: tuple[float, float, float]
     steps: tuple[float, float, float]
     edges: tuple[tuple[float, float], ...]
-    fraction: tuple[float, float, float] | None
+    fractions: tuple[tuple[float, float, float], ...] | None
 
 
 def gamma_3d(
@@ -120,13 +123,16 @@ def gamma_3d(
     mm = np.stack([ref_axes[a][0] + ref_axes[a][1] * indices[a] for a in range(3)])
     u = [(mm[a] - eval_axes[a][0]) / eval_axes[a][1] for a in range(3)]
     # The node a point starts from: the nearest one when it sits on a node (to 1e-9 of a step),
-    # else the one below; the shared-fraction path needs the same fraction for every point.
+    # else the one below. Points at the same fraction past their node share the sphere's
+    # stencils: the same grid gives one fraction, a grid shifted or coarser by a rational
+    # factor a few (a 3 mm TPS grid on 2 mm: 8); many fractions take the slower path.
     base = [np.where(np.abs(v - np.rint(v)) < 1e-9, np.rint(v), np.floor(v)).astype(np.intp) for v in u]
-    fractions = [v - b for v, b in zip(u, base, strict=True)]
+    fractions = np.stack([v - b for v, b in zip(u, base, strict=True)])
     inside = np.ones(points.size, dtype=bool)
     for a in range(3):
         inside &= (base[a] >= 0) & (base[a] < full.shape[a])
-    shared = bool(inside.all()) and all(float(np.ptp(f)) < 1e-9 for f in fractions)
+    keys, group = np.unique(np.rint(fractions * 1e8).astype(np.int64), axis=1, return_inverse=True)
+    shared = bool(inside.all()) and keys.shape[1] <= _MAX_FRACTIONS
     if not shared:  # each point from its nearest node (clipped into the grid: bounds there are zero)
         nearest = [np.rint(v).astype(np.intp) for v in u]
         inside = np.all([(b >= 0) & (b < n) for b, n in zip(nearest, full.shape, strict=True)], axis=0)
@@ -150,6 +156,7 @@ def gamma_3d(
         else None,
         cell=volume.index(*(b - low for b, low in zip(base, lo, strict=True))),
         centre_inside=None if shared else inside,
+        group=group.ravel() if shared else None,
         mm=None if shared else mm,
     )
     axes = [np.asarray(a, dtype=np.float64) for a in axes_evaluation]
@@ -157,7 +164,10 @@ def gamma_3d(
         origin=(float(axes[0][lo[0]]), float(axes[1][lo[1]]), float(axes[2][lo[2]])),
         steps=(float(steps[0]), float(steps[1]), float(steps[2])),
         edges=tuple((float(a[0]), float(a[-1])) for a in axes),
-        fraction=(float(fractions[0].mean()), float(fractions[1].mean()), float(fractions[2].mean()))
+        fractions=tuple(
+            (float(f[0].mean()), float(f[1].mean()), float(f[2].mean()))
+            for f in (fractions[:, group.ravel() == g] for g in range(keys.shape[1]))
+        )
         if shared
         else None,
     )
@@ -174,27 +184,30 @@ def _min_square_differences(
     """min over the sphere at `distance` of the squared scaled dose difference, per point:
     exact where below `wanted` (what could still lower the point's gamma), else at least that."""
     squared = np.empty(todo.size)
-    if geometry.fraction is not None:
-        stencils = node_stencils(distance, step, geometry.fraction, geometry.steps, volume.strides)
-        for start in range(0, todo.size, _NODE_CHUNK):
-            part = slice(start, start + _NODE_CHUNK)
-            squared[part] = min_square_difference_at_nodes(
-                volume, todo.cell[part], todo.ref[part], stencils, wanted[part]
-            )
+    if geometry.fractions is not None:
+        assert todo.group is not None
+        for group, fraction in enumerate(geometry.fractions):
+            stencils = node_stencils(distance, step, fraction, geometry.steps, volume.strides)
+            mine = np.flatnonzero(todo.group == group) if len(geometry.fractions) > 1 else np.arange(todo.size)
+            for start in range(0, mine.size, _NODE_CHUNK):
+                part = mine[start : start + _NODE_CHUNK]
+                squared[part] = min_square_difference_at_nodes(
+                    volume, todo.cell[part], todo.ref[part], stencils, wanted[part]
+                )
         return squared
     assert todo.mm is not None
     offsets = sphere(distance, step)
     chunk = max(1, _CHUNK // offsets[0].size)
     for start in range(0, todo.size, chunk):
-        part = slice(start, start + chunk)
+        span = slice(start, start + chunk)
         positions = (
-            todo.mm[0, part][None, :] + offsets[0][:, None],
-            todo.mm[1, part][None, :] + offsets[1][:, None],
-            todo.mm[2, part][None, :] + offsets[2][:, None],
+            todo.mm[0, span][None, :] + offsets[0][:, None],
+            todo.mm[1, span][None, :] + offsets[1][:, None],
+            todo.mm[2, span][None, :] + offsets[2][:, None],
         )
         with np.errstate(over="ignore", invalid="ignore"):
-            squared[part] = min_square_difference_at_positions(
-                volume, geometry.origin, geometry.steps, geometry.edges, positions, todo.ref[part]
+            squared[span] = min_square_difference_at_positions(
+                volume, geometry.origin, geometry.steps, geometry.edges, positions, todo.ref[span]
             )
     return squared
 
@@ -284,7 +297,7 @@ def _squared_bound(points: _Points, low: np.ndarray, high: np.ndarray) -> np.nda
 def _half_widths(radius_mm: float, geometry: _Geometry) -> tuple[int, ...]:
     """Half-widths (nodes) of a window around a point's node holding every node a sphere of
     this radius uses: the sphere reaches radius / step past the point, which sits less than a
-    step past its node (shared fraction) or within half a step of it (nearest node)."""
-    if geometry.fraction is not None:
+    step past its node (shared fractions) or within half a step of it (nearest node)."""
+    if geometry.fractions is not None:
         return tuple(math.floor(radius_mm / s + 1e-6) + 2 for s in geometry.steps)
     return tuple(math.ceil(radius_mm / s + 0.5) + 1 for s in geometry.steps)
