@@ -13,9 +13,13 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from scipy.special import erf
 
+from mqi_communicator import geometry, rtdose
+from mqi_communicator.intake import build_manifest
+from mqi_communicator.qa import run as qa_run
 from mqi_communicator.qa import verdict
 from mqi_communicator.qa.tps_dose import Plane
 from mqi_communicator.qa.volume import Volume, compare_volume, is_volume, load_tps_volume, load_volume
+from tests import casegen
 
 RT_DOSE = "1.2.840.10008.5.1.4.1.1.481.2"
 X = np.arange(20) * 2.0 - 19.0  # patient x (columns)
@@ -32,8 +36,19 @@ def proton_field(range_mm: float = 36.0, shift_x_mm: float = 0.0, scale: float =
     return 2.0 * scale * lateral * plateau * 0.5 * (1 - erf((depth - range_mm) / 3.5))
 
 
-def write_volume(path: Path, dose: np.ndarray, *, units: str = "GY", frames_descending: bool = False) -> Path:
-    """An axial RT Dose the way a TPS exports one (frames along z, rows along y, columns along x)."""
+def write_volume(
+    path: Path,
+    dose: np.ndarray,
+    *,
+    units: str = "GY",
+    frames_descending: bool = False,
+    axes: tuple[np.ndarray, np.ndarray, np.ndarray] = (Z, Y, X),
+    plan: Dataset | None = None,
+    beam_number: int = 1,
+) -> Path:
+    """An axial RT Dose the way a TPS exports one (frames along z, rows along y, columns along
+    x), referencing `plan`'s beam when given."""
+    z_axis, y_axis, x_axis = axes
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = RT_DOSE
     meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -43,10 +58,23 @@ def write_volume(path: Path, dose: np.ndarray, *, units: str = "GY", frames_desc
     ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = RT_DOSE, meta.MediaStorageSOPInstanceUID, "RTDOSE"
     ds.DoseUnits, ds.DoseType, ds.DoseSummationType = units, "PHYSICAL", "BEAM"
     frames = dose[::-1] if frames_descending else dose
-    zs = Z[: dose.shape[0]][::-1] if frames_descending else Z[: dose.shape[0]]
+    zs = z_axis[: dose.shape[0]][::-1] if frames_descending else z_axis[: dose.shape[0]]
     ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    ds.ImagePositionPatient = [float(X[0]), float(Y[0]), float(zs[0])]
-    ds.PixelSpacing = [2.0, 2.0]
+    ds.ImagePositionPatient = [float(x_axis[0]), float(y_axis[0]), float(zs[0])]
+    ds.PixelSpacing = [float(y_axis[1] - y_axis[0]), float(x_axis[1] - x_axis[0])]
+    if plan is not None:
+        ds.Manufacturer = "IndependentTPS"
+        ds.PatientID, ds.StudyInstanceUID = plan.PatientID, plan.StudyInstanceUID
+        beam = Dataset()
+        beam.ReferencedBeamNumber = beam_number
+        group = Dataset()
+        group.ReferencedFractionGroupNumber = 1
+        group.ReferencedBeamSequence = [beam]
+        ref = Dataset()
+        ref.ReferencedSOPClassUID = plan.SOPClassUID
+        ref.ReferencedSOPInstanceUID = plan.SOPInstanceUID
+        ref.ReferencedFractionGroupSequence = [group]
+        ds.ReferencedRTPlanSequence = [ref]
     # Relative offsets along the normal (+z); a descending stack has absolute, falling z.
     ds.GridFrameOffsetVector = [float(v) for v in (zs if frames_descending else zs - zs[0])]
     scaling = float(frames.max()) / 65535
@@ -141,3 +169,51 @@ def test_a_plane_is_not_a_volume(tmp_path: Path) -> None:
     assert not is_volume(path)
     with pytest.raises(ValueError, match=r"plane\.dcm: not an axial dose volume"):
         load_volume(path)
+
+
+def beam_field(x_mm: np.ndarray, z_mm: np.ndarray, depth_mm: np.ndarray, range_mm: float) -> np.ndarray:
+    """Dose (Gy) of a 3 x 3 cm field around the beam axis, by depth in the phantom."""
+    lateral = 0.25 * (1 + erf((15 - np.abs(x_mm)) / 4.0)) * (1 + erf((15 - np.abs(z_mm)) / 4.0))
+    plateau = 0.5 + 0.5 / (1 + np.exp(-(depth_mm - 25.0) / 4.0))
+    return 2.0 * lateral * plateau * 0.5 * (1 - erf((depth_mm - range_mm) / 3.5))
+
+
+@pytest.mark.parametrize(("range_mm", "expected"), [(40.0, "PASS"), (35.0, "FAIL")], ids=["as planned", "5 mm short"])
+def test_qa_run_assesses_a_delivered_volume_against_a_tps_volume_in_3d(
+    tmp_path: Path, config: dict, range_mm: float, expected: str
+) -> None:
+    spec = casegen.CaseSpec(
+        patient_id="QA3D", beams=[casegen.BeamSpec(1, "F1", [150.0, 145.0], [casegen.grid_spots(20, 5.0)] * 2)]
+    )
+    case = casegen.write_case(tmp_path / "scan", "qa3d", spec, samples_per_spot=20, off_samples=20)
+    plan_path = next(p for p in case.rglob("*.dcm") if pydicom.dcmread(p, stop_before_pixels=True).Modality == "RTPLAN")
+    plan = pydicom.dcmread(plan_path)
+    iso = spec.isocenter_mm
+    # The TPS volume on its own, coarser 3 mm grid in patient mm: the beam runs along +y, the
+    # phantom surface 20 mm before the isocentre (MOQUI x -> patient x, MOQUI y -> patient z).
+    tps_axes = (
+        iso[2] + np.arange(-30.0, 31.0, 3.0),
+        iso[1] - 20.0 + np.arange(1.0, 71.0, 3.0),
+        iso[0] + np.arange(-30.0, 31.0, 3.0),
+    )
+    z, y, x = np.meshgrid(*tps_axes, indexing="ij")
+    write_volume(
+        case / "RD_TPS_1.dcm", beam_field(x - iso[0], z - iso[2], y - iso[1] + 20.0, 40.0), axes=tps_axes, plan=plan
+    )
+    # What the engine would deliver, in MOQUI's raw order (depth, y, x), written as the pipeline does.
+    grid = geometry.Grid(nx=41, ny=41, nz=40, spacing_mm=(2.0, 2.0, 2.0), first_centre_mm=(-40.0, -40.0, 1.0))
+    depth, moqui_y, moqui_x = np.meshgrid(grid.centres("z"), grid.centres("y"), grid.centres("x"), indexing="ij")
+    delivered = rtdose.write_rtdose(
+        beam_field(moqui_x, moqui_y, depth, range_mm),
+        grid,
+        plan_path,
+        tmp_path / "out" / "RD_1.dcm",
+        beam_number=1,
+        engine_label="test engine",
+        calibrated=True,
+    )
+    result, figures = qa_run.assess(build_manifest(case, config), [delivered], config, "test engine")
+    dose = result["beams"][0]["dose"]
+    assert dose["evaluation"].startswith("3-D gamma over the volume"), dose
+    assert dose["verdict"] == expected, dose["reasons"]
+    assert set(figures) == {"F1"}
