@@ -131,8 +131,8 @@ def gamma_3d(
     inside = np.ones(points.size, dtype=bool)
     for a in range(3):
         inside &= (base[a] >= 0) & (base[a] < full.shape[a])
-    keys, group = np.unique(np.rint(fractions * 1e8).astype(np.int64), axis=1, return_inverse=True)
-    shared = bool(inside.all()) and keys.shape[1] <= _MAX_FRACTIONS
+    group, count = _fraction_groups(fractions)
+    shared = bool(inside.all()) and count <= _MAX_FRACTIONS
     if not shared:  # each point from its nearest node (clipped into the grid: bounds there are zero)
         nearest = [np.rint(v).astype(np.intp) for v in u]
         inside = np.all([(b >= 0) & (b < n) for b, n in zip(nearest, full.shape, strict=True)], axis=0)
@@ -156,7 +156,7 @@ def gamma_3d(
         else None,
         cell=volume.index(*(b - low for b, low in zip(base, lo, strict=True))),
         centre_inside=None if shared else inside,
-        group=group.ravel() if shared else None,
+        group=group if shared else None,
         mm=None if shared else mm,
     )
     axes = [np.asarray(a, dtype=np.float64) for a in axes_evaluation]
@@ -164,18 +164,40 @@ def gamma_3d(
         origin=(float(axes[0][lo[0]]), float(axes[1][lo[1]]), float(axes[2][lo[2]])),
         steps=(float(steps[0]), float(steps[1]), float(steps[2])),
         edges=tuple((float(a[0]), float(a[-1])) for a in axes),
-        fractions=tuple(
-            (float(f[0].mean()), float(f[1].mean()), float(f[2].mean()))
-            for f in (fractions[:, group.ravel() == g] for g in range(keys.shape[1]))
-        )
-        if shared
-        else None,
+        fractions=_group_means(fractions, group, count) if shared else None,
     )
     squared = _search(volume, searching, distances, criteria, geometry)
     values = np.where(np.isinf(squared), np.nan, np.minimum(np.sqrt(squared), criteria.max_gamma))
     gamma.ravel()[points] = values
     finite = np.isfinite(values)
     return GammaResult(gamma, criteria, int(finite.sum()), int((values[finite] <= 1.0).sum()))
+
+
+def _fraction_groups(fractions: np.ndarray) -> tuple[np.ndarray, int]:
+    """Which of the distinct (to 1e-8 of a step) fraction triples each point sits at, and how
+    many there are (per axis first: a sort of the points' triples would cost more than gamma)."""
+    group = np.zeros(fractions.shape[1], dtype=np.intp)
+    total = 1
+    for values in fractions:
+        keys = np.rint(values * 1e8).astype(np.int64)
+        if keys.min() == keys.max():
+            continue
+        distinct, inverse = np.unique(keys, return_inverse=True)
+        group = group * distinct.size + inverse.ravel()
+        total *= distinct.size
+        if total > _MAX_FRACTIONS * 64:
+            return group, total  # far too many: the caller takes the per-position path
+    used = np.flatnonzero(np.bincount(group, minlength=total))
+    renumber = np.zeros(total, dtype=np.intp)
+    renumber[used] = np.arange(used.size)
+    return renumber[group], int(used.size)
+
+
+def _group_means(fractions: np.ndarray, group: np.ndarray, count: int) -> tuple[tuple[float, float, float], ...]:
+    """The mean fraction triple of each group (its members agree to 1e-8 of a step)."""
+    members = np.bincount(group, minlength=count)
+    means = [np.bincount(group, weights=values, minlength=count) / members for values in fractions]
+    return tuple((float(means[0][g]), float(means[1][g]), float(means[2][g])) for g in range(count))
 
 
 def _min_square_differences(
