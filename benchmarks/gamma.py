@@ -157,13 +157,15 @@ def volumes() -> tuple[np.ndarray, dict[str, np.ndarray]]:
     return reference, {"Monte Carlo-like": monte_carlo, "distal error": distal}
 
 
-def run_volume(repeats: int, subset: int) -> bool:
+def run_volume(repeats: int, subset: int, only: str | None) -> bool:
     import pymedphys
 
     axes = (VOLUME_AXIS, VOLUME_AXIS, VOLUME_AXIS)
     reference, evaluated = volumes()
     ok = True
     for name, volume in evaluated.items():
+        if only and name != only:
+            continue
         for dd in (3.0, 2.0):
             criteria = Criteria(dose_percent=dd, distance_mm=2.0, cutoff_percent=10.0, max_gamma=2.0)
             above = np.flatnonzero(reference.ravel() >= 0.1 * reference.max())
@@ -237,9 +239,10 @@ def main() -> int:
     parser.add_argument(
         "--subset", type=int, default=20000, help="3-D: reference points both compute (0: all; pymedphys takes minutes)"
     )
+    parser.add_argument("--case", help="3-D: only this evaluated volume ('Monte Carlo-like' or 'distal error')")
     args = parser.parse_args()
     repeats = args.repeats or (1 if args.volume else 9)
-    measure = (lambda: run_volume(repeats, args.subset)) if args.volume else (lambda: run(repeats))
+    measure = (lambda: run_volume(repeats, args.subset, args.case)) if args.volume else (lambda: run(repeats))
     cpus = set(os.sched_getaffinity(0)) if hasattr(os, "sched_setaffinity") else set()
     if cpus:
         os.sched_setaffinity(0, {min(cpus)})
