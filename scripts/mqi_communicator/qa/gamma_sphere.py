@@ -7,10 +7,11 @@ the third axis), each row a circle of ceil(2 pi r sin phi / s) + 1 points (r sin
 r sin phi sin theta) along the first two axes. Its evaluated dose there is scipy's linear
 (trilinear) interpolation; a point beyond the grid's first or last coordinate counts as no dose.
 
-Where every reference point has the same position relative to the evaluated grid's nodes (the
-same grid, the usual case, or one shifted or coarser by whole steps), a sphere's interpolation
-weights are the same for every point: a few matrices (one per pair of neighbouring planes along
-the third axis, which the sphere's rows share) applied to the gathered node values.
+Where reference points sit at the same fraction of a step past an evaluated node (the same
+grid, the usual case, or one shifted, finer or coarser by a rational factor), a sphere's
+interpolation weights are the same for all of them: one gather of the nodes the sphere touches,
+then one small matrix per band of consecutive rows, whose nodes' minimum and maximum also bound
+the band's values (so a band that cannot matter to a point is not interpolated).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def sphere_rows(distance: float, step: float) -> list[np.ndarray]:
     return [np.arange(end - count, end) for end, count in zip(ends, amount, strict=True)]
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=64)  # a large sphere's matrices take a few MB
 def node_stencils(
     distance: float,
     step: float,
