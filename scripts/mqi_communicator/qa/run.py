@@ -28,7 +28,7 @@ from .. import __version__, ptn, settings
 from ..files import sha256_of, write_atomic, write_json_atomic
 from ..plan import Plan, read_plan
 from . import calibration as dose_calibration
-from . import delivery, sheet, verdict
+from . import delivery, sheet, verdict, volume
 from .tps_dose import (
     TpsDoseProblem,
     beam_dose_check,
@@ -125,12 +125,16 @@ def assess(
             inputs[str(tps_path)] = sha256_of(tps_path)
             record["tps_dose"] = str(tps_path)
             fractions, beam_dose = fraction_group(plan_ds, beam.number)
-            tps = load_tps_plane(tps_path, beam.isocenter_mm[1], qa, fractions, plan_frame)
-            scaling = beam_dose_check(tps, beam.isocenter_mm, beam_dose, fractions)
-            if scaling is not None:
-                raise TpsDoseProblem("ERROR", f"{tps_path.name}: {scaling}")
-            delivered = load_delivered_plane(rd, float(qa["plane_depth_mm"]))
-            dose = verdict.compare(tps, delivered, qa, dose_scale)
+            if volume.is_volume(rd) and volume.is_volume(tps_path):  # 3-D gamma where there is volume
+                tps_volume = volume.load_tps_volume(tps_path, qa, fractions, plan_frame)
+                dose = volume.compare_volume(tps_volume, volume.load_delivered_volume(rd), qa, dose_scale)
+            else:
+                tps = load_tps_plane(tps_path, beam.isocenter_mm[1], qa, fractions, plan_frame)
+                scaling = beam_dose_check(tps, beam.isocenter_mm, beam_dose, fractions)
+                if scaling is not None:
+                    raise TpsDoseProblem("ERROR", f"{tps_path.name}: {scaling}")
+                delivered = load_delivered_plane(rd, float(qa["plane_depth_mm"]))
+                dose = verdict.compare(tps, delivered, qa, dose_scale)
         except TpsDoseProblem as problem:
             dose = verdict.error(problem.reason, problem.kind)
         arrays = dose.pop("_arrays", None)

@@ -153,6 +153,8 @@ def render(qa: dict[str, Any], figures: dict[str, bytes]) -> str:
         )
         for note in dose.get("notes", []):
             parts.append(f"<p class='note'>{html.escape(note)}</p>")
+        if "evaluation" in dose:
+            parts.append(f"<p>Evaluation: {html.escape(dose['evaluation'])}</p>")
         if "gamma_primary" in dose:
             rows = []
             for key in ("gamma_primary", "gamma_secondary"):

@@ -144,6 +144,7 @@ def compare(tps: Plane, delivered: Plane, qa: dict[str, Any], dose_scale: dict[s
     return {
         "verdict": verdict,
         "reasons": reasons,
+        "evaluation": f"2-D gamma on the plane at depth {qa['plane_depth_mm']:g} mm",
         "comparison": "relative" if relative else "absolute",
         "dose_scale_verified": not unverified,
         "scale_applied": scale,
