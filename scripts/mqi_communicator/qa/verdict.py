@@ -108,17 +108,9 @@ def compare(tps: Plane, delivered: Plane, qa: dict[str, Any], dose_scale: dict[s
     peak = float(tps.dose.max())
     if np.isnan(on_tps[tps.dose >= qa["gamma"]["cutoff_percent"] / 100 * peak]).any():
         return error("the TPS dose above the cutoff reaches outside the delivered dose grid")
-    scale = 1.0
-    if relative:
-        region = tps.dose >= NORMALISATION_REGION_PERCENT / 100 * peak
-        scale = float(tps.dose[region].mean() / on_tps[region].mean()) if on_tps[region].mean() > 0 else float("nan")
-        if not np.isfinite(scale):
-            return error("the delivered dose is zero where the TPS dose is highest")
-        notes.append(
-            f"RELATIVE comparison ({'TPS' if tps.units == 'RELATIVE' else 'delivered'} dose not in Gy): the delivered "
-            f"dose was scaled by {scale:.4g} to the TPS mean over the TPS >= {NORMALISATION_REGION_PERCENT:g} % region; "
-            "absolute dose and uniform MU errors are not assessed by the dose line"
-        )
+    scale = relative_scale(tps.dose, on_tps, tps.units, notes) if relative else 1.0
+    if scale is None:
+        return error("the delivered dose is zero where the TPS dose is highest")
     evaluated = delivered.dose * scale
     high = tps.dose >= qa["high_dose_region_percent"] / 100 * peak
     mean_diff = float(100.0 * (on_tps[high].mean() * scale - tps.dose[high].mean()) / tps.dose[high].mean())
@@ -169,6 +161,23 @@ def compare(tps: Plane, delivered: Plane, qa: dict[str, Any], dose_scale: dict[s
             ],
         },
     }
+
+
+def relative_scale(tps_dose: np.ndarray, on_tps: np.ndarray, tps_units: str, notes: list[str]) -> float | None:
+    """The factor that brings the delivered dose (resampled on the TPS grid) to the TPS mean over
+    the TPS >= 90 % region, for a comparison of shape when a dose is RELATIVE (never a PASS);
+    None when the delivered dose is zero there. Says so in `notes`."""
+    region = tps_dose >= NORMALISATION_REGION_PERCENT / 100 * float(tps_dose.max())
+    delivered_mean = float(on_tps[region].mean())
+    if not delivered_mean > 0:
+        return None
+    scale = float(tps_dose[region].mean()) / delivered_mean
+    notes.append(
+        f"RELATIVE comparison ({'TPS' if tps_units == 'RELATIVE' else 'delivered'} dose not in Gy): the delivered "
+        f"dose was scaled by {scale:.4g} to the TPS mean over the TPS >= {NORMALISATION_REGION_PERCENT:g} % region "
+        "to compare shapes; absolute dose and uniform MU errors are not assessed by the dose line"
+    )
+    return scale
 
 
 def scale_not_verified(tps_units: str, delivered_units: str, dose_scale: dict[str, Any]) -> str | None:

@@ -22,7 +22,7 @@ from scipy.interpolate import RegularGridInterpolator
 from ..rtdose_read import read_rtdose_dose
 from .gamma_3d import gamma_3d
 from .tps_dose import Plane, TpsDoseProblem, check_frame, check_header
-from .verdict import NORMALISATION_REGION_PERCENT, criteria_from, dose_verdict, error, scale_not_verified, worst
+from .verdict import criteria_from, dose_verdict, error, relative_scale, scale_not_verified, worst
 
 
 @dataclass
@@ -135,18 +135,9 @@ def compare_volume(tps: Volume, delivered: Volume, qa: dict[str, Any], dose_scal
     peak = float(tps.dose.max())
     if np.isnan(on_tps[tps.dose >= qa["gamma"]["cutoff_percent"] / 100 * peak]).any():
         return error("the TPS dose above the cutoff reaches outside the delivered dose volume")
-    scale = 1.0
-    if relative:
-        region = tps.dose >= NORMALISATION_REGION_PERCENT / 100 * peak
-        mean_on_tps = float(on_tps[region].mean())
-        if not mean_on_tps > 0:
-            return error("the delivered dose is zero where the TPS dose is highest")
-        scale = float(tps.dose[region].mean()) / mean_on_tps
-        notes.append(
-            f"RELATIVE comparison ({'TPS' if tps.units == 'RELATIVE' else 'delivered'} dose not in Gy): the delivered "
-            f"dose was scaled by {scale:.4g} to the TPS mean over the TPS >= {NORMALISATION_REGION_PERCENT:g} % region; "
-            "absolute dose and uniform MU errors are not assessed by the dose line"
-        )
+    scale = relative_scale(tps.dose, on_tps, tps.units, notes) if relative else 1.0
+    if scale is None:
+        return error("the delivered dose is zero where the TPS dose is highest")
     high = tps.dose >= qa["high_dose_region_percent"] / 100 * peak
     mean_diff = float(100.0 * (on_tps[high].mean() * scale - tps.dose[high].mean()) / tps.dose[high].mean())
     evaluated = delivered.dose * scale
