@@ -52,7 +52,7 @@ def naive_rows(log: np.ndarray, cal: ptn.RoomCalibration, factor: float) -> byte
     lines = []
     for i, row in enumerate(log):
         t = np.float32(i * cal.timegain_ms)
-        x = np.float32((int(row[0]) - cal.x_offset) * cal.x_gain_mm)
+        x = np.float32((int(row[0]) - cal.x_offset) * cal.x_gain_mm * cal.x_sign)
         y = np.float32((int(row[1]) - cal.y_offset) * cal.y_gain_mm)
         lines.append(f"{t!s},{x!s},{y!s},{round(int(row[4]) * factor)}\r\n")
     return "".join(lines).encode()

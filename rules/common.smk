@@ -12,14 +12,16 @@ from mqi_communicator.intake import case_readiness
 from mqi_communicator.plan import find_plan, read_plan
 from mqi_communicator.dose_frame import plan_sum_refusal_for
 from mqi_communicator.ops import recorder, state
+from mqi_communicator.qa import calibration
 from mqi_communicator.qa.fraction_records import (
     pending as pending_fractions,
     scan_finished,
 )
-from mqi_communicator.settings import path_problems
+from mqi_communicator.settings import path_problems, template_problems
 
-# Scan folder empty, or outputs inside it (the DAG would feed on its own outputs): stop now.
-for problem in path_problems(config):
+# Scan folder empty, or outputs inside it (the DAG would feed on its own outputs), or a dose
+# scaled twice: stop now.
+for problem in path_problems(config) + template_problems(config):
     raise WorkflowError(f"invalid configuration: {problem}")
 
 # The Python that runs Snakemake (the project's venv) runs the package's CLIs too.
@@ -165,10 +167,29 @@ def case_content_digest(wildcards):
     return content_digest(SCAN_DIR / wildcards.case_id, known)
 
 
-def rtdose_calibration_args():
-    """RT Dose in GY only when a calibration factor is configured; RELATIVE otherwise."""
-    factor = config["simulation"]["dose_scale_factor"]
-    return "" if factor is None else f"--calibrated --dose-scale {factor}"
+def current_calibration(wildcards, input):
+    """The calibration entry of this engine and the case's room, or None (docs/qa.md):
+    read when the job is planned, so a new calibration reruns what depends on it."""
+    room = read_manifest(input.manifest)["room"]
+    record = Path(config["calibration"]["record"])
+    try:
+        entry = calibration.current(record, calibration.engine_kind(config), room)
+    except calibration.CalibrationError as exc:
+        raise WorkflowError(str(exc))
+    return None if entry is None else entry.as_dict()
+
+
+def rtdose_calibration_args(wildcards, input):
+    """RT Dose in GY with the current calibration of the engine and room; RELATIVE without one."""
+    entry = current_calibration(wildcards, input)
+    return (
+        "" if entry is None else f"--calibrated --dose-scale {entry['gy_per_unit']!r}"
+    )
+
+
+def calibration_json(wildcards, input):
+    """The calibration entry QA judges the dose scale by, as JSON (`null` without one)."""
+    return json.dumps(current_calibration(wildcards, input), sort_keys=True)
 
 
 @functools.lru_cache(maxsize=None)
@@ -208,10 +229,16 @@ def planned(case_id):
 
 
 def dose_label(wildcards, input):
-    """The engine label, preceded by the case's labels (PLAN-BASED, FLAGGED): it goes into the
+    """The engine label, preceded by the case's labels (PLAN-BASED, FLAGGED, and DOSE SCALE NOT
+    VERIFIED without a current calibration, as QA will say): it goes into the
     RT Dose's SeriesDescription, DoseComment and ImageComments, and the report's titles. Read
     from the manifest (an input), so Snakemake evaluates it once intake has run."""
     labels = read_manifest(input.manifest).get("labels", [])
+    scale = calibration.status(
+        current_calibration(wildcards, input), config["calibration"]["max_age_days"]
+    )
+    if scale["state"] != "current":
+        labels = [*labels, calibration.UNVERIFIED_LABEL]
     return " ".join([f"[{label}]" for label in labels] + [ENGINE_LABEL])
 
 

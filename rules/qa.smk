@@ -20,17 +20,20 @@ rule qa_case:
         "../envs/mqi.yaml"
     params:
         python=PYTHON,
-        settings=settings_for("qa", "rooms", "monitor_range_factors"),
+        settings=settings_for("qa", "rooms", "monitor_range_factors", "calibration"),
         engine=ENGINE_LABEL,
+        calibration=calibration_json,
     shell:
         "{params.python} -m mqi_communicator.qa.run --manifest {input.manifest:q} --rtdoses {input.rtdoses:q}"
-        " --settings {params.settings:q} --engine {params.engine:q} --json {output.json:q}"
+        " --settings {params.settings:q} --engine {params.engine:q} --calibration {params.calibration:q}"
+        " --json {output.json:q}"
         " --sheet {output.sheet:q} > {log:q} 2>&1"
 
 
 # Runs when a case of this run has its QA: adds this run's cases to the ledger of every assessed beam
 # (built once from every case's qa.json when missing) and draws the trend from it, so its cost does
-# not grow with the number of finished cases.
+# not grow with the number of finished cases. Points are stratified and ordered by the delivery
+# times of each case's intake.json, beside its qa/ folder (docs/alerts-and-trend.md).
 rule qa_trend:
     input:
         qa_case_results,

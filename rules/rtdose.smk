@@ -21,7 +21,7 @@ rule rtdose_beam:
         plan=plan_copy,
         beam_number=beam_number,
         dose_type=config["simulation"]["dose_type"],
-        calibration=rtdose_calibration_args(),
+        calibration=rtdose_calibration_args,
         engine_label=dose_label,
     shell:
         "{params.python} -m mqi_communicator.rtdose --input {input.raw:q} --plan {params.plan:q}"
@@ -44,7 +44,7 @@ rule rtdose_plan:
         python=PYTHON,
         plan=plan_copy,
         dose_type=config["simulation"]["dose_type"],
-        calibration=rtdose_calibration_args(),
+        calibration=rtdose_calibration_args,
         engine_label=dose_label,
     shell:
         "{params.python} -m mqi_communicator.rtdose --sum {input.raws:q} --plan {params.plan:q}"

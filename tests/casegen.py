@@ -23,13 +23,28 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from mqi_communicator import ptn
 from mqi_communicator.plan import RT_ION_PLAN_SOP_CLASS
 
-# The clinic's room calibrations (DESIGN §2), used to turn positions and MU into raw values.
+# The clinic's room calibrations (DESIGN §2), used to turn positions and MU into raw values,
+# with the log<->plan frame of docs/log-plan-frame.md: G2 logs x mirrored, and the MU per count
+# grows with energy (MOQUI's machine tables, factor 1 at 70 MeV).
+G1_MU_FACTOR = (
+    (70, 76, 84, 92, 100, 106, 112, 118, 126, 134, 142, 146, 150, 154, 158,
+     162, 170, 174, 178, 182, 186, 190, 198, 202, 206, 214, 218, 222, 226, 230),
+    (1.0, 1.065790, 1.157943, 1.241156, 1.322954, 1.395086, 1.458739, 1.513004, 1.588552, 1.662067,
+     1.740579, 1.780360, 1.814340, 1.848969, 1.878348, 1.911310, 1.971904, 2.003357, 2.028110, 2.058108,
+     2.082444, 2.108758, 2.168636, 2.204804, 2.229880, 2.308058, 2.342323, 2.381755, 2.447586, 2.511319),
+)  # fmt: skip
+G2_MU_FACTOR = (
+    (70, 80, 90, 100, 110, 120, 130, 140, 150, 160, 170, 180, 190, 200, 210, 220, 230),
+    (1.0, 1.102074, 1.210096, 1.304516, 1.394865, 1.496286, 1.581836, 1.671167, 1.75764, 1.834841,
+     1.903617, 1.959624, 2.030313, 2.112479, 2.203953, 2.29313, 2.377892),
+)  # fmt: skip
 ROOMS = {
-    "G1": ptn.RoomCalibration(0.0600745, 16384, 16384, 0.010959, 0.0116412, 2.1125e-8),
-    "G2": ptn.RoomCalibration(0.06, 24580, 32772, 0.0072600, 0.0071411, 2.12e-8),
+    "G1": ptn.RoomCalibration(0.0600745, 16384, 16384, 0.010959, 0.0116412, 2.1125e-8, 1.0, *G1_MU_FACTOR),
+    "G2": ptn.RoomCalibration(0.06, 24580, 32772, 0.0072600, 0.0071411, 2.12e-8, -1.0, *G2_MU_FACTOR),
 }
 RANGE_FACTORS = (0.3404, 1.0, 2.978723404255319, 8.936170212765957, 26.80851063829787)
-PARKED_MM = (295.0, -233.0)  # where the machine parks the beam between spots (reference data)
+# Where the machine parks the beam between spots, in the log's own frame (reference data).
+PARKED_LOG_MM = (295.0, -233.0)
 
 
 @dataclass
@@ -144,7 +159,7 @@ def _beam(
     beam.TreatmentMachineName = machine
     beam.BeamType = "STATIC"
     beam.RadiationType = "PROTON"
-    beam.ScanMode = "NONE" if spec.setup else "LINE"
+    beam.ScanMode = "NONE" if spec.setup else "MODULATED"  # spots, as the logs deliver them
     beam.TreatmentDeliveryType = "SETUP" if spec.setup else "TREATMENT"
     beam.NumberOfRangeShifters = 0
     beam.PrimaryDosimeterUnit = "MU"
@@ -194,14 +209,18 @@ def layer_log(
     samples_per_spot: int,
     off_samples: int,
     rng: np.random.Generator,
+    *,
+    energy_mev: float,
+    repaint: int = 1,
 ) -> np.ndarray:
     """PTN rows for one layer: parked beam-off samples, then each spot's beam-on samples (with
-    position jitter) separated by beam-off transit samples; dose1 sums to the spot's MU."""
+    position jitter) separated by beam-off transit samples; dose1 sums to the spot's MU (one MU
+    per spot, or one each). Positions are plan-frame mm, written in the log's frame."""
     rows: list[np.ndarray] = []
 
     def raw_xy(x_mm: float, y_mm: float, n: int, jitter: float) -> tuple[np.ndarray, np.ndarray]:
-        x = np.rint(x_mm / calibration.x_gain_mm + calibration.x_offset + rng.normal(0, jitter, n))
-        y = np.rint(y_mm / calibration.y_gain_mm + calibration.y_offset + rng.normal(0, jitter, n))
+        x = np.rint(calibration.raw_x(np.full(n, x_mm)) + rng.normal(0, jitter, n))
+        y = np.rint(calibration.raw_y(np.full(n, y_mm)) + rng.normal(0, jitter, n))
         return np.clip(x, 0, 65535), np.clip(y, 0, 65535)
 
     def block(x: np.ndarray, y: np.ndarray, dose1: np.ndarray, on: bool) -> np.ndarray:
@@ -211,16 +230,21 @@ def layer_log(
         out[:, 2] = out[:, 3] = 1200
         out[:, 4] = dose1
         out[:, 5] = np.rint(dose1 * 0.98)
-        out[:, 7] = (ptn.FLAG_PLANNED_BEAM_ON | ptn.FLAG_ACTUAL_BEAM_ON | 1) if on else 0
+        out[:, 7] = (ptn.FLAG_PLANNED_BEAM_ON | ptn.FLAG_ACTUAL_BEAM_ON | repaint) if on else 0
         return out
 
-    x, y = raw_xy(*PARKED_MM, off_samples, 0.0)
-    rows.append(block(x, y, rng.integers(0, 3, off_samples), on=False))
-    mus = [float(spot_mu)] * len(spots) if isinstance(spot_mu, int | float) else [float(m) for m in spot_mu]
-    for (sx, sy), mu in zip(spots, mus, strict=True):
-        counts = round(mu / (calibration.mu_per_dose1_count * RANGE_FACTORS[range_code - 1]))
+    parked_x = np.full(
+        off_samples, np.clip(round(calibration.x_offset + PARKED_LOG_MM[0] / calibration.x_gain_mm), 0, 65535)
+    )
+    parked_y = np.full(
+        off_samples, np.clip(round(calibration.y_offset + PARKED_LOG_MM[1] / calibration.y_gain_mm), 0, 65535)
+    )
+    rows.append(block(parked_x, parked_y, rng.integers(0, 3, off_samples), on=False))
+    mu_per_count = calibration.mu_per_count(energy_mev) * RANGE_FACTORS[range_code - 1]
+    spot_mus = np.broadcast_to(np.asarray(spot_mu, dtype=np.float64), (len(spots),))
+    for (sx, sy), mu in zip(spots, spot_mus, strict=True):
         x, y = raw_xy(sx, sy, samples_per_spot, 3.0)
-        per_sample = rng.multinomial(counts, np.full(samples_per_spot, 1.0 / samples_per_spot))
+        per_sample = rng.multinomial(round(mu / mu_per_count), np.full(samples_per_spot, 1.0 / samples_per_spot))
         if per_sample.max() > 65535:
             raise ValueError("dose1 overflow: raise samples_per_spot or the range code")
         rows.append(block(x, y, per_sample, on=True))
@@ -269,7 +293,14 @@ def write_delivery(
             k, (beam.spots_xy_mm[k - 1], [beam.spot_mu] * len(beam.spots_xy_mm[k - 1]))
         )
         log = layer_log(
-            spots, [m * mu_scale for m in mus], calibration, codes[k - 1], samples_per_spot, off_samples, rng
+            spots,
+            [m * mu_scale for m in mus],
+            calibration,
+            codes[k - 1],
+            samples_per_spot,
+            off_samples,
+            rng,
+            energy_mev=beam.energies_mev[k - 1],
         )
         ptn.write_ptn(folder / f"{irradiation_time}_{k:03d}.ptn", log)
         (folder / f"{irradiation_time}_{k:03d}.mgn").write_bytes(b"\x00" * 32)  # planned pattern, ignored

@@ -1,10 +1,11 @@
 """Independent TPS doses for QA tests and the sample cases (no pipeline code is used).
 
 A tiny "TPS": each spot of the plan (read here with pydicom from the control points) is a 2-D
-Gaussian of its own beam model (sigma by energy and room), weighted by the spot's MU and a
-stopping-power factor; the plane lies in the frame DESIGN §5 pins (MOQUI x -> patient x,
-MOQUI y -> patient z, the plane through the isocentre, y = iso_y). Written as RT Dose with
-pydicom directly: a coronal plane, or an axial volume whose row at iso_y is the plane.
+Gaussian of its own beam model (sigma by energy and room), weighted by the spot's MU and the
+stopping power (the clinic's MU counts protons); the plane lies in the beam frame of
+docs/qa.md (MOQUI x -> x, MOQUI y -> z, the plane through the isocentre, y = iso_y), in the water
+phantom's own frame of reference. Written as RT Dose with pydicom directly: a coronal plane, or
+an axial volume whose row at iso_y is the plane.
 
 Run `python -m tests.qa_gen sample_cases` to (re)write the sample cases' TPS doses.
 """
@@ -24,7 +25,11 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 RT_DOSE = "1.2.840.10008.5.1.4.1.1.481.2"
 RT_ION_PLAN = "1.2.840.10008.5.1.4.1.1.481.8"
-GY_PER_MU_150 = 0.01  # Gy per MU (per cm^2 of a 1-spot layer-equivalent) at 150 MeV
+# Gy per MU (per cm^2 of a 1-spot layer-equivalent) at 150 MeV in the entrance plateau. The
+# clinic's MU counts protons: a real log gives the planned MU as count x 2.12e-8 x f(E), f being
+# MOQUI's protons-per-count table (docs/log-plan-frame.md), so protons per MU do not depend on
+# energy, and the entrance dose per MU follows the stopping power, ~ E^-0.77 (Bragg-Kleeman).
+GY_PER_MU_150 = 0.01
 # The "TPS beam model": in-air sigma at the isocentre (mm) per room, by energy (MeV).
 SIGMA_MODEL = {
     "G1": ((70.0, 150.0, 230.0), (10.5, 5.8, 3.7)),
@@ -88,9 +93,14 @@ def write_tps_dose(
     dose_type: str = "PHYSICAL",
     volume: bool = False,
     plan_uid: str | None = None,
+    frame: str = "phantom",
+    plane_y_mm: float | None = None,
 ) -> Path:
-    """An RT Dose the way a TPS exports it: coronal plane (or axial volume) in patient mm,
-    x_mm/z_mm absolute patient coordinates; the plane sits at the plan isocentre's y."""
+    """An RT Dose the way a TPS exports a beam's verification dose on the water phantom
+    (docs/qa.md): coronal plane (or axial volume) in mm, x_mm/z_mm absolute coordinates; the plane
+    sits at the plan isocentre's y (or `plane_y_mm`). `frame` "phantom" gives the dose the
+    phantom's own frame of reference (as the export must); "plan" puts it in the plan's frame,
+    as a dose computed on the patient's images would be."""
     iso = [float(v) for v in plan.IonBeamSequence[0].IonControlPointSequence[0].IsocenterPosition]
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = RT_DOSE
@@ -104,6 +114,8 @@ def write_tps_dose(
     ds.Manufacturer = "IndependentTPS"
     for keyword in ("PatientName", "PatientID", "StudyInstanceUID", "FrameOfReferenceUID"):
         setattr(ds, keyword, plan.get(keyword, ""))
+    if frame == "phantom":  # the same phantom frame for every beam of the plan
+        ds.FrameOfReferenceUID = generate_uid(entropy_srcs=["water phantom", str(plan.SOPInstanceUID)])
     ds.SeriesInstanceUID = generate_uid()
     ds.SeriesNumber = 7
     ds.DoseUnits = units
@@ -134,7 +146,7 @@ def write_tps_dose(
     else:
         data = plane[np.newaxis]
         ds.ImageOrientationPatient = [1, 0, 0, 0, 0, 1]
-        ds.ImagePositionPatient = [float(x_mm[0]), iso[1], float(z_mm[0])]
+        ds.ImagePositionPatient = [float(x_mm[0]), iso[1] if plane_y_mm is None else plane_y_mm, float(z_mm[0])]
         ds.PixelSpacing = [dz, dx]
         ds.GridFrameOffsetVector = [0.0]
     scaling = float(data.max()) / 65535 if data.max() > 0 else 1.0

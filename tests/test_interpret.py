@@ -23,7 +23,8 @@ def _expected_rows(log: np.ndarray, room: str, code: int, dividing: float = 1.0)
     rows = []
     for i, row in enumerate(log):
         t = np.float32(i * cal.timegain_ms)
-        x = np.float32((int(row[0]) - cal.x_offset) * cal.x_gain_mm)
+        # The plan frame: G2 logs x mirrored (docs/log-plan-frame.md).
+        x = np.float32((int(row[0]) - cal.x_offset) * cal.x_gain_mm * {"G1": 1, "G2": -1}[room])
         y = np.float32((int(row[1]) - cal.y_offset) * cal.y_gain_mm)
         count = int(np.rint(int(row[4]) * RANGE_FACTORS[code - 1] / dividing))
         rows.append(",".join([str(t), str(x), str(y), str(count)]).encode())  # str(): float32 shortest repr
@@ -49,7 +50,7 @@ def test_csv_values_match_ptn_bytes(tmp_path: Path, config: dict, room: str) -> 
         # Values parse back to float32 exactly; beam-off rows (parked) are kept.
         values = moqui_csv.read_layer(out / "log" / "1G180_TX" / moqui_csv.layer_file_name(k, 155.0 - 5 * k))
         assert len(values) == len(log)
-        assert (values[:, 1] > 290).sum() >= 200
+        assert (np.abs(values[:, 1]) > 290).sum() >= 200  # parked at log x +295 mm (plan x -295 on G2)
 
 
 def test_p2_records_the_sha256_of_every_file_it_writes(tmp_path: Path, config: dict) -> None:
@@ -102,7 +103,7 @@ def test_counts_sum_to_planned_mu(tmp_path: Path, config: dict) -> None:
     cal = casegen.ROOMS["G2"]
     for k, layer in enumerate(plan.beam(2).layers, start=1):  # type: ignore[union-attr]
         values = moqui_csv.read_layer(out / "log" / "1G180_TX" / moqui_csv.layer_file_name(k, layer.energy_mev))
-        delivered_mu = values[:, 3].sum() * cal.mu_per_dose1_count
+        delivered_mu = values[:, 3].sum() * cal.mu_per_count(layer.energy_mev)
         assert delivered_mu == pytest.approx(layer.mu, rel=2e-3)
 
 
@@ -146,6 +147,11 @@ def test_plan_based_mode_from_reference_plan(tmp_path: Path, reference_data: Pat
     assert values[:, 3].sum() * cal.mu_per_dose1_count == pytest.approx(9.0, rel=1e-3)
     spots = {(round(x), round(y)) for x, y in values[:, 1:3]}
     assert spots == {(x, y) for x in (-50, 0, 50) for y in (-50, 0, 50)}
+    # At 110 MeV the plan's 9 MU are the counts the monitor counted in the real 2S110 log
+    # (303.3 M inside the field; docs/log-plan-frame.md), not 9 MU / 2.12e-8 = 424.5 M.
+    counts = moqui_csv.read_layer(out / "log" / "2S110" / "01_110.00MeV.csv")[:, 3].sum()
+    assert counts * cal.mu_per_count(110.0) == pytest.approx(9.0, rel=1e-3)
+    assert counts == pytest.approx(303.3e6, rel=0.01)
 
 
 def test_cli_mirrors_mqi_interpreter(tmp_path: Path) -> None:

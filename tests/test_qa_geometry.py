@@ -60,8 +60,7 @@ def pixel_positions(ds: pydicom.Dataset) -> np.ndarray:
     along_row, along_col = iop[:3], iop[3:]  # column index direction, row index direction
     normal = np.cross(along_row, along_col)
     dr, dc = (float(v) for v in ds.PixelSpacing)
-    raw = ds.GridFrameOffsetVector
-    offsets = np.array([float(v) for v in raw] if isinstance(raw, list | pydicom.multival.MultiValue) else [float(raw)])
+    offsets = np.array([float(v) for v in ds.GridFrameOffsetVector] if "GridFrameOffsetVector" in ds else [0.0])
     f, r, c = np.meshgrid(offsets, np.arange(ds.Rows) * dr, np.arange(ds.Columns) * dc, indexing="ij")
     return ipp + f[..., None] * normal + r[..., None] * along_col + c[..., None] * along_row
 
@@ -164,7 +163,7 @@ def test_plan_sum_only_where_beams_share_one_geometry(tmp_path: Path) -> None:
     same = plan(tmp_path, 90.0, second_gantry=90.0)
     assert dose_frame.plan_sum_refusal_for(same) is None
     out = rtdose.write_rtdose(raw_plane(), GRID, same, tmp_path, beam_number=None, engine_label="t", calibrated=False)
-    assert pydicom.dcmread(out).DoseSummationType == "PLAN"
+    assert pydicom.dcmread(out).DoseSummationType == "FRACTION_SESSION"
     different = plan(tmp_path, 0.0, second_gantry=90.0)
     assert "do not share one geometry" in str(dose_frame.plan_sum_refusal_for(different))
     with pytest.raises(CaseError, match="no plan sum: beams 1 \\(gantry 0"):
@@ -182,5 +181,5 @@ def test_series_number_is_set_and_description_is_cut_at_a_word(tmp_path: Path) -
     assert ds.SeriesNumber == 1
     text = str(ds.SeriesDescription)
     assert len(text) <= 64 and text.endswith("...")
-    assert (text[:-3] + " ") in f"beam 1 B1: {label} "  # ends on a whole word
+    assert (text[:-3] + " ") in f"PHANTOM beam 1 B1: {label} "  # ends on a whole word
     assert ds.ManufacturerModelName == label[:64] or len(label) > 64

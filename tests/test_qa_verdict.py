@@ -5,6 +5,7 @@ independent tests/qa_gen.py, delivered RT Doses written by the pipeline's own wr
 from __future__ import annotations
 
 import copy
+import datetime
 import json
 import subprocess
 import sys
@@ -79,9 +80,24 @@ def delivered_doses(
     return written
 
 
-def assess(case: Path, rtdoses: list[Path], config: dict) -> dict:
+def current_calibration(days_old: float = 1.0) -> dict:
+    """A calibration entry as `bin/mqi calibrate` records it, set `days_old` days ago."""
+    date = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=days_old)
+    return {
+        "engine": "builtin",
+        "room": "G2",
+        "gy_per_unit": 1.0,
+        "date": date.isoformat(timespec="seconds"),
+        "set_by": "Test Physicist",
+        "method": "tps",
+        "source": "reference case REF (test)",
+    }
+
+
+def assess(case: Path, rtdoses: list[Path], config: dict, calibration: dict | None = None) -> dict:
     manifest = build_manifest(case, config)
-    result, figures = qa_run.assess(manifest, rtdoses, config, "test engine")
+    entry = current_calibration() if calibration is None else calibration or None
+    result, figures = qa_run.assess(manifest, rtdoses, config, "test engine", entry)
     assert set(figures) <= {"F1", "F2"}
     return result
 
@@ -100,7 +116,7 @@ def perturb_logs(
         rows = ptn.read_ptn(path).astype(np.int64)
         on = (rows[:, 7] & ptn.FLAG_ACTUAL_BEAM_ON) != 0
         if layer == index:
-            rows[on, 0] += round(dx_mm / calibration.x_gain_mm)
+            rows[on, 0] += round(dx_mm / (calibration.x_gain_mm * calibration.x_sign))  # plan-frame dx
         rows[:, 4] = np.rint(rows[:, 4] * mu_scale)
         ptn.write_ptn(path, rows)
 
@@ -125,8 +141,10 @@ def test_3mm_spot_shift_in_one_layer_fails_the_delivery_and_names_the_layer(tmp_
     assert f1["delivery"]["verdict"] == "FAIL"
     assert f1["delivery"]["flagged_layers"] == [2]
     layer = f1["delivery"]["layers"][1]
-    assert layer["position_mean_mm"] == pytest.approx(3.0, abs=0.1)
-    assert any("layer 2" in reason and "position_mean" in reason for reason in f1["delivery"]["reasons"])
+    assert layer["position_mean_x_mm"] == pytest.approx(3.0, abs=0.1)
+    assert layer["position_mean_mm"] == pytest.approx(3.0, abs=0.1)  # the worse axis
+    assert abs(layer["position_mean_y_mm"]) < 0.1
+    assert any("layer 2" in reason and "position mean x +3.0" in reason for reason in f1["delivery"]["reasons"])
     assert beam(result, "F2")["verdict"] == "PASS"
     assert f1["verdict"] == "FAIL" and result["verdict"] == "FAIL"
 
@@ -154,8 +172,10 @@ def test_5_percent_mu_error_in_a_relative_comparison_is_marked_and_caught_by_the
     f2 = beam(result, "F2")
     assert f2["dose"]["comparison"] == "relative"
     assert any("RELATIVE comparison" in note for note in f2["dose"]["notes"])
-    assert f2["dose"]["verdict"] == "PASS"  # a relative comparison cannot see it ...
-    assert f2["verdict"] == "FAIL"  # ... the delivery check does
+    # A relative comparison cannot see it, and so can never PASS ...
+    assert f2["dose"]["verdict"] == "NOT ASSESSED"
+    assert f2["dose"]["reasons"][0].startswith("dose scale not verified: our dose is RELATIVE")
+    assert f2["verdict"] == "FAIL"  # ... the delivery check does see it
 
 
 def test_swapped_beams_fail(tmp_path: Path, config: dict) -> None:
@@ -173,27 +193,31 @@ def test_volume_export_and_effective_dose_are_read_at_the_configured_depth(tmp_p
     result = assess(case, rtdoses, config)
     assert result["verdict"] == "PASS"
     assert any("EFFECTIVE" in note for note in beam(result, "F1")["dose"]["notes"])
-    # The generator's volume rises 1 %/mm with depth around the isocentre: 1 mm deeper lies
-    # between two rows (interpolated, TPS 1 % higher), 4 mm deeper is a FAIL.
+    # The generator's volume rises 1 %/mm with depth around the isocentre. A TPS plane taken at
+    # another depth than our 2 cm plane is not compared: 0.4 mm off is within the 0.5 mm
+    # tolerance (interpolated between rows, TPS 0.4 % higher), 1 mm off is an ERROR naming both.
     deeper = copy.deepcopy(config)
-    deeper["qa"]["plane_depth_mm"] = 21.0
+    deeper["qa"]["plane_depth_mm"] = 20.4
     b = beam(assess(case, rtdoses, deeper), "F1")
     assert b["dose"]["verdict"] == "PASS"
-    assert b["dose"]["mean_dose_difference_percent"] == pytest.approx(-100 * 0.01 / 1.01, abs=0.3)
-    deeper["qa"]["plane_depth_mm"] = 24.0
+    assert b["dose"]["mean_dose_difference_percent"] == pytest.approx(-100 * 0.004 / 1.004, abs=0.3)
+    deeper["qa"]["plane_depth_mm"] = 21.0
     b = beam(assess(case, rtdoses, deeper), "F1")
-    assert b["dose"]["verdict"] == "FAIL"
-    assert b["dose"]["mean_dose_difference_percent"] == pytest.approx(-100 * 0.04 / 1.04, abs=0.3)
+    assert b["dose"]["verdict"] == "ERROR"
+    assert "the TPS plane lies at y = 31 mm but ours at y = 30 mm" in b["dose"]["reasons"][0]
     deeper["qa"]["plane_depth_mm"] = 40.0
     b = beam(assess(case, rtdoses, deeper), "F1")
     assert b["dose"]["verdict"] == "ERROR" and "outside the dose grid" in b["dose"]["reasons"][0]
 
 
-def test_relative_tps_dose_is_compared_relatively(tmp_path: Path, config: dict) -> None:
+def test_relative_tps_dose_is_compared_relatively_and_never_passes(tmp_path: Path, config: dict) -> None:
     case = make_case(tmp_path, units="RELATIVE")
     result = assess(case, delivered_doses(case, tmp_path / "out"), config)
-    assert result["verdict"] == "PASS"
-    assert all(b["dose"]["comparison"] == "relative" for b in result["beams"])
+    assert result["verdict"] == "NOT ASSESSED"
+    for b in result["beams"]:
+        assert b["dose"]["comparison"] == "relative"
+        assert b["dose"]["reasons"][0] == "dose scale not verified: the TPS dose is RELATIVE (export it in Gy)"
+        assert b["dose"]["gamma_primary"]["pass_rate_percent"] == 100.0  # the shape agrees
 
 
 def test_missing_tps_dose_is_not_assessed(tmp_path: Path, config: dict) -> None:
@@ -269,6 +293,9 @@ def test_fraction_scaling(tmp_path: Path) -> None:
     ds.DoseUnits, ds.DoseType, ds.DoseSummationType = "GY", "PHYSICAL", "BEAM"
     assert check_header(ds, tmp_path / "RD.dcm", 1.1, "plan", 30)[0] == pytest.approx(1 / 30)
     assert check_header(ds, tmp_path / "RD.dcm", 1.1, "fraction", 30)[0] == 1.0
+    ds.DoseSummationType = "BEAM_SESSION"  # one session: one fraction, whatever the setting says
+    assert check_header(ds, tmp_path / "RD.dcm", 1.1, "plan", 30)[0] == 1.0
+    ds.DoseSummationType = "BEAM"
     with pytest.raises(TpsDoseProblem, match="no NumberOfFractionsPlanned"):
         check_header(ds, tmp_path / "RD.dcm", 1.1, "plan", None)
 
@@ -281,7 +308,7 @@ def test_empty_tps_plane_is_an_error(tmp_path: Path, config: dict) -> None:
         case / "RD_TPS_2.dcm", plan, np.zeros((z_rel.size, x_rel.size)), x_abs, z_abs, beam_number=2
     )
     with pytest.raises(TpsDoseProblem, match="empty"):
-        load_tps_plane(path, 30.0, config["qa"], 1)
+        load_tps_plane(path, 30.0, config["qa"], 1, plan.FrameOfReferenceUID)
 
 
 def test_cli_writes_qa_json_and_a_self_contained_sheet(tmp_path: Path, config: dict) -> None:
@@ -293,6 +320,7 @@ def test_cli_writes_qa_json_and_a_self_contained_sheet(tmp_path: Path, config: d
     out = subprocess.run(
         [sys.executable, "-m", "mqi_communicator.qa.run", "--manifest", str(manifest), "--rtdoses", *map(str, rtdoses),
          "--settings", str(REPO / "config" / "config.yaml"), "--json", str(tmp_path / "qa.json"),
+         "--calibration", json.dumps(current_calibration()),
          "--sheet", str(tmp_path / "qa.html"), "--figures", str(tmp_path / "fig")],
         capture_output=True, text=True, check=False, cwd=REPO,
     )  # fmt: skip
@@ -314,8 +342,8 @@ def test_compare_refuses_planes_along_different_axes_or_beyond_the_delivered_gri
     dose = np.exp(-(axis[:, None] ** 2 + axis[None, :] ** 2) / 200.0)
     tps = Plane(dose, axis, axis, "xz", "GY")
     sagittal = Plane(dose, axis, axis, "yz", "GY")
-    result = compare(tps, sagittal, config["qa"])
+    result = compare(tps, sagittal, config["qa"], {"state": "current"})
     assert result["verdict"] == "ERROR" and "along patient xz but the delivered plane along yz" in result["reasons"][0]
     small = Plane(dose[10:-10, 10:-10], axis[10:-10], axis[10:-10], "xz", "GY")
-    result = compare(tps, small, config["qa"])
+    result = compare(tps, small, config["qa"], {"state": "current"})
     assert result["verdict"] == "ERROR" and "outside the delivered dose grid" in result["reasons"][0]

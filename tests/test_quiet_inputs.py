@@ -175,7 +175,7 @@ def test_implausible_layer_fails_or_is_flagged(tmp_path: Path, config: dict, how
     if how == "all_ffff":
         # The wrong result: every sample maps to the far edge of the field, beam on.
         cal = casegen.ROOMS["G2"]
-        assert cal.x_mm(np.array([0xFFFF]))[0] == pytest.approx(297.3, abs=0.1)
+        assert abs(cal.x_mm(np.array([0xFFFF]))[0]) == pytest.approx(297.3, abs=0.1)
     with pytest.raises(CaseError) as info:
         build_manifest(bad, config)
     text = str(info.value)
@@ -196,14 +196,18 @@ def test_layer_checks_accept_the_generated_logs() -> None:
     layer_spots = spec.beams[1].spots_xy_mm[0]
     rng = np.random.default_rng(3)
     cal = casegen.ROOMS["G2"]
-    log = casegen.layer_log(layer_spots, 0.02, cal, 2, 40, 200, rng)
+    energy = spec.beams[1].energies_mev[0]
+    log = casegen.layer_log(layer_spots, 0.02, cal, 2, 40, 200, rng, energy_mev=energy)
     checks = {"scan_field_half_mm": 200, "spot_distance_mm": 10, "max_off_spot_fraction": 0.05, "mu_tolerance": 0.25}
-    assert ptn.layer_problems(log, cal, 1.0, 0.02 * len(layer_spots), layer_spots, checks) == []
+    planned_mu = 0.02 * len(layer_spots)
+    assert ptn.layer_problems(log, cal, 1.0, planned_mu, layer_spots, checks, energy_mev=energy) == []
     outside = log.astype(np.int64)
     outside[-50:, 0] = 65000
     outside[-50:, 7] = ptn.FLAG_ACTUAL_BEAM_ON
     outside[-50:, 4] = 10
-    problems = ptn.layer_problems(outside.astype(np.uint16), cal, 1.0, 0.02 * len(layer_spots), layer_spots, checks)
+    problems = ptn.layer_problems(
+        outside.astype(np.uint16), cal, 1.0, planned_mu, layer_spots, checks, energy_mev=energy
+    )
     assert any("50 beam-on samples lie outside the scanning field" in p for p in problems)
 
 

@@ -106,7 +106,7 @@ def pixel_to_patient(ds: Dataset, frame: int | np.integer, row: int | np.integer
     orientation = np.array([float(v) for v in ds.ImageOrientationPatient])
     row_dir, col_dir = orientation[:3], orientation[3:]
     row_spacing, col_spacing = (float(v) for v in ds.PixelSpacing)
-    offset = float(ds.GridFrameOffsetVector[frame]) if ds.NumberOfFrames > 1 else 0.0
+    offset = float(ds.GridFrameOffsetVector[frame]) if int(ds.get("NumberOfFrames", 1)) > 1 else 0.0
     return origin + col * col_spacing * row_dir + row * row_spacing * col_dir + offset * np.cross(row_dir, col_dir)
 
 
@@ -134,23 +134,26 @@ def test_reference_plane_matches_raw_and_puts_spots_at_plus_minus_50_mm(tmp_path
     assert ds.Modality == "RTDOSE"
     for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID"):
         assert ds[keyword].value == plan[keyword].value, keyword
-    assert ds.FrameOfReferenceUID == plan.FrameOfReferenceUID
+    # The beam frame is a phantom, not the patient: a frame of its own (docs/rtdose-frames.md).
+    assert ds.FrameOfReferenceUID != plan.FrameOfReferenceUID and ds.PositionReferenceIndicator == "PHANTOM"
     assert ds.SOPInstanceUID != plan.SOPInstanceUID and ds.SeriesInstanceUID != plan.SeriesInstanceUID
     ref = ds.ReferencedRTPlanSequence[0]
     assert ref.ReferencedSOPClassUID == RT_ION_PLAN
     assert ref.ReferencedSOPInstanceUID == plan.SOPInstanceUID
-    assert ds.DoseSummationType == "BEAM"
-    beam_ref = ref.ReferencedFractionGroupSequence[0].ReferencedBeamSequence[0]
-    assert beam_ref.ReferencedBeamNumber == 1
+    assert ds.DoseSummationType == "BEAM_SESSION"  # one delivered session of one beam
+    assert len(ref.ReferencedFractionGroupSequence) == 1
+    assert ref.ReferencedFractionGroupSequence[0].ReferencedFractionGroupNumber == 1
+    assert [b.ReferencedBeamNumber for b in ref.ReferencedFractionGroupSequence[0].ReferencedBeamSequence] == [1]
     assert (ds.DoseUnits, ds.DoseType) == ("RELATIVE", "PHYSICAL")
     assert "MOQUI Monte Carlo" in ds.SeriesDescription and ds.DoseComment == "MOQUI Monte Carlo"
 
     # The TPS-like coronal plane.
-    assert (ds.Rows, ds.Columns, ds.NumberOfFrames) == (400, 400, 1)
+    assert (ds.Rows, ds.Columns) == (400, 400)
     assert [float(v) for v in ds.PixelSpacing] == [1.0, 1.0]
     assert [float(v) for v in ds.ImageOrientationPatient] == [1, 0, 0, 0, 0, 1]
     assert [float(v) for v in ds.ImagePositionPatient] == [-199.5, 30.0, -199.5]
-    assert ds["GridFrameOffsetVector"].VM == 1 and float(ds.GridFrameOffsetVector) == 0.0
+    # One plane, one frame: no Multi-frame Module (GridFrameOffsetVector has VM 2-n in PS3.6).
+    assert not {"NumberOfFrames", "FrameIncrementPointer", "GridFrameOffsetVector"} & set(ds.dir())
 
     # Stored dose equals the raw plane (raw row = MOQUI y, raw column = MOQUI x).
     dose = stored_dose(ds)
@@ -333,10 +336,13 @@ def test_plan_sum_equals_sum_of_beams(tmp_path: Path, plan_path: Path) -> None:
     out = rtdose.write_rtdose(total, PLANE, plan_path, tmp_path, beam_number=None, engine_label="t", calibrated=False)
     assert out.name == "RD_PLAN.dcm"
     ds = pydicom.dcmread(out)
-    assert ds.DoseSummationType == "PLAN"
+    # Both treatment beams of fraction group 1, one session: FRACTION_SESSION, which references
+    # the fraction group but no beams (PS3.3 C.8.8.3).
+    assert ds.DoseSummationType == "FRACTION_SESSION"
     ref = ds.ReferencedRTPlanSequence[0]
     assert ref.ReferencedSOPInstanceUID == pydicom.dcmread(plan_path).SOPInstanceUID
-    assert "ReferencedFractionGroupSequence" not in ref
+    (group,) = ref.ReferencedFractionGroupSequence
+    assert group.ReferencedFractionGroupNumber == 1 and "ReferencedBeamSequence" not in group
     assert np.abs(stored_dose(ds) - (beam1 + beam2)[0]).max() <= 1e-9 * total.max()
     with pytest.raises(ValueError, match="no raw dose"):
         rtdose.sum_doses([], PLANE)
@@ -375,7 +381,7 @@ def test_cli_beam_and_sum(tmp_path: Path, plan_path: Path) -> None:
     beam_file = out_dir / "RD_1G180_TX.dcm"
     assert result.stdout.strip() == str(beam_file)
     ds = pydicom.dcmread(beam_file)
-    assert ds.DoseSummationType == "BEAM" and ds.DoseUnits == "RELATIVE"
+    assert ds.DoseSummationType == "BEAM_SESSION" and ds.DoseUnits == "RELATIVE"
     assert (
         ds.ReferencedRTPlanSequence[0].ReferencedFractionGroupSequence[0].ReferencedBeamSequence[0].ReferencedBeamNumber
         == 1
@@ -388,7 +394,7 @@ def test_cli_beam_and_sum(tmp_path: Path, plan_path: Path) -> None:
                      "--calibrated", "--bits", "16")  # fmt: skip
     assert result.returncode == 0, result.stderr
     ds = pydicom.dcmread(out_dir / "RD_PLAN.dcm")
-    assert (ds.DoseSummationType, ds.DoseUnits, ds.BitsAllocated) == ("PLAN", "GY", 16)
+    assert (ds.DoseSummationType, ds.DoseUnits, ds.BitsAllocated) == ("FRACTION_SESSION", "GY", 16)
     np.testing.assert_allclose(stored_dose(ds), raw1[0] + raw2[0], atol=3.0 / 65535)
     assert sorted(p.name for p in out_dir.iterdir()) == ["RD_1G180_TX.dcm", "RD_PLAN.dcm"]  # no temp files left
 

@@ -57,20 +57,26 @@ def test_rt_doses_reference_the_plan(finished_run: Path) -> None:
         dicom = finished_run / "data" / "cases" / case / "dicom"
         # Gantry 180 and 90: different beam frames, so no plan sum (the asym case has one).
         assert sorted(p.name for p in dicom.iterdir()) == ["RD_1G180_TX.dcm", "RD_2G90.dcm"]
-        beams = {}
+        beams, frames = {}, set()
         for path in sorted(dicom.iterdir()):
             ds = pydicom.dcmread(path)
             assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.481.2" and ds.Modality == "RTDOSE"
-            for keyword in ("PatientID", "PatientName", "StudyInstanceUID", "FrameOfReferenceUID"):
+            for keyword in ("PatientID", "PatientName", "StudyInstanceUID"):
                 assert ds[keyword].value == plan[keyword].value
+            # The default beam frame is a phantom, not the patient: a frame of its own
+            # (docs/rtdose-frames.md), one per beam geometry (gantry 180 and 90 differ).
+            assert ds.FrameOfReferenceUID != plan.FrameOfReferenceUID and ds.PositionReferenceIndicator == "PHANTOM"
+            frames.add(ds.FrameOfReferenceUID)
             ref = ds.ReferencedRTPlanSequence[0]
             assert ref.ReferencedSOPInstanceUID == plan.SOPInstanceUID
-            assert ds.DoseUnits == "RELATIVE" and "not Monte Carlo" in str(ds.get("DoseComment", ""))
+            # The test run has the shipped calibration (tests/workflow.py): doses in Gy.
+            assert ds.DoseUnits == "GY" and "not Monte Carlo" in str(ds.get("DoseComment", ""))
             assert (ds.Rows, ds.Columns) == (400, 400)
-            assert ds.DoseSummationType == "BEAM"
+            assert ds.DoseSummationType == "BEAM_SESSION"  # one delivered session of the beam
             number = ref.ReferencedFractionGroupSequence[0].ReferencedBeamSequence[0].ReferencedBeamNumber
             beams[path.name] = number
         assert beams == {"RD_1G180_TX.dcm": 2, "RD_2G90.dcm": 3}
+        assert len(frames) == 2
         summary = json.loads(
             (finished_run / "data" / "cases" / case / "intermediate" / "case_summary.json").read_text()
         )
@@ -86,6 +92,9 @@ def test_plan_sum_of_beams_sharing_one_geometry(finished_run: Path) -> None:
     plan_dose = read_rtdose_dose(dicom / "RD_PLAN.dcm").dose
     beam = read_rtdose_dose(dicom / "RD_ASYM_1.dcm").dose
     assert np.abs(plan_dose - beam).max() <= 1e-6 * beam.max()
+    plan_sum, beam_ds = pydicom.dcmread(dicom / "RD_PLAN.dcm"), pydicom.dcmread(dicom / "RD_ASYM_1.dcm")
+    assert plan_sum.FrameOfReferenceUID == beam_ds.FrameOfReferenceUID  # one phantom, one frame
+    assert (plan_sum.DoseSummationType, beam_ds.DoseSummationType) == ("FRACTION_SESSION", "BEAM_SESSION")
 
 
 def test_axis_and_sign_mapping_from_logs_to_rt_dose(finished_run: Path) -> None:

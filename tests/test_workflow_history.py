@@ -59,6 +59,10 @@ def test_finished_cases_stay_final_and_reprocess_redoes_one(tmp_path: Path) -> N
     assert first.returncode == 0, first.stderr[-3000:]
     dicom = {case: work / "data" / "cases" / case / "dicom" for case in ("alpha", "beta")}
     before = {case: tree_digest(d) for case, d in dicom.items()}
+    recalibrated = work / "recalibrated.yaml"
+    record = yaml.safe_load((work / "config" / "calibration.yaml").read_text())
+    record["entries"] = [{**e, "gy_per_unit": 2 * e["gy_per_unit"]} for e in record["entries"]]
+    recalibrated.write_text(yaml.safe_dump(record))
 
     # Every operational setting and every result setting, edited in turn: nothing to do for a
     # finished case (before, raising a timeout replanned every beam: "Params have changed").
@@ -69,7 +73,7 @@ def test_finished_cases_stay_final_and_reprocess_redoes_one(tmp_path: Path) -> N
         "application.max_attempts": {"application": {"max_attempts": 5}},
         "hpc_connection.host": {"hpc_connection": {"host": "login2", "retries": 5}},
         "interpreter.csv_layout (result)": {"interpreter": {"csv_layout": "single_line"}},
-        "simulation.dose_scale_factor (result)": {"simulation": {"dose_scale_factor": 2.0}},
+        "calibration.record (result)": {"calibration": {"record": str(recalibrated)}},
         "rooms / engine (result)": {"executables": {"moqui": str(REPO / "tests" / "standins" / "tps_env_faulty")}},
     }
     for name, edit in edits.items():
@@ -175,10 +179,12 @@ def test_a_failure_at_each_step_is_recorded_and_shown(
         assert reason in record["reason"], record
         assert (work / entry["log"]).is_file()
     assert cases["good"]["state"] == "finished"
-    # Exactly one alert per failed case, by e-mail and by webhook.
+    # Exactly one alert per failed case, by e-mail and by webhook; the good case has no TPS dose:
+    # its QA verdict NOT ASSESSED is not a PASS and is sent once too.
     subjects, posts = received(inbox, webhook)
-    assert sorted(posts) == sorted(("case_failed", case) for case in expected)
-    assert len(subjects) == len(expected)
+    assert sorted(posts) == sorted([*(("case_failed", case) for case in expected), ("case_verdict", "good")])
+    assert len(subjects) == len(expected) + 1
+    assert any("case good QA NOT ASSESSED" in s for s in subjects)
     for case in expected:
         assert sum(case in subject for subject in subjects) == 1, subjects
 
@@ -195,8 +201,9 @@ def test_a_failure_at_each_step_is_recorded_and_shown(
     assert by_case(status(work))["zz_intake"]["state"] == "finished", fixed.stderr[-2000:]
     assert not (work / "data" / "cases" / "zz_intake" / "intermediate" / "state" / "failed.json").exists()
     subjects, posts = received(inbox, webhook)
-    assert posts[len(expected) :] == [("case_recovered", "zz_intake")]
-    assert len(subjects) == len(expected) + 1 and "zz_intake" in subjects[-1]
+    assert posts[len(expected) + 1 :] == [("case_recovered", "zz_intake"), ("case_verdict", "zz_intake")]
+    assert len(subjects) == len(expected) + 3
+    assert "case zz_intake recovered, QA NOT ASSESSED" in subjects[-2]
 
     # An explicit retry of a permanent failure: it runs again (and fails again, once).
     retry = subprocess.run([MQI, "retry", "zz_engine", "--configfile", "test-config.yaml"], cwd=work, check=True)

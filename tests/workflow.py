@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import os
@@ -16,11 +17,26 @@ REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 
 
-def write_config(workdir: Path, scan_dir: Path, **sections: dict) -> Path:
+def write_config(workdir: Path, scan_dir: Path, *, calibrated: bool = True, **sections: dict) -> Path:
+    """The site configuration of a test run. `calibrated`: the workdir gets a calibration record
+    (config/calibration.yaml, the default place) with the shipped factors, recorded now, so the
+    verdicts do not depend on the shipped record's age."""
     config: dict = {"paths": {"local": {"scan_directory": str(scan_dir)}}}
     config.update(sections)
     path = workdir / "test-config.yaml"
     path.write_text(yaml.safe_dump(config))
+    if calibrated:
+        write_calibration_record(workdir / "config" / "calibration.yaml")
+    return path
+
+
+def write_calibration_record(path: Path, days_old: float = 0.0) -> Path:
+    """The shipped calibration entries, dated `days_old` days ago, as a record at `path`."""
+    shipped = yaml.safe_load((REPO / "config" / "calibration.yaml").read_text())["entries"]
+    when = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=days_old)
+    entries = [{**entry, "date": when.isoformat(timespec="seconds")} for entry in shipped]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump({"entries": entries}, sort_keys=False))
     return path
 
 

@@ -24,7 +24,10 @@ QA plans the isocentre lies on x = z = 0, so a 2 cm plane lands at ImagePosition
   (0/90/180/270, couch 0, HFS; anything else is refused): e.g. at gantry 90 the plane is
   sagittal (columns patient +y, rows +z), at 180 coronal with columns along patient -x.
 - A plan sum (RD_PLAN) is written only when the treatment beams share one geometry (gantry and
-  couch angle, isocentre); beams in different beam frames are not summed (a clear error).
+  couch angle, isocentre) and one fraction group; beams in different beam frames, or of different
+  fraction groups (not one session), are not summed (a clear error).
+- Which FrameOfReferenceUID each frame carries (a phantom frame of its own in the "beam" frame)
+  is `dose_reference`'s decision; docs/rtdose-frames.md describes both frames for viewers.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
-from . import geometry
+from . import dose_reference, geometry
 from .plan import Plan, read_plan
 
 
@@ -74,7 +77,7 @@ def plan_sum_refusal_for(
         beam = plan.beam(number)
         assert beam is not None
         beams.append((number, gantry, couch, beam.isocenter_mm))
-    return geometry.plan_sum_refusal(beams)
+    return geometry.plan_sum_refusal(beams) or dose_reference.fraction_group_refusal(plan_ds, numbers)
 
 
 def image_geometry(
@@ -119,7 +122,11 @@ def frame_comment(frame: str, gantry: float, couch: float) -> str:
     """The ImageComments clause saying in which frame the dose is placed and what was applied."""
     if frame == "beam":
         return (
-            f"placed in the beam's own frame as a TPS QA plane (gantry 0 geometry; the beam's gantry "
-            f"{gantry:g} deg and couch {couch:g} deg are not applied)"
+            f"{dose_reference.PHANTOM} frame, not the patient's: placed in a water phantom in the beam's own "
+            f"frame as a TPS QA plane (gantry 0 geometry; the beam's gantry {gantry:g} deg and couch {couch:g} deg "
+            "are not applied), with a FrameOfReferenceUID of its own"
         )
-    return f"placed in the patient frame (gantry {gantry:g} deg, couch {couch:g} deg applied, HFS)"
+    return (
+        f"placed in the patient frame (gantry {gantry:g} deg, couch {couch:g} deg applied, HFS), "
+        "in the plan's FrameOfReferenceUID"
+    )

@@ -152,6 +152,7 @@ def log_problems(
             layer.mu,
             layer.spot_xy_mm,
             config["log_checks"],
+            energy_mev=layer.energy_mev,
         )
         where = " + ".join(str(case_dir / p.folder / p.file) for p in parts)
         problems += [

@@ -83,7 +83,10 @@ def plan_layer_samples(layer: Layer, calibration: ptn.RoomCalibration, config: d
     xy = np.repeat(np.asarray(layer.spot_xy_mm, dtype=np.float64).reshape(-1, 2), samples, axis=0)
     # Spread each spot's MU evenly over its samples; counts are in dose1 units at range factor 1.
     mu = np.repeat(spot_mu / samples, samples)
-    counts = np.rint(mu / (calibration.mu_per_dose1_count * interp["dose_dividing_factor"])).astype(np.int64)
+    # Counts as the monitor would have counted them at this energy (docs/log-plan-frame.md), so
+    # that the engine's count -> protons conversion treats plan and log CSVs alike.
+    mu_per_count = calibration.mu_per_count(layer.energy_mev)
+    counts = np.rint(mu / (mu_per_count * interp["dose_dividing_factor"])).astype(np.int64)
     time_ms = np.arange(len(xy)) * calibration.timegain_ms
     return moqui_csv.encode_values(time_ms, xy[:, 0], xy[:, 1], counts, interp["csv_layout"])
 

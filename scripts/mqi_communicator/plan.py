@@ -32,6 +32,8 @@ class Layer:
     mu: float
     spot_xy_mm: list[tuple[float, float]] = field(default_factory=list)
     spot_mu: list[float] = field(default_factory=list)
+    # ScanMode LINE only: the planned path as segments (x0, y0, x1, y1, MU), in delivery order.
+    line_segments: list[tuple[float, float, float, float, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -47,6 +49,7 @@ class Beam:
     snout_position_mm: float | None
     range_shifters: int
     layers: list[Layer]
+    scan_mode: str = "MODULATED"  # PS3.3 C.8.8.25 ScanMode (300A,0308): MODULATED, LINE, ...
 
     @property
     def sanitized_name(self) -> str:
@@ -178,7 +181,21 @@ def _layers(ds: Dataset, beam: Dataset) -> list[Layer]:
             if w > 0:
                 layer.spot_xy_mm.append((float(x), float(y)))
                 layer.spot_mu.append(float(w) * mu_per_weight)
+        if str(beam.get("ScanMode", "")).upper() == "LINE":
+            layer.line_segments += _line_segments(positions, weights * mu_per_weight)
     return layers
+
+
+def _line_segments(positions: np.ndarray, mu: np.ndarray) -> list[tuple[float, float, float, float, float]]:
+    """A LINE control point's path: position j is reached from position j-1 delivering weight j
+    (weight 0 is delivered standing at position 0); the machine's checker reads it the same way,
+    position linear in cumulative MU between positions (docs/delivery-check.md)."""
+    segments = []
+    for j, w in enumerate(mu):
+        if w > 0:
+            (x0, y0), (x1, y1) = positions[max(j - 1, 0)], positions[j]
+            segments.append((float(x0), float(y0), float(x1), float(y1), float(w)))
+    return segments
 
 
 def _count(value: object) -> int | None:
@@ -332,6 +349,7 @@ def read_plan(path: Path) -> Plan:
                 snout_position_mm=None if snout is None else float(snout),
                 range_shifters=int(beam.get("NumberOfRangeShifters") or 0),
                 layers=layers,
+                scan_mode=str(beam.get("ScanMode", "MODULATED")).upper(),
             )
         )
     if not any(not b.is_setup for b in beams):

@@ -27,24 +27,65 @@ LAYER_NUMBER_PATTERN = re.compile(r"(\d+)\.ptn$", re.IGNORECASE)
 
 @dataclass(frozen=True)
 class RoomCalibration:
-    """A room's `scv_init` values (DESIGN §2); data from config, never hard-coded in rules."""
+    """A room's `scv_init` values (DESIGN §2) and how the log's frame relates to the plan's;
+    data from config, never hard-coded in rules. See docs/log-plan-frame.md for the evidence
+    behind `x_sign` and the energy dependence of the MU per count."""
 
     timegain_ms: float
     x_offset: float
     y_offset: float
     x_gain_mm: float
     y_gain_mm: float
-    mu_per_dose1_count: float
+    mu_per_dose1_count: float  # at the table's reference energy (factor 1, 70 MeV)
+    # +1 or -1: the PTN x axis against the plan's IEC gantry X (G2's log is mirrored in x).
+    x_sign: float = 1.0
+    # MU per count rises with energy (the monitor's charge per proton falls like the stopping
+    # power): mu_per_dose1_count x factor(E), interpolated linearly; empty = no dependence.
+    mu_factor_energies_mev: tuple[float, ...] = ()
+    mu_factor_values: tuple[float, ...] = ()
 
     @classmethod
-    def from_config(cls, section: dict[str, float]) -> RoomCalibration:
-        return cls(**{key: float(section[key]) for key in cls.__dataclass_fields__})
+    def from_config(cls, section: dict[str, Any]) -> RoomCalibration:
+        table = section.get("mu_per_count_energy_factor") or {}
+        energies = tuple(float(e) for e in table.get("energies_mev", ()))
+        factors = tuple(float(f) for f in table.get("factors", ()))
+        if len(energies) != len(factors) or list(energies) != sorted(energies):
+            raise ValueError(
+                "mu_per_count_energy_factor needs as many factors as energies_mev, energies ascending "
+                f"(got {len(energies)} energies, {len(factors)} factors)"
+            )
+        return cls(
+            timegain_ms=float(section["timegain_ms"]),
+            x_offset=float(section["x_offset"]),
+            y_offset=float(section["y_offset"]),
+            x_gain_mm=float(section["x_gain_mm"]),
+            y_gain_mm=float(section["y_gain_mm"]),
+            mu_per_dose1_count=float(section["mu_per_dose1_count"]),
+            x_sign=float(section.get("x_sign", 1)),
+            mu_factor_energies_mev=energies,
+            mu_factor_values=factors,
+        )
 
     def x_mm(self, raw: np.ndarray) -> np.ndarray:
-        return (np.asarray(raw, dtype=np.float64) - self.x_offset) * self.x_gain_mm
+        """x in the plan's frame (IEC gantry X at the isocentre)."""
+        return (np.asarray(raw, dtype=np.float64) - self.x_offset) * (self.x_gain_mm * self.x_sign)
 
     def y_mm(self, raw: np.ndarray) -> np.ndarray:
         return (np.asarray(raw, dtype=np.float64) - self.y_offset) * self.y_gain_mm
+
+    def raw_x(self, x_mm: np.ndarray) -> np.ndarray:
+        """The raw value the machine logs for plan-frame x (inverse of `x_mm`, not rounded)."""
+        return np.asarray(x_mm, dtype=np.float64) / (self.x_gain_mm * self.x_sign) + self.x_offset
+
+    def raw_y(self, y_mm: np.ndarray) -> np.ndarray:
+        return np.asarray(y_mm, dtype=np.float64) / self.y_gain_mm + self.y_offset
+
+    def mu_per_count(self, energy_mev: float) -> float:
+        """MU per dose1 count (at monitor range factor 1) for a layer of this energy."""
+        if not self.mu_factor_energies_mev:
+            return self.mu_per_dose1_count
+        factor = np.interp(energy_mev, self.mu_factor_energies_mev, self.mu_factor_values)
+        return self.mu_per_dose1_count * float(factor)
 
 
 def layer_number(path: Path) -> int:
@@ -62,19 +103,22 @@ def layer_problems(
     planned_mu: float,
     planned_spots_mm: Sequence[tuple[float, float]],
     checks: dict[str, Any],
+    *,
+    energy_mev: float,
 ) -> list[str]:
     """What makes one layer's log implausible against the plan (empty when it is plausible).
 
     Beam-on samples (flag bit 14) that carry dose must lie inside the scanning field and, all but
     a small share of the layer's MU, near a planned spot; the MU the monitor counted (dose1 x
-    monitor range factor x MU per count) must match the layer's planned MU within a tolerance."""
+    monitor range factor x MU per count at the layer's energy) must match the layer's planned MU
+    within a tolerance."""
     if len(log) == 0:
         return ["the log is empty (0 samples)"]
     if np.all(log == 0xFFFF):
         return [f"every one of its {len(log)} samples is 0xFFFF (no data recorded)"]
     problems: list[str] = []
     dose1 = log[:, 4].astype(np.float64)
-    delivered_mu = float(dose1.sum()) * range_factor * calibration.mu_per_dose1_count
+    delivered_mu = float(dose1.sum()) * range_factor * calibration.mu_per_count(energy_mev)
     tolerance = float(checks["mu_tolerance"])
     if planned_mu > 0 and abs(delivered_mu - planned_mu) > tolerance * planned_mu:
         problems.append(

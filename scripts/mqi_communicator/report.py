@@ -105,9 +105,15 @@ def beam_table(records: list[Path], rtdoses: list[Path], output: Path, labels: l
 def qa_summary(qa_path: Path) -> dict[str, Any]:
     """The case's QA verdict and each beam's (dose, delivery) verdicts from its qa.json."""
     qa = json.loads(qa_path.read_text())
+    scale = qa.get("calibration") or {}
     return {
         "verdict": qa["verdict"],
         "qa_json": str(qa_path),
+        "sheet": str(qa_path.with_name("qa_sheet.html")),
+        "labels": qa.get("labels", []),
+        "engine": qa.get("engine"),
+        "dose_scale": {"state": scale.get("state"), "reason": scale.get("reason")},
+        "fraction_assessed": qa.get("fraction_assessed"),
         "beams": {
             b["name"]: {"verdict": b["verdict"], "dose": b["dose"]["verdict"], "delivery": b["delivery"]["verdict"]}
             for b in qa["beams"]
@@ -140,8 +146,11 @@ def case_summary(
             "flags": manifest.get("flags", []),
             "warnings": manifest.get("warnings", []),
         }
+    qa_entry = qa_summary(qa) if qa is not None else None
+    if qa_entry is not None:  # QA's labels: intake's, and whether the dose scale is verified
+        summary["labels"] = list(dict.fromkeys([*summary.get("labels", []), *qa_entry["labels"]]))
     summary |= {
-        "qa": qa_summary(qa) if qa is not None else None,
+        "qa": qa_entry,
         "beams": beams,
         "plan_dose": plan_entry,
     }

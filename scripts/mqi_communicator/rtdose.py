@@ -1,8 +1,14 @@
 """P3: turn a MOQUI raw dose (plane or volume) into a DICOM RT Dose that references the plan.
 
 Where the dose is placed (the beam or patient frame, a plane or a volume; see
-`geometry.beam_axes`) and when a plan sum is allowed are decided in `dose_frame`; reading an
-RT Dose back is `rtdose_read`.
+`geometry.beam_axes`) and when a plan sum is allowed are decided in `dose_frame`; which frame of
+reference it carries (a PHANTOM frame of its own in the beam frame) and its DoseSummationType
+(one delivered session: BEAM_SESSION / FRACTION_SESSION) in `dose_reference` (see
+docs/rtdose-frames.md); reading an RT Dose back is `rtdose_read`.
+
+A single plane is a single-frame image: no Multi-frame Module (NumberOfFrames,
+FrameIncrementPointer, GridFrameOffsetVector, whose VM is 2-n in PS3.6), so that dciodvfy
+finds it conformant; a volume carries them (PS3.3 C.8.8.3.2).
 
 Pixels are unsigned integers with DoseGridScaling = max / (2^n - 1). The default is n = 32
 (uint32): the dose is kept to 2.3e-10 of its maximum, so the long low-dose tail of a Monte
@@ -29,15 +35,14 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
-from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import format_number_as_ds
 
-from . import __version__, geometry
+from . import __version__, dose_reference, geometry
 from .dose_frame import beam_geometry, frame_comment, image_geometry, plan_sum_refusal_for
 from .errors import CaseError
 from .files import atomic_output
-from .plan import RT_ION_PLAN_SOP_CLASS, Beam, Plan, read_plan, sanitize_beam_name
+from .plan import Beam, Plan, read_plan, sanitize_beam_name
 
 RT_DOSE_SOP_CLASS = UID("1.2.840.10008.5.1.4.1.1.481.2")
 MANUFACTURER = "mqi_communicator"
@@ -49,6 +54,7 @@ GRID_FRAME_OFFSET_VECTOR_TAG = 0x3004000C
 _LO_MAX = 64  # characters in a DICOM LO value
 
 # Patient/study attributes copied from the plan: (keyword, type-2, i.e. written empty if absent).
+# The frame of reference is not among them: `dose_reference.frame_of_reference` decides it.
 _PATIENT_STUDY_KEYWORDS = (
     ("PatientName", True),
     ("PatientID", True),
@@ -61,8 +67,6 @@ _PATIENT_STUDY_KEYWORDS = (
     ("ReferringPhysicianName", True),
     ("AccessionNumber", True),
     ("StudyDescription", False),
-    ("FrameOfReferenceUID", True),
-    ("PositionReferenceIndicator", True),
 )
 
 
@@ -119,29 +123,6 @@ def _select_beam(plan: Plan, beam_number: int | None) -> Beam:
     return beam
 
 
-def _fraction_group_number(plan_ds: Dataset, beam_number: int) -> int:
-    groups = list(plan_ds.get("FractionGroupSequence", []))
-    for group in groups:
-        for ref in group.get("ReferencedBeamSequence", []):
-            if int(ref.ReferencedBeamNumber) == beam_number:
-                return int(group.FractionGroupNumber)
-    return int(groups[0].FractionGroupNumber) if groups else 1
-
-
-def _referenced_plan(plan_ds: Dataset, beam_number: int | None) -> DicomSequence:
-    ref = Dataset()
-    ref.ReferencedSOPClassUID = RT_ION_PLAN_SOP_CLASS
-    ref.ReferencedSOPInstanceUID = plan_ds.SOPInstanceUID
-    if beam_number is not None:
-        beam_ref = Dataset()
-        beam_ref.ReferencedBeamNumber = beam_number
-        fraction_ref = Dataset()
-        fraction_ref.ReferencedFractionGroupNumber = _fraction_group_number(plan_ds, beam_number)
-        fraction_ref.ReferencedBeamSequence = DicomSequence([beam_ref])
-        ref.ReferencedFractionGroupSequence = DicomSequence([fraction_ref])
-    return DicomSequence([ref])
-
-
 def _lo(text: str) -> str:
     """Text for a 64-character LO element: whole, or cut at a word boundary and marked "..."."""
     if len(text) <= _LO_MAX:
@@ -175,14 +156,20 @@ def build_rtdose(
     plan_ds = pydicom.dcmread(plan_path, stop_before_pixels=True)
     beam = _select_beam(plan, beam_number)
     if beam_number is None:
-        refusal = plan_sum_refusal_for(plan_path)
+        refusal = plan_sum_refusal_for(plan_path, plan=plan)
         if refusal is not None:
             raise CaseError(plan.path, f"no plan sum: {refusal}")
     gantry, couch, position = beam_geometry(plan_ds, beam.number)
+    summed = [b.number for b in plan.treatment_beams] if beam_number is None else [beam.number]
     try:
         axes = geometry.beam_axes(frame, gantry, couch, position)
-    except geometry.GeometryError as exc:
-        raise CaseError(plan.path, f"beam {beam.number} ({beam.name}): {exc}") from exc
+        reference = dose_reference.frame_of_reference(frame, plan_ds, gantry, couch, beam.isocenter_mm)
+        summation = dose_reference.summation_for(
+            plan_ds, summed, plan_sum=beam_number is None, treatment_beams=[b.number for b in plan.treatment_beams]
+        )
+    except ValueError as exc:  # GeometryError included
+        subject = "plan sum" if beam_number is None else f"beam {beam.number} ({beam.name})"
+        raise CaseError(plan.path, f"{subject}: {exc}") from exc
     planes, image = image_geometry(dose, grid, beam.isocenter_mm, axes)
     pixels, scaling = _quantize(planes, bits)
     n_frames, rows, cols = pixels.shape
@@ -212,10 +199,12 @@ def build_rtdose(
             setattr(ds, keyword, plan_ds[keyword].value)
         elif type2:
             setattr(ds, keyword, "")
-    if not ds.FrameOfReferenceUID:
-        raise CaseError(plan.path, "plan has no FrameOfReferenceUID; the RT Dose could not be placed")
+    ds.FrameOfReferenceUID = reference.uid
+    ds.PositionReferenceIndicator = reference.position_reference_indicator
 
     what = "plan sum" if beam_number is None else f"beam {beam.number} {beam.name}"
+    # Viewers list series by SeriesDescription: a phantom dose says so first.
+    shown = f"{dose_reference.PHANTOM} {what}" if reference.phantom else what
     units = "GY" if calibrated else "RELATIVE"
     ds.Manufacturer = MANUFACTURER
     ds.ManufacturerModelName = _lo(engine_label)
@@ -223,20 +212,23 @@ def build_rtdose(
     ds.SeriesInstanceUID = generate_uid()
     # One series per beam: its beam number; the plan sum is series PLAN_SUM_SERIES_NUMBER.
     ds.SeriesNumber = PLAN_SUM_SERIES_NUMBER if beam_number is None else beam.number
-    ds.SeriesDescription = _lo(f"{what}: {engine_label}")
+    ds.SeriesDescription = _lo(f"{shown}: {engine_label}")
+    ds.OperatorsName = ""  # Type 2 in the RT Series Module: no operator runs the pipeline
     ds.InstanceNumber = 1
     ds.ImageComments = (
-        f"Dose recomputed by {engine_label} for {what} of plan {plan_ds.SOPInstanceUID}; "
-        f"dose units {units}; {frame_comment(frame, gantry, couch)}; written by mqi_communicator {__version__}."
+        f"Dose recomputed by {engine_label} for {what} of plan {plan_ds.SOPInstanceUID}, one delivered "
+        f"session ({summation.type}); dose units {units}; {frame_comment(frame, gantry, couch)}; "
+        f"written by mqi_communicator {__version__}."
     )
 
     ds.ImagePositionPatient = image["ImagePositionPatient"]
     ds.ImageOrientationPatient = image["ImageOrientationPatient"]
     ds.PixelSpacing = image["PixelSpacing"]
     ds.SliceThickness = image["SliceThickness"]
-    ds.NumberOfFrames = n_frames
-    ds.FrameIncrementPointer = GRID_FRAME_OFFSET_VECTOR_TAG
-    ds.GridFrameOffsetVector = image["GridFrameOffsetVector"]
+    if n_frames > 1:
+        ds.NumberOfFrames = n_frames
+        ds.FrameIncrementPointer = GRID_FRAME_OFFSET_VECTOR_TAG
+        ds.GridFrameOffsetVector = image["GridFrameOffsetVector"]
 
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
@@ -250,10 +242,10 @@ def build_rtdose(
     ds.DoseUnits = units
     ds.DoseType = "PHYSICAL"
     ds.DoseComment = _lo(engine_label)
-    ds.DoseSummationType = "PLAN" if beam_number is None else "BEAM"
+    ds.DoseSummationType = summation.type
     ds.DoseGridScaling = scaling
     ds.TissueHeterogeneityCorrection = "WATER"
-    ds.ReferencedRTPlanSequence = _referenced_plan(plan_ds, beam_number)
+    ds.ReferencedRTPlanSequence = dose_reference.referenced_rt_plan(plan_ds, summation)
     ds.PixelData = pixels.tobytes()
     ds["PixelData"].VR = "OW"
     return ds
@@ -281,7 +273,7 @@ def write_rtdose(
     """Write the RT Dose of `dose` (MOQUI raw order) and return its path.
 
     `output` is the file to write, or an existing directory to write `output_name(...)` into.
-    `beam_number` None writes a plan sum (DoseSummationType PLAN). `dose_scale` multiplies the
+    `beam_number` None writes a plan sum (one session of the treatment beams, `dose_reference`). `dose_scale` multiplies the
     dose first (e.g. a Gy-per-unit calibration); `calibrated` selects DoseUnits GY over RELATIVE.
     """
     ds = build_rtdose(
@@ -327,7 +319,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", type=Path, help="raw dose of one beam")
-    source.add_argument("--sum", type=Path, nargs="+", metavar="RAW", help="raw doses to sum into a plan dose (PLAN)")
+    source.add_argument("--sum", type=Path, nargs="+", metavar="RAW", help="raw doses to sum into the plan's dose")
     parser.add_argument("--output", type=Path, required=True, help="output folder (RD_<beam>.dcm / RD_PLAN.dcm)")
     parser.add_argument("--dosetype", choices=("2d", "3d"), required=True, help="2d: 2 cm plane, 3d: phantom volume")
     parser.add_argument("--plan", type=Path, required=True, help="the RT Ion Plan the dose was computed for")

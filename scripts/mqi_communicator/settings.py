@@ -70,6 +70,18 @@ def path_problems(config: dict[str, Any]) -> list[str]:
     return problems
 
 
+def template_problems(config: dict[str, Any]) -> list[str]:
+    """A MOQUI template that would scale the dose a second time: the calibration (section
+    `calibration`) is applied once, when P3 writes the RT Dose (docs/qa.md, Calibration)."""
+    template = config["simulation"]["template"]
+    scaled = [key for key in template if key.lower() == "dosescalefactor"]
+    return [
+        f"simulation.template.{key} would scale the dose a second time; the dose scale comes from the calibration "
+        "record (bin/mqi calibrate) and is applied once, in the RT Dose"
+        for key in scaled
+    ]
+
+
 def load_yaml(path: Path) -> Any:
     """A YAML file; a syntax error is a ValueError naming the file, line and column."""
     try:

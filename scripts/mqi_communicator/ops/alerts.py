@@ -34,7 +34,16 @@ from mqi_communicator import settings
 from mqi_communicator.files import write_json_atomic
 
 PROG = "python -m mqi_communicator.ops.alerts"
-KINDS = ("case_failed", "case_recovered", "case_changed", "run_failed", "run_recovered", "test")
+KINDS = (
+    "case_failed",
+    "case_recovered",
+    "case_verdict",
+    "fraction_delivery",
+    "case_changed",
+    "run_failed",
+    "run_recovered",
+    "test",
+)
 RUN_PREFIX = "run_failed:"
 REPO = Path(__file__).resolve().parents[3]
 
@@ -74,9 +83,19 @@ def case_failed(case_id: str, step: str, reason: str, log: str | Path | None) ->
     )
 
 
-def case_recovered(case_id: str) -> Alert:
-    what = f"Case {case_id} completed after the failure reported earlier."
-    return _alert("case_recovered", f"case {case_id} recovered", what, "nothing.", case_id)
+def case_recovered(case_id: str, verdict: str | None = None, sheet: str | Path | None = None) -> Alert:
+    """`verdict`: the QA verdict it finished with, as shown (`FAIL [PLAN-BASED]`); a case that
+    completes is not necessarily fine, so only a PASS (or no QA at all) leaves nothing to do."""
+    what = f"Case {case_id} completed after the failure reported earlier" + (
+        f", with QA verdict {verdict}." if verdict else "."
+    )
+    todo = (
+        "nothing."
+        if not verdict or verdict.split()[0] == "PASS"
+        else f"read the QA sheet ({sheet}): it finished with QA {verdict} (its own alert names the beams and reasons)."
+    )
+    subject = f"case {case_id} recovered" + (f", QA {verdict}" if verdict else "")
+    return _alert("case_recovered", subject, what, todo, case_id, verdict=verdict, sheet=sheet)
 
 
 def case_changed(case_id: str, changed_files: list[str]) -> Alert:

@@ -23,7 +23,7 @@ from typing import Any
 from .. import fraction_watch
 from ..case_inputs import stat_fingerprint
 from ..files import write_json_atomic
-from . import alerts, fraction_alerts, state, verify
+from . import alerts, fraction_alerts, state, verdict_alerts, verify
 
 _CONFIG: dict[str, Any] | None = None
 _WORKDIR: Path | None = None
@@ -144,12 +144,15 @@ class RunRecorder:
         self._write_last_run(status)
 
     def _verify_finished_cases(self) -> None:
-        """A few finished cases per run are checked for inputs changed after finishing (verify)."""
+        """A few finished cases per run are checked for inputs changed after finishing (verify), and
+        the QA verdict alerts no channel took earlier are tried again (verdict_alerts)."""
         layout = self.layout
         assert layout is not None and _CONFIG is not None and _WORKDIR is not None
         count = _CONFIG["application"]["verify_finished_per_run"]
         for case_id, changed in verify.sweep(layout, _WORKDIR, count, _CONFIG["alerts"]).items():
             print(f"mqi: finished case {case_id} changed since: {', '.join(changed)}", file=sys.stderr)
+        for case_id in verdict_alerts.retry_pending(layout, _WORKDIR, _CONFIG["alerts"]):
+            print(f"mqi: QA verdict alert of case {case_id} sent (not delivered before)", file=sys.stderr)
 
     # -- events -----------------------------------------------------------------------------
     def _job_started(self, record: LogRecord) -> None:
@@ -228,6 +231,9 @@ class RunRecorder:
             (processing / name).unlink(missing_ok=True)
         if failure is not None:
             self._alert_recovered(case_id)
+        assert _CONFIG is not None and _WORKDIR is not None
+        # Every new non-PASS QA verdict reaches someone, once (docs/alerts-and-trend.md).
+        verdict_alerts.on_case_finished(case_id, layout, _WORKDIR, _CONFIG["alerts"])
 
     # -- files ------------------------------------------------------------------------------
     def _forget(self, jobid: int) -> None:
@@ -285,5 +291,7 @@ class RunRecorder:
     def _alert_recovered(self, case_id: str) -> None:
         layout = self.layout
         assert layout is not None and _CONFIG is not None
-        ledger = layout.processing(case_id) / state.ALERTS
-        alerts.resolve(alerts.case_recovered(case_id), ledger, "failed:", _CONFIG["alerts"])
+        processing = layout.processing(case_id)
+        verdict = verdict_alerts.finished_verdict(processing)
+        alert = alerts.case_recovered(case_id, verdict, processing / verdict_alerts.QA_SHEET if verdict else None)
+        alerts.resolve(alert, processing / state.ALERTS, "failed:", _CONFIG["alerts"])

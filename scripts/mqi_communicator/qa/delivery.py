@@ -1,14 +1,16 @@
-"""Delivery check, independent of any dose engine: each layer's PTN log against the plan.
+"""Delivery check, independent of any dose engine: each layer's PTN log against the plan
+(docs/delivery-check.md).
 
-Spots in the log: the beam-on samples (actual beam-on flag), split into spots where the beam
-goes off or where the position jumps by more than `spot_split_mm` between samples. A spot's
-position is its MU-weighted mean position, its MU the sum of its samples' dose1 counts x the
-room's MU per count x the layer's monitor range factor. Logged spots pair with planned spots
-in delivery order (the plan's spot order); a different count is reported and the spots are
-then paired by nearest planned position. Per layer: spot position differences (radial: mean,
-SD, max against 1 / 1.5 / 3 mm, as the clinic's log checker), MU per spot (largest relative
-difference) and per layer (relative difference); a layer beyond any tolerance is flagged and
-named, and the beam's delivery verdict is FAIL when any layer is flagged.
+The log is read in the plan's frame with the room's calibration (x sign, MU per count at the
+layer's energy x the layer's monitor range factor; docs/log-plan-frame.md). Spot-scanned layers
+(ScanMode MODULATED, or LINE with zero-length lines) pair logged spots with planned spots by
+position (qa/spot_match.py): delivery order, repainting and spots delivered in several visits do
+not matter; each planned spot's MU is summed over its visits. True LINE layers compare the
+beam-on path with the planned segments (qa/line_scan.py). Per layer: position differences per
+axis (mean, SD, max |d| of x and of y, each against 1 / 1.5 / 3 mm, as the clinic's ptn_checker),
+MU per spot (within spot_mu_percent OR the absolute floor spot_mu_floor_mu) and per layer; a
+layer beyond any limit is flagged and named, and the beam's delivery verdict is FAIL when any
+layer is flagged. Scan modes without spots (UNIFORM, NONE) are NOT ASSESSED, by name.
 """
 
 from __future__ import annotations
@@ -20,73 +22,99 @@ import numpy as np
 
 from .. import ptn
 from ..plan import Beam, Layer
+from . import line_scan, spot_match
+
+SPOT_SCAN_MODES = ("MODULATED", "MODULATED_SPEC")
 
 
-def logged_spots(
-    rows: np.ndarray, calibration: ptn.RoomCalibration, range_factor: float, split_mm: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """(positions (n, 2) in mm, MU (n,)) of the spots in one layer's log rows."""
-    on = (rows[:, 7] & ptn.FLAG_ACTUAL_BEAM_ON) != 0
-    x, y = calibration.x_mm(rows[:, 0]), calibration.y_mm(rows[:, 1])
-    mu = rows[:, 4].astype(np.float64) * calibration.mu_per_dose1_count * range_factor
-    index = np.flatnonzero(on)
-    if index.size == 0:
-        return np.zeros((0, 2)), np.zeros(0)
-    jump = np.hypot(np.diff(x[index]), np.diff(y[index])) > split_mm
-    gap = np.diff(index) > 1
-    starts = np.concatenate([[0], np.flatnonzero(jump | gap) + 1])
-    weights = np.add.reduceat(mu[index], starts)
-    safe = np.where(weights > 0, weights, 1.0)
-    sx = np.add.reduceat(x[index] * mu[index], starts) / safe
-    sy = np.add.reduceat(y[index] * mu[index], starts) / safe
-    keep = weights > 0
-    return np.column_stack([sx, sy])[keep], weights[keep]
+def _planned_spots(layer: Layer, scan_mode: str, tol: dict[str, Any]) -> tuple[np.ndarray, np.ndarray] | None:
+    """Planned (positions, MU) when the layer is spot-scanned; None for a true LINE layer."""
+    if scan_mode == "LINE" and layer.line_segments:
+        segments = np.asarray(layer.line_segments, dtype=np.float64)
+        if not line_scan.is_point_layer(segments, float(tol["line_point_mm"])):
+            return None
+        return spot_match.merged_plan(segments[:, 2:4], segments[:, 4])
+    xy = np.asarray(layer.spot_xy_mm, dtype=np.float64).reshape(-1, 2)
+    mu = np.asarray(layer.spot_mu, dtype=np.float64)
+    return spot_match.merged_plan(xy[mu > 0], mu[mu > 0])
 
 
-def check_layer(layer: Layer, positions: np.ndarray, mu: np.ndarray, tol: dict[str, Any]) -> dict[str, Any]:
-    planned = np.asarray(layer.spot_xy_mm, dtype=np.float64).reshape(-1, 2)
-    planned_mu = np.asarray(layer.spot_mu, dtype=np.float64)
-    keep = planned_mu > 0
-    planned, planned_mu = planned[keep], planned_mu[keep]
-    notes = []
-    if len(positions) == len(planned):
-        order = np.arange(len(planned))
+def _position_flags(result: dict[str, Any], tol: dict[str, Any]) -> list[str]:
+    flags = []
+    for stat, limit in (("mean", "position_mean_mm"), ("sd", "position_sd_mm"), ("max", "position_max_mm")):
+        for axis in ("x", "y"):
+            value = result[f"position_{stat}_{axis}_mm"]
+            if abs(value) > tol[limit]:
+                flags.append(f"position {stat} {axis} {value:+.2f} mm (limit {tol[limit]:g} mm per axis)")
+    return flags
+
+
+def _pairs_badly(result: dict[str, Any], tol: dict[str, Any]) -> bool:
+    return bool(_position_flags(result, tol)) or result["pairing"]["planned_spots_not_delivered"] > 0
+
+
+def check_layer(
+    layer: Layer,
+    rows: np.ndarray,
+    calibration: ptn.RoomCalibration,
+    mu_per_count: float,
+    tol: dict[str, Any],
+    scan_mode: str = "MODULATED",
+) -> dict[str, Any]:
+    """One layer's log against its plan layer; `mu_per_count` includes the monitor range factor."""
+    planned = _planned_spots(layer, scan_mode, tol)
+    notes: list[str] = []
+    if planned is None:
+        segments = np.asarray(layer.line_segments, dtype=np.float64)
+        _, xy, mu, _ = spot_match.beam_on_samples(rows, calibration, mu_per_count)
+        result = line_scan.match_path(xy, mu, segments, tol)
+        planned_mu = segments[:, 4]
     else:
-        notes.append(f"{len(positions)} spots logged for {len(planned)} planned; paired by nearest position")
-        order = np.argmin(np.linalg.norm(positions[:, None, :] - planned[None, :, :], axis=2), axis=1)
-    diff = np.linalg.norm(positions - planned[order], axis=1) if len(positions) else np.zeros(0)
-    spot_mu_diff = 100.0 * (mu - planned_mu[order]) / planned_mu[order] if len(mu) else np.zeros(0)
-    layer_mu = float(mu.sum())
-    layer_mu_diff = (
-        100.0 * (layer_mu - float(planned_mu.sum())) / float(planned_mu.sum()) if planned_mu.sum() > 0 else 0.0
+        planned_xy, planned_mu = planned
+        visits = spot_match.logged_visits(rows, calibration, mu_per_count, float(tol["spot_split_mm"]))
+        result = spot_match.match_spots(visits, planned_xy, planned_mu, tol)
+        if not result["pairing"]["order_as_planned"]:
+            notes.append("spots were delivered in another order than planned (matched by position)")
+        if result["pairing"]["paintings"] > 1:
+            notes.append(f"{result['pairing']['paintings']} paintings: each spot's MU summed over them")
+        # A wrong x_sign shows as a layer that pairs badly but would pair well mirrored.
+        mirrored = spot_match.Visits(visits.xy * [-1.0, 1.0], visits.mu, visits.painting, visits.first_sample)
+        if _pairs_badly(result, tol) and not _pairs_badly(
+            spot_match.match_spots(mirrored, planned_xy, planned_mu, tol), tol
+        ):
+            notes.append("the log matches the plan with x mirrored: check the room's x_sign (docs/log-plan-frame.md)")
+    logged_mu, not_delivered = result.pop("_logged_mu"), result.pop("_not_delivered")
+    percent, diff, worst = result.pop("_percent"), result.pop("_diff"), result.pop("_worst_outside")
+    layer_planned, layer_logged = (
+        float(planned_mu.sum()),
+        float(logged_mu.sum() + result["pairing"]["unmatched_logged_mu"]),
     )
-    result: dict[str, Any] = {
+    layer_mu_diff = 100.0 * (layer_logged - layer_planned) / layer_planned if layer_planned > 0 else 0.0
+    result |= {
         "energy_mev": layer.energy_mev,
-        "spots_planned": len(planned),
-        "spots_logged": len(positions),
-        "position_mean_mm": float(diff.mean()) if diff.size else 0.0,
-        "position_sd_mm": float(diff.std()) if diff.size else 0.0,
-        "position_max_mm": float(diff.max()) if diff.size else 0.0,
-        "spot_mu_max_diff_percent": float(spot_mu_diff[np.argmax(np.abs(spot_mu_diff))]) if spot_mu_diff.size else 0.0,
-        "layer_mu_planned": float(planned_mu.sum()),
-        "layer_mu_logged": layer_mu,
+        "spots_planned": len(planned_mu),
+        "spots_logged": int(result["pairing"].get("visits_logged", result["pairing"].get("samples_logged", 0))),
+        "layer_mu_planned": layer_planned,
+        "layer_mu_logged": layer_logged,
         "layer_mu_diff_percent": layer_mu_diff,
         "notes": notes,
     }
-    flags = []
-    for key, limit in (
-        ("position_mean_mm", "position_mean_mm"),
-        ("position_sd_mm", "position_sd_mm"),
-        ("position_max_mm", "position_max_mm"),
-    ):
-        if result[key] > tol[limit]:
-            flags.append(f"{key.replace('_mm', '')} {result[key]:.2f} mm > {tol[limit]:g} mm")
-    if abs(result["spot_mu_max_diff_percent"]) > tol["spot_mu_percent"]:
-        flags.append(f"spot MU off by {result['spot_mu_max_diff_percent']:+.1f} % (> {tol['spot_mu_percent']:g} %)")
+    flags = _position_flags(result, tol)
+    if worst >= 0:
+        flags.append(
+            f"{result['spots_mu_outside']} spot(s) off in MU, worst {percent[worst]:+.1f} % ({diff[worst]:+.4g} MU; "
+            f"limit {tol['spot_mu_percent']:g} % or {tol['spot_mu_floor_mu']:g} MU)"
+        )
     if abs(layer_mu_diff) > tol["layer_mu_percent"]:
         flags.append(f"layer MU off by {layer_mu_diff:+.2f} % (> {tol['layer_mu_percent']:g} %)")
-    if len(positions) != len(planned):
-        flags.append(f"{len(positions)} spots logged, {len(planned)} planned")
+    missing_mu = float(planned_mu[not_delivered].sum())
+    if missing_mu > tol["spot_mu_floor_mu"]:
+        flags.append(f"{len(not_delivered)} planned spot(s) not delivered ({missing_mu:.4g} MU)")
+    if result["pairing"]["unmatched_logged_mu"] > tol["spot_mu_floor_mu"]:
+        flags.append(
+            f"{result['pairing']['unmatched_logged_mu']:.4g} MU logged farther than "
+            f"{tol['match_gate_mm']:g} mm from every planned spot"
+        )
     result["flags"] = flags
     return result
 
@@ -100,6 +128,13 @@ def check_beam(
     tol: dict[str, Any],
 ) -> dict[str, Any]:
     """The delivery check of one beam from its simulated deliveries (intake manifest entries)."""
+    if deliveries and beam.scan_mode not in (*SPOT_SCAN_MODES, "LINE"):
+        return {
+            "verdict": "NOT ASSESSED",
+            "reasons": [f"scan mode {beam.scan_mode}: the delivery check knows spot and LINE scanning only"],
+            "flagged_layers": [],
+            "layers": [],
+        }
     layers = []
     for delivery in deliveries:
         folder = case_dir / delivery["folder"]
@@ -107,15 +142,11 @@ def check_beam(
         for offset, entry in enumerate(delivery["ptn"]):
             number = delivery["start_layer"] + offset
             layer = beam.layers[number - 1]
-            positions, mu = logged_spots(
-                ptn.read_ptn(folder / entry["file"]),
-                calibration,
-                range_factors[codes[offset] - 1],
-                tol["spot_split_mm"],
-            )
+            mu_per_count = calibration.mu_per_count(layer.energy_mev) * range_factors[codes[offset] - 1]
+            rows = ptn.read_ptn(folder / entry["file"])
             layers.append(
                 {"layer": number, "ptn": f"{delivery['folder']}/{entry['file']}"}
-                | check_layer(layer, positions, mu, tol)
+                | check_layer(layer, rows, calibration, mu_per_count, tol, beam.scan_mode)
             )
     delivered = {entry["layer"] for entry in layers}
     missing = [k for k in range(1, len(beam.layers) + 1) if k not in delivered]

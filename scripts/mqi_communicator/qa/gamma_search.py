@@ -103,24 +103,32 @@ class PaddedGrid:
         return (i0 + self.pad) * self.width + (i1 + self.pad)
 
 
-class WindowBounds:
-    """Minimum and maximum of the padded grid over (2 k0 + 1) x (2 k1 + 1) windows, grown step by
-    step (a window of half-width k grown by j is one of half-width k + j, so each larger window
-    costs two 1-D filters of the previous one). The padding never is a window's minimum; it makes
-    the maximum huge near the grid's edge, which only loosens the bound there."""
+class Padded(Protocol):
+    """A padded dose grid of any dimension (`PaddedGrid`, `gamma_3d`'s volume)."""
 
-    def __init__(self, grid: PaddedGrid) -> None:
-        self.k = (0, 0)
+    @property
+    def padded(self) -> np.ndarray: ...
+
+
+class WindowBounds:
+    """Minimum and maximum of a padded grid (2-D or 3-D) over windows of half-widths k (2 k + 1
+    nodes per axis), grown step by step (a window of half-width k grown by j is one of half-width
+    k + j, so each larger window costs two 1-D filters per axis of the previous one). The padding
+    never is a window's minimum; it makes the maximum huge near the grid's edge, which only
+    loosens the bound there."""
+
+    def __init__(self, grid: Padded) -> None:
+        self.k = (0,) * grid.padded.ndim
         self.low = grid.padded
         self.high = grid.padded
 
-    def grow_to(self, k0: int, k1: int) -> tuple[np.ndarray, np.ndarray]:
-        for axis, (new, old) in enumerate(((k0, self.k[0]), (k1, self.k[1]))):
+    def grow_to(self, *k: int) -> tuple[np.ndarray, np.ndarray]:
+        for axis, (new, old) in enumerate(zip(k, self.k, strict=True)):
             if new > old:
                 size = 2 * (new - old) + 1
                 self.low = ndimage.minimum_filter1d(self.low, size, axis=axis, mode="nearest")
                 self.high = ndimage.maximum_filter1d(self.high, size, axis=axis, mode="nearest")
-        self.k = (max(k0, self.k[0]), max(k1, self.k[1]))
+        self.k = tuple(max(a, b) for a, b in zip(k, self.k, strict=True))
         return self.low.ravel(), self.high.ravel()
 
 

@@ -2,7 +2,11 @@
 delivery line (PTN logs vs plan), the beam's worst, the case's worst; `qa.json` and the QA sheet.
 
     python -m mqi_communicator.qa.run --manifest intake.json --rtdoses RD_*.dcm \
-        --settings config/config.yaml --json qa.json --sheet qa_sheet.html --figures report/qa
+        --settings config/config.yaml --calibration '{...}' --json qa.json --sheet qa_sheet.html
+
+Everything a person needs to read the verdict travels with it (docs/qa.md, "Labels"): the case's
+labels (PLAN-BASED, FLAGGED, and DOSE SCALE NOT VERIFIED when the dose scale is not a current
+calibration), the engine, the calibration used and the fraction assessed.
 """
 
 from __future__ import annotations
@@ -23,8 +27,18 @@ import scipy
 from .. import __version__, ptn, settings
 from ..files import sha256_of, write_atomic, write_json_atomic
 from ..plan import Plan, read_plan
-from . import resumed, sheet, verdict
-from .tps_dose import TpsDoseProblem, find_tps_doses, load_delivered_plane, load_tps_plane, match
+from . import calibration as dose_calibration
+from . import resumed, sheet, verdict, volume
+from .tps_dose import (
+    TpsDoseProblem,
+    beam_dose_check,
+    find_tps_doses,
+    load_delivered_plane,
+    load_tps_plane,
+    match,
+)
+
+UNVERIFIED_LABEL = dose_calibration.UNVERIFIED_LABEL
 
 
 def _referenced_beam(path: Path) -> int | None:
@@ -36,11 +50,35 @@ def _referenced_beam(path: Path) -> int | None:
     return None
 
 
-def _fractions(plan_path: Path) -> int | None:
-    ds = pydicom.dcmread(plan_path, stop_before_pixels=True)
-    groups = ds.get("FractionGroupSequence") or []
-    value = groups[0].get("NumberOfFractionsPlanned") if groups else None
-    return int(value) if value not in (None, "") else None
+def fraction_group(plan_ds: pydicom.Dataset, beam_number: int) -> tuple[int | None, float | None]:
+    """(NumberOfFractionsPlanned, BeamDose in Gy) of the fraction group that references the beam."""
+    for group in plan_ds.get("FractionGroupSequence") or []:
+        for ref in group.get("ReferencedBeamSequence") or []:
+            if int(ref.ReferencedBeamNumber) == beam_number:
+                fractions = group.get("NumberOfFractionsPlanned")
+                dose = ref.get("BeamDose")
+                return (
+                    int(fractions) if fractions not in (None, "") else None,
+                    float(dose) if dose not in (None, "") else None,
+                )
+    return None, None
+
+
+def fraction_assessed(manifest: dict[str, Any], beams: list[dict[str, Any]]) -> dict[str, Any]:
+    """Which delivery the verdict is about: the deliveries simulated, with their irradiation times."""
+    by_folder = {d["folder"]: d for d in manifest["deliveries"]}
+    used = [by_folder[f] for b in beams if b["simulate"] for f in b.get("simulated_deliveries", []) if f in by_folder]
+    times = sorted(d["irradiation_time"] for d in used if d.get("irradiation_time"))
+    delivered = max((len(b.get("fractions", [])) for b in beams if b["simulate"]), default=0)
+    return {
+        "source": manifest.get("mode", "logs"),
+        # The latest complete fraction is the one simulated; earlier ones get the delivery check.
+        "fraction": delivered or None,
+        "fractions_delivered": delivered,
+        "deliveries": sorted(d["folder"] for d in used),
+        "first_irradiation": times[0] if times else None,
+        "last_irradiation": times[-1] if times else None,
+    }
 
 
 def tps_folder(manifest: dict[str, Any], qa: dict[str, Any]) -> Path:
@@ -49,13 +87,22 @@ def tps_folder(manifest: dict[str, Any], qa: dict[str, Any]) -> Path:
 
 
 def assess(
-    manifest: dict[str, Any], rtdoses: list[Path], config: dict[str, Any], engine: str
+    manifest: dict[str, Any],
+    rtdoses: list[Path],
+    config: dict[str, Any],
+    engine: str,
+    calibration_entry: dict[str, Any] | None,
 ) -> tuple[dict[str, Any], dict[str, bytes]]:
     qa = config["qa"]
     case_dir = Path(manifest["case_dir"])
     plan_path = case_dir / manifest["plan"]["path"]
     plan: Plan = read_plan(plan_path)
-    fractions = _fractions(plan_path)
+    plan_ds = pydicom.dcmread(plan_path, stop_before_pixels=True)
+    plan_frame = str(plan_ds.get("FrameOfReferenceUID") or "")
+    dose_scale = dose_calibration.status(calibration_entry, float(config["calibration"]["max_age_days"]))
+    labels = list(manifest.get("labels", []))
+    if dose_scale["state"] != "current":
+        labels.append(UNVERIFIED_LABEL)
     folder = tps_folder(manifest, qa)
     candidates = find_tps_doses(folder) if folder.is_dir() else []
     delivered_by_beam = {_referenced_beam(p): p for p in rtdoses}
@@ -77,15 +124,25 @@ def assess(
             tps_path = match(candidates, plan.sop_instance_uid, beam.number, len(plan.treatment_beams))
             inputs[str(tps_path)] = sha256_of(tps_path)
             record["tps_dose"] = str(tps_path)
-            tps = load_tps_plane(tps_path, beam.isocenter_mm[1], qa, fractions)
-            dose = verdict.compare(tps, load_delivered_plane(rd), qa)
+            fractions, beam_dose = fraction_group(plan_ds, beam.number)
+            if volume.is_volume(rd) and volume.is_volume(tps_path):  # 3-D gamma where there is volume
+                tps_volume = volume.load_tps_volume(tps_path, qa, fractions, plan_frame)
+                dose = volume.compare_volume(tps_volume, volume.load_delivered_volume(rd), qa, dose_scale)
+            else:
+                tps = load_tps_plane(tps_path, beam.isocenter_mm[1], qa, fractions, plan_frame)
+                scaling = beam_dose_check(tps, beam.isocenter_mm, beam_dose, fractions)
+                if scaling is not None:
+                    raise TpsDoseProblem("ERROR", f"{tps_path.name}: {scaling}")
+                delivered = load_delivered_plane(rd, float(qa["plane_depth_mm"]))
+                dose = verdict.compare(tps, delivered, qa, dose_scale)
         except TpsDoseProblem as problem:
             dose = verdict.error(problem.reason, problem.kind)
         arrays = dose.pop("_arrays", None)
         if arrays is not None:
             iso = (beam.isocenter_mm[0], beam.isocenter_mm[2])
+            tags = "".join(f" [{label}]" for label in labels)
             figures[beam.name] = sheet.beam_figure(
-                arrays, f"{manifest['case_id']} beam {beam.number} {beam.name}: {dose['verdict']}", iso
+                arrays, f"{manifest['case_id']} beam {beam.number} {beam.name}: {dose['verdict']}{tags}", iso
             )
         mine = [deliveries[f] for f in entry["simulated_deliveries"]]
         for d in mine:
@@ -103,6 +160,10 @@ def assess(
         "room": manifest["room"],
         "plan_sop_instance_uid": plan.sop_instance_uid,
         "verdict": verdict.worst([b["verdict"] for b in beams]),
+        "labels": labels,
+        "engine": engine,
+        "calibration": dose_scale,
+        "fraction_assessed": fraction_assessed(manifest, manifest["beams"]),
         "beams": beams,
         "criteria": {k: v for k, v in qa.items() if k != "trend"},
         "provenance": {
@@ -128,6 +189,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rtdoses", type=Path, nargs="*", default=[], help="the pipeline's RT Dose per beam")
     parser.add_argument("--settings", default="config/config.yaml", help="config YAML path or inline JSON")
     parser.add_argument("--engine", default="unknown", help="engine named in the provenance")
+    parser.add_argument(
+        "--calibration",
+        default="null",
+        help="the current calibration entry of the engine and room as JSON (null: none; see qa.calibration)",
+    )
     parser.add_argument("--json", type=Path, required=True, help="qa.json to write")
     parser.add_argument("--sheet", type=Path, required=True, help="QA sheet (HTML) to write")
     parser.add_argument("--figures", type=Path, help="also write qa_<beam>.png here (for the Snakemake report)")
@@ -135,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = settings.load(args.settings)
         manifest = json.loads(args.manifest.read_text())
-        result, figures = assess(manifest, args.rtdoses, config, args.engine)
+        result, figures = assess(manifest, args.rtdoses, config, args.engine, json.loads(args.calibration))
     except (OSError, ValueError, KeyError) as exc:
         print(f"QA failed: {exc}", file=sys.stderr)
         return 1

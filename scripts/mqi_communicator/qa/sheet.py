@@ -101,6 +101,32 @@ def _badge(verdict: str) -> str:
     return f'<span class="badge" style="background:{COLOURS.get(verdict, "#333")}">{html.escape(verdict)}</span>'
 
 
+def labels_html(qa: dict[str, Any]) -> str:
+    """The case's labels (PLAN-BASED, FLAGGED, DOSE SCALE NOT VERIFIED) as tags in the banner."""
+    return "".join(f" <span class='label'>[{html.escape(label)}]</span>" for label in qa.get("labels", []))
+
+
+def facts_line(qa: dict[str, Any]) -> str:
+    """One sentence: the calibration the dose scale rests on and the fraction assessed."""
+    calibration = qa.get("calibration") or {}
+    if calibration.get("state") == "current":
+        scale = (
+            f"Dose scale: calibration of {calibration['date'][:10]} by {calibration['set_by']} "
+            f"({calibration['method']}, {calibration['gy_per_unit']:.6g} Gy per unit)"
+        )
+    else:
+        scale = str(calibration.get("reason") or "Dose scale: not recorded").capitalize()
+    fraction = qa.get("fraction_assessed") or {}
+    if fraction.get("source") == "plan":
+        assessed = "dose computed from the plan (no delivery logs)"
+    elif fraction.get("fraction"):
+        when = fraction.get("last_irradiation") or "?"
+        assessed = f"fraction {fraction['fraction']} of {fraction['fractions_delivered']} delivered (logs of {when})"
+    else:
+        assessed = "fraction not recorded"
+    return f"{scale}. Assessed: {assessed}."
+
+
 def render(qa: dict[str, Any], figures: dict[str, bytes]) -> str:
     """The sheet as one HTML string (figures: beam name -> PNG bytes)."""
     verdict = qa["verdict"]
@@ -113,9 +139,10 @@ def render(qa: dict[str, Any], figures: dict[str, bytes]) -> str:
         "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #bbb;padding:.2em .5em;font-size:.9em}"
         ".note{background:#fff5d6;padding:.4em .8em;border-left:4px solid #b36b00}</style></head><body>",
         f"<div class='banner' style='background:{COLOURS.get(verdict, '#333')}'>Case {html.escape(qa['case_id'])}: "
-        f"{html.escape(verdict)}</div>",
+        f"{html.escape(verdict)}{labels_html(qa)}</div>",
         f"<p>Room {html.escape(str(qa.get('room')))}, plan {html.escape(str(qa.get('plan_sop_instance_uid')))}; "
         f"engine: {html.escape(str(qa['provenance'].get('engine')))}. The case takes its worst beam's verdict.</p>",
+        f"<p class='facts'>{html.escape(facts_line(qa))}</p>",
     ]
     for beam in qa["beams"]:
         dose, delivery = beam["dose"], beam["delivery"]
@@ -126,6 +153,8 @@ def render(qa: dict[str, Any], figures: dict[str, bytes]) -> str:
         )
         for note in dose.get("notes", []):
             parts.append(f"<p class='note'>{html.escape(note)}</p>")
+        if "evaluation" in dose:
+            parts.append(f"<p>Evaluation: {html.escape(dose['evaluation'])}</p>")
         if "gamma_primary" in dose:
             rows = []
             for key in ("gamma_primary", "gamma_secondary"):
@@ -156,9 +185,10 @@ def render(qa: dict[str, Any], figures: dict[str, bytes]) -> str:
                     layer["layer"],
                     f"{layer['energy_mev']:g}",
                     f"{layer['spots_logged']}/{layer['spots_planned']}",
-                    f"{layer['position_mean_mm']:.2f}",
-                    f"{layer['position_sd_mm']:.2f}",
-                    f"{layer['position_max_mm']:.2f}",
+                    # Per axis, as the limits apply (docs/delivery-check.md).
+                    f"{layer['position_mean_x_mm']:+.2f} / {layer['position_mean_y_mm']:+.2f}",
+                    f"{layer['position_sd_x_mm']:.2f} / {layer['position_sd_y_mm']:.2f}",
+                    f"{layer['position_max_x_mm']:.2f} / {layer['position_max_y_mm']:.2f}",
                     f"{layer['spot_mu_max_diff_percent']:+.2f}",
                     f"{layer['layer_mu_diff_percent']:+.2f}",
                     "; ".join(layer["flags"]) or "ok",
@@ -171,9 +201,9 @@ def render(qa: dict[str, Any], figures: dict[str, bytes]) -> str:
                         "layer",
                         "MeV",
                         "spots logged/planned",
-                        "pos. mean (mm)",
-                        "pos. SD (mm)",
-                        "pos. max (mm)",
+                        "pos. mean x / y (mm)",
+                        "pos. SD x / y (mm)",
+                        "pos. max |d| x / y (mm)",
                         "spot MU max diff (%)",
                         "layer MU diff (%)",
                         "flags",

@@ -1,7 +1,10 @@
-"""Across cases: the primary gamma pass rate per room over time, with TG-218's process-based
-limits (an individuals control chart of the site's own history: centre = mean, limits =
-mean -/+ 2.66 x mean moving range; a case below the lower limit is out of control even when it
-passes the universal 95 %). Writes a figure and a JSON table.
+"""Across cases: the primary gamma pass rate over delivery time, one series per stratum (room,
+engine, mode, comparison, gamma criteria: trend_points), with TG-218's process-based limits (an
+individuals control chart of the site's own history: centre = mean, limits = mean -/+ 2.66 x mean
+moving range). Each point is judged against the limits of the points of its stratum delivered
+before it (at least `min_cases`, at most `window`; never itself): below the lower limit it is out
+of control even when it passes the universal 95 %. Writes a figure and a JSON table
+(docs/alerts-and-trend.md).
 
 The points of every assessed beam are kept in a ledger (JSON lines, one per beam): a run reads
 the ledger and the `qa.json` of this run's cases only, so its cost does not grow with the number
@@ -18,7 +21,6 @@ from __future__ import annotations
 import argparse
 import glob
 import io
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,46 +32,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from ..files import write_atomic, write_json_atomic
+from .trend_points import STRATUM_FIELDS, UNKNOWN, order, points, update_ledger
 
 MOVING_RANGE_FACTOR = 2.66  # 3 / d2 with d2 = 1.128 for moving ranges of two points
-
-
-def points(qa_files: list[Path]) -> list[dict[str, Any]]:
-    """One point per assessed beam: room, date (the qa.json's time), case, beam, pass rate."""
-    out = []
-    for path in qa_files:
-        qa = json.loads(path.read_text())
-        for beam in qa["beams"]:
-            rate = beam["dose"].get("gamma_primary", {}).get("pass_rate_percent")
-            if rate is not None:
-                out.append(
-                    {
-                        "room": qa["room"],
-                        "written": qa["provenance"]["written"],
-                        "case_id": qa["case_id"],
-                        "beam": beam["name"],
-                        "pass_rate_percent": float(rate),
-                    }
-                )
-    return sorted(out, key=_order)
-
-
-def _order(point: dict[str, Any]) -> tuple[str, str, str, str]:
-    return (point["room"], point["written"], point["case_id"], point["beam"])
-
-
-def update_ledger(ledger: Path, qa_files: list[Path], history: str | None) -> list[dict[str, Any]]:
-    """Every point: the ledger's (built from `history` when there is none yet), with the cases of
-    `qa_files` replaced by their current points; the ledger is rewritten atomically."""
-    if ledger.exists():
-        known = [json.loads(line) for line in ledger.read_text().splitlines() if line.strip()]
-    else:
-        known = points([Path(p) for p in glob.glob(history or "")])
-    fresh = points(qa_files)
-    renewed = {p["case_id"] for p in fresh} | {json.loads(f.read_text())["case_id"] for f in qa_files}
-    merged = sorted([p for p in known if p["case_id"] not in renewed] + fresh, key=_order)
-    write_atomic(ledger, "".join(json.dumps(p, sort_keys=True) + "\n" for p in merged).encode())
-    return merged
+MIN_CASES = 20  # default baseline: TG-218 asks for at least 20 earlier results of the same process
 
 
 def control_limits(rates: list[float]) -> dict[str, float] | None:
@@ -86,43 +52,80 @@ def control_limits(rates: list[float]) -> dict[str, float] | None:
     }
 
 
-def trend(all_points: list[dict[str, Any]], min_cases: int, window: int | None = None) -> dict[str, Any]:
-    """Per room the latest `window` points in time order, their control limits and which points
-    fall below them (the drawing and its cost stay the same size as the history grows)."""
-    rooms: dict[str, Any] = {}
+def _limits_note(baseline: int, min_cases: int) -> str:
+    return f"{baseline} beams; a beam is judged once {min_cases} beams of its stratum were delivered before it"
+
+
+def judge(series: list[dict[str, Any]], min_cases: int, window: int) -> dict[str, Any]:
+    """One stratum, in delivery order: the latest `window` points, each judged against the limits
+    of up to `window` points delivered before it (none with fewer than `min_cases`), and the limits
+    the next point will be judged against."""
+    rates = [p["pass_rate_percent"] for p in series]
+    shown = []
+    for index in range(max(0, len(series) - window), len(series)):
+        baseline = rates[max(0, index - window) : index]
+        limits = control_limits(baseline) if len(baseline) >= min_cases else None
+        point = series[index] | {"baseline_points": len(baseline), "limits": limits}
+        point["out_of_control"] = bool(limits and point["pass_rate_percent"] < limits["lower"])
+        shown.append(point)
+    latest = rates[-window:]
+    limits = control_limits(latest) if len(latest) >= min_cases else None
+    first = series[0]
+    return {
+        **{k: first.get(k) for k in STRATUM_FIELDS},
+        "points": shown,
+        "beams_in_history": len(series),
+        "limits": limits,
+        "note": None if limits else _limits_note(len(latest), min_cases),
+    }
+
+
+def trend(all_points: list[dict[str, Any]], min_cases: int = MIN_CASES, window: int | None = None) -> dict[str, Any]:
+    """Per stratum, the points in delivery order and their judgements; the unknown stratum is
+    shown as it is, never judged."""
+    window = window or max(len(all_points), 1)
+    series: dict[str, list[dict[str, Any]]] = {}
     for point in all_points:
-        rooms.setdefault(point["room"], {"points": []})["points"].append(point)
-    for room in rooms.values():
-        room["beams_in_history"] = len(room["points"])
-        if window:
-            room["points"] = room["points"][-window:]
-        rates = [p["pass_rate_percent"] for p in room["points"]]
-        limits = control_limits(rates) if len(rates) >= min_cases else None
-        room["limits"] = limits
-        room["note"] = None if limits else f"{len(rates)} beams; control limits need {min_cases}"
-        for p in room["points"]:
-            p["out_of_control"] = bool(limits and p["pass_rate_percent"] < limits["lower"])
-    return {"rooms": rooms, "min_cases": min_cases, "window": window}
+        series.setdefault(point["stratum"], []).append(point)
+    strata = {}
+    for name, members in sorted(series.items()):
+        members.sort(key=order)  # the ledger's order already: a pass of timsort
+        if name == UNKNOWN:
+            shown = [p | {"limits": None, "out_of_control": False} for p in members[-window:]]
+            reasons = sorted({p.get("unknown_because", "") for p in members})
+            note = "not judged: " + "; ".join(r for r in reasons if r)
+            strata[name] = {"points": shown, "beams_in_history": len(members), "limits": None, "note": note}
+        else:
+            strata[name] = judge(members, min_cases, window)
+    return {"strata": strata, "min_cases": min_cases, "window": window}
 
 
 def figure(result: dict[str, Any]) -> bytes:
-    rooms = result["rooms"]
-    fig, axes = plt.subplots(max(1, len(rooms)), 1, figsize=(9, 3.2 * max(1, len(rooms))), squeeze=False)
-    for ax, (name, room) in zip(axes[:, 0], sorted(rooms.items()), strict=False):
-        rates = [p["pass_rate_percent"] for p in room["points"]]
-        ax.plot(range(1, len(rates) + 1), rates, "o-", label="primary gamma pass rate")
+    strata = result["strata"]
+    # The unknown stratum last: it is shown for completeness, not judged.
+    names = sorted(strata, key=lambda name: (name == UNKNOWN, name))
+    fig, axes = plt.subplots(max(1, len(names)), 1, figsize=(9, 3.2 * max(1, len(names))), squeeze=False)
+    for ax, name in zip(axes[:, 0], names, strict=False):
+        stratum = strata[name]
+        shown = stratum["points"]
+        x = np.arange(1, len(shown) + 1)
+        rates = [p["pass_rate_percent"] for p in shown]
+        ax.plot(x, rates, "o-", label="primary gamma pass rate")
+        out = [(k, p["pass_rate_percent"]) for k, p in zip(x, shown, strict=True) if p["out_of_control"]]
+        if out:
+            ax.plot(*zip(*out, strict=True), "rx", markersize=10, label="below its process limit")
+        lower = [p["limits"]["lower"] if p.get("limits") else np.nan for p in shown]
+        if not np.isnan(lower).all():
+            ax.step(x, lower, "k--", where="mid", label="process lower limit (earlier beams)")
         ax.axhline(95, color="tab:green", linestyle=":", label="TG-218 universal tolerance 95 %")
         ax.axhline(90, color="tab:red", linestyle=":", label="TG-218 universal action 90 %")
-        if room["limits"]:
-            for key, style in (("centre", "-"), ("lower", "--")):
-                ax.axhline(
-                    room["limits"][key], color="k", linestyle=style, label=f"process {key} {room['limits'][key]:.1f} %"
-                )
-        ax.set_title(f"room {name}" + (f" ({room['note']})" if room["note"] else ""))
-        ax.set_xlabel(f"beam, in time order (latest {len(rates)} of {room['beams_in_history']})")
+        if stratum["limits"]:
+            ax.axhline(stratum["limits"]["centre"], color="k", linestyle="-", linewidth=0.8, label="process centre")
+        ax.set_title(name + (f"\n({stratum['note']})" if stratum["note"] else ""), fontsize=9)
+        ax.set_xlabel(f"beam, in delivery order (latest {len(shown)} of {stratum['beams_in_history']})")
         ax.set_ylabel("pass rate (%)")
         ax.legend(fontsize=7)
-    if not rooms:
+    if not names:
         axes[0, 0].text(0.5, 0.5, "no assessed beams yet", ha="center")
     fig.tight_layout()
     buffer = io.BytesIO()
@@ -142,11 +145,20 @@ def main(argv: list[str] | None = None) -> int:
         help="glob of every case's qa.json, read only to build a missing ledger (or, without --ledger, "
         "every run), e.g. 'data/cases/*/intermediate/qa/qa.json'",
     )
-    parser.add_argument("--min-cases", type=int, default=5, help="control limits need this many beams")
-    parser.add_argument("--window", type=int, default=250, help="show and judge the latest this many beams per room")
+    parser.add_argument(
+        "--min-cases", type=int, default=MIN_CASES, help="control limits need this many earlier beams of the stratum"
+    )
+    parser.add_argument(
+        "--window",
+        type=int,
+        default=250,
+        help="show the latest this many beams per stratum; limits from at most as many",
+    )
     parser.add_argument("--figure", type=Path, required=True)
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args(argv)
+    if args.min_cases < 2 or args.window < args.min_cases:
+        parser.error(f"--min-cases {args.min_cases} must be >= 2 and <= --window {args.window}")
     try:
         if args.ledger:
             all_points = update_ledger(args.ledger, args.qa, args.history)

@@ -3,10 +3,17 @@
 Defaults after AAPM TG-218, every number from `qa:` in the config: gamma 3%/2 mm (primary)
 and 2%/2 mm, global, 10 % low-dose cutoff, the TPS plane the reference. PASS when the primary
 pass rate is >= 95 %; REVIEW at 90-95 %, when the 2%/2 mm rate is < 90 % or when the mean dose
-difference in the >= 50 % region exceeds 2 %; FAIL below 90 % or beyond 3 %. When either dose
-is RELATIVE (e.g. the built-in engine), the delivered dose is scaled to the TPS mean over the
-TPS >= 90 % region first and the result says so: absolute dose and a uniform MU error are then
-not assessed by the dose line (the delivery check still sees MU errors).
+difference in the >= 50 % region exceeds 2 %; FAIL below 90 % or beyond 3 %.
+
+A PASS needs an absolute dose whose scale is verified (docs/qa.md): both doses in Gy and a current
+calibration of the engine and room (`calibration.status`). Otherwise the comparison still runs
+(relative when either dose is RELATIVE: the delivered dose scaled to the TPS mean over the
+TPS >= 90 % region) and its FAIL or REVIEW stands, but it can be no better than NOT ASSESSED,
+with the reason "dose scale not verified".
+
+Before any comparison the geometry is proven: both planes along the same patient axes, the TPS
+plane within 0.5 mm of ours along the normal, and the TPS grid covering our dose above the
+cutoff; anything else is ERROR with the reason, never a comparison.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from .tps_dose import Plane
 
 ORDER = ("PASS", "REVIEW", "NOT ASSESSED", "FAIL", "ERROR")
 NORMALISATION_REGION_PERCENT = 90.0
+PLANE_POSITION_TOLERANCE_MM = 0.5
 
 
 def worst(verdicts: list[str]) -> str:
@@ -49,27 +57,60 @@ def resample(plane: Plane, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     return interp(np.stack([rr, cc], axis=-1))
 
 
-def compare(tps: Plane, delivered: Plane, qa: dict[str, Any]) -> dict[str, Any]:
-    """Gamma, mean dose difference and the dose verdict of one beam (TPS = reference)."""
+def _extent(values: np.ndarray) -> tuple[float, float]:
+    """The span a row of pixel centres covers, half a pixel beyond the outer centres."""
+    half = abs(float(values[1] - values[0])) / 2 if values.size > 1 else 0.5
+    return float(values.min()) - half, float(values.max()) + half
+
+
+def geometry_problem(tps: Plane, delivered: Plane, cutoff_percent: float) -> str | None:
+    """Why the two planes are not the same plane of the same phantom, or None."""
     if tps.axes != delivered.axes:
-        return error(f"the TPS plane lies along patient {tps.axes} but the delivered plane along {delivered.axes}")
+        return f"the TPS plane lies along patient {tps.axes} but the delivered plane along {delivered.axes}"
+    normal = next(a for a in "xyz" if a not in tps.axes)
+    if tps.position_mm is not None and delivered.position_mm is not None:
+        offset = tps.position_mm - delivered.position_mm
+        if abs(offset) > PLANE_POSITION_TOLERANCE_MM:
+            return (
+                f"the TPS plane lies at {normal} = {tps.position_mm:g} mm but ours at {normal} = "
+                f"{delivered.position_mm:g} mm ({offset:+.1f} mm, more than {PLANE_POSITION_TOLERANCE_MM:g} mm): "
+                "not the same plane (another depth or phantom position)"
+            )
+    above = delivered.dose >= cutoff_percent / 100 * float(delivered.dose.max(initial=0.0))
+    if above.any():
+        rows, cols = np.nonzero(above)
+        need_rows = (float(delivered.row_mm[rows].min()), float(delivered.row_mm[rows].max()))
+        need_cols = (float(delivered.col_mm[cols].min()), float(delivered.col_mm[cols].max()))
+        have_rows, have_cols = _extent(tps.row_mm), _extent(tps.col_mm)
+        if (
+            need_rows[0] < have_rows[0]
+            or need_rows[1] > have_rows[1]
+            or need_cols[0] < have_cols[0]
+            or need_cols[1] > have_cols[1]
+        ):
+            return (
+                f"the TPS grid ({tps.axes[0]} {have_cols[0]:g}..{have_cols[1]:g} mm, {tps.axes[1]} {have_rows[0]:g}.."
+                f"{have_rows[1]:g} mm) does not cover our dose above the cutoff ({tps.axes[0]} {need_cols[0]:g}.."
+                f"{need_cols[1]:g} mm, {tps.axes[1]} {need_rows[0]:g}..{need_rows[1]:g} mm)"
+            )
+    return None
+
+
+def compare(tps: Plane, delivered: Plane, qa: dict[str, Any], dose_scale: dict[str, Any]) -> dict[str, Any]:
+    """Gamma, mean dose difference and the dose verdict of one beam (TPS = reference).
+    `dose_scale`: the calibration status of the delivered dose (`calibration.status`)."""
+    problem = geometry_problem(tps, delivered, float(qa["gamma"]["cutoff_percent"]))
+    if problem:
+        return error(problem)
     notes = list(tps.notes)
     relative = "RELATIVE" in (tps.units, delivered.units)
     on_tps = resample(delivered, tps.row_mm, tps.col_mm)
     peak = float(tps.dose.max())
     if np.isnan(on_tps[tps.dose >= qa["gamma"]["cutoff_percent"] / 100 * peak]).any():
         return error("the TPS dose above the cutoff reaches outside the delivered dose grid")
-    scale = 1.0
-    if relative:
-        region = tps.dose >= NORMALISATION_REGION_PERCENT / 100 * peak
-        scale = float(tps.dose[region].mean() / on_tps[region].mean()) if on_tps[region].mean() > 0 else float("nan")
-        if not np.isfinite(scale):
-            return error("the delivered dose is zero where the TPS dose is highest")
-        notes.append(
-            f"RELATIVE comparison ({'TPS' if tps.units == 'RELATIVE' else 'delivered'} dose not in Gy): the delivered "
-            f"dose was scaled by {scale:.4g} to the TPS mean over the TPS >= {NORMALISATION_REGION_PERCENT:g} % region; "
-            "absolute dose and uniform MU errors are not assessed by the dose line"
-        )
+    scale = relative_scale(tps.dose, on_tps, tps.units, notes) if relative else 1.0
+    if scale is None:
+        return error("the delivered dose is zero where the TPS dose is highest")
     evaluated = delivered.dose * scale
     high = tps.dose >= qa["high_dose_region_percent"] / 100 * peak
     mean_diff = float(100.0 * (on_tps[high].mean() * scale - tps.dose[high].mean()) / tps.dose[high].mean())
@@ -88,10 +129,16 @@ def compare(tps: Plane, delivered: Plane, qa: dict[str, Any]) -> dict[str, Any]:
         criteria_from(qa, "secondary"),
     )
     verdict, reasons = dose_verdict(primary, secondary, mean_diff, qa["thresholds"])
+    unverified = scale_not_verified(tps.units, delivered.units, dose_scale)
+    if unverified:
+        verdict = worst([verdict, "NOT ASSESSED"])
+        reasons = [unverified, *reasons]
     return {
         "verdict": verdict,
         "reasons": reasons,
+        "evaluation": f"2-D gamma on the plane at depth {qa['plane_depth_mm']:g} mm",
         "comparison": "relative" if relative else "absolute",
+        "dose_scale_verified": not unverified,
         "scale_applied": scale,
         "notes": notes,
         "gamma_primary": primary.summary(),
@@ -114,6 +161,35 @@ def compare(tps: Plane, delivered: Plane, qa: dict[str, Any]) -> dict[str, Any]:
             ],
         },
     }
+
+
+def relative_scale(tps_dose: np.ndarray, on_tps: np.ndarray, tps_units: str, notes: list[str]) -> float | None:
+    """The factor that brings the delivered dose (resampled on the TPS grid) to the TPS mean over
+    the TPS >= 90 % region, for a comparison of shape when a dose is RELATIVE (never a PASS);
+    None when the delivered dose is zero there. Says so in `notes`."""
+    region = tps_dose >= NORMALISATION_REGION_PERCENT / 100 * float(tps_dose.max())
+    delivered_mean = float(on_tps[region].mean())
+    if not delivered_mean > 0:
+        return None
+    scale = float(tps_dose[region].mean()) / delivered_mean
+    notes.append(
+        f"RELATIVE comparison ({'TPS' if tps_units == 'RELATIVE' else 'delivered'} dose not in Gy): the delivered "
+        f"dose was scaled by {scale:.4g} to the TPS mean over the TPS >= {NORMALISATION_REGION_PERCENT:g} % region "
+        "to compare shapes; absolute dose and uniform MU errors are not assessed by the dose line"
+    )
+    return scale
+
+
+def scale_not_verified(tps_units: str, delivered_units: str, dose_scale: dict[str, Any]) -> str | None:
+    """Why the comparison cannot show that the delivered dose is right in Gy, or None."""
+    if delivered_units == "RELATIVE":
+        why = str(dose_scale.get("reason") or "no calibration").removeprefix("dose scale not verified: ")
+        return f"dose scale not verified: our dose is RELATIVE ({why})"
+    if tps_units == "RELATIVE":
+        return "dose scale not verified: the TPS dose is RELATIVE (export it in Gy)"
+    if dose_scale.get("state") != "current":
+        return str(dose_scale.get("reason") or "dose scale not verified")
+    return None
 
 
 def dose_verdict(
