@@ -131,7 +131,9 @@ def derive(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mqi_communicator.ops.calibrate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m mqi_communicator.ops.calibrate", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("case", help="the finished reference case (its id)")
     parser.add_argument("--by", required=True, help="who sets this calibration (recorded)")
     parser.add_argument("--measured-gy", type=float, help="measured dose (Gy, one fraction) at the isocentre")
