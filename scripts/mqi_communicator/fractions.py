@@ -149,7 +149,8 @@ def log_problems(
             rows,
             calibration,
             config["monitor_range_factors"][code - 1],
-            layer.mu,
+            # Without BeamMeterset the plan's MU are unknown (0: not compared), the logs' are not.
+            layer.mu if beam.mu_known else 0.0,
             layer.spot_xy_mm,
             config["log_checks"],
             energy_mev=layer.energy_mev,

@@ -66,6 +66,15 @@ def case_source(case_dir: Path, config: dict[str, Any]) -> str:
     return source
 
 
+def plan_mode_refusal(plan: Plan) -> str:
+    """Why a plan whose fraction group gives no BeamMeterset (Type 3) cannot be computed alone."""
+    beams = ", ".join(f"{b.number} ({b.name!r})" for b in plan.beams_without_mu)
+    return (
+        f"plan mode needs each treatment beam's MU, but no fraction group gives a BeamMeterset for beam(s) {beams} "
+        "(ReferencedBeamSequence, Type 3): run the case with its delivery logs, or export the plan with BeamMeterset"
+    )
+
+
 def _span(first: int, last: int) -> str:
     return str(first) if first == last else f"{first}-{last}"
 
@@ -148,6 +157,13 @@ def build_manifest(case_dir: Path, config: dict[str, Any], now: float | None = N
     deliveries: list[Delivery] = []
     folders = find_delivery_folders(case_dir)
     warnings = list(plan.warnings)
+    if plan.beams_without_mu:
+        if mode == "plan":
+            raise CaseError(plan_path, plan_mode_refusal(plan))
+        warnings.append(
+            f"no BeamMeterset for beam(s) {[b.number for b in plan.beams_without_mu]}: the MU come from the "
+            "delivery logs; the logs' MU cannot be compared with the plan's (docs/plan-support.md)"
+        )
     if mode == "plan" and folders:
         warnings.append(f"plan mode: {len(folders)} delivery folder(s) ignored")
     for folder in folders if mode == "logs" else []:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import re
 import sys
@@ -16,12 +15,12 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from .errors import CaseError
+from .plan_check import PRIVATE_SPOT_WEIGHTS, beam_meterset, float32_array, is_setup_beam, plan_problems
 
 RT_ION_PLAN_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.8"
 ROOM_PATTERN = re.compile(r"G[^0-9]*([12])(?![0-9])")
 # SHI line-scanning private tags mirroring ScanSpotPositionMap / ScanSpotMetersetWeights.
 PRIVATE_SPOT_POSITIONS = (0x300B, 0x1094)
-PRIVATE_SPOT_WEIGHTS = (0x300B, 0x1096)
 
 
 @dataclass
@@ -50,6 +49,9 @@ class Beam:
     range_shifters: int
     layers: list[Layer]
     scan_mode: str = "MODULATED"  # PS3.3 C.8.8.25 ScanMode (300A,0308): MODULATED, LINE, ...
+    # False when no fraction group gives the beam's BeamMeterset (Type 3): its layers' `mu` and
+    # `spot_mu` are then relative meterset weights, not MU (docs/plan-support.md).
+    mu_known: bool = True
 
     @property
     def sanitized_name(self) -> str:
@@ -68,6 +70,11 @@ class Plan:
     @property
     def treatment_beams(self) -> list[Beam]:
         return [b for b in self.beams if not b.is_setup]
+
+    @property
+    def beams_without_mu(self) -> list[Beam]:
+        """Treatment beams whose MU the plan does not give (no BeamMeterset)."""
+        return [b for b in self.treatment_beams if not b.mu_known]
 
     def beam(self, number: int) -> Beam | None:
         return next((b for b in self.beams if b.number == number), None)
@@ -116,14 +123,6 @@ def find_plan(case_dir: Path) -> Path:
     return candidates[0]
 
 
-def _float32_array(element: object) -> np.ndarray:
-    """Decode a private float32 array that pydicom may hand over as raw UN bytes."""
-    value = getattr(element, "value", element)
-    if isinstance(value, bytes | bytearray):
-        return np.frombuffer(bytes(value), dtype="<f4").astype(np.float64)
-    return np.asarray(value if isinstance(value, list | tuple) else [value], dtype=np.float64)
-
-
 def _control_point_spots(cp: Dataset) -> tuple[np.ndarray, np.ndarray]:
     """Spot positions (N, 2) and weights (N,) of one control point, standard tags first."""
     if "ScanSpotPositionMap" in cp and "ScanSpotMetersetWeights" in cp:
@@ -135,8 +134,8 @@ def _control_point_spots(cp: Dataset) -> tuple[np.ndarray, np.ndarray]:
             dtype=np.float64,
         )
     elif PRIVATE_SPOT_POSITIONS in cp and PRIVATE_SPOT_WEIGHTS in cp:
-        positions = _float32_array(cp[PRIVATE_SPOT_POSITIONS])
-        weights = _float32_array(cp[PRIVATE_SPOT_WEIGHTS])
+        positions = float32_array(cp[PRIVATE_SPOT_POSITIONS])
+        weights = float32_array(cp[PRIVATE_SPOT_WEIGHTS])
     else:
         return np.empty((0, 2)), np.empty(0)
     if positions.size != 2 * weights.size:
@@ -146,20 +145,11 @@ def _control_point_spots(cp: Dataset) -> tuple[np.ndarray, np.ndarray]:
     return positions.reshape(-1, 2), weights
 
 
-def _beam_meterset(ds: Dataset, beam_number: int) -> float | None:
-    for group in ds.get("FractionGroupSequence", []):
-        for ref in group.get("ReferencedBeamSequence", []):
-            if int(ref.ReferencedBeamNumber) == beam_number and ref.get("BeamMeterset") is not None:
-                return float(ref.BeamMeterset)
-    return None
-
-
-def _layers(ds: Dataset, beam: Dataset) -> list[Layer]:
+def _layers(beam: Dataset, meterset: float | None) -> list[Layer]:
     cps = list(beam.get("IonControlPointSequence", []))
     if not cps:
         return []
     final = float(beam.get("FinalCumulativeMetersetWeight") or 0) or None
-    meterset = _beam_meterset(ds, int(beam.BeamNumber))
     # Meterset weights are relative; scale to MU when the fraction group gives the beam's MU.
     mu_per_weight = meterset / final if meterset and final else 1.0
     layers: list[Layer] = []
@@ -198,109 +188,6 @@ def _line_segments(positions: np.ndarray, mu: np.ndarray) -> list[tuple[float, f
     return segments
 
 
-def _count(value: object) -> int | None:
-    try:
-        return int(value)  # type: ignore[call-overload]
-    except (TypeError, ValueError):
-        return None
-
-
-def _spot_count(cp: Dataset) -> int | None:
-    """Number of spot weights a control point holds (standard tag, else the SHI private one)."""
-    if "ScanSpotMetersetWeights" in cp:
-        value = cp.ScanSpotMetersetWeights
-        return len(value) if isinstance(value, list | tuple | pydicom.multival.MultiValue) else 1
-    if PRIVATE_SPOT_WEIGHTS in cp:
-        return int(_float32_array(cp[PRIVATE_SPOT_WEIGHTS]).size)
-    return None
-
-
-def _beam_problems(beam: Dataset, warnings: list[str]) -> list[str]:
-    """What a treatment beam's own declarations say is missing from it (a declaration that is
-    itself absent cannot be checked: a warning)."""
-    problems: list[str] = []
-    label = f"beam {beam.get('BeamNumber')} ({beam.get('BeamName', '')!r})"
-    cps = list(beam.get("IonControlPointSequence", []))
-    declared = _count(beam.get("NumberOfControlPoints"))
-    if declared is None:
-        warnings.append(f"{label}: no NumberOfControlPoints to check the control points against")
-    elif declared != len(cps):
-        problems.append(f"{label}: NumberOfControlPoints is {declared} but the beam holds {len(cps)} control points")
-    final = beam.get("FinalCumulativeMetersetWeight")
-    weights = [cp.get("CumulativeMetersetWeight") for cp in cps]
-    if final is None:
-        warnings.append(f"{label}: no FinalCumulativeMetersetWeight to check the meterset against")
-    elif not cps or weights[-1] is None:
-        problems.append(f"{label}: the last control point has no CumulativeMetersetWeight")
-    elif abs(float(weights[-1]) - float(final)) > 1e-6 * max(1.0, abs(float(final))):
-        problems.append(
-            f"{label}: cumulative meterset weight ends at {float(weights[-1]):g}, "
-            f"not at FinalCumulativeMetersetWeight {float(final):g}"
-        )
-    known = [float(w) for w in weights if w is not None]
-    if any(b < a for a, b in itertools.pairwise(known)):
-        problems.append(f"{label}: CumulativeMetersetWeight decreases between control points")
-    for cp in cps:
-        spots = _count(cp.get("NumberOfScanSpotPositions"))
-        found = _spot_count(cp)
-        if spots is not None and found is not None and spots != found:
-            problems.append(
-                f"{label}, control point {cp.get('ControlPointIndex')}: NumberOfScanSpotPositions is {spots} "
-                f"but it holds {found} spot weights"
-            )
-    return problems
-
-
-def plan_problems(ds: Dataset) -> tuple[list[str], list[str]]:
-    """(errors, warnings): the plan checked against its own declarations. A plan file cut short
-    (a truncated transfer) still parses, with beams, control points or spots missing; this is
-    what catches it: NumberOfBeams, the fraction group's beams and meterset, NumberOfControlPoints,
-    the cumulative meterset reaching FinalCumulativeMetersetWeight, and spots per control point."""
-    errors: list[str] = []
-    warnings: list[str] = []
-    beams = list(ds.get("IonBeamSequence", []))
-    groups = list(ds.get("FractionGroupSequence", []))
-    if not groups:
-        warnings.append("no FractionGroupSequence: the number of beams cannot be checked")
-    numbers = {_count(b.get("BeamNumber")) for b in beams}
-    treatment = [b for b in beams if not _is_setup_beam(b)]
-    for group in groups:
-        refs = list(group.get("ReferencedBeamSequence", []))
-        declared = _count(group.get("NumberOfBeams"))
-        if declared is None:
-            warnings.append(f"fraction group {group.get('FractionGroupNumber')}: no NumberOfBeams to check")
-        else:
-            if declared != len(beams):
-                errors.append(f"NumberOfBeams is {declared} but the plan holds {len(beams)} beams (IonBeamSequence)")
-            if declared != len(refs):
-                errors.append(
-                    f"fraction group {group.get('FractionGroupNumber')}: NumberOfBeams is {declared} but "
-                    f"ReferencedBeamSequence lists {len(refs)} beams"
-                )
-        referenced = {_count(r.get("ReferencedBeamNumber")): r for r in refs}
-        missing_meterset = [n for n, r in referenced.items() if n in numbers and r.get("BeamMeterset") is None]
-        if missing_meterset:
-            errors.append(f"ReferencedBeamSequence gives no BeamMeterset for beam(s) {missing_meterset}")
-        unknown = sorted(n for n in referenced if n is not None and n not in numbers)
-        if unknown:
-            # Seen in real exports (the reference phantom plan): tolerated, but said.
-            warnings.append(
-                f"the fraction group references beam number(s) {unknown} that are not in IonBeamSequence; "
-                "those beams' MU come from their meterset weights"
-            )
-    for beam in treatment:
-        errors.extend(_beam_problems(beam, warnings))
-    return errors, warnings
-
-
-def _is_setup_beam(beam: Dataset) -> bool:
-    return (
-        str(beam.get("BeamName", "")).strip().upper() == "SETUP"
-        or str(beam.get("BeamDescription", "")).strip() == "Site Setup"
-        or str(beam.get("TreatmentDeliveryType", "")).strip().upper() == "SETUP"
-    )
-
-
 def read_plan(path: Path) -> Plan:
     """Parse an RT Ion Plan; raises CaseError naming the file for anything unusable."""
     try:
@@ -309,7 +196,8 @@ def read_plan(path: Path) -> Plan:
         raise CaseError(path, f"cannot read DICOM: {exc}") from exc
     if str(ds.get("SOPClassUID", "")) != RT_ION_PLAN_SOP_CLASS:
         raise CaseError(path, f"not an RT Ion Plan (SOP class {ds.get('SOPClassUID')})")
-    errors, warnings = plan_problems(ds)
+    check = plan_problems(ds)
+    errors, warnings = check.errors, check.warnings
     if errors:
         raise CaseError(
             path,
@@ -320,9 +208,10 @@ def read_plan(path: Path) -> Plan:
     rooms: set[str] = set()
     for beam in ds.get("IonBeamSequence", []):
         machine = str(beam.get("TreatmentMachineName", ""))
-        setup = _is_setup_beam(beam)
+        setup = is_setup_beam(beam)
+        meterset = beam_meterset(ds, int(beam.BeamNumber))
         try:
-            layers = [] if setup else _layers(ds, beam)
+            layers = [] if setup else _layers(beam, meterset)
         except ValueError as exc:
             raise CaseError(path, str(exc)) from exc
         if not setup:
@@ -350,6 +239,7 @@ def read_plan(path: Path) -> Plan:
                 range_shifters=int(beam.get("NumberOfRangeShifters") or 0),
                 layers=layers,
                 scan_mode=str(beam.get("ScanMode", "MODULATED")).upper(),
+                mu_known=meterset is not None or int(beam.BeamNumber) in check.weights_as_mu,
             )
         )
     if not any(not b.is_setup for b in beams):

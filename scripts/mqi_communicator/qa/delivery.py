@@ -135,6 +135,13 @@ def check_beam(
             "flagged_layers": [],
             "layers": [],
         }
+    if deliveries and not beam.mu_known:
+        return {
+            "verdict": "NOT ASSESSED",
+            "reasons": ["the plan gives no BeamMeterset for this beam: its planned MU are unknown"],
+            "flagged_layers": [],
+            "layers": [],
+        }
     layers = []
     for delivery in deliveries:
         folder = case_dir / delivery["folder"]

@@ -1,0 +1,185 @@
+"""The RT Ion Plan's self-check against cut and damaged files, judged by what PS3.3 requires.
+
+PS3.3 C.8.8.13 (RT Fraction Scheme): each fraction group's NumberOfBeams is the number of beams
+in *that* fraction group and its ReferencedBeamSequence lists them; fraction groups reference the
+beams delivered, so a setup beam may or may not be referenced (Eclipse, RayStation and MOSAIQ
+leave it out, our samples keep it in). BeamMeterset (300A,0086, in ReferencedBeamSequence) is
+Type 3: it may be absent, and then the beam's MU are unknown (docs/plan-support.md).
+
+What a file cut short shows, and this catches: a fraction group referencing a beam that
+IonBeamSequence no longer holds (the beams come after the fraction groups in the file), and a
+beam whose control points or spots fall short of what it declares.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+
+# SHI line-scanning private tag mirroring ScanSpotMetersetWeights (read in plan.py as well).
+PRIVATE_SPOT_WEIGHTS = (0x300B, 0x1096)
+
+
+@dataclass
+class PlanCheck:
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    # Treatment beams whose meterset weights are taken as MU although no fraction group gives
+    # their BeamMeterset: only the numbering mismatch seen in the clinic's phantom export.
+    weights_as_mu: set[int] = field(default_factory=set)
+
+
+def count(value: object) -> int | None:
+    try:
+        return int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return None
+
+
+def is_setup_beam(beam: Dataset) -> bool:
+    return (
+        str(beam.get("BeamName", "")).strip().upper() == "SETUP"
+        or str(beam.get("BeamDescription", "")).strip() == "Site Setup"
+        or str(beam.get("TreatmentDeliveryType", "")).strip().upper() == "SETUP"
+    )
+
+
+def beam_references(ds: Dataset, beam_number: int) -> list[tuple[int | None, Dataset]]:
+    """(FractionGroupNumber, ReferencedBeamSequence item) of every fraction group that references the beam."""
+    return [
+        (count(group.get("FractionGroupNumber")), ref)
+        for group in ds.get("FractionGroupSequence") or []
+        for ref in group.get("ReferencedBeamSequence") or []
+        if count(ref.get("ReferencedBeamNumber")) == beam_number
+    ]
+
+
+def beam_meterset(ds: Dataset, beam_number: int) -> float | None:
+    """The beam's BeamMeterset (MU) from the fraction group that references it; None when no
+    group gives one. Several groups giving different values are refused by `plan_problems`."""
+    values = [
+        float(ref.BeamMeterset) for _, ref in beam_references(ds, beam_number) if ref.get("BeamMeterset") is not None
+    ]
+    return values[0] if values else None
+
+
+def float32_array(element: object) -> np.ndarray:
+    """Decode a private float32 array that pydicom may hand over as raw UN bytes."""
+    value = getattr(element, "value", element)
+    if isinstance(value, bytes | bytearray):
+        return np.frombuffer(bytes(value), dtype="<f4").astype(np.float64)
+    return np.asarray(value if isinstance(value, list | tuple) else [value], dtype=np.float64)
+
+
+def _spot_count(cp: Dataset) -> int | None:
+    """Number of spot weights a control point holds (standard tag, else the SHI private one)."""
+    if "ScanSpotMetersetWeights" in cp:
+        value = cp.ScanSpotMetersetWeights
+        return len(value) if isinstance(value, list | tuple | pydicom.multival.MultiValue) else 1
+    if PRIVATE_SPOT_WEIGHTS in cp:
+        return int(float32_array(cp[PRIVATE_SPOT_WEIGHTS]).size)
+    return None
+
+
+def _beam_problems(beam: Dataset, warnings: list[str]) -> list[str]:
+    """What a treatment beam's own declarations say is missing from it (a declaration that is
+    itself absent cannot be checked: a warning)."""
+    problems: list[str] = []
+    label = f"beam {beam.get('BeamNumber')} ({beam.get('BeamName', '')!r})"
+    cps = list(beam.get("IonControlPointSequence", []))
+    declared = count(beam.get("NumberOfControlPoints"))
+    if declared is None:
+        warnings.append(f"{label}: no NumberOfControlPoints to check the control points against")
+    elif declared != len(cps):
+        problems.append(f"{label}: NumberOfControlPoints is {declared} but the beam holds {len(cps)} control points")
+    final = beam.get("FinalCumulativeMetersetWeight")
+    weights = [cp.get("CumulativeMetersetWeight") for cp in cps]
+    if final is None:
+        warnings.append(f"{label}: no FinalCumulativeMetersetWeight to check the meterset against")
+    elif not cps or weights[-1] is None:
+        problems.append(f"{label}: the last control point has no CumulativeMetersetWeight")
+    elif abs(float(weights[-1]) - float(final)) > 1e-6 * max(1.0, abs(float(final))):
+        problems.append(
+            f"{label}: cumulative meterset weight ends at {float(weights[-1]):g}, "
+            f"not at FinalCumulativeMetersetWeight {float(final):g}"
+        )
+    known = [float(w) for w in weights if w is not None]
+    if any(b < a for a, b in itertools.pairwise(known)):
+        problems.append(f"{label}: CumulativeMetersetWeight decreases between control points")
+    for cp in cps:
+        spots = count(cp.get("NumberOfScanSpotPositions"))
+        found = _spot_count(cp)
+        if spots is not None and found is not None and spots != found:
+            problems.append(
+                f"{label}, control point {cp.get('ControlPointIndex')}: NumberOfScanSpotPositions is {spots} "
+                f"but it holds {found} spot weights"
+            )
+    return problems
+
+
+def _group_problems(ds: Dataset, check: PlanCheck) -> None:
+    """Each fraction group against its own NumberOfBeams, and every beam given two different
+    BeamMeterset by two groups (which of them the delivery was would be a guess)."""
+    groups = list(ds.get("FractionGroupSequence") or [])
+    if not groups:
+        check.warnings.append("no FractionGroupSequence: the beams' MU (BeamMeterset) are unknown")
+    for group in groups:
+        label = f"fraction group {group.get('FractionGroupNumber')}"
+        refs = list(group.get("ReferencedBeamSequence") or [])
+        declared = count(group.get("NumberOfBeams"))
+        if declared is None:
+            check.warnings.append(f"{label}: no NumberOfBeams to check ReferencedBeamSequence against")
+        elif declared != len(refs):
+            check.errors.append(
+                f"{label}: NumberOfBeams is {declared} but ReferencedBeamSequence lists {len(refs)} beams"
+            )
+    for number in sorted({n for b in ds.get("IonBeamSequence") or [] if (n := count(b.get("BeamNumber"))) is not None}):
+        metersets = {
+            group: float(ref.BeamMeterset) for group, ref in beam_references(ds, number) if "BeamMeterset" in ref
+        }
+        if len(set(metersets.values())) > 1:
+            given = ", ".join(f"{mu:g} MU in fraction group {group}" for group, mu in metersets.items())
+            check.errors.append(
+                f"beam {number} is in several fraction groups with different BeamMeterset ({given}): "
+                "not supported, the delivered MU would be a guess"
+            )
+
+
+def plan_problems(ds: Dataset) -> PlanCheck:
+    """The plan checked against its own declarations (errors: a cut or damaged file; warnings)."""
+    check = PlanCheck()
+    beams = list(ds.get("IonBeamSequence") or [])
+    numbers = {count(b.get("BeamNumber")) for b in beams}
+    treatment = [b for b in beams if not is_setup_beam(b)]
+    _group_problems(ds, check)
+    referenced = {
+        count(ref.get("ReferencedBeamNumber"))
+        for group in ds.get("FractionGroupSequence") or []
+        for ref in group.get("ReferencedBeamSequence") or []
+    }
+    unknown = sorted(n for n in referenced if n is not None and n not in numbers)
+    unreferenced = sorted(n for b in treatment if (n := count(b.get("BeamNumber"))) not in referenced and n is not None)
+    if unknown and len(unknown) == len(unreferenced):
+        # Seen in a real export (the clinic's phantom plan: references 1, 6, 7, 8, 9 for beams 1
+        # to 5): as many orphan references as unreferenced beams is a numbering slip, not a loss.
+        check.weights_as_mu.update(unreferenced)
+        check.warnings.append(
+            f"the fraction group references beam number(s) {unknown} that are not in IonBeamSequence, and "
+            f"beam(s) {unreferenced} are not referenced; those beams' MU come from their meterset weights"
+        )
+    elif unknown:
+        check.errors.append(
+            f"the fraction group references beam(s) {unknown} that are not in IonBeamSequence "
+            f"(it holds beams {sorted(n for n in numbers if n is not None)})"
+        )
+    elif unreferenced:
+        check.warnings.append(
+            f"treatment beam(s) {unreferenced} are in no fraction group: their MU (BeamMeterset) are unknown"
+        )
+    for beam in treatment:
+        check.errors.extend(_beam_problems(beam, check.warnings))
+    return check
