@@ -118,16 +118,22 @@ def test_two_fraction_groups_each_from_its_own_group(tmp_path: Path, config: dic
     assert len(_csv_bytes(tmp_path / "p2")) == 8
 
 
-def test_one_beam_in_two_groups_with_other_mu_is_refused_by_name(tmp_path: Path, config: dict) -> None:
+@pytest.mark.parametrize("other_mu", [1.5, 1.32])
+def test_one_beam_in_two_groups_is_refused_by_name(tmp_path: Path, config: dict, other_mu: float) -> None:
+    """Even with the same MU (1.32 = casegen's) its NumberOfFractionsPlanned differ: never group 1 silently."""
     case = casegen.write_case(tmp_path, "twice")
     plan = shapes.plan_of(case)
-    shapes.beam_in_two_groups(plan, 2, other_meterset=1.5)
+    shapes.beam_in_two_groups(plan, 2, other_meterset=other_mu)
+    ds = pydicom.dcmread(plan)
+    assert [int(r.ReferencedBeamNumber) for g in ds.FractionGroupSequence for r in g.ReferencedBeamSequence].count(
+        2
+    ) == 2
     with pytest.raises(CaseError) as info:
         build_manifest(case, config)
     message = str(info.value)
-    assert str(plan) in message
-    assert "beam 2 is in several fraction groups with different BeamMeterset" in message
-    assert "1.5 MU in fraction group 2" in message
+    assert message.startswith(f"{plan}: the plan uses what is not supported")
+    assert "beam 2 is in several fraction groups (1.32 MU in fraction group 1, " in message
+    assert f"{other_mu:g} MU in fraction group 2): not supported" in message
 
 
 @pytest.mark.parametrize("shape", ["ours", "eclipse"])

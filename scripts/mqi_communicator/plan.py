@@ -198,6 +198,10 @@ def read_plan(path: Path) -> Plan:
         raise CaseError(path, f"not an RT Ion Plan (SOP class {ds.get('SOPClassUID')})")
     check = plan_problems(ds)
     errors, warnings = check.errors, check.warnings
+    if check.unsupported:
+        raise CaseError(
+            path, "the plan uses what is not supported:\n" + "\n".join(f"    {u}" for u in check.unsupported)
+        )
     if errors:
         raise CaseError(
             path,

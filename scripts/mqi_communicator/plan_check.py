@@ -27,6 +27,8 @@ PRIVATE_SPOT_WEIGHTS = (0x300B, 0x1096)
 @dataclass
 class PlanCheck:
     errors: list[str] = field(default_factory=list)
+    # Valid PS3.3 that this pipeline refuses by name (not a damaged file).
+    unsupported: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     # Treatment beams whose meterset weights are taken as MU although no fraction group gives
     # their BeamMeterset: only the numbering mismatch seen in the clinic's phantom export.
@@ -60,7 +62,7 @@ def beam_references(ds: Dataset, beam_number: int) -> list[tuple[int | None, Dat
 
 def beam_meterset(ds: Dataset, beam_number: int) -> float | None:
     """The beam's BeamMeterset (MU) from the fraction group that references it; None when no
-    group gives one. Several groups giving different values are refused by `plan_problems`."""
+    group gives one. A beam in several groups is refused by `plan_problems`."""
     values = [
         float(ref.BeamMeterset) for _, ref in beam_references(ds, beam_number) if ref.get("BeamMeterset") is not None
     ]
@@ -122,8 +124,9 @@ def _beam_problems(beam: Dataset, warnings: list[str]) -> list[str]:
 
 
 def _group_problems(ds: Dataset, check: PlanCheck) -> None:
-    """Each fraction group against its own NumberOfBeams, and every beam given two different
-    BeamMeterset by two groups (which of them the delivery was would be a guess)."""
+    """Each fraction group against its own NumberOfBeams; a beam in several fraction groups is
+    refused by name (never group 1 taken silently): its MU and NumberOfFractionsPlanned come
+    from the one group that references it."""
     groups = list(ds.get("FractionGroupSequence") or [])
     if not groups:
         check.warnings.append("no FractionGroupSequence: the beams' MU (BeamMeterset) are unknown")
@@ -138,19 +141,22 @@ def _group_problems(ds: Dataset, check: PlanCheck) -> None:
                 f"{label}: NumberOfBeams is {declared} but ReferencedBeamSequence lists {len(refs)} beams"
             )
     for number in sorted({n for b in ds.get("IonBeamSequence") or [] if (n := count(b.get("BeamNumber"))) is not None}):
-        metersets = {
-            group: float(ref.BeamMeterset) for group, ref in beam_references(ds, number) if "BeamMeterset" in ref
-        }
-        if len(set(metersets.values())) > 1:
-            given = ", ".join(f"{mu:g} MU in fraction group {group}" for group, mu in metersets.items())
-            check.errors.append(
-                f"beam {number} is in several fraction groups with different BeamMeterset ({given}): "
-                "not supported, the delivered MU would be a guess"
+        in_groups = [group for group, _ in beam_references(ds, number)]
+        if len(in_groups) > 1:
+            metersets = [
+                f"{float(ref.BeamMeterset):g} MU" if "BeamMeterset" in ref else "no BeamMeterset"
+                for _, ref in beam_references(ds, number)
+            ]
+            given = ", ".join(f"{mu} in fraction group {group}" for group, mu in zip(in_groups, metersets, strict=True))
+            check.unsupported.append(
+                f"beam {number} is in several fraction groups ({given}): not supported, which group's "
+                "MU and fractions a delivery belongs to would be a guess"
             )
 
 
 def plan_problems(ds: Dataset) -> PlanCheck:
-    """The plan checked against its own declarations (errors: a cut or damaged file; warnings)."""
+    """The plan checked against its own declarations (errors: a cut or damaged file), what it
+    uses that is not supported, and warnings."""
     check = PlanCheck()
     beams = list(ds.get("IonBeamSequence") or [])
     numbers = {count(b.get("BeamNumber")) for b in beams}
