@@ -47,6 +47,13 @@ def without_beam_meterset(path: Path) -> None:
     ds.save_as(path)
 
 
+def without_fraction_scheme(path: Path) -> None:
+    """No FractionGroupSequence at all (the RT Fraction Scheme module is U in the RT Ion Plan IOD)."""
+    ds = pydicom.dcmread(path)
+    del ds.FractionGroupSequence
+    ds.save_as(path)
+
+
 def two_fraction_groups(path: Path, fractions: tuple[int, int] = (25, 5)) -> dict[int, int]:
     """A sequential boost: group 1 delivers the first treatment beam, group 2 the others, each
     with its own NumberOfFractionsPlanned, NumberOfBeams and BeamMeterset; the setup beam is in

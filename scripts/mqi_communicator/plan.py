@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import struct
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -12,15 +13,20 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 
 from .errors import CaseError
-from .plan_check import PRIVATE_SPOT_WEIGHTS, beam_meterset, float32_array, is_setup_beam, plan_problems
+from .plan_check import (
+    PRIVATE_SPOT_POSITIONS,
+    PRIVATE_SPOT_WEIGHTS,
+    beam_meterset,
+    float32_array,
+    is_setup_beam,
+    plan_problems,
+)
 
 RT_ION_PLAN_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.8"
 ROOM_PATTERN = re.compile(r"G[^0-9]*([12])(?![0-9])")
-# SHI line-scanning private tags mirroring ScanSpotPositionMap / ScanSpotMetersetWeights.
-PRIVATE_SPOT_POSITIONS = (0x300B, 0x1094)
 
 
 @dataclass
@@ -94,7 +100,7 @@ def _plan_header(path: Path) -> tuple[str | None, str]:
     """(Modality, SOPClassUID) from the header only; (None, "") for anything not DICOM."""
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Modality", "SOPClassUID"])
-    except (InvalidDicomError, OSError, AttributeError, ValueError, TypeError):
+    except (InvalidDicomError, OSError, AttributeError, ValueError, TypeError, BytesLengthException, struct.error):
         return None, ""
     return ds.get("Modality"), str(ds.get("SOPClassUID", ""))
 
@@ -192,8 +198,12 @@ def read_plan(path: Path) -> Plan:
     """Parse an RT Ion Plan; raises CaseError naming the file for anything unusable."""
     try:
         ds = pydicom.dcmread(path)
-    except (InvalidDicomError, OSError) as exc:
-        raise CaseError(path, f"cannot read DICOM: {exc}") from exc
+        # Sequences decode lazily: decode them all now, so that a file cut short inside one
+        # fails here, naming the file, and not later in whatever first touches it.
+        for _ in ds.iterall():
+            pass
+    except (InvalidDicomError, OSError, EOFError, ValueError, BytesLengthException, struct.error) as exc:
+        raise CaseError(path, f"cannot read DICOM (cut short or damaged?): {exc}") from exc
     if str(ds.get("SOPClassUID", "")) != RT_ION_PLAN_SOP_CLASS:
         raise CaseError(path, f"not an RT Ion Plan (SOP class {ds.get('SOPClassUID')})")
     check = plan_problems(ds)

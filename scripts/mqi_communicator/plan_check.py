@@ -17,10 +17,10 @@ import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset
 
-# SHI line-scanning private tag mirroring ScanSpotMetersetWeights (read in plan.py as well).
+# SHI line-scanning private tags mirroring ScanSpotPositionMap / ScanSpotMetersetWeights.
+PRIVATE_SPOT_POSITIONS = (0x300B, 0x1094)
 PRIVATE_SPOT_WEIGHTS = (0x300B, 0x1096)
 
 
@@ -77,13 +77,54 @@ def float32_array(element: object) -> np.ndarray:
     return np.asarray(value if isinstance(value, list | tuple) else [value], dtype=np.float64)
 
 
-def _spot_count(cp: Dataset) -> int | None:
-    """Number of spot weights a control point holds (standard tag, else the SHI private one)."""
-    if "ScanSpotMetersetWeights" in cp:
-        value = cp.ScanSpotMetersetWeights
-        return len(value) if isinstance(value, list | tuple | pydicom.multival.MultiValue) else 1
-    if PRIVATE_SPOT_WEIGHTS in cp:
-        return int(float32_array(cp[PRIVATE_SPOT_WEIGHTS]).size)
+def _float32_count(element: object) -> float:
+    """How many float32 values an element holds; fractional for raw bytes cut mid-value."""
+    value = getattr(element, "value", element)
+    if isinstance(value, bytes | bytearray):
+        return len(value) / 4
+    if value is None or value == "":  # an element cut to zero length
+        return 0.0
+    return float(float32_array(value).size)
+
+
+def _number(value: object) -> float | None:
+    """A DS value as a float; None when absent or empty (a value cut short reads as '')."""
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
+def _spot_kinds(cp: Dataset) -> set[str]:
+    """Which spot arrays a control point holds: 'standard', 'private' (either tag of the pair)."""
+    kinds = set()
+    if "ScanSpotPositionMap" in cp or "ScanSpotMetersetWeights" in cp:
+        kinds.add("standard")
+    if PRIVATE_SPOT_POSITIONS in cp or PRIVATE_SPOT_WEIGHTS in cp:
+        kinds.add("private")
+    return kinds
+
+
+def _spot_arrays_problem(cp: Dataset) -> str | None:
+    """How a control point's spot arrays (standard and SHI private, each as a pair) fall short of
+    its NumberOfScanSpotPositions: a file cut inside its last control point loses exactly these."""
+    spots = count(cp.get("NumberOfScanSpotPositions"))
+    pairs = (
+        ("ScanSpotPositionMap", "ScanSpotMetersetWeights", "standard"),
+        (PRIVATE_SPOT_POSITIONS, PRIVATE_SPOT_WEIGHTS, "private"),
+    )
+    for positions_tag, weights_tag, kind in pairs:
+        present = [tag in cp for tag in (positions_tag, weights_tag)]
+        if any(present) and not all(present):
+            return f"{kind} spot positions and weights: one without the other"
+        if not all(present) or spots is None:
+            continue
+        positions, weights = _float32_count(cp[positions_tag]), _float32_count(cp[weights_tag])
+        if (positions, weights) != (2 * spots, spots):
+            return (
+                f"NumberOfScanSpotPositions is {spots} but it holds {kind} arrays of {positions:g} coordinates "
+                f"and {weights:g} weights"
+            )
     return None
 
 
@@ -94,12 +135,16 @@ def _beam_problems(beam: Dataset, warnings: list[str]) -> list[str]:
     label = f"beam {beam.get('BeamNumber')} ({beam.get('BeamName', '')!r})"
     cps = list(beam.get("IonControlPointSequence", []))
     declared = count(beam.get("NumberOfControlPoints"))
+    # PS3.3 C.8.8.25: NumberOfControlPoints and IonControlPointSequence are Type 1; a beam
+    # without them is one the file was cut inside.
+    if "IonControlPointSequence" not in beam:
+        problems.append(f"{label}: no IonControlPointSequence")
     if declared is None:
-        warnings.append(f"{label}: no NumberOfControlPoints to check the control points against")
+        problems.append(f"{label}: no NumberOfControlPoints")
     elif declared != len(cps):
         problems.append(f"{label}: NumberOfControlPoints is {declared} but the beam holds {len(cps)} control points")
-    final = beam.get("FinalCumulativeMetersetWeight")
-    weights = [cp.get("CumulativeMetersetWeight") for cp in cps]
+    final = _number(beam.get("FinalCumulativeMetersetWeight"))
+    weights = [_number(cp.get("CumulativeMetersetWeight")) for cp in cps]
     if final is None:
         warnings.append(f"{label}: no FinalCumulativeMetersetWeight to check the meterset against")
     elif not cps or weights[-1] is None:
@@ -112,14 +157,19 @@ def _beam_problems(beam: Dataset, warnings: list[str]) -> list[str]:
     known = [float(w) for w in weights if w is not None]
     if any(b < a for a, b in itertools.pairwise(known)):
         problems.append(f"{label}: CumulativeMetersetWeight decreases between control points")
+    # PS3.3 C.8.8.25: spot positions and weights are required in every control point of a
+    # MODULATED beam; the SHI private mirror, where a beam has it, is in every one too.
+    kinds = {kind for cp in cps for kind in _spot_kinds(cp)}
+    if str(beam.get("ScanMode", "")).upper() in ("MODULATED", "MODULATED_SPEC") and not kinds:
+        problems.append(f"{label}: a MODULATED beam without spot positions and weights")
     for cp in cps:
-        spots = count(cp.get("NumberOfScanSpotPositions"))
-        found = _spot_count(cp)
-        if spots is not None and found is not None and spots != found:
-            problems.append(
-                f"{label}, control point {cp.get('ControlPointIndex')}: NumberOfScanSpotPositions is {spots} "
-                f"but it holds {found} spot weights"
-            )
+        problem = _spot_arrays_problem(cp) or (
+            f"no {' or '.join(sorted(kinds - _spot_kinds(cp)))} spot arrays, which the beam's other control points hold"
+            if kinds - _spot_kinds(cp)
+            else None
+        )
+        if problem:
+            problems.append(f"{label}, control point {cp.get('ControlPointIndex')}: {problem}")
     return problems
 
 
