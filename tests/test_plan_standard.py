@@ -214,3 +214,33 @@ def test_plan_without_fraction_scheme(tmp_path: Path, config: dict, mode: str) -
     assert any("no BeamMeterset for beam(s) [2, 3]" in w for w in manifest["warnings"])
     interpret_case(manifest, config, tmp_path / "p2")
     assert len(_csv_bytes(tmp_path / "p2")) == 8
+
+
+def test_number_of_beams_against_its_own_group(tmp_path: Path, config: dict) -> None:
+    case = casegen.write_case(tmp_path, "count")
+    plan = shapes.plan_of(case)
+    shapes.setup_beam_unreferenced(plan)
+    ds = pydicom.dcmread(plan)
+    ds.FractionGroupSequence[0].NumberOfBeams = 3  # what our samples' habit would have wanted
+    ds.save_as(plan)
+    with pytest.raises(CaseError) as info:
+        build_manifest(case, config)
+    assert "fraction group 1: NumberOfBeams is 3 but ReferencedBeamSequence lists 2 beams" in str(info.value)
+
+
+@pytest.mark.parametrize("mode", ["logs", "plan"])
+def test_treatment_beam_in_no_fraction_group(tmp_path: Path, config: dict, mode: str) -> None:
+    case = casegen.write_case(tmp_path, "unreferenced", deliveries=mode == "logs")
+    plan = shapes.plan_of(case)
+    ds = pydicom.dcmread(plan)
+    group = ds.FractionGroupSequence[0]
+    group.ReferencedBeamSequence = [r for r in group.ReferencedBeamSequence if int(r.ReferencedBeamNumber) != 3]
+    group.NumberOfBeams = len(group.ReferencedBeamSequence)
+    ds.save_as(plan)
+    if mode == "plan":
+        with pytest.raises(CaseError, match=r"no fraction group gives a BeamMeterset for beam\(s\) 3 \('2G90'\)"):
+            build_manifest(case, config)
+        return
+    manifest = build_manifest(case, config)
+    assert any("treatment beam(s) [3] are in no fraction group" in w for w in manifest["warnings"])
+    assert [b["number"] for b in manifest["beams"]] == [2, 3]

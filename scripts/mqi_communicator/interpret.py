@@ -24,7 +24,7 @@ from . import moqui_csv, ptn, settings
 from .errors import CaseError
 from .files import KnownDigests, write_atomic, write_json_atomic
 from .fractions import layer_parts
-from .intake import build_manifest, plan_mode_refusal
+from .intake import build_manifest
 from .plan import Layer, read_plan
 
 TABLE_SIZE = 1 << 16  # every possible uint16 raw value
@@ -99,8 +99,6 @@ def interpret_case(manifest: dict[str, Any], config: dict[str, Any], out_dir: Pa
     if hashlib.sha256(plan_bytes).hexdigest() != manifest["plan"]["sha256"]:
         raise CaseError(plan_path, "changed since intake; run the case again")
     plan = read_plan(plan_path)
-    if manifest["mode"] == "plan" and plan.beams_without_mu:
-        raise CaseError(plan_path, plan_mode_refusal(plan))
     calibration = ptn.RoomCalibration.from_config(config["rooms"][manifest["room"]])
     layout = config["interpreter"]["csv_layout"]
     # Every file written is recorded with its sha256 (of the bytes in hand) in the summary's
