@@ -122,12 +122,13 @@ def test_two_fraction_groups_each_from_its_own_group(tmp_path: Path, config: dic
     assert len(_csv_bytes(tmp_path / "p2")) == 8
 
 
-@pytest.mark.parametrize("other_mu", [1.5, 1.32])
-def test_one_beam_in_two_groups_is_refused_by_name(tmp_path: Path, config: dict, other_mu: float) -> None:
-    """Even with the same MU (1.32 = casegen's) its NumberOfFractionsPlanned differ: never group 1 silently."""
+def test_one_beam_in_two_groups(tmp_path: Path, config: dict) -> None:
+    """Different MU: refused by name. The same MU (1.32 = casegen's): read, the group whose
+    NumberOfFractionsPlanned it gets named in a warning, never taken silently."""
     case = casegen.write_case(tmp_path, "twice")
     plan = shapes.plan_of(case)
-    shapes.beam_in_two_groups(plan, 2, other_meterset=other_mu)
+    original = plan.read_bytes()
+    shapes.beam_in_two_groups(plan, 2, other_meterset=1.5)
     ds = pydicom.dcmread(plan)
     assert [int(r.ReferencedBeamNumber) for g in ds.FractionGroupSequence for r in g.ReferencedBeamSequence].count(
         2
@@ -136,8 +137,20 @@ def test_one_beam_in_two_groups_is_refused_by_name(tmp_path: Path, config: dict,
         build_manifest(case, config)
     message = str(info.value)
     assert message.startswith(f"{plan}: the plan uses what is not supported")
-    assert "beam 2 is in several fraction groups (1.32 MU in fraction group 1, " in message
-    assert f"{other_mu:g} MU in fraction group 2): not supported" in message
+    assert (
+        "beam 2 is in several fraction groups with different BeamMeterset "
+        "(1.32 MU in fraction group 1, 1.5 MU in fraction group 2): not supported" in message
+    )
+
+    plan.write_bytes(original)
+    shapes.beam_in_two_groups(plan, 2, other_meterset=1.32)
+    manifest = build_manifest(case, config)
+    assert any(
+        "beam 2 is in several fraction groups (1.32 MU in fraction group 1, 1.32 MU in fraction group 2): "
+        "its NumberOfFractionsPlanned and BeamDose are those of fraction group 1" in w
+        for w in manifest["warnings"]
+    )
+    assert fraction_group(pydicom.dcmread(plan), 2)[0] == 1
 
 
 @pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # UIDs cut mid-value

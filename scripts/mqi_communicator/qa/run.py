@@ -51,8 +51,8 @@ def _referenced_beam(path: Path) -> int | None:
 
 
 def fraction_group(plan_ds: pydicom.Dataset, beam_number: int) -> tuple[int | None, float | None]:
-    """(NumberOfFractionsPlanned, BeamDose in Gy) of the fraction group that references the beam
-    (one only: plan.read_plan refuses a beam in several fraction groups, docs/plan-support.md)."""
+    """(NumberOfFractionsPlanned, BeamDose in Gy) of the first fraction group that references the
+    beam (a beam in several groups is warned about or refused by plan.read_plan, docs/plan-support.md)."""
     for group in plan_ds.get("FractionGroupSequence") or []:
         for ref in group.get("ReferencedBeamSequence") or []:
             if int(ref.ReferencedBeamNumber) == beam_number:
