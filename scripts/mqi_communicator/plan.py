@@ -15,6 +15,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from .beam_modifiers import RangeShifter, other_modifiers, read_range_shifters
 from .errors import CaseError
 
 RT_ION_PLAN_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.8"
@@ -50,6 +51,8 @@ class Beam:
     range_shifters: int
     layers: list[Layer]
     scan_mode: str = "MODULATED"  # PS3.3 C.8.8.25 ScanMode (300A,0308): MODULATED, LINE, ...
+    shifters: list[RangeShifter] = field(default_factory=list)  # docs/beam-modifiers.md
+    modifiers: list[str] = field(default_factory=list)  # any other modifier declared, named
 
     @property
     def sanitized_name(self) -> str:
@@ -323,6 +326,7 @@ def read_plan(path: Path) -> Plan:
         setup = _is_setup_beam(beam)
         try:
             layers = [] if setup else _layers(ds, beam)
+            shifters = [] if setup else read_range_shifters(beam)
         except ValueError as exc:
             raise CaseError(path, str(exc)) from exc
         if not setup:
@@ -350,6 +354,8 @@ def read_plan(path: Path) -> Plan:
                 range_shifters=int(beam.get("NumberOfRangeShifters") or 0),
                 layers=layers,
                 scan_mode=str(beam.get("ScanMode", "MODULATED")).upper(),
+                shifters=shifters,
+                modifiers=[] if setup else other_modifiers(beam),
             )
         )
     if not any(not b.is_setup for b in beams):
