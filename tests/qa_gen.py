@@ -22,6 +22,7 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.valuerep import format_number_as_ds
 
 RT_DOSE = "1.2.840.10008.5.1.4.1.1.481.2"
 RT_ION_PLAN = "1.2.840.10008.5.1.4.1.1.481.8"
@@ -157,17 +158,17 @@ def write_tps_dose(
         data = np.stack([plane * (1 + 0.01 * (y - iso[1])) for y in ys], axis=0)  # (y, z, x)
         data = np.transpose(data, (1, 0, 2))  # (frames z, rows y, cols x)
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.ImagePositionPatient = [float(x_mm[0]), float(ys[0]), float(z_mm[0])]
-        ds.PixelSpacing = [2.0, dx]
-        ds.SliceThickness = dz
+        ds.ImagePositionPatient = _ds([float(x_mm[0]), float(ys[0]), float(z_mm[0])])
+        ds.PixelSpacing = _ds([2.0, dx])
+        ds.SliceThickness = _ds([dz])[0]
         ds.NumberOfFrames = z_mm.size
         ds.FrameIncrementPointer = 0x3004000C
-        ds.GridFrameOffsetVector = [dz * k for k in range(z_mm.size)]
+        ds.GridFrameOffsetVector = _ds([dz * k for k in range(z_mm.size)])
     else:
         data = plane[np.newaxis]
         ds.ImageOrientationPatient = [1, 0, 0, 0, 0, 1]
-        ds.ImagePositionPatient = [float(x_mm[0]), iso[1] if plane_y_mm is None else plane_y_mm, float(z_mm[0])]
-        ds.PixelSpacing = [dz, dx]
+        ds.ImagePositionPatient = _ds([float(x_mm[0]), iso[1] if plane_y_mm is None else plane_y_mm, float(z_mm[0])])
+        ds.PixelSpacing = _ds([dz, dx])
         # A single frame: no Multi-frame Module, as GridFrameOffsetVector has VM 2-n (PS3.6)
         # and is required only with several frames (PS3.3 C.8.8.3.2); the plane's thickness
         # is not known to this "TPS" (Type 2: present, empty).
@@ -185,6 +186,12 @@ def write_tps_dose(
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def _ds(values: Sequence[float]) -> list[str]:
+    """Decimal strings of at most 16 characters (the DS VR, PS3.5): a plan's isocentre such as
+    3.419002E-14 gives corners like -19.999999999999964 otherwise."""
+    return [format_number_as_ds(float(v)) for v in values]
 
 
 def tps_grid(
