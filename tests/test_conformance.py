@@ -15,17 +15,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 
+from mqi_communicator.rtdose_read import read_rtdose_dose
 from tests import casegen, dciodvfy, qa_gen
 from tests.dciodvfy import assert_conformant, is_dicom_file, needs_dciodvfy
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED_FOLDERS = (REPO / "sample_cases", REPO / "tests" / "data")
 REFERENCE_PLAN = REPO / "tests" / "data" / "reference" / "RP_G2_9spots_phantom.dcm"
-
-pytestmark = needs_dciodvfy
 
 
 def shipped_dicom_files() -> list[Path]:
@@ -46,6 +46,7 @@ def test_every_shipped_dicom_file_is_found() -> None:
         assert modalities == ["RTDOSE", "RTDOSE", "RTPLAN"], case
 
 
+@needs_dciodvfy
 @pytest.mark.parametrize("path", SHIPPED, ids=[str(p.relative_to(REPO)) for p in SHIPPED])
 def test_shipped_dicom_file_has_no_error(path: Path) -> None:
     assert_conformant(path)
@@ -64,6 +65,7 @@ def _single_beam_case() -> casegen.CaseSpec:
     )
 
 
+@needs_dciodvfy
 @pytest.mark.parametrize(
     ("spec", "private_tags"),
     [
@@ -92,6 +94,7 @@ TPS_VARIANTS: dict[str, dict[str, object]] = {
 }
 
 
+@needs_dciodvfy
 @pytest.mark.parametrize("options", TPS_VARIANTS.values(), ids=TPS_VARIANTS.keys())
 def test_qa_gen_tps_dose_has_no_error(tmp_path: Path, options: dict[str, object]) -> None:
     plan_path = tmp_path / "RP.dcm"
@@ -103,6 +106,7 @@ def test_qa_gen_tps_dose_has_no_error(tmp_path: Path, options: dict[str, object]
     assert_conformant(path)
 
 
+@needs_dciodvfy
 def test_qa_gen_tps_dose_of_the_clinic_plan_has_no_error(tmp_path: Path) -> None:
     """The clinic's plan has no StudyDate/StudyTime/StudyID: the dose still has them (Type 2, empty)."""
     plan = pydicom.dcmread(REFERENCE_PLAN)
@@ -112,6 +116,7 @@ def test_qa_gen_tps_dose_of_the_clinic_plan_has_no_error(tmp_path: Path) -> None
     assert_conformant(path)
 
 
+@needs_dciodvfy
 def test_the_check_can_fail(tmp_path: Path) -> None:
     """What the old generators wrote is caught: a single plane with a one-value
     GridFrameOffsetVector (VM 2-n) and a modulated beam without its NumberOfPaintings."""
@@ -143,3 +148,22 @@ def test_a_missing_dciodvfy_fails_under_ci(tmp_path: Path, ci: str, outcome: str
     run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120, check=False, env=env)
     assert outcome in run.stdout, run.stdout[-3000:]
     assert "dciodvfy (dicom3tools) not found" in run.stdout, run.stdout[-3000:]
+
+
+def test_a_one_value_grid_frame_offset_vector_is_still_read(tmp_path: Path) -> None:
+    """The generators no longer write a single plane as one frame of a Multi-frame Module (a
+    one-value GridFrameOffsetVector), but a TPS export may still come so: the reader places it
+    exactly as the conformant single-frame plane."""
+    plan = casegen.write_plan(tmp_path / "RP.dcm", casegen.standard_case())
+    x_rel, z_rel, x_abs, z_abs = qa_gen.tps_grid(plan, half_width_mm=20.0)
+    plane = qa_gen.tps_plane(qa_gen.plan_spots(plan, 2), "G2", x_rel, z_rel)
+    conformant = qa_gen.write_tps_dose(tmp_path / "RD.dcm", plan, plane, x_abs, z_abs, beam_number=2)
+    legacy = pydicom.dcmread(conformant)
+    legacy.NumberOfFrames = 1
+    legacy.FrameIncrementPointer = 0x3004000C
+    legacy.GridFrameOffsetVector = [0.0]
+    legacy.save_as(tmp_path / "RD_legacy.dcm", enforce_file_format=True)
+    expected, got = read_rtdose_dose(conformant), read_rtdose_dose(tmp_path / "RD_legacy.dcm")
+    assert got.axes == expected.axes == "xzy"
+    for field in ("dose", "col_mm", "row_mm", "frame_mm"):
+        np.testing.assert_array_equal(getattr(got, field), getattr(expected, field))
