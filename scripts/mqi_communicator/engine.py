@@ -23,7 +23,11 @@ Physics (water phantom, MOQUI's beam frame, parallel beam — divergence is igno
   averaged over sub-pixel positions, the result matches the dose averaged over a pixel.
 - Units: Gy for one proton per count at 100 MeV, i.e. RELATIVE dose, times the optional
   parameter `DoseScaleFactor`.
-Range shifters are not modelled (the output index k still follows them; a warning is logged).
+- Range shifters (docs/beam-modifiers.md): the plan's RangeShifterWaterEquivalentThickness
+  pulls the depth dose back (the pristine curve from the WET on) and leaves the residual
+  Bragg-Kleeman energy to scatter in the water; each shifter's own Highland scattering,
+  times the drift from its downstream face (IsocenterToRangeShifterDistance), adds in
+  quadrature. A shifter without those values, and any other beam modifier, is refused.
 
 Parameter handling: paths are used as written (relative ones against the working directory,
 where MOQUI is started); `ParentDir`, `OverwriteResults` (the raw is always replaced
@@ -37,121 +41,54 @@ import math
 import sys
 import time
 import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from scipy.ndimage import gaussian_filter
-from scipy.special import gamma, pbdv
 
 from . import __version__
+from .beam_modifiers import builtin_engine_problems, shifters_in_beam
 from .errors import CaseError
 from .files import write_atomic
 from .geometry import PHANTOM_3D, PLANE_2CM, PLANE_DEPTH_MM, Grid, output_index
 from .moqui_csv import energy_of_file_name, read_layer_fast
 from .moqui_input import Parameters, parse_parameter_file, select_beam_logdir, validate_parameters
+from .pencil_physics import (
+    GY_PER_MEV_PER_G,
+    Shifter,
+    bortfeld_dose,
+    lateral_sigma_mm,
+    mcs_sigma_mm,
+    protons_per_count,
+    range_cm,
+    sigma_in_air_mm,
+)
 from .plan import find_plan, read_plan
+
+# Re-exported: the engine's physics, as tests and benchmarks read it (pencil_physics).
+__all__ = [
+    "Layer",
+    "bortfeld_dose",
+    "compute_dose",
+    "lateral_sigma_mm",
+    "main",
+    "mcs_sigma_mm",
+    "protons_per_count",
+    "range_cm",
+    "sigma_in_air_mm",
+]
 
 BANNER = "Built-in analytical pencil-beam engine (not Monte Carlo)"
 FINAL_MARKER = "Simlulation finalizing.."  # sic, MOQUI's spelling
 
-# In-air spot sigma (mm) at the isocentre by energy (MeV), from the clinic's MOQUI beam models.
-SIGMA_AIR_MM: dict[int, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    1: ((70, 100, 126, 150, 190, 230), (10.70, 7.88, 6.52, 5.70, 4.66, 3.58)),
-    2: ((70, 100, 126, 150, 162, 190, 214, 230), (8.62, 6.23, 5.12, 4.42, 4.46, 3.98, 3.52, 2.72)),
-}
-
-ALPHA_CM = 0.0022  # Bragg-Kleeman R = alpha E^p (water, cm, MeV)
-P_EXP = 1.77
-BETA_PER_CM = 0.012  # nuclear interactions
-GAMMA_NUCLEAR = 0.6  # fraction of the energy of nuclear secondaries deposited locally
-EPSILON = 0.1  # low-energy fluence fraction
-ENERGY_SPREAD = 0.01  # sigma_E / E
-PROTON_MASS_MEV = 938.272
-WATER_X0_CM = 36.08
-HIGHLAND_ES_MEV = 13.6
-MCS_CUTOFF_MEV = 3.0  # stop the Highland integral here (it diverges at the end of range)
-REFERENCE_ENERGY_MEV = 100.0  # one proton per count at this energy
-GY_PER_MEV_PER_G = 1.602176634e-10
 TRUNCATE = 4.0  # gaussian_filter's kernel radius in sigmas
 SIGMA_STEP = 1.005  # 3-D: depths whose filter sigma agree within 0.5 % share one convolution
 
 
 class EngineError(Exception):
     """A problem the engine reports as `ERROR: <message>` before exiting non-zero."""
-
-
-# --- physics ------------------------------------------------------------------------------
-
-
-def sigma_in_air_mm(energy_mev: float | np.ndarray, gantry: int) -> np.ndarray:
-    energies, sigmas = SIGMA_AIR_MM[gantry]
-    return np.asarray(np.interp(energy_mev, energies, sigmas), dtype=np.float64)
-
-
-def range_cm(energy_mev: float) -> float:
-    return float(ALPHA_CM * energy_mev**P_EXP)
-
-
-def stopping_power(energy_mev: float) -> float:
-    """Bragg-Kleeman stopping power in water, MeV/cm: 1 / (dR/dE)."""
-    return float(energy_mev ** (1.0 - P_EXP) / (ALPHA_CM * P_EXP))
-
-
-def protons_per_count(energy_mev: float) -> float:
-    return stopping_power(REFERENCE_ENERGY_MEV) / stopping_power(energy_mev)
-
-
-def bortfeld_dose(depth_cm: np.ndarray, energy_mev: float) -> np.ndarray:
-    """Dose per unit fluence (MeV cm^2/g per proton/cm^2 = MeV/g for 1 proton/cm^2) at depth."""
-    z = np.atleast_1d(np.asarray(depth_cm, dtype=np.float64))
-    r0 = range_cm(energy_mev)
-    sigma_mono = 0.012 * r0**0.935
-    sigma_e = ENERGY_SPREAD * energy_mev * ALPHA_CM * P_EXP * energy_mev ** (P_EXP - 1)
-    sigma = math.hypot(sigma_mono, sigma_e)
-    zeta = (r0 - z) / sigma
-    norm = 1.0 / (P_EXP * ALPHA_CM ** (1 / P_EXP) * (1 + BETA_PER_CM * r0))
-    dose = np.zeros_like(z)
-    near = zeta <= 30.0  # parabolic-cylinder form; beyond, its asymptote (same to 3e-4)
-    if near.any():
-        zn = zeta[near]
-        d_a = pbdv(-1 / P_EXP, -zn)[0]
-        d_b = pbdv(-1 / P_EXP - 1, -zn)[0]
-        pre = np.exp(-(zn**2) / 4) * sigma ** (1 / P_EXP) * gamma(1 / P_EXP) / math.sqrt(2 * math.pi) * norm
-        dose[near] = pre * (d_a / sigma + (BETA_PER_CM / P_EXP + GAMMA_NUCLEAR * BETA_PER_CM + EPSILON / r0) * d_b)
-    far = ~near
-    if far.any():
-        residual = r0 - z[far]
-        coefficient = BETA_PER_CM + GAMMA_NUCLEAR * BETA_PER_CM * P_EXP + EPSILON * P_EXP / r0
-        dose[far] = norm * (residual ** (1 / P_EXP - 1) + coefficient * residual ** (1 / P_EXP))
-    return np.maximum(np.nan_to_num(dose, nan=0.0), 0.0)
-
-
-def mcs_sigma_mm(energy_mev: float, depth_mm: np.ndarray) -> np.ndarray:
-    """Lateral sigma from multiple Coulomb scattering in water after `depth_mm`: the Highland
-    angular variance per length (13.6 MeV / pv)^2 / X0, integrated as sigma^2 = int (z-u)^2 T(u) du."""
-    z = np.atleast_1d(np.asarray(depth_mm, dtype=np.float64)) / 10.0
-    r0 = range_cm(energy_mev)
-    u_cut = max(r0 - ALPHA_CM * MCS_CUTOFF_MEV**P_EXP, 0.0)
-    if u_cut <= 0:
-        return np.zeros_like(z)
-    u = np.linspace(0.0, u_cut, 801)
-    energy = ((r0 - u) / ALPHA_CM) ** (1 / P_EXP)
-    pv = (energy**2 + 2 * energy * PROTON_MASS_MEV) / (energy + PROTON_MASS_MEV)
-    t = (HIGHLAND_ES_MEV / pv) ** 2 / WATER_X0_CM
-
-    def cumulative(f: np.ndarray) -> np.ndarray:
-        return np.concatenate(([0.0], np.cumsum((f[1:] + f[:-1]) * 0.5 * np.diff(u))))
-
-    zc = np.minimum(z, u_cut)
-    a0 = np.interp(zc, u, cumulative(t))
-    a1 = np.interp(zc, u, cumulative(t * u))
-    a2 = np.interp(zc, u, cumulative(t * u * u))
-    return 10.0 * np.sqrt(np.maximum(z * z * a0 - 2 * z * a1 + a2, 0.0))
-
-
-def lateral_sigma_mm(energy_mev: float, depth_mm: np.ndarray, gantry: int) -> np.ndarray:
-    return np.hypot(sigma_in_air_mm(energy_mev, gantry), mcs_sigma_mm(energy_mev, depth_mm))
 
 
 # --- dose on the grid ---------------------------------------------------------------------
@@ -202,17 +139,23 @@ def _support(hist: np.ndarray, margin: int) -> tuple[slice, slice] | None:
     )
 
 
-def compute_dose(layers: list[Layer], gantry: int, grid: Grid, depths_mm: np.ndarray) -> np.ndarray:
-    """Dose (relative Gy, see module docstring) on `grid`, shape (len(depths_mm), ny, nx)."""
+def compute_dose(
+    layers: list[Layer], gantry: int, grid: Grid, depths_mm: np.ndarray, shifters: Sequence[Shifter] = ()
+) -> np.ndarray:
+    """Dose (relative Gy, see module docstring) on `grid`, shape (len(depths_mm), ny, nx).
+    `shifters`: the range shifters in the beam, (WET mm, isocentre distance mm) each."""
     if grid.spacing_mm[0] != grid.spacing_mm[1]:
         raise ValueError("the engine needs square pixels")
     spacing = grid.spacing_mm[0]
     pixel_area_cm2 = spacing * spacing / 100.0
+    wet_mm = sum(wet for wet, _ in shifters)
     plans = []
     for layer in layers:
-        depth_dose = bortfeld_dose(depths_mm / 10.0, layer.energy_mev) * GY_PER_MEV_PER_G
-        active = np.flatnonzero(depth_dose > depth_dose.max() * 1e-9)
-        sigmas = lateral_sigma_mm(layer.energy_mev, depths_mm[active], gantry)
+        # Behind a shifter the phantom sees the pristine curve from the shifter's WET on: the
+        # range is pulled back by the WET, straggling and nuclear losses in it included.
+        depth_dose = bortfeld_dose((depths_mm + wet_mm) / 10.0, layer.energy_mev) * GY_PER_MEV_PER_G
+        active = np.flatnonzero(depth_dose > max(depth_dose.max(), 1e-300) * 1e-9)
+        sigmas = lateral_sigma_mm(layer.energy_mev, depths_mm[active], gantry, shifters)
         plans.append((layer, depth_dose, active, sigmas))
     sigma_max = max((float(s.max()) for *_, s in plans if s.size), default=1.0)
     pad = math.ceil(TRUNCATE * sigma_max / spacing) + 2
@@ -299,8 +242,12 @@ def run(parameter_file: Path, started: float) -> Path:
     _log(f"Beam: {beam.number} {beam.name!r}, {len(beam.layers)} layers in the plan, room {plan.room}")
     if plan.room != f"G{gantry}":
         _log(f"WARNING: GantryNum {gantry} but the plan's room is {plan.room}; using the G{gantry} beam model")
-    if beam.range_shifters:
-        _log(f"WARNING: {beam.range_shifters} range shifter(s) in the plan are not modelled by the built-in engine")
+    refused = builtin_engine_problems(beam.modifiers, beam.shifters)
+    if refused:
+        raise EngineError(f"{plan_path}: beam {beam.number} {beam.name!r}: " + "; ".join(refused))
+    for shifter in beam.shifters:
+        _log(f"Range shifter: {shifter.summary()}")
+    shifters = shifters_in_beam(beam.shifters)
     selection = params.get("LogFileSelection", "index")
     try:
         folder = select_beam_logdir(Path(params["logFilePath"]), beam_number, beam.name, selection)
@@ -323,7 +270,7 @@ def run(parameter_file: Path, started: float) -> Path:
     total = sum(float(layer.samples[:, 3].sum()) for layer in layers)
     _log(f"Layers: {len(layers)}, samples: {sum(len(layer.samples) for layer in layers)}, counts: {total:g}")
     engine_start = time.perf_counter()
-    dose = compute_dose(layers, gantry, grid, depths) * scale
+    dose = compute_dose(layers, gantry, grid, depths, shifters) * scale
     engine_time = time.perf_counter() - engine_start
     out_dir = Path(params["OutputDir"])
     out_dir.mkdir(parents=True, exist_ok=True)

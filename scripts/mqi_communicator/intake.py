@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import settings
+from .beam_modifiers import builtin_engine_problems, shifter_labels
 from .case_inputs import content_record, is_ready
 from .delivery import Delivery, delivery_header, find_delivery_folders, read_delivery
 from .errors import CaseError
@@ -145,6 +146,16 @@ def case_readiness(case_dir: Path, config: dict[str, Any], now: float | None = N
     return ("ready", "every treatment beam delivered") if not missing else waiting_state(case_dir, config, missing, now)
 
 
+def modifier_problems(plan: Plan, builtin: bool) -> list[str]:
+    """Beam modifiers no engine here computes (docs/beam-modifiers.md): any but a range shifter,
+    and for the built-in engine a range shifter without its thickness or position."""
+    problems = []
+    for beam in plan.treatment_beams:
+        found = builtin_engine_problems(beam.modifiers, beam.shifters if builtin else [])
+        problems += [f"beam {beam.number} ({beam.name!r}): {p}" for p in found]
+    return problems
+
+
 def build_manifest(case_dir: Path, config: dict[str, Any], now: float | None = None) -> dict[str, Any]:
     """Validate a case and return its manifest; raises CaseError listing every problem."""
     case_id = case_dir.name
@@ -153,6 +164,10 @@ def build_manifest(case_dir: Path, config: dict[str, Any], now: float | None = N
     plan_path = find_plan(case_dir)
     plan = read_plan(plan_path)
     mode = case_source(case_dir, config)
+    builtin = str(config["executables"]["moqui"]) == "builtin"
+    refused = modifier_problems(plan, builtin)
+    if refused:
+        raise CaseError(plan_path, "beam modifiers that cannot be computed:\n" + "\n".join(f"  - {p}" for p in refused))
     problems: list[CaseError] = []
     deliveries: list[Delivery] = []
     folders = find_delivery_folders(case_dir)
@@ -186,6 +201,7 @@ def build_manifest(case_dir: Path, config: dict[str, Any], now: float | None = N
         for p in log_problems(case_dir, plan, beam_number, mine, config)
     ]
     labels = [PLAN_BASED_LABEL] if mode == "plan" else []
+    labels += [label for beam in plan.treatment_beams for label in shifter_labels(beam.shifters, builtin)]
     if implausible:
         if config["log_checks"]["on_failure"] == "fail":
             raise CaseError(
@@ -210,6 +226,7 @@ def build_manifest(case_dir: Path, config: dict[str, Any], now: float | None = N
                 "fractions": [[d.folder for d in fraction] for fraction in beam_fractions],
                 "simulated_deliveries": [d.folder for d in beam_fractions[-1]] if beam_fractions else [],
                 "simulate": True,
+                "range_shifters": [asdict(s) for s in beam.shifters],
             }
         )
     return {

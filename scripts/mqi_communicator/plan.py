@@ -15,6 +15,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
 
+from .beam_modifiers import RangeShifter, other_modifiers, read_range_shifters
 from .errors import CaseError
 from .plan_check import (
     PRIVATE_SPOT_POSITIONS,
@@ -58,6 +59,8 @@ class Beam:
     # False when no fraction group gives the beam's BeamMeterset (Type 3): its layers' `mu` and
     # `spot_mu` are then relative meterset weights, not MU (docs/plan-support.md).
     mu_known: bool = True
+    shifters: list[RangeShifter] = field(default_factory=list)  # docs/beam-modifiers.md
+    modifiers: list[str] = field(default_factory=list)  # any other modifier declared, named
 
     @property
     def sanitized_name(self) -> str:
@@ -226,6 +229,7 @@ def read_plan(path: Path) -> Plan:
         meterset = beam_meterset(ds, int(beam.BeamNumber))
         try:
             layers = [] if setup else _layers(beam, meterset)
+            shifters = [] if setup else read_range_shifters(beam)
         except ValueError as exc:
             raise CaseError(path, str(exc)) from exc
         if not setup:
@@ -254,6 +258,8 @@ def read_plan(path: Path) -> Plan:
                 layers=layers,
                 scan_mode=str(beam.get("ScanMode", "MODULATED")).upper(),
                 mu_known=meterset is not None or int(beam.BeamNumber) in check.weights_as_mu,
+                shifters=shifters,
+                modifiers=[] if setup else other_modifiers(beam),
             )
         )
     if not any(not b.is_setup for b in beams):
