@@ -197,16 +197,34 @@ def _line_segments(positions: np.ndarray, mu: np.ndarray) -> list[tuple[float, f
     return segments
 
 
+def _declared_end_beyond_file(ds: Dataset, path: Path) -> str | None:
+    """Why the file ends before its last element does, or None: pydicom reads a defined-length
+    element cut short without complaint (e.g. a trailing ReferencedStructureSetSequence)."""
+    if not len(ds):
+        return None
+    last = ds.get_item(list(ds.keys())[-1])
+    tell, length = getattr(last, "value_tell", None), getattr(last, "length", None)
+    if tell is None or length is None or length == 0xFFFFFFFF:
+        return None
+    size = path.stat().st_size
+    if tell + length > size:
+        return f"its last element ({last.tag}) needs {tell + length} bytes but the file has {size}"
+    return None
+
+
 def read_plan(path: Path) -> Plan:
     """Parse an RT Ion Plan; raises CaseError naming the file for anything unusable."""
     try:
         ds = pydicom.dcmread(path)
+        short = _declared_end_beyond_file(ds, path)  # before decoding: it needs the raw element
         # Sequences decode lazily: decode them all now, so that a file cut short inside one
         # fails here, naming the file, and not later in whatever first touches it.
         for _ in ds.iterall():
             pass
     except (InvalidDicomError, OSError, EOFError, ValueError, BytesLengthException, struct.error) as exc:
         raise CaseError(path, f"cannot read DICOM (cut short or damaged?): {exc}") from exc
+    if short:
+        raise CaseError(path, f"cannot read DICOM (cut short or damaged?): {short}")
     if str(ds.get("SOPClassUID", "")) != RT_ION_PLAN_SOP_CLASS:
         raise CaseError(path, f"not an RT Ion Plan (SOP class {ds.get('SOPClassUID')})")
     check = plan_problems(ds)
