@@ -128,15 +128,64 @@ def compare(tps: Plane, delivered: Plane, qa: dict[str, Any], dose_scale: dict[s
         evaluated,
         criteria_from(qa, "secondary"),
     )
+    arrays = {
+        "gamma": primary.gamma,
+        "tps": tps,
+        "delivered_on_tps": on_tps * scale,
+        "units": f"{tps.units}; delivered scaled x{scale:.4g}" if relative else tps.units,
+    }
+    return dose_result(
+        primary,
+        secondary,
+        mean_diff,
+        qa,
+        units=(tps.units, delivered.units),
+        dose_scale=dose_scale,
+        scale=scale,
+        notes=notes,
+        peak=peak,
+        evaluation=f"2-D gamma on the plane at depth {qa['plane_depth_mm']:g} mm",
+        arrays=arrays,
+        points="points",
+    )
+
+
+def dose_result(
+    primary: GammaResult,
+    secondary: GammaResult,
+    mean_diff: float,
+    qa: dict[str, Any],
+    *,
+    units: tuple[str, str],
+    dose_scale: dict[str, Any],
+    scale: float,
+    notes: list[str],
+    peak: float,
+    evaluation: str,
+    arrays: dict[str, Any],
+    points: str,
+    shown: list[str] | None = None,
+) -> dict[str, Any]:
+    """The dose line's result, plane or volume alike: the TG-218 verdict, held at NOT ASSESSED
+    at best when the dose scale is not verified, and the figure's numbers (`arrays`)."""
+    relative = "RELATIVE" in units
     verdict, reasons = dose_verdict(primary, secondary, mean_diff, qa["thresholds"])
-    unverified = scale_not_verified(tps.units, delivered.units, dose_scale)
+    unverified = scale_not_verified(*units, dose_scale)
     if unverified:
         verdict = worst([verdict, "NOT ASSESSED"])
         reasons = [unverified, *reasons]
+    arrays["numbers"] = [
+        verdict,
+        f"{primary.criteria.label}: {primary.pass_rate:.1f} % of {primary.evaluated} {points}",
+        f"{secondary.criteria.label}: {secondary.pass_rate:.1f} %",
+        f"mean dose difference (TPS >= {qa['high_dose_region_percent']:g} %): {mean_diff:+.2f} %",
+        f"{'RELATIVE' if relative else 'absolute'} comparison",
+        *(shown or []),
+    ]
     return {
         "verdict": verdict,
         "reasons": reasons,
-        "evaluation": f"2-D gamma on the plane at depth {qa['plane_depth_mm']:g} mm",
+        "evaluation": evaluation,
         "comparison": "relative" if relative else "absolute",
         "dose_scale_verified": not unverified,
         "scale_applied": scale,
@@ -147,19 +196,7 @@ def compare(tps: Plane, delivered: Plane, qa: dict[str, Any], dose_scale: dict[s
         "high_dose_region_percent": qa["high_dose_region_percent"],
         "tps_max": peak,
         "units": "RELATIVE" if relative else "GY",
-        "_arrays": {
-            "gamma": primary.gamma,
-            "tps": tps,
-            "delivered_on_tps": on_tps * scale,
-            "units": f"{tps.units}; delivered scaled x{scale:.4g}" if relative else tps.units,
-            "numbers": [
-                f"{verdict}",
-                f"{primary.criteria.label}: {primary.pass_rate:.1f} % of {primary.evaluated} points",
-                f"{secondary.criteria.label}: {secondary.pass_rate:.1f} %",
-                f"mean dose difference (TPS >= {qa['high_dose_region_percent']:g} %): {mean_diff:+.2f} %",
-                f"{'RELATIVE' if relative else 'absolute'} comparison",
-            ],
-        },
+        "_arrays": arrays,
     }
 
 

@@ -22,7 +22,7 @@ from scipy.interpolate import RegularGridInterpolator
 from ..rtdose_read import read_rtdose_dose
 from .gamma_3d import gamma_3d
 from .tps_dose import Plane, TpsDoseProblem, check_frame, check_header
-from .verdict import criteria_from, dose_verdict, error, relative_scale, scale_not_verified, worst
+from .verdict import criteria_from, dose_result, error, relative_scale
 
 
 @dataclass
@@ -143,37 +143,22 @@ def compare_volume(tps: Volume, delivered: Volume, qa: dict[str, Any], dose_scal
     evaluated = delivered.dose * scale
     primary = gamma_3d(tps.axes, tps.dose, delivered.axes, evaluated, criteria_from(qa, "primary"))
     secondary = gamma_3d(tps.axes, tps.dose, delivered.axes, evaluated, criteria_from(qa, "secondary"))
-    verdict, reasons = dose_verdict(primary, secondary, mean_diff, qa["thresholds"])
-    unverified = scale_not_verified(tps.units, delivered.units, dose_scale)
-    if unverified:
-        verdict = worst([verdict, "NOT ASSESSED"])
-        reasons = [unverified, *reasons]
-    evaluation = f"3-D gamma over the volume ({primary.evaluated} voxels above the cutoff)"
     arrays = _figure_arrays(tps, on_tps * scale, primary.gamma, relative, scale)
-    arrays["numbers"] = [
-        verdict,
-        f"{primary.criteria.label}: {primary.pass_rate:.1f} % of {primary.evaluated} voxels (3-D)",
-        f"{secondary.criteria.label}: {secondary.pass_rate:.1f} %",
-        f"mean dose difference (TPS >= {qa['high_dose_region_percent']:g} %): {mean_diff:+.2f} %",
-        f"{'RELATIVE' if relative else 'absolute'} comparison",
-        f"shown: {arrays['plane']}",
-    ]
-    return {
-        "verdict": verdict,
-        "reasons": reasons,
-        "evaluation": evaluation,
-        "comparison": "relative" if relative else "absolute",
-        "dose_scale_verified": not unverified,
-        "scale_applied": scale,
-        "notes": notes,
-        "gamma_primary": primary.summary(),
-        "gamma_secondary": secondary.summary(),
-        "mean_dose_difference_percent": round(mean_diff, 3),
-        "high_dose_region_percent": qa["high_dose_region_percent"],
-        "tps_max": peak,
-        "units": "RELATIVE" if relative else "GY",
-        "_arrays": arrays,
-    }
+    return dose_result(
+        primary,
+        secondary,
+        mean_diff,
+        qa,
+        units=(tps.units, delivered.units),
+        dose_scale=dose_scale,
+        scale=scale,
+        notes=notes,
+        peak=peak,
+        evaluation=f"3-D gamma over the volume ({primary.evaluated} voxels above the cutoff)",
+        arrays=arrays,
+        points="voxels (3-D)",
+        shown=[f"shown: {arrays['plane']}"],
+    )
 
 
 def _figure_arrays(
