@@ -1,4 +1,4 @@
-# Patient QA (DESIGN §6): per case the dose and delivery verdicts, qa.json and the QA sheet;
+# Patient QA (docs/design.md#qa): per case the dose and delivery verdicts, qa.json and the QA sheet;
 # across cases the pass-rate trend per room.
 
 

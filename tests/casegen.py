@@ -28,7 +28,7 @@ RT_STRUCTURE_SET_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
 # declares them (tests/data/reference/RP_G2_9spots_phantom.dcm).
 VIRTUAL_SOURCE_AXIS_MM = (2597.0, 2223.0)
 
-# The clinic's room calibrations (DESIGN §2), used to turn positions and MU into raw values,
+# The clinic's room calibrations (docs/design.md#ptn-log), used to turn positions and MU into raw values,
 # with the log<->plan frame of docs/log-plan-frame.md: G2 logs x mirrored, and the MU per count
 # grows with energy (MOQUI's machine tables, factor 1 at 70 MeV).
 G1_MU_FACTOR = (

@@ -18,7 +18,7 @@ RANGE_FACTORS = [0.3404, 1.0, 2.978723404255319, 8.936170212765957, 26.808510638
 
 
 def _expected_rows(log: np.ndarray, room: str, code: int, dividing: float = 1.0) -> list[bytes]:
-    """Independent per-row reference: DESIGN §3 written out sample by sample."""
+    """Independent per-row reference: docs/design.md#moqui-csv written out sample by sample."""
     cal = casegen.ROOMS[room]
     rows = []
     for i, row in enumerate(log):

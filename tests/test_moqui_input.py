@@ -1,4 +1,4 @@
-"""MOQUI parameter files and the per-beam log folder layout (DESIGN §4)."""
+"""MOQUI parameter files and the per-beam log folder layout (docs/design.md#moqui-engine-contract)."""
 
 from __future__ import annotations
 

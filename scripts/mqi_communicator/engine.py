@@ -1,7 +1,7 @@
 """The built-in engine: a `tps_env`-compatible analytical pencil-beam dose calculation.
 
 Usage: `builtin-tps-env <input.in>` or `python -m mqi_communicator.engine <input.in>`, exactly
-as MOQUI's `tps_env` is called (DESIGN §4): the same parameter file, the same CSV folder
+as MOQUI's `tps_env` is called (docs/design.md#moqui-engine-contract): the same parameter file, the same CSV folder
 (selected as the SMC fork selects it unless `LogFileSelection name`), the same raw output
 `<OutputDir>/<BeamName>_<k>_Dose.raw` (float64 LE, x fastest) and the same log markers.
 It is NOT Monte Carlo and says so in its first log line.
@@ -16,7 +16,8 @@ Physics (water phantom, MOQUI's beam frame, parallel beam — divergence is igno
   one proton per count at 100 MeV, so layers of different energies weigh physically.
 - Lateral: each sample (CSV row) is a Gaussian beamlet at (x, y) weighted by its count, with
   sigma^2 = sigma_air(E)^2 + sigma_MCS(E, depth)^2: the room's in-air sigma at the isocentre
-  (DESIGN §4 tables for G1/G2, linear in energy, clamped outside) and multiple Coulomb
+  (`pencil_physics.SIGMA_AIR_MM`, tables for G1/G2 from the clinic's MOQUI beam
+  models, linear in energy, clamped outside) and multiple Coulomb
   scattering from the Highland formula integrated over depth with the Bragg-Kleeman energy.
   Samples are deposited on the grid by linear (cloud-in-cell) weighting, then smoothed with
   scipy.ndimage.gaussian_filter; the filter's sigma is reduced by 1/12 px^2 so that,

@@ -1,4 +1,4 @@
-"""P2: delivery logs (or the plan's spots) -> MOQUI CSVs, the layout of mqi_interpreter (DESIGN §3).
+"""P2: delivery logs (or the plan's spots) -> MOQUI CSVs, the layout of mqi_interpreter (docs/design.md#moqui-csv).
 
     <out>/plan/<RT plan file name>
     <out>/log/<sanitized BeamName>/<NN>_<E:.2f>MeV.csv     NN = the plan's layer number

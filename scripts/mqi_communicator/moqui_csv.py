@@ -1,6 +1,6 @@
 """The MOQUI spot-log CSV: one file per energy layer, `time_ms, x_mm, y_mm, count` per sample.
 
-Two layouts exist (DESIGN §3): `rows` (one sample per CRLF-terminated line, float32 shortest
+Two layouts exist (docs/design.md#moqui-csv): `rows` (one sample per CRLF-terminated line, float32 shortest
 repr, as mqi_interpreter writes) and `single_line` (the older `t0,x0,y0,c0,t1,...` on one
 line and 6-decimal floats, which some MOQUI builds still require). The reader accepts both.
 

@@ -1,7 +1,7 @@
 """MOQUI parameter files (`moqui_tps_<beam>.in`) and the per-beam log folder MOQUI reads.
 
 A parameter file is `Key value` per line with `#` comments; MOQUI compares keys without
-regard to case (DESIGN §4). `parse_parameter_file` returns a `Parameters` mapping that keeps
+regard to case (docs/design.md#moqui-engine-contract). `parse_parameter_file` returns a `Parameters` mapping that keeps
 each key as written (iteration, `items()`) and looks keys up case-insensitively
 (`params["gpuid"]` finds `GPUID`). The value is the rest of the line after the key, minus an
 inline comment that starts with whitespace and `#`.
@@ -9,7 +9,7 @@ inline comment that starts with whitespace and `#`.
 The full key set differs between MOQUI builds, so the template lives in config and
 `render_parameter_file` only fills in / overrides the per-beam keys.
 
-Log folder layout (DESIGN §4 engine quirk): the SMC fork of MOQUI lists every entry of
+Log folder layout (docs/design.md#moqui-engine-contract engine quirk): the SMC fork of MOQUI lists every entry of
 `logFilePath`, sorts the paths as strings and reads the entry at index BeamNumber - 1, not
 the folder with the beam's name. `prepare_beam_logdir` builds one `logFilePath` per beam in
 which the beam's CSV folder is at exactly that index ("index" selection), or just the folder

@@ -1,4 +1,4 @@
-"""Whether an engine run succeeded (DESIGN §4), judged the same way on the workstation and the cluster.
+"""Whether an engine run succeeded (docs/design.md#moqui-engine-contract), judged the same way on the workstation and the cluster.
 
 Success = exit 0, no failure marker in the engine log, and exactly one non-empty ``*_Dose.raw``
 in the beam's OutputDir. `simulate` judges a local run with it, `remote.beam` a SLURM job's.

@@ -27,7 +27,7 @@ LAYER_NUMBER_PATTERN = re.compile(r"(\d+)\.ptn$", re.IGNORECASE)
 
 @dataclass(frozen=True)
 class RoomCalibration:
-    """A room's `scv_init` values (DESIGN §2) and how the log's frame relates to the plan's;
+    """A room's `scv_init` values (docs/design.md#ptn-log) and how the log's frame relates to the plan's;
     data from config, never hard-coded in rules. See docs/log-plan-frame.md for the evidence
     behind `x_sign` and the energy dependence of the MU per count."""
 

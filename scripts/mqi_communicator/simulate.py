@@ -2,7 +2,7 @@
 
     cd <moqui_dir> && <tps_env> <beam.in> > <log> 2>&1
 
-Success (DESIGN §4, `outcome`) = exit 0, exactly one non-empty `*_Dose.raw` in the beam's OutputDir, and
+Success (docs/design.md#moqui-engine-contract, `outcome`) = exit 0, exactly one non-empty `*_Dose.raw` in the beam's OutputDir, and
 no failure marker in the log. A run that neither ends nor fails is killed at the timeout. On a
 workstation each concurrently running beam holds an exclusive GPU (a lock file per device);
 the device is written into the run copy of the parameter file (GPUID). Under SLURM the job's
