@@ -22,6 +22,22 @@ REPO = Path(__file__).resolve().parents[1]
 REFERENCE_DATA = REPO / "tests" / "data" / "reference"
 
 
+# What a test needs, as a mark (pyproject.toml registers them), so a contributor runs the fast ones
+# alone: `pytest -m unit` (docs/development.md).
+WORKFLOW_MODULES = ("tests/test_workflow_", "tests/test_kill_resume.py")
+SERVER_FIXTURES = {"sshd_server", "slurm_cluster"}
+
+
+def _kind(nodeid: str, fixtures: set[str]) -> pytest.MarkDecorator:
+    """`servers`: starts the real SLURM or sshd; `workflow`: runs Snakemake on whole cases;
+    `unit`: everything else (modules, CLIs, files)."""
+    if fixtures & SERVER_FIXTURES:
+        return pytest.mark.servers
+    if nodeid.startswith(WORKFLOW_MODULES) or "embedded_default_run" in fixtures:
+        return pytest.mark.workflow
+    return pytest.mark.unit
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist turns the marks into scheduling groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Keep together, on one xdist worker and in order, the tests that must not run side by side:
@@ -37,6 +53,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: next((k for k, head in enumerate(first) if item.nodeid.startswith(head)), len(first)))
     for item in items:
         names = set(getattr(item, "fixturenames", ()))
+        item.add_marker(_kind(item.nodeid, names))
         if "sshd_server" in names:
             item.add_marker(pytest.mark.xdist_group("sshd"))
         elif "slurm_cluster" in names:
