@@ -121,9 +121,10 @@ def test_real_export_for_a_clinic_room_runs_in_plan_mode(tmp_path: Path, config:
     assert [b["number"] for b in manifest["beams"]] == [b.number for b in by_hand]
     assert [b["energies_mev"] for b in manifest["beams"]] == [[e for e, _, _ in b.layers] for b in by_hand]
 
-    # These plans' spots carry 20 to 180 MU (the clinic's: about 0.02 MU): at the shipped
-    # plan_dose_rate_mu_per_s one spot would be 10^5 to 10^6 samples. A dose rate giving each
-    # spot a handful of samples changes only the sampling, never a spot's MU or position.
+    # These plans' spots carry 2 to 180 MU (the clinic's: about 0.02 MU): at the shipped
+    # plan_dose_rate_mu_per_s one spot would be 10^4 to 10^6 samples (docs/real-plans.md). A dose
+    # rate giving each spot a handful of samples changes only the sampling, never a spot's MU or
+    # position.
     timegain_ms = float(config["rooms"][CLINIC_ROOM]["timegain_ms"])
     largest = max(mu for beam in by_hand for _, _, mus in beam.layers for mu in mus)
     config["interpreter"]["plan_dose_rate_mu_per_s"] = largest / (4 * timegain_ms / 1000.0)
@@ -148,7 +149,7 @@ def test_real_export_for_a_clinic_room_runs_in_plan_mode(tmp_path: Path, config:
 def test_real_export_with_delivery_logs_runs_on_its_logs(tmp_path: Path, config: dict) -> None:
     """The Eclipse QA plan with PTN logs made from its own spots and MU (as tests/casegen.py
     makes them), one delivery per field: intake's log checks pass and P2 gives each field's MU.
-    (The other exports' spots of 180 MU, or 15 416 spots a field, would make logs of tens of MB.)"""
+    (The other exports' spots of 180 MU, or 7 708 spots a field, would make logs of tens of MB.)"""
     name = "eclipse_qa_pattern_4fields.dcm"
     case = _case(tmp_path, REAL_PLANS / name, plan_mode=False, machine=CLINIC_ROOM)
     by_hand = beams_by_hand(REAL_PLANS / name)
