@@ -6,8 +6,6 @@ what is not supported."""
 
 from __future__ import annotations
 
-import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,71 +21,9 @@ from mqi_communicator.errors import CaseError
 from mqi_communicator.intake import PLAN_BASED_LABEL, build_manifest
 from mqi_communicator.interpret import interpret_case
 from mqi_communicator.plan import RT_ION_PLAN_SOP_CLASS, find_plan
-from tests import casegen, dciodvfy
-from tests.conftest import REPO
+from tests import dciodvfy
 from tests.dciodvfy import needs_dciodvfy
-
-REAL_PLANS = REPO / "tests" / "data" / "real_plans"
-# File -> the TreatmentMachineName it was exported for (SOURCES.md).
-EXPORTS = {
-    "eclipse_qa_pattern_4fields.dcm": "TR3",
-    "eclipse_mono_160MeV.dcm": "TR2",
-    "raystation_ramp_2fields.dcm": "TR3",
-}
-CLINIC_ROOM = "G2"
-
-
-@dataclass
-class BeamByHand:
-    """A treatment beam as pydicom gives it, without the package: its energy layers (runs of
-    equal NominalBeamEnergy), each layer's spots with a weight > 0 and their MU."""
-
-    number: int
-    meterset: float
-    layers: list[tuple[float, list[tuple[float, float]], list[float]]]
-
-
-def beams_by_hand(path: Path) -> list[BeamByHand]:
-    ds = pydicom.dcmread(path)
-    metersets = {
-        int(ref.ReferencedBeamNumber): float(ref.BeamMeterset)
-        for group in ds.FractionGroupSequence
-        for ref in group.ReferencedBeamSequence
-    }
-    beams = []
-    for beam in ds.IonBeamSequence:
-        mu_per_weight = metersets[int(beam.BeamNumber)] / float(beam.FinalCumulativeMetersetWeight)
-        layers: list[tuple[float, list[tuple[float, float]], list[float]]] = []
-        for cp in beam.IonControlPointSequence:
-            energy = float(cp.get("NominalBeamEnergy", layers[-1][0] if layers else 0.0))
-            if not layers or energy != layers[-1][0]:
-                layers.append((energy, [], []))
-            xy = np.asarray(cp.ScanSpotPositionMap, dtype=float).reshape(-1, 2)
-            weights = np.atleast_1d(np.asarray(cp.ScanSpotMetersetWeights, dtype=float))
-            for (x, y), w in zip(xy, weights, strict=True):
-                if w > 0:
-                    layers[-1][1].append((float(x), float(y)))
-                    layers[-1][2].append(float(w) * mu_per_weight)
-        beams.append(BeamByHand(int(beam.BeamNumber), metersets[int(beam.BeamNumber)], layers))
-    return beams
-
-
-def _case(tmp_path: Path, plan: Path, *, plan_mode: bool, machine: str | None = None) -> Path:
-    """A case folder holding the plan as exported; with `machine`, the one edit made to it is
-    every beam's TreatmentMachineName (the room is read from it)."""
-    case = tmp_path / "case"
-    case.mkdir()
-    copied = case / f"RP.{plan.stem}.dcm"
-    shutil.copyfile(plan, copied)
-    if machine is not None:
-        ds = pydicom.dcmread(copied)
-        for beam in ds.IonBeamSequence:
-            beam.TreatmentMachineName = machine
-        ds.save_as(copied)
-    if plan_mode:
-        (case / "_PLAN_MODE").write_text("")
-    (case / "_CASE_READY").write_text("")
-    return case
+from tests.real_exports import CLINIC_ROOM, EXPORTS, REAL_PLANS, beams_by_hand, write_case, write_logs
 
 
 def _everything_but_the_machine(ds: Dataset) -> list[str]:
@@ -98,7 +34,7 @@ def _everything_but_the_machine(ds: Dataset) -> list[str]:
 
 @pytest.mark.parametrize("name", sorted(EXPORTS))
 def test_real_export_as_written_is_refused_naming_its_machine(tmp_path: Path, config: dict, name: str) -> None:
-    case = _case(tmp_path, REAL_PLANS / name, plan_mode=True)
+    case = write_case(tmp_path, REAL_PLANS / name, plan_mode=True)
     with pytest.raises(CaseError) as info:
         build_manifest(case, config)
     # Refused for the machine it was planned for, not a room of this clinic; nothing else.
@@ -109,7 +45,7 @@ def test_real_export_as_written_is_refused_naming_its_machine(tmp_path: Path, co
 
 @pytest.mark.parametrize("name", sorted(EXPORTS))
 def test_real_export_for_a_clinic_room_runs_in_plan_mode(tmp_path: Path, config: dict, name: str) -> None:
-    case = _case(tmp_path, REAL_PLANS / name, plan_mode=True, machine=CLINIC_ROOM)
+    case = write_case(tmp_path, REAL_PLANS / name, plan_mode=True, machine=CLINIC_ROOM)
     plan_path = find_plan(case)
     edited, exported = pydicom.dcmread(plan_path), pydicom.dcmread(REAL_PLANS / name)
     assert _everything_but_the_machine(edited) == _everything_but_the_machine(exported)
@@ -151,28 +87,8 @@ def test_real_export_with_delivery_logs_runs_on_its_logs(tmp_path: Path, config:
     makes them), one delivery per field: intake's log checks pass and P2 gives each field's MU.
     (The other exports' spots of 180 MU, or 7 708 spots a field, would make logs of tens of MB.)"""
     name = "eclipse_qa_pattern_4fields.dcm"
-    case = _case(tmp_path, REAL_PLANS / name, plan_mode=False, machine=CLINIC_ROOM)
-    by_hand = beams_by_hand(REAL_PLANS / name)
-    patient_id = str(pydicom.dcmread(REAL_PLANS / name).PatientID)
-    spec = casegen.CaseSpec(
-        patient_id=patient_id,
-        room=CLINIC_ROOM,
-        beams=[
-            casegen.BeamSpec(b.number, f"Field_{b.number}", [e for e, _, _ in b.layers], [s for _, s, _ in b.layers])
-            for b in by_hand
-        ],
-    )
-    for order, beam in enumerate(by_hand):
-        casegen.write_delivery(
-            case,
-            spec,
-            beam.number,
-            f"202611020{order}000000",
-            # 20 MU a spot: the largest monitor range and enough samples to stay within uint16.
-            range_codes=[5] * len(beam.layers),
-            samples_per_spot=600,
-            partial_layers={k: (spots, mus) for k, (_, spots, mus) in enumerate(beam.layers, start=1)},
-        )
+    case = write_case(tmp_path, REAL_PLANS / name, plan_mode=False, machine=CLINIC_ROOM)
+    by_hand = write_logs(case, REAL_PLANS / name, CLINIC_ROOM)
 
     manifest = build_manifest(case, config)
     assert manifest["mode"] == "logs" and manifest["flags"] == [] and manifest["labels"] == []
@@ -203,7 +119,7 @@ def _photon_plans() -> list[Path]:
 @pytest.mark.parametrize("plan", _photon_plans(), ids=["pydicom_rtplan", "pymedphys_06MV"])
 def test_photon_rt_plan_is_refused_as_not_an_rt_ion_plan(tmp_path: Path, config: dict, plan: Path) -> None:
     assert pydicom.dcmread(plan, force=True).SOPClassUID == "1.2.840.10008.5.1.4.1.1.481.5"  # RT Plan
-    case = _case(tmp_path, plan, plan_mode=True)
+    case = write_case(tmp_path, plan, plan_mode=True)
     with pytest.raises(CaseError) as info:
         build_manifest(case, config)
     assert str(info.value) == f"{next(case.glob('RP.*.dcm'))}: RTPLAN is not an RT Ion Plan (wrong SOP class)"
@@ -212,7 +128,7 @@ def test_photon_rt_plan_is_refused_as_not_an_rt_ion_plan(tmp_path: Path, config:
 def test_rt_ion_plan_without_file_meta_is_refused_naming_it(tmp_path: Path, config: dict) -> None:
     """A real Eclipse export written as a bare data set, the way pymedphys's CMS plan is: intake
     names the file and the missing meta header instead of finding no plan at all."""
-    case = _case(tmp_path, REAL_PLANS / "eclipse_qa_pattern_4fields.dcm", plan_mode=True, machine=CLINIC_ROOM)
+    case = write_case(tmp_path, REAL_PLANS / "eclipse_qa_pattern_4fields.dcm", plan_mode=True, machine=CLINIC_ROOM)
     plan = find_plan(case)
     ds = pydicom.dcmread(plan)
     ds.preamble = None
