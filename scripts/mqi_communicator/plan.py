@@ -99,30 +99,51 @@ def room_of_machine(machine_name: str) -> str | None:
     return f"G{match.group(1)}" if match else None
 
 
-def _plan_header(path: Path) -> tuple[str | None, str]:
-    """(Modality, SOPClassUID) from the header only; (None, "") for anything not DICOM."""
+def _plan_header(path: Path) -> tuple[str | None, str, bool]:
+    """(Modality, SOPClassUID, has the DICOM file meta header) from the header only; (None, "",
+    False) for anything not DICOM. A file without the meta header (PS3.10 7.1: preamble, "DICM",
+    group 0002) is read again as a bare data set, only to say what it is: real exporters write
+    such files (pymedphys's CMS photon plan, tests/test_real_plans.py)."""
+    broken = (InvalidDicomError, OSError, AttributeError, ValueError, TypeError, BytesLengthException, struct.error)
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Modality", "SOPClassUID"])
-    except (InvalidDicomError, OSError, AttributeError, ValueError, TypeError, BytesLengthException, struct.error):
-        return None, ""
-    return ds.get("Modality"), str(ds.get("SOPClassUID", ""))
+        has_meta = True
+    except InvalidDicomError:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Modality", "SOPClassUID"], force=True)
+        except broken:
+            return None, "", False
+        has_meta = False
+    except broken:
+        return None, "", False
+    return ds.get("Modality"), str(ds.get("SOPClassUID", "")), has_meta
 
 
 def find_plan(case_dir: Path) -> Path:
     """The case's single RT Ion Plan, at the top or one/two levels down, found by Modality."""
     candidates: list[Path] = []
     rtplans_other: list[Path] = []
+    without_meta: list[Path] = []  # RT Ion Plans without the DICOM file meta header
     for path in sorted(case_dir.rglob("*")):
         depth = len(path.relative_to(case_dir).parts)
         if depth > 3 or not path.is_file() or path.suffix.lower() not in (".dcm", ""):
             continue
         if path.suffix == "" and not path.name.upper().startswith("RP"):
             continue
-        modality, sop_class = _plan_header(path)
+        modality, sop_class, has_meta = _plan_header(path)
         if modality != "RTPLAN":
             continue
-        (candidates if sop_class == RT_ION_PLAN_SOP_CLASS else rtplans_other).append(path)
+        if sop_class != RT_ION_PLAN_SOP_CLASS:
+            rtplans_other.append(path)
+        else:
+            (candidates if has_meta else without_meta).append(path)
     if not candidates:
+        if without_meta:
+            raise CaseError(
+                without_meta[0],
+                "an RT Ion Plan without the DICOM file meta information (PS3.10: 128-byte preamble, 'DICM', "
+                "group 0002): export the plan as a DICOM Part 10 file",
+            )
         if rtplans_other:
             raise CaseError(rtplans_other[0], "RTPLAN is not an RT Ion Plan (wrong SOP class)")
         raise CaseError(case_dir, "no RT Ion Plan (Modality RTPLAN, SOP class RT Ion Plan) found")

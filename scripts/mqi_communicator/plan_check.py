@@ -245,5 +245,29 @@ def plan_problems(ds: Dataset) -> PlanCheck:
             f"treatment beam(s) {unreferenced} are in no fraction group: their MU (BeamMeterset) are unknown"
         )
     for beam in treatment:
+        check.unsupported.extend(_scan_mode_problems(beam))
         check.errors.extend(_beam_problems(beam, check.warnings))
     return check
+
+
+# PS3.3 C.8.8.25 ScanMode (300A,0308) of a beam this pipeline computes: spots (MODULATED,
+# MODULATED_SPEC) or the SHI line scanning (LINE), each read from the spot arrays.
+SPOT_SCAN_MODES = ("MODULATED", "MODULATED_SPEC", "LINE")
+OTHER_SCAN_MODES = {
+    "NONE": "no beam scanning (a passively scattered beam)",
+    "UNIFORM": "a beam scanned to a uniform lateral fluence (wobbling), without spots",
+}
+
+
+def _scan_mode_problems(beam: Dataset) -> list[str]:
+    """A treatment beam that is not spot or line scanned: its control points hold no spots, and
+    a dose computed from none would be no dose (docs/real-plans.md). An absent ScanMode is read
+    as MODULATED, as before (hand-made test plans lack it)."""
+    mode = str(beam.get("ScanMode", "") or "").strip().upper()
+    if not mode or mode in SPOT_SCAN_MODES:
+        return []
+    what = OTHER_SCAN_MODES.get(mode, "a scan mode this pipeline does not know")
+    return [
+        f"beam {beam.get('BeamNumber')} ({beam.get('BeamName', '')!r}): ScanMode {mode}, {what}: only spot "
+        "scanning (MODULATED) and line scanning (LINE) are computed"
+    ]
