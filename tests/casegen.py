@@ -22,6 +22,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from mqi_communicator import ptn
 from mqi_communicator.plan import RT_ION_PLAN_SOP_CLASS
+from tests.plan_shapes_geometry import first_control_point_geometry
 
 RT_STRUCTURE_SET_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
 # Virtual source-axis distances (mm, x then y) of the scanning magnets, as the clinic's G2 plan
@@ -191,6 +192,7 @@ def _beam(
     beam.NumberOfRangeModulators = 0
     beam.VirtualSourceAxisDistances = list(VIRTUAL_SOURCE_AXIS_MM)
     beam.PatientSupportType = "TABLE"
+    beam.ReferencedPatientSetupNumber = 1  # write_plan's only patient setup (HFS)
     cps = []
     cumulative = 0.0
     layers = [(0.0, [])] if spec.setup else list(zip(spec.energies_mev, spec.spots_xy_mm, strict=True))
@@ -214,10 +216,8 @@ def _beam(
                     cp.add_new((0x300B, 0x1096), "OB", _float32_bytes(weights))
                 if not second:
                     cumulative += spec.spot_mu * len(spots)
-            if len(cps) == 0:
-                cp.GantryAngle = spec.gantry_angle
-                cp.IsocenterPosition = list(iso)
-                cp.SnoutPosition = 465.0
+            if len(cps) == 0:  # Type 1C/2C: written in the first control point only
+                first_control_point_geometry(cp, spec.gantry_angle, iso)
             cps.append(cp)
     # The second control point of each pair carries the layer's cumulative weight.
     for index in range(1, len(cps), 2):

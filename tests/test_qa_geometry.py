@@ -166,7 +166,7 @@ def test_plan_sum_only_where_beams_share_one_geometry(tmp_path: Path) -> None:
     assert pydicom.dcmread(out).DoseSummationType == "FRACTION_SESSION"
     different = plan(tmp_path, 0.0, second_gantry=90.0)
     assert "do not share one geometry" in str(dose_frame.plan_sum_refusal_for(different))
-    with pytest.raises(CaseError, match="no plan sum: beams 1 \\(gantry 0"):
+    with pytest.raises(CaseError, match="no plan sum: beam 1 \\('B1'\\) \\(gantry 0"):
         rtdose.write_rtdose(
             raw_plane(), GRID, different, tmp_path / "x", beam_number=None, engine_label="t", calibrated=False
         )

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from tests import casegen
 from tests import plan_shapes_fraction as shapes
+from tests import plan_shapes_geometry as geometry_shapes
 from tests.workflow import case_summaries, snakemake, write_config
 
 
@@ -23,6 +24,8 @@ def test_plan_shapes_through_the_workflow(tmp_path: Path) -> None:
     shapes.without_beam_meterset(shapes.plan_of(eclipse))
     boost = casegen.write_case(scan, "boost")
     shapes.two_fraction_groups(shapes.plan_of(boost), fractions=(25, 5))
+    aria = casegen.write_case(scan, "aria_couch", geometry_shapes.aria_three_fields())
+    geometry_shapes.couch_angles(shapes.plan_of(aria), geometry_shapes.ARIA_COUCH_ANGLES)
     plan_mode = casegen.write_case(scan, "nometer_plan", deliveries=False)
     shapes.without_beam_meterset(shapes.plan_of(plan_mode))
     work = tmp_path / "work"
@@ -33,7 +36,7 @@ def test_plan_shapes_through_the_workflow(tmp_path: Path) -> None:
     output = run.stdout + run.stderr
     assert run.returncode != 0  # the plan-mode case is refused, and Snakemake says so
     summaries = case_summaries(work)
-    assert sorted(summaries) == ["boost", "eclipse_nometer"], output[-3000:]
+    assert sorted(summaries) == ["aria_couch", "boost", "eclipse_nometer"], output[-3000:]
     for case in ("boost", "eclipse_nometer"):
         csvs = work / "data" / "cases" / case / "intermediate" / "moqui_csv" / "log"
         assert sorted(p.name for p in csvs.iterdir()) == ["1G180_TX", "2G90"]
@@ -47,6 +50,13 @@ def test_plan_shapes_through_the_workflow(tmp_path: Path) -> None:
         assert "no BeamMeterset" in beam["delivery"]["reasons"][0]
     # Two fraction groups: each beam's MU from its own group, so its logs check against them.
     assert [b["delivery"]["verdict"] for b in _qa(work, "boost")["beams"]] == ["PASS", "PASS"]
+    # Three fields at couch 30/0/330 run in the beam frame, each couch recorded as written.
+    aria_qa = _qa(work, "aria_couch")["beams"]
+    assert [b["geometry"]["patient_support_angle_deg"] for b in aria_qa] == list(geometry_shapes.ARIA_COUCH_ANGLES)
+    assert [b["geometry"]["gantry_angle_deg"] for b in aria_qa] == [90.0, 0.0, 270.0]
+    assert [b["delivery"]["verdict"] for b in aria_qa] == ["PASS"] * 3
+    dicom = work / "data" / "cases" / "aria_couch" / "dicom"
+    assert sorted(p.name for p in dicom.iterdir()) == ["RD_F1.dcm", "RD_F2.dcm", "RD_F3.dcm"]  # no plan sum
     refused = (work / "logs" / "nometer_plan" / "intake.log").read_text()
     assert "INTAKE FAILED for case nometer_plan" in refused
     assert "plan mode needs each treatment beam's MU" in refused and "BeamMeterset" in refused

@@ -1,7 +1,7 @@
 """Where an RT Dose sits in the patient: a beam's geometry, its frame, and the plan-sum rule.
 
 Owns the decisions `rtdose` (the writer) relies on: a beam's gantry/couch/patient position from
-the plan (`beam_geometry`), whether a plan's beams may be summed (`plan_sum_refusal_for`), how
+the plan (`beam_geometry.read`), whether a plan's beams may be summed (`plan_sum_refusal_for`), how
 MOQUI's dose grid is placed as DICOM image planes (`image_geometry`) and the ImageComments
 sentence naming the frame (`frame_comment`).
 
@@ -21,10 +21,12 @@ QA plans the isocentre lies on x = z = 0, so a 2 cm plane lands at ImagePosition
   columns = MOQUI x (patient x), rows = depth (patient y, increasing depth downwards),
   frames = MOQUI y (patient z, increasing), GridFrameOffsetVector relative to the first frame.
 - The "patient" frame (`--frame patient`) turns the same pixels by the beam's gantry angle
-  (0/90/180/270, couch 0, HFS; anything else is refused): e.g. at gantry 90 the plane is
+  (0/90/180/270, couch, table-top pitch and roll 0, HFS, one isocentre and snout position for the
+  whole beam; anything else is refused, naming the beam: docs/plan-geometry.md): e.g. at gantry 90 the plane is
   sagittal (columns patient +y, rows +z), at 180 coronal with columns along patient -x.
-- A plan sum (RD_PLAN) is written only when the treatment beams share one geometry (gantry and
-  couch angle, isocentre) and one fraction group; beams in different beam frames, or of different
+- A plan sum (RD_PLAN) is written only when the treatment beams share one geometry (gantry,
+  couch, table-top pitch and roll angle, isocentre, patient position, none changing within a beam)
+  and one fraction group; beams in different beam frames, or of different
   fraction groups (not one session), are not summed (a clear error).
 - Which FrameOfReferenceUID each frame carries (a phantom frame of its own in the "beam" frame)
   is `dose_reference`'s decision; docs/rtdose-frames.md describes both frames for viewers.
@@ -37,9 +39,8 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset
 
-from . import dose_reference, geometry
+from . import beam_geometry, dose_reference, geometry
 from .plan import Plan, read_plan
 
 
@@ -47,20 +48,6 @@ def _ds(value: float) -> str:
     """A position for a DS element: rounded to 0.1 um, no float noise, at most 16 characters."""
     text = f"{round(float(value), 4):.4f}".rstrip("0").rstrip(".")
     return "0" if text in ("-0", "") else text
-
-
-def beam_geometry(plan_ds: Dataset, beam_number: int) -> tuple[float, float, str]:
-    """(gantry angle, couch angle, patient position) of a beam from its first control point."""
-    beam = next((b for b in plan_ds.get("IonBeamSequence", []) if int(b.BeamNumber) == beam_number), None)
-    if beam is None:
-        raise ValueError(f"no beam number {beam_number} in the plan")
-    cp0 = beam.IonControlPointSequence[0]
-    setups = {
-        int(s.PatientSetupNumber): s for s in plan_ds.get("PatientSetupSequence", []) if "PatientSetupNumber" in s
-    }
-    setup = setups.get(int(beam.get("ReferencedPatientSetupNumber", 0) or 0)) or next(iter(setups.values()), None)
-    position = str(setup.get("PatientPosition", "HFS")) if setup is not None else "HFS"
-    return float(cp0.get("GantryAngle") or 0.0), float(cp0.get("PatientSupportAngle") or 0.0), position
 
 
 def plan_sum_refusal_for(
@@ -71,13 +58,8 @@ def plan_sum_refusal_for(
     plan = plan or read_plan(Path(plan_path))
     plan_ds = pydicom.dcmread(plan_path, stop_before_pixels=True)
     numbers = [b.number for b in plan.treatment_beams] if beam_numbers is None else list(beam_numbers)
-    beams = []
-    for number in numbers:
-        gantry, couch, _ = beam_geometry(plan_ds, number)
-        beam = plan.beam(number)
-        assert beam is not None
-        beams.append((number, gantry, couch, beam.isocenter_mm))
-    return geometry.plan_sum_refusal(beams) or dose_reference.fraction_group_refusal(plan_ds, numbers)
+    beams = [beam_geometry.read(plan_ds, number) for number in numbers]
+    return beam_geometry.plan_sum_refusal(beams) or dose_reference.fraction_group_refusal(plan_ds, numbers)
 
 
 def image_geometry(
@@ -118,15 +100,16 @@ def image_geometry(
     }
 
 
-def frame_comment(frame: str, gantry: float, couch: float) -> str:
+def frame_comment(frame: str, beam: beam_geometry.BeamGeometry) -> str:
     """The ImageComments clause saying in which frame the dose is placed and what was applied."""
+    gantry, couch = (beam_geometry.shown(v) for v in (beam.gantry, beam.couch))
     if frame == "beam":
         return (
             f"{dose_reference.PHANTOM} frame, not the patient's: placed in a water phantom in the beam's own "
-            f"frame as a TPS QA plane (gantry 0 geometry; the beam's gantry {gantry:g} deg and couch {couch:g} deg "
+            f"frame as a TPS QA plane (gantry 0 geometry; the beam's gantry {gantry} deg and couch {couch} deg "
             "are not applied), with a FrameOfReferenceUID of its own"
         )
     return (
-        f"placed in the patient frame (gantry {gantry:g} deg, couch {couch:g} deg applied, HFS), "
+        f"placed in the patient frame (gantry {gantry} deg, couch {couch} deg applied, HFS), "
         "in the plan's FrameOfReferenceUID"
     )

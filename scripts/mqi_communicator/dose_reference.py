@@ -8,10 +8,10 @@ is placed in a water phantom facing the beam (gantry and couch not applied, see
 `geometry.beam_axes`): its coordinates are NOT the patient's, so it must not carry the plan's
 FrameOfReferenceUID (a viewer would overlay it on the patient CT, mirrored or in the wrong plane
 for any gantry other than 0). It gets a frame of its own, derived deterministically
-(`phantom_frame_uid`) from the plan's SOP Instance UID and the beam geometry that
-`geometry.plan_sum_refusal` compares (gantry, couch, isocentre): a rerun gives the same frame,
-beams that may be summed share one frame with their plan sum, and beams in different beam frames
-get different ones. Its PositionReferenceIndicator (an annotation only, PS3.3 C.7.4.1.1.2) is
+(`phantom_frame_uid`) from the plan's SOP Instance UID and the beam's gantry, couch and isocentre
+(part of what `beam_geometry.plan_sum_refusal` compares): a rerun gives the same frame, beams that
+may be summed share one frame with their plan sum, and beams of different gantry, couch or
+isocentre get different ones. Its PositionReferenceIndicator (an annotation only, PS3.3 C.7.4.1.1.2) is
 "PHANTOM". A dose in the "patient" frame (gantry, couch and patient position applied) keeps the
 plan's FrameOfReferenceUID and PositionReferenceIndicator.
 

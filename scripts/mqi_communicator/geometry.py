@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .beam_geometry import BeamGeometry
+
 
 @dataclass(frozen=True)
 class Grid:
@@ -81,7 +83,8 @@ def read_raw(path: str, grid: Grid) -> np.ndarray:
 # - "patient": the same dose turned by the beam's gantry angle (IEC 61217, couch 0, HFS): the
 #   gantry axes X_g = (cos g, sin g, 0), Y_g = (0, 0, 1), the beam travelling along
 #   -Z_g = (-sin g, cos g, 0). Axis-aligned results only: gantry 0, 90, 180 or 270; any other
-#   angle, a couch rotation or another patient position is refused with a message.
+#   angle, a couch, pitch or roll rotation, another patient position or an isocentre or snout
+#   that moves within the beam is refused with a message naming the beam (docs/plan-geometry.md).
 
 CARDINAL_GANTRY = (0.0, 90.0, 180.0, 270.0)
 FRAMES = ("beam", "patient")
@@ -91,48 +94,29 @@ class GeometryError(ValueError):
     """A beam geometry the requested frame does not handle (the message says which and why)."""
 
 
-def beam_axes(frame: str, gantry: float, couch: float = 0.0, position: str = "HFS") -> np.ndarray:
-    """3 x 3 integer matrix whose columns are the patient directions of MOQUI x, MOQUI y and depth."""
+def beam_axes(frame: str, beam: BeamGeometry) -> np.ndarray:
+    """3 x 3 integer matrix whose columns are the patient directions of MOQUI x, MOQUI y and depth.
+
+    The beam frame needs nothing of the beam's geometry; the patient frame refuses what it cannot
+    honour (`BeamGeometry.patient_frame_refusal`: a couch, pitch or roll other than 0, a position
+    other than HFS, a placement that changes within the beam) and a gantry off 0/90/180/270."""
     if frame == "beam":
         return np.array([[1, 0, 0], [0, 0, 1], [0, 1, 0]]).T
     if frame != "patient":
         raise GeometryError(f"unknown dose frame {frame!r}; expected one of {FRAMES}")
-    angle = float(gantry) % 360.0
+    refusal = beam.patient_frame_refusal()
+    if refusal is not None:
+        raise GeometryError(refusal)
+    gantry = beam.gantry
+    assert gantry is not None  # patient_frame_refusal refuses a beam without one
+    angle = gantry % 360.0
     if not any(abs(angle - a) < 1e-6 for a in CARDINAL_GANTRY):
         raise GeometryError(
-            f"gantry angle {gantry:g} deg is not handled in the patient frame (only 0/90/180/270 give an "
-            "axis-aligned RT Dose); use the beam frame"
-        )
-    if abs(float(couch) % 360.0) > 1e-6:
-        raise GeometryError(
-            f"couch angle {couch:g} deg is not handled in the patient frame (only 0); use the beam frame"
-        )
-    if position != "HFS":
-        raise GeometryError(
-            f"patient position {position!r} is not handled in the patient frame (only HFS); use the beam frame"
+            f"gantry angle {gantry:g} deg is not handled in the patient frame (only 0/90/180/270 "
+            "give an axis-aligned RT Dose); use the beam frame"
         )
     g = np.deg2rad(angle)
     x_g = np.rint([np.cos(g), np.sin(g), 0.0])
     y_g = np.array([0.0, 0.0, 1.0])
     depth = np.rint([-np.sin(g), np.cos(g), 0.0])
     return np.column_stack([x_g, y_g, depth]).astype(int)
-
-
-def plan_sum_refusal(beams: list[tuple[int, float, float, tuple[float, float, float]]]) -> str | None:
-    """Why the beams (number, gantry, couch, isocentre) may not be summed into one plan dose, or
-    None when they share one geometry (same gantry and couch angle and isocentre)."""
-    if not beams:
-        return "no beams to sum"
-    first = beams[0]
-    for other in beams[1:]:
-        if (
-            abs(other[1] - first[1]) > 1e-6
-            or abs(other[2] - first[2]) > 1e-6
-            or not np.allclose(other[3], first[3], atol=1e-3)
-        ):
-            return (
-                f"beams {first[0]} (gantry {first[1]:g}, couch {first[2]:g}, isocentre {list(first[3])}) and "
-                f"{other[0]} (gantry {other[1]:g}, couch {other[2]:g}, isocentre {list(other[3])}) do not share "
-                "one geometry: their doses lie in different beam frames and are not summed"
-            )
-    return None

@@ -20,7 +20,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from . import settings
+import pydicom
+
+from . import beam_geometry, settings
 from .beam_modifiers import builtin_engine_problems, shifter_labels
 from .case_inputs import content_record, is_ready
 from .delivery import Delivery, delivery_header, find_delivery_folders, read_delivery
@@ -156,6 +158,28 @@ def modifier_problems(plan: Plan, builtin: bool) -> list[str]:
     return problems
 
 
+def plan_geometries(plan: Plan) -> dict[int, beam_geometry.BeamGeometry]:
+    """Each treatment beam's geometry as written (docs/plan-geometry.md); a Type 1C value the
+    first control point lacks (GantryAngle, PatientSupportAngle) is refused, naming the beams."""
+    plan_ds = pydicom.dcmread(plan.path, stop_before_pixels=True)
+    try:
+        found = {b.number: beam_geometry.read(plan_ds, b.number) for b in plan.treatment_beams}
+    except ValueError as exc:
+        raise CaseError(plan.path, str(exc)) from exc
+    missing = [
+        f"{g.label}: {', '.join(g.missing_required())} not given in the first control point"
+        for g in found.values()
+        if g.missing_required()
+    ]
+    if missing:
+        raise CaseError(
+            plan.path,
+            "PS3.3 C.8.8.25 requires these (Type 1C) in the first control point of each beam:\n"
+            + "\n".join(f"  - {m}" for m in missing),
+        )
+    return found
+
+
 def build_manifest(case_dir: Path, config: dict[str, Any], now: float | None = None) -> dict[str, Any]:
     """Validate a case and return its manifest; raises CaseError listing every problem."""
     case_id = case_dir.name
@@ -168,10 +192,11 @@ def build_manifest(case_dir: Path, config: dict[str, Any], now: float | None = N
     refused = modifier_problems(plan, builtin)
     if refused:
         raise CaseError(plan_path, "beam modifiers that cannot be computed:\n" + "\n".join(f"  - {p}" for p in refused))
+    geometries = plan_geometries(plan)
     problems: list[CaseError] = []
     deliveries: list[Delivery] = []
     folders = find_delivery_folders(case_dir)
-    warnings = list(plan.warnings)
+    warnings = list(plan.warnings) + [s for g in geometries.values() for s in g.statements]
     if plan.beams_without_mu:
         if mode == "plan":
             raise CaseError(plan_path, plan_mode_refusal(plan))
@@ -227,6 +252,8 @@ def build_manifest(case_dir: Path, config: dict[str, Any], now: float | None = N
                 "simulated_deliveries": [d.folder for d in beam_fractions[-1]] if beam_fractions else [],
                 "simulate": True,
                 "range_shifters": [asdict(s) for s in beam.shifters],
+                # As written; the beam-frame QA needs none of it (docs/plan-geometry.md).
+                "geometry": geometries[beam.number].as_record(),
             }
         )
     return {

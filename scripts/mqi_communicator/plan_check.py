@@ -244,6 +244,10 @@ def plan_problems(ds: Dataset) -> PlanCheck:
         check.warnings.append(
             f"treatment beam(s) {unreferenced} are in no fraction group: their MU (BeamMeterset) are unknown"
         )
+    if str(ds.get("RTPlanGeometry", "")).upper() == "PATIENT" and not ds.get("ReferencedStructureSetSequence"):
+        # PS3.3 C.8.8.1: Type 1C, required when RTPlanGeometry is PATIENT. The plan's last element:
+        # a file cut just before it parses whole, and this is how it shows (docs/plan-support.md).
+        check.errors.append("RTPlanGeometry is PATIENT but the plan has no ReferencedStructureSetSequence (Type 1C)")
     for beam in treatment:
         check.unsupported.extend(_scan_mode_problems(beam))
         check.errors.extend(_beam_problems(beam, check.warnings))

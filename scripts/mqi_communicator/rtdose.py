@@ -38,8 +38,8 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import format_number_as_ds
 
-from . import __version__, dose_reference, geometry
-from .dose_frame import beam_geometry, frame_comment, image_geometry, plan_sum_refusal_for
+from . import __version__, beam_geometry, dose_reference, geometry
+from .dose_frame import frame_comment, image_geometry, plan_sum_refusal_for
 from .errors import CaseError
 from .files import atomic_output
 from .plan import Beam, Plan, read_plan, sanitize_beam_name
@@ -159,11 +159,15 @@ def build_rtdose(
         refusal = plan_sum_refusal_for(plan_path, plan=plan)
         if refusal is not None:
             raise CaseError(plan.path, f"no plan sum: {refusal}")
-    gantry, couch, position = beam_geometry(plan_ds, beam.number)
     summed = [b.number for b in plan.treatment_beams] if beam_number is None else [beam.number]
     try:
-        axes = geometry.beam_axes(frame, gantry, couch, position)
-        reference = dose_reference.frame_of_reference(frame, plan_ds, gantry, couch, beam.isocenter_mm)
+        placement = beam_geometry.read(plan_ds, beam.number)
+        axes = geometry.beam_axes(frame, placement)
+        # The phantom frame's UID names the beam geometry; a gantry or couch angle the plan does
+        # not give (only the beam frame accepts that) enters it as 0, the phantom's own placement.
+        reference = dose_reference.frame_of_reference(
+            frame, plan_ds, placement.gantry or 0.0, placement.couch or 0.0, beam.isocenter_mm
+        )
         summation = dose_reference.summation_for(
             plan_ds, summed, plan_sum=beam_number is None, treatment_beams=[b.number for b in plan.treatment_beams]
         )
@@ -217,7 +221,7 @@ def build_rtdose(
     ds.InstanceNumber = 1
     ds.ImageComments = (
         f"Dose recomputed by {engine_label} for {what} of plan {plan_ds.SOPInstanceUID}, one delivered "
-        f"session ({summation.type}); dose units {units}; {frame_comment(frame, gantry, couch)}; "
+        f"session ({summation.type}); dose units {units}; {frame_comment(frame, placement)}; "
         f"written by mqi_communicator {__version__}."
     )
 

@@ -117,6 +117,8 @@ def assess(
         beam = plan.beam(entry["number"])
         assert beam is not None
         record: dict[str, Any] = {"number": beam.number, "name": beam.name, "gantry_angle": beam.gantry_angle}
+        if "geometry" in entry:  # as the plan writes it (docs/plan-geometry.md); older manifests lack it
+            record["geometry"] = entry["geometry"]
         try:
             rd = delivered_by_beam.get(beam.number)
             if rd is None:
