@@ -317,7 +317,7 @@ def qa_targets(wildcards):
 
 def plan_sum_dose(wildcards):
     """RD_PLAN.dcm only when the plan's treatment beams share one geometry (gantry, couch,
-    isocentre)."""
+    table-top pitch and roll, isocentre, patient position: docs/plan-geometry.md)."""
     if not planned(wildcards.case_id)["plan_sum"]:
         return []
     return [final_dicom("RD_PLAN.dcm", wildcards.case_id)]
