@@ -153,3 +153,24 @@ def test_real_exports_dciodvfy_findings_are_known(name: str) -> None:
     missing = "Error - Missing attribute Type 1C Conditional Element=<ModulatedScanModeType> Module=<RTIonBeams>"
     assert len(verdict.errors) == beams * len(dciodvfy.tools()), verdict.message()
     assert all(error.endswith(missing) for error in verdict.errors), verdict.message()
+
+
+def test_a_plan_on_another_mu_scale_is_refused_in_plan_mode_before_any_csv(tmp_path: Path, config: dict) -> None:
+    """The Eclipse 160 MeV export's spots carry tens of MU where the clinic's carry hundredths: at
+    the shipped plan dose rate its one field would be gigabytes of CSV. P2 refuses it by name
+    before writing a layer."""
+    name = "eclipse_mono_160MeV.dcm"
+    case = write_case(tmp_path, REAL_PLANS / name, plan_mode=True, machine=CLINIC_ROOM)
+    manifest = build_manifest(case, config)
+    (beam,) = beams_by_hand(REAL_PLANS / name)
+    timegain_s = float(config["rooms"][CLINIC_ROOM]["timegain_ms"]) / 1000.0
+    mu_per_sample = float(config["interpreter"]["plan_dose_rate_mu_per_s"]) * timegain_s
+    expected = sum(max(1, int(np.ceil(mu / mu_per_sample))) for _, _, mus in beam.layers for mu in mus)
+    assert expected > config["interpreter"]["plan_max_samples_per_beam"]
+    with pytest.raises(CaseError) as info:
+        interpret_case(manifest, config, tmp_path / "p2")
+    message = str(info.value)
+    assert message.startswith(f"{find_plan(case)}: beam {beam.number} (")
+    assert f"plan mode would write {expected:,} samples" in message
+    assert "interpreter.plan_max_samples_per_beam (20,000,000)" in message
+    assert not list((tmp_path / "p2").rglob("*.csv"))

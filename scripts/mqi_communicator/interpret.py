@@ -25,7 +25,7 @@ from .errors import CaseError
 from .files import KnownDigests, write_atomic, write_json_atomic
 from .fractions import layer_parts
 from .intake import build_manifest
-from .plan import Layer, read_plan
+from .plan import Beam, Layer, read_plan
 
 TABLE_SIZE = 1 << 16  # every possible uint16 raw value
 
@@ -74,12 +74,37 @@ class LogTables:
         )
 
 
+def _spot_samples(spot_mu: np.ndarray, calibration: ptn.RoomCalibration, config: dict[str, Any]) -> np.ndarray:
+    """Plan mode's samples per spot: its MU at the plan dose rate, one sample per TIMEGAIN."""
+    mu_per_sample = config["interpreter"]["plan_dose_rate_mu_per_s"] * calibration.timegain_ms / 1000.0
+    return np.maximum(1, np.ceil(spot_mu / mu_per_sample).astype(np.int64))
+
+
+def plan_sample_refusal(beam: Beam, calibration: ptn.RoomCalibration, config: dict[str, Any]) -> str | None:
+    """Why plan mode will not write a beam's CSVs: more samples than `plan_max_samples_per_beam`.
+    A plan on another machine's MU scale (hundreds of MU a spot where the clinic's rooms give
+    hundredths), or a dose rate set far too low, would otherwise fill the disk with gigabytes of
+    CSV before anything could say the plan does not fit (docs/real-plans.md)."""
+    limit = int(config["interpreter"]["plan_max_samples_per_beam"])
+    total = sum(
+        int(_spot_samples(np.asarray(layer.spot_mu, dtype=np.float64), calibration, config).sum())
+        for layer in beam.layers
+    )
+    if total <= limit:
+        return None
+    return (
+        f"beam {beam.number} ({beam.name!r}): plan mode would write {total:,} samples "
+        f"(about {total * 32 / 1e9:.1f} GB of CSV) for its {sum(layer.mu for layer in beam.layers):g} MU at "
+        f"interpreter.plan_dose_rate_mu_per_s {config['interpreter']['plan_dose_rate_mu_per_s']:g}, more than "
+        f"interpreter.plan_max_samples_per_beam ({limit:,}): is the plan for this room's MU scale?"
+    )
+
+
 def plan_layer_samples(layer: Layer, calibration: ptn.RoomCalibration, config: dict[str, Any]) -> bytes:
     """Plan-based mode: each spot held at its position for MU / dose rate, sampled at TIMEGAIN."""
     interp = config["interpreter"]
-    mu_per_sample = interp["plan_dose_rate_mu_per_s"] * calibration.timegain_ms / 1000.0
     spot_mu = np.asarray(layer.spot_mu, dtype=np.float64)
-    samples = np.maximum(1, np.ceil(spot_mu / mu_per_sample).astype(np.int64))
+    samples = _spot_samples(spot_mu, calibration, config)
     xy = np.repeat(np.asarray(layer.spot_xy_mm, dtype=np.float64).reshape(-1, 2), samples, axis=0)
     # Spread each spot's MU evenly over its samples; counts are in dose1 units at range factor 1.
     mu = np.repeat(spot_mu / samples, samples)
@@ -125,6 +150,8 @@ def interpret_case(manifest: dict[str, Any], config: dict[str, Any], out_dir: Pa
         beam_dir.mkdir(parents=True, exist_ok=True)
         written: list[dict[str, Any]] = []
         if manifest["mode"] == "plan":
+            if refusal := plan_sample_refusal(beam, calibration, config):
+                raise CaseError(plan_path, refusal)
             for number, layer in enumerate(beam.layers, start=1):
                 data = plan_layer_samples(layer, calibration, config)
                 name = moqui_csv.layer_file_name(number, layer.energy_mev, len(beam.layers))
