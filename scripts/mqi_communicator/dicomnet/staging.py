@@ -14,14 +14,18 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterable
 from io import BytesIO
 from pathlib import Path
+from typing import BinaryIO
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_dataset
+from pydicom.tag import BaseTag
 
-from ..files import write_atomic
+from ..files import atomic_output
 
 RT_ION_PLAN = "1.2.840.10008.5.1.4.1.1.481.8"
 RT_DOSE = "1.2.840.10008.5.1.4.1.1.481.2"
@@ -63,6 +67,20 @@ def read_header(encoded: bytes) -> Dataset:
         raise StagingError(f"cannot be read as DICOM: {exc}") from exc
 
 
+def _at_pixel_data(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return tag in (0x7FE00010, 0x7FE00009, 0x7FE00008)  # Pixel Data, Double / Float Pixel Data
+
+
+def read_dataset_header(stream: BinaryIO, implicit_vr: bool, little_endian: bool) -> Dataset:
+    """The elements before the pixel data of a bare dataset (no file meta) in ``stream``, encoded
+    as its transfer syntax says (not deflated); the stream is read in place, not copied."""
+    stream.seek(0)
+    try:
+        return read_dataset(stream, implicit_vr, little_endian, stop_when=_at_pixel_data)
+    except (EOFError, ValueError, KeyError, TypeError, NotImplementedError) as exc:
+        raise StagingError(f"cannot be read as DICOM: {exc}") from exc
+
+
 def referenced_plan(header: Dataset) -> str | None:
     """The SOP instance UID of the plan an RT Dose was computed for (PS3.3 C.8.8.3, Referenced RT
     Plan Sequence), or None when it names none."""
@@ -85,9 +103,12 @@ def staged_path(staging: Path, header: Dataset) -> Path:
     return folder / f"{sop_instance}.dcm"
 
 
-def stage(staging: Path, encoded: bytes) -> Path:
-    """Write one received object (a DICOM file's bytes) durably into ``staging``; returns its path.
+def stage(staging: Path, header: Dataset, parts: Iterable[bytes | memoryview]) -> Path:
+    """Write one received object durably into ``staging`` where ``header`` (its elements) says;
+    ``parts``: its bytes as a DICOM file (preamble, file meta, dataset), written one after the other.
     StagingError: the object itself is unusable; OSError: the disk refused (full, read-only)."""
-    target = staged_path(staging, read_header(encoded))
-    write_atomic(target, encoded, durable=True)
+    target = staged_path(staging, header)
+    with atomic_output(target, durable=True) as handle:
+        for part in parts:
+            handle.write(part)
     return target
