@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -108,3 +109,58 @@ def storescu(port: int, called: str, files: list[Path], *, calling: str = SENDER
 
 def python_module(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run([PYTHON, "-m", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+@contextmanager
+def running_orthanc(workdir: Path, *, allowed_ae: str = "MQI_COMMUNICATOR") -> Iterator[dict[str, object]]:
+    """Orthanc (the Debian package) as a DICOM archive, with its own config and storage in
+    ``workdir``: HTTP on 127.0.0.1 only, DICOM on a free port, storing only from ``allowed_ae`` at
+    127.0.0.1 (Orthanc 1.10 has no DICOM bind address); stopped (SIGTERM) at the end."""
+    http_port, dicom_port = free_port(), free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = {
+        "Name": "mqi-test",
+        "StorageDirectory": str(workdir / "storage"),
+        "IndexDirectory": str(workdir / "storage"),
+        "HttpPort": http_port,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "DicomServerEnabled": True,
+        "DicomAet": "ORTHANC",
+        "DicomPort": dicom_port,
+        "DicomAlwaysAllowStore": False,
+        "DicomCheckModalityHost": True,
+        "DicomModalities": {"mqi": [allowed_ae, "127.0.0.1", 1]},
+        "Plugins": [],
+        "StorageCompression": False,
+        "HttpsVerifyPeers": False,
+    }
+    (workdir / "orthanc.json").write_text(json.dumps(config))
+    log = (workdir / "orthanc.log").open("wb")
+    process = subprocess.Popen(["Orthanc", str(workdir / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{http_port}"
+
+    def up() -> bool:
+        assert process.poll() is None, (workdir / "orthanc.log").read_text()
+        try:
+            with urllib.request.urlopen(f"{base}/system", timeout=2) as answer:
+                return answer.status == 200
+        except OSError:
+            return False
+
+    try:
+        wait_for(up, 60, "Orthanc to answer")
+        yield {"http": base, "dicom_port": dicom_port, "ae_title": "ORTHANC", "process": process}
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+def orthanc_get(base: str, path: str) -> bytes:
+    with urllib.request.urlopen(f"{base}{path}", timeout=30) as answer:
+        return bytes(answer.read())
