@@ -18,7 +18,7 @@ import pydicom
 import pytest
 
 from mqi_communicator.dicomnet import activity
-from mqi_communicator.dicomnet.staging import patient_folder_name
+from mqi_communicator.dicomnet.staging import StagingError, patient_folder_name, staged_path
 from tests.dicom_objects import REFERENCE_PLAN, dose_copy, plan_copy
 from tests.dicom_peers import python_module, running_receiver, storescu, wait_for
 
@@ -201,3 +201,21 @@ def test_a_refused_write_answers_out_of_resources_and_keeps_the_others(tmp_path:
         assert names == {f"{plan.SOPInstanceUID}.dcm", f"{pydicom.dcmread(tmp_path / 'small.dcm').SOPInstanceUID}.dcm"}
         assert not [p for p in staging.rglob("*") if p.name.endswith(".tmp")]
         assert len(re.findall(r"Received Store Response \(Success\)", output)) == 2
+
+
+def test_the_staging_path_never_comes_from_what_a_sender_chose(tmp_path: Path) -> None:
+    assert patient_folder_name("PSEUDO001") == "PSEUDO001"
+    hostile = ["../../etc", "A/B", "A_B", "", ".hidden", "홍길동"]
+    names = [patient_folder_name(p) for p in hostile]
+    assert len(set(names)) == len(names)  # "A/B" and "A_B" stay apart
+    assert all("/" not in n and not n.startswith(".") and n for n in names)
+    plan = plan_copy(tmp_path / "plan.dcm")
+    dose = dose_copy(tmp_path / "dose.dcm", plan)
+    dose.PatientID = "../../outside"
+    del dose.ReferencedRTPlanSequence
+    path = staged_path(tmp_path / "staging", dose)
+    assert path.parent == tmp_path / "staging" / patient_folder_name("../../outside") / "doses" / "unreferenced"
+    with pytest.warns(UserWarning, match="Invalid value for VR UI"):  # pydicom's own check
+        dose.SOPInstanceUID = "1.2.3/../../x"
+    with pytest.raises(StagingError, match="not a valid UID"):
+        staged_path(tmp_path / "staging", dose)
