@@ -38,7 +38,12 @@ def wait_for(predicate, seconds: float, what: str) -> None:  # type: ignore[no-u
 
 @contextmanager
 def running_receiver(
-    workdir: Path, staging: Path, *, allowed: tuple[str, ...] = (SENDER_AET,), ae_title: str = "MQI_TEST"
+    workdir: Path,
+    staging: Path,
+    *,
+    allowed: tuple[str, ...] = (SENDER_AET,),
+    ae_title: str = "MQI_TEST",
+    tls: dict[str, object] | None = None,
 ) -> Iterator[dict[str, object]]:
     """`python -m mqi_communicator.dicomnet.receiver` with a site config; yields its settings."""
     port = free_port()
@@ -52,6 +57,7 @@ def running_receiver(
                 "allowed_calling_ae_titles": list(allowed),
                 "staging_directory": str(staging),
                 "state_file": str(state),
+                **({"tls": tls} if tls else {}),
             }
         }
     }

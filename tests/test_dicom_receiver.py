@@ -219,3 +219,49 @@ def test_the_staging_path_never_comes_from_what_a_sender_chose(tmp_path: Path) -
         dose.SOPInstanceUID = "1.2.3/../../x"
     with pytest.raises(StagingError, match="not a valid UID"):
         staged_path(tmp_path / "staging", dose)
+
+
+def _certificate(folder: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed certificate and its key (openssl), each its own trust anchor."""
+    key, cert = folder / f"{name}.key", folder / f"{name}.crt"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={name}"),
+            *("-keyout", str(key), "-out", str(cert)),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return key, cert
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
+def test_tls_takes_only_trusted_clients_over_tls(tmp_path: Path) -> None:
+    server_key, server_cert = _certificate(tmp_path, "receiver")
+    client_key, client_cert = _certificate(tmp_path, "tps")
+    stranger_key, stranger_cert = _certificate(tmp_path, "stranger")
+    plan = plan_copy(tmp_path / "plan.dcm")
+    staging = tmp_path / "staging"
+    tls = {
+        "enabled": True,
+        "certificate": str(server_cert),
+        "private_key": str(server_key),
+        "client_ca_certificates": str(client_cert),
+    }
+
+    def storescu_tls(port: int, called: str, key: Path, cert: Path) -> subprocess.CompletedProcess[str]:
+        command = ["storescu", "-v", "-R", "-aet", "TPS_TEST", "-aec", called, "-to", "10", "-ta", "10"]
+        command += ["+tls", str(key), str(cert), "-pw", "+cf", str(server_cert)]
+        return subprocess.run(
+            [*command, "127.0.0.1", str(port), str(tmp_path / "plan.dcm")], capture_output=True, text=True, timeout=60
+        )
+
+    with running_receiver(tmp_path, staging, tls=tls) as rx:
+        plain = storescu(rx["port"], rx["ae_title"], [tmp_path / "plan.dcm"], timeout=60)
+        stranger = storescu_tls(rx["port"], rx["ae_title"], stranger_key, stranger_cert)
+        assert not staged_files(staging)
+        trusted = storescu_tls(rx["port"], rx["ae_title"], client_key, client_cert)
+    assert plain.returncode != 0 and stranger.returncode != 0
+    assert trusted.returncode == 0, trusted.stdout + trusted.stderr
+    assert [p.name for p in staged_files(staging)] == [f"{plan.SOPInstanceUID}.dcm"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import ssl
 import sys
 import threading
 from io import BytesIO
@@ -50,6 +51,30 @@ class ReceiverSettings:
         self.allowed = [str(t) for t in section["allowed_calling_ae_titles"]]
         self.staging = workdir / section["staging_directory"]
         self.state_file = workdir / section["state_file"]
+        tls = section["tls"]
+        self.tls = bool(tls["enabled"])
+        self.certificate = workdir / tls["certificate"] if tls["certificate"] else None
+        self.private_key = workdir / tls["private_key"] if tls["private_key"] else None
+        self.client_ca = workdir / tls["client_ca_certificates"] if tls["client_ca_certificates"] else None
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The server's TLS context (None: plain TCP); ValueError naming what is missing."""
+        if not self.tls:
+            return None
+        if self.certificate is None or self.private_key is None:
+            raise ValueError("dicom_network.receiver.tls is enabled but certificate or private_key is empty")
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2  # BCP 195, as PS3.15 B.9 asks
+        try:
+            context.load_cert_chain(self.certificate, self.private_key)
+            if self.client_ca is not None:
+                context.load_verify_locations(cafile=self.client_ca)
+                context.verify_mode = ssl.CERT_REQUIRED
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(
+                f"dicom_network.receiver.tls: {exc} (files {self.certificate}, {self.private_key}, {self.client_ca})"
+            ) from exc
+        return context
 
 
 class Receiver:
@@ -132,9 +157,11 @@ class Receiver:
             (evt.EVT_CONN_CLOSE, self._on_ended),
         ]
         address = (self.config.bind_address, self.config.port)
-        self._server = self.ae.start_server(address, block=False, evt_handlers=handlers)
+        self._server = self.ae.start_server(
+            address, block=False, evt_handlers=handlers, ssl_context=self.config.ssl_context()
+        )
         self.activity.listening(True)
-        LOG.info("listening as %s on %s:%d", self.config.ae_title, *address)
+        LOG.info("listening as %s on %s:%d%s", self.config.ae_title, *address, " (TLS)" if self.config.tls else "")
 
     def stop(self) -> None:
         if self._server is not None:
