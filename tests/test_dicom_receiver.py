@@ -265,3 +265,24 @@ def test_tls_takes_only_trusted_clients_over_tls(tmp_path: Path) -> None:
     assert plain.returncode != 0 and stranger.returncode != 0
     assert trusted.returncode == 0, trusted.stdout + trusted.stderr
     assert [p.name for p in staged_files(staging)] == [f"{plan.SOPInstanceUID}.dcm"]
+
+
+def test_the_receiver_refuses_to_start_disabled_or_open_to_everyone(tmp_path: Path) -> None:
+    default = python_module("mqi_communicator.dicomnet.receiver", "--workdir", str(tmp_path))
+    assert default.returncode == 2 and "enabled is false" in default.stderr  # the shipped config
+    site = tmp_path / "site.yaml"
+    site.write_text("dicom_network: {receiver: {enabled: true}}\n")
+    open_to_all = python_module(
+        "mqi_communicator.dicomnet.receiver", "--configfile", str(site), "--workdir", str(tmp_path)
+    )
+    assert open_to_all.returncode == 2 and "allowed_calling_ae_titles is empty" in open_to_all.stderr
+    assert not (tmp_path / "data").exists()  # nothing created, nothing listened on
+    with socket.create_server(("127.0.0.1", 0)) as taken:  # the port of a receiver still stopping
+        port = taken.getsockname()[1]
+        site.write_text(
+            f"dicom_network: {{receiver: {{enabled: true, port: {port}, allowed_calling_ae_titles: [TPS]}}}}\n"
+        )
+        busy = python_module(
+            "mqi_communicator.dicomnet.receiver", "--configfile", str(site), "--workdir", str(tmp_path)
+        )
+    assert busy.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in busy.stderr  # systemd restarts it

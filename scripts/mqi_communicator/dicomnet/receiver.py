@@ -184,10 +184,17 @@ def main(argv: list[str] | None = None) -> int:
         if not config.enabled:
             raise ValueError("dicom_network.receiver.enabled is false: nothing is received until the site turns it on")
         receiver = Receiver(config)
-        receiver.start()
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # the configuration: exit 2, systemd does not restart
         print(f"mqi receive: {exc}", file=sys.stderr)
         return 2
+    try:
+        receiver.start()
+    except ValueError as exc:  # the TLS files
+        print(f"mqi receive: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # e.g. the port still held by a receiver stopping: systemd tries again
+        print(f"mqi receive: cannot listen on {config.bind_address}:{config.port}: {exc}", file=sys.stderr)
+        return 1
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
