@@ -38,6 +38,7 @@ LOG = logging.getLogger("mqi_communicator.dicomnet.receiver")
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700  # PS3.4 Table GG.4-1: Refused: Out of Resources (the sender may retry)
 CANNOT_UNDERSTAND = 0xC000  # PS3.4 Table GG.4-1: Error: Cannot Understand
+UNABLE_TO_PROCESS = 0xC211  # PS3.7 C.4.2.1.4 (0xC000-0xCFFF): what pynetdicom answers for a handler error
 
 
 class ReceiverSettings:
@@ -105,6 +106,8 @@ class Receiver:
             return self._failed(key, event, CANNOT_UNDERSTAND, str(exc))
         except OSError as exc:
             return self._failed(key, event, OUT_OF_RESOURCES, f"write refused: {exc}")
+        except Exception as exc:  # a reader error on a malformed dataset: that object only, recorded
+            return self._failed(key, event, UNABLE_TO_PROCESS, f"{type(exc).__name__}: {exc}")
         self.activity.stored(key)
         LOG.info("stored %s from %s", path, event.assoc.requestor.ae_title)
         return SUCCESS

@@ -94,7 +94,11 @@ def send_to(
     problem = None
     try:
         for file, header in todo:
-            status = assoc.send_c_store(file)
+            try:
+                status = assoc.send_c_store(file)
+            except (ValueError, OSError) as exc:  # e.g. the destination accepted no context for RT Dose
+                problem = problem or f"{file.name} not sent to {where}: {exc}"
+                continue
             if not _confirmed(status):
                 code = f"status 0x{int(status.Status):04X}" if status else "no answer"
                 problem = problem or f"{file.name} not stored by {where}: {code}"
