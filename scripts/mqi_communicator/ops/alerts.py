@@ -40,6 +40,7 @@ KINDS = (
     "case_verdict",
     "fraction_delivery",
     "case_changed",
+    "dicom_send_failed",
     "run_failed",
     "run_recovered",
     "test",
@@ -104,6 +105,16 @@ def case_changed(case_id: str, changed_files: list[str]) -> Alert:
     more = [f"... and {len(changed_files) - 20} more"] if len(changed_files) > 20 else []
     changed = ", ".join([*changed_files[:20], *more])
     return _alert("case_changed", f"case {case_id} changed after it finished", what, todo, case_id, changed=changed)
+
+
+def dicom_send_failed(case_id: str, destination: str, reason: str, runs: int) -> Alert:
+    what = f"Case {case_id}'s RT Doses were not accepted by DICOM destination {destination} on {runs} sending runs in a row."
+    todo = (
+        f"check the destination (`bin/mqi echo HOST PORT AET`) and what it logged; later runs keep trying "
+        f"(docs/dicom-network.md); `bin/mqi send --case {case_id}` tries now."
+    )
+    subject = f"case {case_id}: DICOM destination {destination} keeps refusing"
+    return _alert("dicom_send_failed", subject, what, todo, case_id, destination=destination, reason=reason, runs=runs)
 
 
 def run_failed(reason: str, log: str | Path | None = None) -> Alert:

@@ -22,6 +22,7 @@ from typing import Any
 
 from .. import fraction_watch
 from ..case_inputs import stat_fingerprint
+from ..dicomnet import outbox
 from ..files import write_json_atomic
 from . import alerts, fraction_alerts, state, verdict_alerts, verify
 
@@ -142,6 +143,8 @@ class RunRecorder:
         # Failed jobs alone are the cases' failures (alerted per case); an error is the run's own.
         status = "failed" if self.errors else "cases_failed" if self.failed_jobs else "ok"
         self._write_last_run(status)
+        if _WORKDIR is not None:
+            outbox.start_sender(_CONFIG, _WORKDIR)
 
     def _verify_finished_cases(self) -> None:
         """A few finished cases per run are checked for inputs changed after finishing (verify), and
@@ -153,6 +156,8 @@ class RunRecorder:
             print(f"mqi: finished case {case_id} changed since: {', '.join(changed)}", file=sys.stderr)
         for case_id in verdict_alerts.retry_pending(layout, _WORKDIR, _CONFIG["alerts"]):
             print(f"mqi: QA verdict alert of case {case_id} sent (not delivered before)", file=sys.stderr)
+        # RT Doses not yet confirmed by a DICOM destination: tried again (docs/dicom-network.md#sender).
+        outbox.start_sender(_CONFIG, _WORKDIR)
 
     # -- events -----------------------------------------------------------------------------
     def _job_started(self, record: LogRecord) -> None:
@@ -234,6 +239,8 @@ class RunRecorder:
         assert _CONFIG is not None and _WORKDIR is not None
         # Every new non-PASS QA verdict reaches someone, once (docs/alerts-and-trend.md).
         verdict_alerts.on_case_finished(case_id, layout, _WORKDIR, _CONFIG["alerts"])
+        if _CONFIG["dicom_network"]["sender"]["destinations"]:
+            outbox.add(_WORKDIR, case_id)  # its RT Doses go out when the run ends
 
     # -- files ------------------------------------------------------------------------------
     def _forget(self, jobid: int) -> None:

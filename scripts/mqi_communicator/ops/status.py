@@ -24,6 +24,7 @@ from typing import Any
 
 from .. import settings
 from ..case_inputs import is_ready
+from ..dicomnet import activity
 from ..files import write_json_atomic
 from ..fraction_watch import RECORDS, summary_line
 from . import recorder, state
@@ -183,7 +184,15 @@ def select(cases: list[CaseStatus], failed: bool, since: float | None, show_all:
     return sorted(chosen, key=lambda c: (ORDER.get(c.state, 9), -(c.since or 0), c.case_id))
 
 
-def render(cases: list[CaseStatus], shown: list[CaseStatus], run: dict[str, Any], timer: str) -> Any:
+def receiver_line(config: dict[str, Any], workdir: Path) -> str | None:
+    """The DICOM receiver's state in one line, where the site runs one (docs/dicom-network.md)."""
+    section = config["dicom_network"]["receiver"]
+    return activity.summary(workdir / section["state_file"]) if section["enabled"] else None
+
+
+def render(
+    cases: list[CaseStatus], shown: list[CaseStatus], run: dict[str, Any], timer: str, receiver: str | None = None
+) -> Any:
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
@@ -218,6 +227,8 @@ def render(cases: list[CaseStatus], shown: list[CaseStatus], run: dict[str, Any]
     else:
         lines.append("last run: none recorded")
     lines.append(f"next timer run: {timer}")
+    if receiver:
+        lines.append(receiver)
     return Group(table, Text("\n".join(lines)))
 
 
@@ -258,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
                     "cases": [asdict(c) for c in shown],
                     "last_run": run,
                     "next_timer_run": next_timer_run(),
+                    "dicom_receiver": receiver_line(config, workdir),
                 }
             )
         )
@@ -267,15 +279,17 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     timer = next_timer_run()
     if not args.watch:
-        console.print(render(*snapshot(), timer))
+        console.print(render(*snapshot(), timer, receiver_line(config, workdir)))
         return 0
     from rich.live import Live
 
-    with Live(render(*snapshot(), timer), console=console, refresh_per_second=4) as live:
+    with Live(
+        render(*snapshot(), timer, receiver_line(config, workdir)), console=console, refresh_per_second=4
+    ) as live:
         try:
             while True:
                 time.sleep(args.interval)
-                live.update(render(*snapshot(), timer))
+                live.update(render(*snapshot(), timer, receiver_line(config, workdir)))
         except KeyboardInterrupt:
             pass
     return 0
