@@ -113,9 +113,11 @@ def data_set_bytes(path: Path) -> bytes:
     return raw[start:]
 
 
-def write_case(root: Path, names: Names, character_set: str | list[str], syntax: UID, writer: str) -> Path:
+def write_case(
+    root: Path, names: Names, character_set: str | list[str], syntax: UID, writer: str, layers: int = 4
+) -> Path:
     """A casegen case whose plan has `names`, in `character_set` and transfer syntax `syntax`."""
-    spec = casegen.standard_case(patient_id=names.patient_id)
+    spec = casegen.standard_case(patient_id=names.patient_id, layers=layers)
     spec.character_set = "ISO_IR 192"
     spec.beams[1].name, spec.beams[2].name = names.beams
     case = casegen.write_case(root, "enc", spec)
