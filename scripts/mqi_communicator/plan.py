@@ -108,9 +108,7 @@ def sanitize_beam_name(name: str) -> str:
     and any other character its code point as `u` + at least four upper-case hex digits (`좌측 빔`
     -> `uC88CuCE21_uBE54`), so that names in Hangul or with accents stay distinct and the same
     on every run (docs/encodings.md)."""
-    return "".join(
-        (c if c.isalnum() or c in "_-" else "_") if c.isascii() else f"u{ord(c):04X}" for c in name
-    )
+    return "".join((c if c.isalnum() or c in "_-" else "_") if c.isascii() else f"u{ord(c):04X}" for c in name)
 
 
 def room_of_machine(machine_name: str) -> str | None:
