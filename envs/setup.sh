@@ -13,6 +13,8 @@ missing=()
 command -v python3 >/dev/null || missing+=(python3)
 # Debian splits venv/ensurepip out of python3.
 python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+# The tests' independent DICOM writer (dcmconv re-encodes plans and doses; docs/encodings.md).
+[[ "${1:-}" == "--dev" ]] && ! command -v dcmconv >/dev/null && missing+=(dcmtk)
 if ((${#missing[@]})); then
     sudo=""
     [[ $(id -u) -ne 0 ]] && sudo=sudo
