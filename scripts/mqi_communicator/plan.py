@@ -229,9 +229,10 @@ def _parsed_size(ds: Dataset, path: Path) -> tuple[int, str]:
         return len(zlib.decompress(handle.read(), -zlib.MAX_WBITS)), "the inflated data set"
 
 
-def _declared_end_beyond_file(ds: Dataset, path: Path) -> str | None:
-    """Why the file ends before its last element does, or None: pydicom reads a defined-length
-    element cut short without complaint (e.g. a trailing ReferencedStructureSetSequence)."""
+def _last_element_problem(ds: Dataset, path: Path) -> str | None:
+    """Why the bytes do not end where the last element does, or None. pydicom reads without
+    complaint a defined-length element cut short (e.g. a trailing ReferencedStructureSetSequence)
+    and stops at fewer than 8 bytes left, the start of the next element's header cut off."""
     if not len(ds):
         return None
     last = ds.get_item(list(ds.keys())[-1])
@@ -241,6 +242,8 @@ def _declared_end_beyond_file(ds: Dataset, path: Path) -> str | None:
     size, stream = _parsed_size(ds, path)
     if tell + length > size:
         return f"its last element ({last.tag}) needs {tell + length} bytes but {stream} has {size}"
+    if tell + length < size:
+        return f"{stream} has {size - tell - length} byte(s) after its last element ({last.tag}), no whole element"
     return None
 
 
@@ -248,7 +251,7 @@ def read_plan(path: Path) -> Plan:
     """Parse an RT Ion Plan; raises CaseError naming the file for anything unusable."""
     try:
         ds = pydicom.dcmread(path)
-        short = _declared_end_beyond_file(ds, path)  # before decoding: it needs the raw element
+        short = _last_element_problem(ds, path)  # before decoding: it needs the raw element
         # Sequences decode lazily: decode them all now, so that a file cut short inside one
         # fails here, naming the file, and not later in whatever first touches it.
         for _ in ds.iterall():
