@@ -13,11 +13,11 @@ missing=()
 command -v python3 >/dev/null || missing+=(python3)
 # Debian splits venv/ensurepip out of python3.
 python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
-# --dev: the independent DICOM peers the network tests start (docs/dicom-network.md): dcmtk's
-# storescu/echoscu/storescp send to our receiver, Orthanc is the archive our sender stores into.
-# The pipeline itself (the receiver included) needs neither.
+# --dev: the independent DICOM peers the tests start (docs/dicom-network.md, docs/encodings.md):
+# dcmtk's storescu/echoscu/storescp send to our receiver and its dcmconv re-encodes plans and
+# doses; Orthanc is the archive our sender stores into. The pipeline itself needs neither.
 if [[ "${1:-}" == "--dev" ]]; then
-    command -v storescu >/dev/null || missing+=(dcmtk)
+    command -v storescu >/dev/null && command -v dcmconv >/dev/null || missing+=(dcmtk)
     command -v Orthanc >/dev/null || missing+=(orthanc)
 fi
 if ((${#missing[@]})); then

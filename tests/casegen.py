@@ -71,6 +71,8 @@ class CaseSpec:
     machine: str | None = None
     beams: list[BeamSpec] = field(default_factory=list)
     isocenter_mm: tuple[float, float, float] = (0.0, 30.0, 0.0)
+    # SpecificCharacterSet of the plan (e.g. "ISO_IR 192" for Hangul names); None: ASCII only.
+    character_set: str | list[str] | None = None
 
 
 def grid_spots(half_width_mm: float, step_mm: float) -> list[tuple[float, float]]:
@@ -111,6 +113,8 @@ def write_plan(path: Path, spec: CaseSpec, private_tags: bool = True) -> Dataset
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
+    if spec.character_set is not None:
+        ds.SpecificCharacterSet = spec.character_set
     ds.SOPClassUID = RT_ION_PLAN_SOP_CLASS
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     ds.Modality = "RTPLAN"

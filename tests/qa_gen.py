@@ -123,6 +123,8 @@ def write_tps_dose(
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
+    if "SpecificCharacterSet" in plan:  # the plan's names, in the plan's character set
+        ds.SpecificCharacterSet = plan.SpecificCharacterSet
     ds.SOPClassUID = RT_DOSE
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     ds.Modality = "RTDOSE"

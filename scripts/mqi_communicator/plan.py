@@ -7,6 +7,7 @@ import json
 import re
 import struct
 import sys
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from .beam_modifiers import RangeShifter, other_modifiers, read_range_shifters
 from .errors import CaseError
@@ -28,6 +30,17 @@ from .plan_check import (
 
 RT_ION_PLAN_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.8"
 ROOM_PATTERN = re.compile(r"G[^0-9]*([12])(?![0-9])")
+# What pydicom raises on a damaged or cut file: zlib.error where a Deflated Explicit VR Little
+# Endian data set (PS3.5 A.5) ends before its deflate stream does (docs/encodings.md).
+READ_ERRORS = (
+    InvalidDicomError,
+    OSError,
+    EOFError,
+    ValueError,
+    BytesLengthException,
+    struct.error,
+    zlib.error,
+)
 
 
 @dataclass
@@ -90,8 +103,12 @@ class Plan:
 
 
 def sanitize_beam_name(name: str) -> str:
-    """The folder name mqi_interpreter and MOQUI use for a beam (`1G180:TX` -> `1G180_TX`)."""
-    return re.sub(r"[^a-zA-Z0-9_\-]", "_", name)
+    """The folder and file name of a beam: ASCII letters, digits, `_` and `-` kept, any other
+    ASCII character `_` (mqi_interpreter's and MOQUI's folder name: `1G180:TX` -> `1G180_TX`),
+    and any other character its code point as `u` + at least four upper-case hex digits (`좌측 빔`
+    -> `uC88CuCE21_uBE54`), so that names in Hangul or with accents stay distinct and the same
+    on every run (docs/encodings.md)."""
+    return "".join((c if c.isalnum() or c in "_-" else "_") if c.isascii() else f"u{ord(c):04X}" for c in name)
 
 
 def room_of_machine(machine_name: str) -> str | None:
@@ -104,17 +121,16 @@ def _plan_header(path: Path) -> tuple[str | None, str, bool]:
     False) for anything not DICOM. A file without the meta header (PS3.10 7.1: preamble, "DICM",
     group 0002) is read again as a bare data set, only to say what it is: real exporters write
     such files (pymedphys's CMS photon plan, tests/test_real_plans.py)."""
-    broken = (InvalidDicomError, OSError, AttributeError, ValueError, TypeError, BytesLengthException, struct.error)
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Modality", "SOPClassUID"])
         has_meta = True
     except InvalidDicomError:
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Modality", "SOPClassUID"], force=True)
-        except broken:
+        except (*READ_ERRORS, AttributeError, TypeError):
             return None, "", False
         has_meta = False
-    except broken:
+    except (*READ_ERRORS, AttributeError, TypeError):
         return None, "", False
     return ds.get("Modality"), str(ds.get("SOPClassUID", "")), has_meta
 
@@ -218,18 +234,36 @@ def _line_segments(positions: np.ndarray, mu: np.ndarray) -> list[tuple[float, f
     return segments
 
 
-def _declared_end_beyond_file(ds: Dataset, path: Path) -> str | None:
-    """Why the file ends before its last element does, or None: pydicom reads a defined-length
-    element cut short without complaint (e.g. a trailing ReferencedStructureSetSequence)."""
+def _parsed_size(ds: Dataset, path: Path) -> tuple[int, str]:
+    """The size of the byte stream pydicom parsed the data set from, and what it is called: the
+    file, or for a deflated data set (PS3.5 A.5) the inflated bytes after the file meta, where
+    pydicom's element positions then point (docs/encodings.md)."""
+    size = path.stat().st_size
+    if ds.file_meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+        return size, "the file"
+    # The deflated part starts after the preamble, "DICM" and the meta group, whose (0002,0000)
+    # element (12 bytes in explicit VR) gives the length of the rest (PS3.10 7.1).
+    start = 128 + 4 + 12 + int(ds.file_meta.get("FileMetaInformationGroupLength") or 0)
+    with path.open("rb") as handle:
+        handle.seek(start)
+        return len(zlib.decompress(handle.read(), -zlib.MAX_WBITS)), "the inflated data set"
+
+
+def _last_element_problem(ds: Dataset, path: Path) -> str | None:
+    """Why the bytes do not end where the last element does, or None. pydicom reads without
+    complaint a defined-length element cut short (e.g. a trailing ReferencedStructureSetSequence)
+    and stops at fewer than 8 bytes left, the start of the next element's header cut off."""
     if not len(ds):
         return None
     last = ds.get_item(list(ds.keys())[-1])
     tell, length = getattr(last, "value_tell", None), getattr(last, "length", None)
     if tell is None or length is None or length == 0xFFFFFFFF:
         return None
-    size = path.stat().st_size
+    size, stream = _parsed_size(ds, path)
     if tell + length > size:
-        return f"its last element ({last.tag}) needs {tell + length} bytes but the file has {size}"
+        return f"its last element ({last.tag}) needs {tell + length} bytes but {stream} has {size}"
+    if tell + length < size:
+        return f"{stream} has {size - tell - length} byte(s) after its last element ({last.tag}), no whole element"
     return None
 
 
@@ -237,12 +271,12 @@ def read_plan(path: Path) -> Plan:
     """Parse an RT Ion Plan; raises CaseError naming the file for anything unusable."""
     try:
         ds = pydicom.dcmread(path)
-        short = _declared_end_beyond_file(ds, path)  # before decoding: it needs the raw element
+        short = _last_element_problem(ds, path)  # before decoding: it needs the raw element
         # Sequences decode lazily: decode them all now, so that a file cut short inside one
         # fails here, naming the file, and not later in whatever first touches it.
         for _ in ds.iterall():
             pass
-    except (InvalidDicomError, OSError, EOFError, ValueError, BytesLengthException, struct.error) as exc:
+    except READ_ERRORS as exc:
         raise CaseError(path, f"cannot read DICOM (cut short or damaged?): {exc}") from exc
     if short:
         raise CaseError(path, f"cannot read DICOM (cut short or damaged?): {short}")

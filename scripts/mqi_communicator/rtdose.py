@@ -28,11 +28,13 @@ import argparse
 import datetime
 import re
 import sys
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.charset import convert_encodings, encode_string
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, generate_uid
@@ -52,6 +54,7 @@ PLAN_SUM_SERIES_NUMBER = 999
 SUPPORTED_BITS = (16, 32)
 GRID_FRAME_OFFSET_VECTOR_TAG = 0x3004000C
 _LO_MAX = 64  # characters in a DICOM LO value
+UTF8_CHARACTER_SET = "ISO_IR 192"  # PS3.3 C.12.1.1.2: Unicode in UTF-8, holds any text
 
 # Patient/study attributes copied from the plan: (keyword, type-2, i.e. written empty if absent).
 # The frame of reference is not among them: `dose_reference.frame_of_reference` decides it.
@@ -132,6 +135,29 @@ def _lo(text: str) -> str:
     return (head[:cut] if cut > 0 else head).rstrip(" ,:;(") + "..."
 
 
+def _encodable(text: str, character_set: object) -> bool:
+    """Whether `text` encodes in a SpecificCharacterSet value (None: the default repertoire,
+    ASCII) without pydicom's replacement characters."""
+    if character_set is None:
+        return text.isascii()
+    values = [character_set] if isinstance(character_set, str) else list(character_set)  # type: ignore[call-overload]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # pydicom warns and writes '?' for what it cannot encode
+        try:
+            encode_string(text, convert_encodings(values))
+        except (UserWarning, LookupError, UnicodeError):
+            return False
+    return True
+
+
+def _character_set(plan_ds: Dataset, ds: Dataset) -> object:
+    """The SpecificCharacterSet of our RT Dose: the plan's (its names then keep their bytes), or
+    ISO_IR 192 where a text we composed does not fit it (docs/encodings.md)."""
+    declared = plan_ds.get("SpecificCharacterSet")
+    texts = [str(e.value) for e in ds.iterall() if e.VR in ("LO", "LT", "SH", "ST", "UT", "PN") and e.value]
+    return declared if all(_encodable(t, declared) for t in texts) else UTF8_CHARACTER_SET
+
+
 def build_rtdose(
     dose: np.ndarray,
     grid: geometry.Grid,
@@ -189,8 +215,6 @@ def build_rtdose(
 
     ds = Dataset()
     ds.file_meta = meta
-    if "SpecificCharacterSet" in plan_ds:
-        ds.SpecificCharacterSet = plan_ds.SpecificCharacterSet
     ds.SOPClassUID = RT_DOSE_SOP_CLASS
     ds.SOPInstanceUID = sop_uid
     ds.InstanceCreationDate = now.strftime("%Y%m%d")
@@ -250,6 +274,10 @@ def build_rtdose(
     ds.DoseGridScaling = scaling
     ds.TissueHeterogeneityCorrection = "WATER"
     ds.ReferencedRTPlanSequence = dose_reference.referenced_rt_plan(plan_ds, summation)
+    # After every text is in: the plan's character set where they all fit it, else UTF-8.
+    character_set = _character_set(plan_ds, ds)
+    if character_set is not None:
+        ds.SpecificCharacterSet = character_set
     ds.PixelData = pixels.tobytes()
     ds["PixelData"].VR = "OW"
     return ds

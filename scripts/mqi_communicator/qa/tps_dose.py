@@ -4,6 +4,10 @@ Where: every DICOM file (*.dcm or no suffix) with Modality RTDOSE in the case fo
 `qa.tps_dose_directory` names (with a `{case_id}` placeholder). Our own output (Manufacturer
 mqi_communicator) is never taken for the TPS dose.
 
+A file that is DICOM (Part 10: "DICM" after its preamble) but cannot be read, e.g. a deflated one
+(PS3.5 A.5) cut short, is kept as a candidate without a header: where no readable RT Dose is the
+beam's, the beam is an ERROR naming that file, not a quiet "no TPS RT Dose" (docs/encodings.md).
+
 Matching: the RT Dose must reference the plan (ReferencedRTPlanSequence SOP Instance UID) and
 exactly one beam (ReferencedBeamNumber, DoseSummationType BEAM); a PLAN dose is used only when the
 plan has a single treatment beam. Checks (each failure is a `TpsDoseProblem` with its reason, which
@@ -33,9 +37,9 @@ from typing import Any
 
 import numpy as np
 import pydicom
-from pydicom.errors import InvalidDicomError
 
 from .. import geometry
+from ..plan import READ_ERRORS
 from ..rtdose import MANUFACTURER
 from ..rtdose_read import read_rtdose_dose
 
@@ -69,25 +73,54 @@ class Plane:
     position_mm: float | None = None  # where the plane lies along its normal (the third axis)
 
 
-def _header(path: Path) -> pydicom.Dataset | None:
+def _read_header(path: Path) -> pydicom.Dataset:
     try:
         return pydicom.dcmread(path, stop_before_pixels=True)
-    except (InvalidDicomError, OSError, AttributeError, ValueError):
+    except (*READ_ERRORS, AttributeError) as exc:
+        raise ValueError(f"cannot read DICOM (cut short or damaged?): {exc}") from exc
+
+
+def _header(path: Path) -> pydicom.Dataset | None:
+    try:
+        return _read_header(path)
+    except ValueError:
         return None
 
 
-def find_tps_doses(folder: Path) -> list[tuple[Path, pydicom.Dataset]]:
-    """Every TPS RT Dose below `folder` (by Modality, not by name); our own doses are skipped."""
-    found = []
+def _is_part10(path: Path) -> bool:
+    """A DICOM Part 10 file: "DICM" after the 128-byte preamble (PS3.10 7.1)."""
+    with path.open("rb") as handle:
+        return handle.read(132)[128:] == b"DICM"
+
+
+def find_tps_doses(folder: Path) -> list[tuple[Path, pydicom.Dataset | None]]:
+    """Every TPS RT Dose below `folder` (by Modality, not by name); our own doses are skipped.
+    A DICOM file that cannot be read comes with None for its header (`match` names it)."""
+    found: list[tuple[Path, pydicom.Dataset | None]] = []
     files = (
         p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in (".dcm", "") and not p.name.startswith(".")
     )
     for path in sorted(files):
         ds = _header(path)
-        if ds is None or ds.get("Modality") != "RTDOSE" or ds.get("Manufacturer") == MANUFACTURER:
+        if ds is None:
+            if _is_part10(path):
+                found.append((path, None))
+            continue
+        if ds.get("Modality") != "RTDOSE" or ds.get("Manufacturer") == MANUFACTURER:
             continue
         found.append((path, ds))
     return found
+
+
+def _unreadable(unreadable: list[Path]) -> str:
+    """Why each DICOM file that could not be read was not read."""
+    reasons = []
+    for path in unreadable:
+        try:
+            _read_header(path)
+        except ValueError as exc:
+            reasons.append(f"{path.name}: {exc}")
+    return "; ".join(reasons)
 
 
 def _plan_uid(ds: pydicom.Dataset) -> str | None:
@@ -104,9 +137,24 @@ def _beam_numbers(ds: pydicom.Dataset) -> list[int]:
 
 
 def match(
-    candidates: list[tuple[Path, pydicom.Dataset]], plan_uid: str, beam_number: int, treatment_beams: int
+    found: list[tuple[Path, pydicom.Dataset | None]], plan_uid: str, beam_number: int, treatment_beams: int
 ) -> Path:
     """The TPS RT Dose of one beam; raises TpsDoseProblem saying what was found instead."""
+    candidates = [(p, ds) for p, ds in found if ds is not None]
+    unreadable = [p for p, ds in found if ds is None]
+    try:
+        return _match_readable(candidates, plan_uid, beam_number, treatment_beams)
+    except TpsDoseProblem as problem:
+        if unreadable:  # one of them may be the beam's: an ERROR naming them, not a quiet miss
+            raise TpsDoseProblem(
+                "ERROR", f"{problem.reason}; DICOM file(s) that cannot be read: {_unreadable(unreadable)}"
+            ) from None
+        raise
+
+
+def _match_readable(
+    candidates: list[tuple[Path, pydicom.Dataset]], plan_uid: str, beam_number: int, treatment_beams: int
+) -> Path:
     if not candidates:
         raise TpsDoseProblem("NOT ASSESSED", "no TPS RT Dose in the case (nothing to compare with)")
     of_plan = [(p, ds) for p, ds in candidates if _plan_uid(ds) == plan_uid]
