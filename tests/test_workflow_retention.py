@@ -6,9 +6,13 @@ real run have nothing to do, its record keeps every byte and time); `bin/mqi ver
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import subprocess
+import sys
 import time
+from base64 import urlsafe_b64decode
 from pathlib import Path
 
 import pydicom
@@ -41,6 +45,17 @@ def age_queue(work: Path, days: float) -> None:
 
 def mqi(work: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([MQI, *args, "--configfile", "test-config.yaml"], cwd=work, capture_output=True, text=True)
+
+
+def status(work: Path) -> dict:
+    run = subprocess.run(
+        [sys.executable, "-m", "mqi_communicator.ops.status", "--configfile", "test-config.yaml", "--json", "--all"],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(run.stdout)
 
 
 def dose_grid(path: Path) -> tuple[bytes, str]:
@@ -108,3 +123,86 @@ def test_a_pruned_case_stays_final_and_verify_and_reprocess_work_on_it(tmp_path:
     # The case finished again: queued for retention again, due 30 days from now.
     queued = [json.loads(line) for line in (work / retention.QUEUE).read_text().splitlines()]
     assert [e["case"] for e in queued] == ["alpha"] and queued[0]["finished"] > time.time() - 600
+
+
+def test_retention_zero_prunes_at_once_and_archive_moves_a_case_that_status_and_trend_still_count(
+    tmp_path: Path,
+) -> None:
+    scan = tmp_path / "scan"
+    for name in ("case001_G2", "case002_G1"):  # with TPS doses: assessed beams, trend points
+        shutil.copytree(REPO / "sample_cases" / name, scan / name)
+    work = tmp_path / "work"
+    work.mkdir()
+    write_config(work, scan, retention={"intermediates_days": 0})
+    run = snakemake(work)
+    assert run.returncode == 0, run.stderr[-3000:]
+    cases = work / "data" / "cases"
+    for case in ("case001_G2", "case002_G1"):  # pruned at the end of the run that finished them
+        assert (cases / case / "intermediate" / "state" / "pruned.json").is_file()
+        assert not (cases / case / "intermediate" / "moqui_csv").exists()
+    ledger = work / "results" / "qa_history.jsonl"
+    points = ledger.read_text()
+    assert "case001_G2" in points and "case002_G1" in points
+    old, kept = "case001_G2", "case002_G1"
+    month_ago = time.time() - 40 * 86400
+    os.utime(cases / old / "intermediate" / "case_summary.json", (month_ago, month_ago))
+    scan_before, outputs_before = tree_digest(scan / old), tree_digest(cases / old)
+    logs_before, kept_before = tree_digest(work / "logs" / old), tree_digest(cases / kept)
+    metadata = work / ".snakemake" / "metadata"
+    named = {urlsafe_b64decode(p.name).decode(): p.name for p in metadata.iterdir()}
+    old_metadata = {name for path, name in named.items() if f"/{old}/" in path}
+    assert old_metadata
+    verdicts = {c["case_id"]: c["verdict"] for c in status(work)["cases"]}
+
+    dest = tmp_path / "archive"
+    archived = mqi(work, "archive", "--older-than", "30", str(dest))
+    assert archived.returncode == 0, archived.stdout + archived.stderr
+    assert f"case {old}: archived" in archived.stdout and kept not in archived.stdout
+
+    # Gone from its origin, whole in DEST (same bytes, same times), with Snakemake's metadata.
+    assert not (scan / old).exists() and not (cases / old).exists() and not (work / "logs" / old).exists()
+    assert not any(f"/{old}/" in urlsafe_b64decode(p.name).decode() for p in metadata.iterdir())
+    assert tree_digest(dest / old / "scan") == scan_before
+    assert tree_digest(dest / old / "outputs" / "data" / "cases" / old) == outputs_before
+    assert tree_digest(dest / old / "outputs" / "logs" / old) == logs_before
+    assert {p.name for p in (dest / old / "snakemake-metadata").iterdir()} == old_metadata
+    manifest = json.loads((dest / old / "archive.json").read_text())
+    assert manifest["origin_removed"] and manifest["case"] == old
+    assert tree_digest(cases / kept) == kept_before
+
+    # Status counts it, with its verdict; the trend ledger keeps its points, and the trend drawn
+    # from the ledger (as rule qa_trend does) still has them.
+    report = status(work)
+    assert report["total"] == 2
+    entry = next(c for c in report["cases"] if c["case_id"] == old)
+    assert entry["state"] == "archived" and entry["verdict"] == verdicts[old] and entry["log"] == str(dest / old)
+    assert sorted(ledger.read_text().splitlines()) == sorted(points.splitlines())
+    trend = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mqi_communicator.qa.trend",
+            "--ledger",
+            str(ledger),
+            "--history",
+            "unused/*",
+            "--figure",
+            str(tmp_path / "t.png"),
+            "--json",
+            str(tmp_path / "t.json"),
+        ],
+        cwd=work,
+        capture_output=True,
+        text=True,
+    )
+    assert trend.returncode == 0, trend.stderr
+    cases_in_trend = {
+        p["case_id"] for s in json.loads((tmp_path / "t.json").read_text())["strata"].values() for p in s["points"]
+    }
+    assert old in cases_in_trend and kept in cases_in_trend
+
+    # Nothing for the runs to do; a second archive finds nothing older.
+    dry = snakemake(work, "--dry-run")
+    assert dry.returncode == 0 and planned_rules(dry.stdout + dry.stderr) <= {"all"}
+    again = mqi(work, "archive", "--older-than", "30", str(dest))
+    assert again.returncode == 0 and again.stdout == ""
