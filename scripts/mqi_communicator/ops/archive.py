@@ -39,6 +39,7 @@ from typing import Any
 
 from .. import settings
 from ..files import sha256_of, write_json_atomic
+from ..fraction_watch import summary_line
 from . import state
 from .retention import METADATA, metadata_record
 
@@ -202,6 +203,9 @@ def archive_case(layout: state.Layout, workdir: Path, case_id: str, dest: Path) 
     outputs = [path for name, path in found if name != "scan"]
     metadata = metadata_of(workdir, outputs)
     summary = state.read_json(layout.processing(case_id) / state.SUMMARY) or {}
+    # As `bin/mqi status` shows a finished case: the verdict, then its fraction records.
+    fractions = summary_line(layout.processing(case_id))
+    verdict = "; ".join(v for v in (state.summary_verdict(summary), fractions) if v)
     _keep_trend_points(layout, workdir, case_id)
     files: dict[str, dict[str, Any]] = {}
     for name, origin in found:
@@ -212,7 +216,7 @@ def archive_case(layout: state.Layout, workdir: Path, case_id: str, dest: Path) 
     manifest = {
         "case": case_id,
         "finished": finished_at(layout, case_id),
-        "verdict": state.summary_verdict(summary),
+        "verdict": verdict,
         "archived": time.time(),
         "origins": {name: str(path) for name, path in found},
         "metadata": [p.name for p in metadata],
