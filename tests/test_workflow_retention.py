@@ -95,6 +95,9 @@ def test_a_pruned_case_stays_final_and_verify_and_reprocess_work_on_it(tmp_path:
     assert planned_rules(dry.stdout + dry.stderr) <= {"all"} and "cases/alpha/" not in dry.stdout + dry.stderr
     again = snakemake(work)
     assert again.returncode == 0 and planned_rules(full_log(again)) <= {"all"}
+    # The report (finished cases enter its DAG) still builds from the record.
+    report = snakemake(work, "--report", str(tmp_path / "report.html"))
+    assert report.returncode == 0 and (tmp_path / "report.html").is_file(), report.stderr[-2000:]
     assert record_digest(work, "alpha") == after | {"intermediate/state/pruned.json": pruned}
 
     # verify reads the inputs against intake's record: unchanged, changed, restored.
