@@ -190,9 +190,24 @@ def test_a_damaged_queue_names_the_file_and_the_line(tmp_path: Path) -> None:
     layout = layout_for(tmp_path)
     work = tmp_path / "work"
     (work / ".mqi").mkdir(parents=True)
-    (work / retention.QUEUE).write_text('{"case": "a", "finished": 1}\n{"case": "b"\n')
+    (work / retention.QUEUE).write_text('{"case": "a", "finished": 1}\n{"case": "b"\n{"case": "c", "fin')
     with pytest.raises(ValueError, match=r"retention-queue.jsonl, line 2"):
         retention.prune_due(layout, work, 30)
+    # A last line cut short (a run killed while appending it) is not an entry yet, not an error.
+    (work / retention.QUEUE).write_text('{"case": "a", "finished": 1}\n{"case": "c", "fin')
+    assert retention.prune_due(layout, work, 30) == {}  # "a" is not finished: it leaves the queue
+    assert (work / retention.QUEUE).read_text() == ""
+
+
+def test_a_run_prunes_at_most_its_share_oldest_first(tmp_path: Path) -> None:
+    layout = layout_for(tmp_path)
+    work = tmp_path / "work"
+    now = time.time()
+    for number in range(5):
+        finished_case(layout, f"c{number}", finished=now - (40 + number) * DAY)
+    assert list(retention.prune_due(layout, work, 30, now, limit=2)) == ["c4", "c3"]
+    assert list(retention.prune_due(layout, work, 30, now, limit=2)) == ["c2", "c1"]
+    assert list(retention.prune_due(layout, work, 30, now, limit=2)) == ["c0"]
 
 
 def test_retention_days_from_the_config() -> None:

@@ -170,7 +170,8 @@ class RunRecorder:
         layout = self.layout
         assert layout is not None and _CONFIG is not None and _WORKDIR is not None
         days = retention.retention_days(_CONFIG)
-        for case_id, freed in retention.prune_due(layout, _WORKDIR, days, say=_say).items():
+        pruned = retention.prune_due(layout, _WORKDIR, days, say=_say, limit=retention.PER_RUN)
+        for case_id, freed in pruned.items():
             _say(f"mqi: finished case {case_id}: intermediates removed ({freed / 1e6:.1f} MB); its record is kept")
 
     # -- events -----------------------------------------------------------------------------

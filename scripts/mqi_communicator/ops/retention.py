@@ -41,6 +41,9 @@ PRUNED = "state/pruned.json"
 # path, named by the path's urlsafe base64.
 METADATA = Path(".snakemake") / "metadata"
 DAY = 86400.0
+# Cases one timer run prunes at most (oldest first): a site that turns retention on with years of
+# finished cases works through them over a few runs instead of one long one.
+PER_RUN = 50
 
 
 def retention_days(config: dict[str, Any]) -> float | None:
@@ -169,7 +172,11 @@ def _read_queue(layout: state.Layout, workdir: Path) -> dict[str, float]:
     if not path.exists():
         return _bootstrap(layout, workdir)
     entries: dict[str, float] = {}
-    for number, text in enumerate(path.read_text().splitlines(), 1):
+    content = path.read_text()
+    lines = content.splitlines()
+    if lines and not content.endswith("\n"):
+        lines.pop()  # an append cut short (the run was killed while writing it): not an entry yet
+    for number, text in enumerate(lines, 1):
         if not text.strip():
             continue
         try:
@@ -196,17 +203,18 @@ def prune_due(
     days: float | None,
     now: float | None = None,
     say: Callable[[str], None] = print,
+    limit: int | None = None,
 ) -> dict[str, int]:
-    """Prune every queued case finished `days` ago or earlier; returns bytes freed per case. A
-    queued case that is no longer finished (reprocessed, archived) leaves the queue; one with
-    running jobs waits for the next run."""
+    """Prune the queued cases finished `days` ago or earlier, oldest first, at most `limit`;
+    returns bytes freed per case. A queued case that is no longer finished (reprocessed, archived)
+    leaves the queue; one with running jobs waits for the next run."""
     if days is None:
         return {}
     now = time.time() if now is None else now
     freed: dict[str, int] = {}
     with _locked(workdir):
         entries = _read_queue(layout, workdir)
-        due = sorted((t, c) for c, t in entries.items() if t <= now - days * DAY)
+        due = sorted((t, c) for c, t in entries.items() if t <= now - days * DAY)[:limit]
         if not due:
             return {}
         for _finished, case_id in due:
