@@ -134,3 +134,15 @@ def test_a_damaged_copy_in_dest_keeps_the_origin(tmp_path: Path) -> None:
         archive.resume(layout, work, archived.parent)
     assert (work / "data" / "cases" / "done" / "dicom" / "RD_2G90.dcm").is_file()
     assert (layout.scan_dir / "done").is_dir()
+
+
+def test_dest_inside_the_scan_folder_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    layout = layout_for(tmp_path)
+    finished_case(layout, "done", finished=time.time() - 40 * DAY)
+    site = write_site(tmp_path)
+    dest = layout.scan_dir / "archive"
+    code = archive.main(
+        [str(dest), "--older-than", "30", "--workdir", str(layout.logs_dir.parent), "--configfile", str(site)]
+    )
+    assert code == 2 and "inside the scan folder" in capsys.readouterr().err
+    assert not dest.exists() and (layout.scan_dir / "done" / layout.ready_marker).is_file()

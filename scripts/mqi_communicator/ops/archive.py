@@ -288,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = settings.load_site(args.configfile, workdir)
         layout = state.Layout.from_config(config, workdir)
+        if dest.resolve().is_relative_to(layout.scan_dir.resolve()):
+            raise ValueError(f"{dest} is inside the scan folder {layout.scan_dir}: it would look like a case")
         if args.dry_run:
             for case_id in due(layout, args.older_than, time.time()):
                 print(f"case {case_id}: would be archived" + (f" ({why})" if (why := refusal(layout, case_id)) else ""))
