@@ -87,6 +87,11 @@ def derive(
     factors: dict[str, float] = {}
     for entry in beams:
         raw = raw_dir / f"{entry['sanitized_name']}_Dose.raw"
+        if not raw.is_file() and (layout.processing(case_id) / "state" / "pruned.json").exists():
+            raise ValueError(
+                f"{raw}: removed with the case's other intermediates by retention (docs/retention.md); "
+                f"`bin/mqi reprocess {case_id} --from simulate`, a run, then calibrate again"
+            )
         if not raw.is_file():
             raise ValueError(f"{raw}: the reference case has no raw dose for beam {entry['number']}")
         sources[str(raw)] = sha256_of(raw)

@@ -24,7 +24,7 @@ from .. import fraction_watch
 from ..case_inputs import stat_fingerprint
 from ..dicomnet import outbox
 from ..files import write_json_atomic
-from . import alerts, fraction_alerts, state, verdict_alerts, verify
+from . import alerts, fraction_alerts, retention, state, verdict_alerts, verify
 
 _CONFIG: dict[str, Any] | None = None
 _WORKDIR: Path | None = None
@@ -74,6 +74,10 @@ def failure_reason(log_paths: list[str], fallback: str) -> str:
     return fallback
 
 
+def _say(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
 def _field(record: LogRecord, name: str) -> Any:
     """A field Snakemake attached to the record (`extra=`)."""
     return getattr(record, name, None)
@@ -115,6 +119,7 @@ class RunRecorder:
             self.announced = True
             self._write_last_run("running")
             self._verify_finished_cases()
+            self._prune_finished_cases()
             for processing, seen in _SEEN_LATER:
                 fraction_watch.write_seen(processing, seen)
         if event == "job_info":
@@ -140,6 +145,11 @@ class RunRecorder:
             return
         for jobid in list(self.jobs):
             self._forget(jobid)
+        try:
+            # With retention.intermediates_days 0, the cases this run finished (docs/retention.md).
+            self._prune_finished_cases()
+        except Exception as exc:  # the record keeper must never take the run down
+            print(f"mqi run recorder: {type(exc).__name__}: {exc}", file=sys.stderr)
         # Failed jobs alone are the cases' failures (alerted per case); an error is the run's own.
         status = "failed" if self.errors else "cases_failed" if self.failed_jobs else "ok"
         self._write_last_run(status)
@@ -158,6 +168,16 @@ class RunRecorder:
             print(f"mqi: QA verdict alert of case {case_id} sent (not delivered before)", file=sys.stderr)
         # RT Doses not yet confirmed by a DICOM destination: tried again (docs/dicom-network.md#sender).
         outbox.start_sender(_CONFIG, _WORKDIR)
+
+    def _prune_finished_cases(self) -> None:
+        """Finished cases whose retention is due lose their regenerable intermediates; the queue
+        says which, so the cost does not grow with the number of finished cases (ops.retention)."""
+        layout = self.layout
+        assert layout is not None and _CONFIG is not None and _WORKDIR is not None
+        days = retention.retention_days(_CONFIG)
+        pruned = retention.prune_due(layout, _WORKDIR, days, say=_say, limit=retention.PER_RUN)
+        for case_id, freed in pruned.items():
+            _say(f"mqi: finished case {case_id}: intermediates removed ({freed / 1e6:.1f} MB); its record is kept")
 
     # -- events -----------------------------------------------------------------------------
     def _job_started(self, record: LogRecord) -> None:
@@ -237,6 +257,7 @@ class RunRecorder:
         if failure is not None:
             self._alert_recovered(case_id)
         assert _CONFIG is not None and _WORKDIR is not None
+        retention.enqueue(layout, _WORKDIR, case_id)
         # Every new non-PASS QA verdict reaches someone, once (docs/alerts-and-trend.md).
         verdict_alerts.on_case_finished(case_id, layout, _WORKDIR, _CONFIG["alerts"])
         if _CONFIG["dicom_network"]["sender"]["destinations"]:

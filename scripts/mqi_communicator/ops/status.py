@@ -3,7 +3,8 @@
 States: waiting (no ready marker yet, or its quiet period), queued (ready; the next run takes it),
 running (a job of the current run: step, beam, SLURM job, elapsed), failed (step, reason, log;
 `retrying` when a transient failure will be tried again), finished (time, QA verdict), changed
-(finished, but its input files changed since). A finished case costs one or two `stat`s; its
+(finished, but its input files changed since), archived (moved away by `bin/mqi archive`: read
+from its index, with the verdict and where it went). A finished case costs one or two `stat`s; its
 summary is read once and kept in `.mqi/status-index.json`, a cache any run rebuilds.
 """
 
@@ -27,10 +28,21 @@ from ..case_inputs import is_ready
 from ..dicomnet import activity
 from ..files import write_json_atomic
 from ..fraction_watch import RECORDS, summary_line
-from . import recorder, state
+from . import archive, recorder, state
 
 INDEX = Path(".mqi") / "status-index.json"
-ORDER = {"running": 0, "failed": 1, "retrying": 2, "changed": 3, "queued": 4, "waiting": 5, "finished": 6}
+ORDER = {
+    "running": 0,
+    "failed": 1,
+    "retrying": 2,
+    "changed": 3,
+    "queued": 4,
+    "waiting": 5,
+    "finished": 6,
+    "archived": 7,
+}
+# Finished cases and archived ones are listed only with --all (the latest --recent without).
+DONE = ("finished", "archived")
 
 
 @dataclass
@@ -130,6 +142,13 @@ def collect(layout: state.Layout, workdir: Path) -> list[CaseStatus]:
         for entry in state.case_dirs(layout.scan_dir)
         if state.CASE_ID_PATTERN.match(entry.name)
     ]
+    # Cases moved away by `bin/mqi archive` still count, from its index (ops.archive).
+    present = {c.case_id for c in cases}
+    for case_id, entry in archive.read_index(workdir).items():
+        if case_id not in present:
+            since = entry.get("finished")
+            verdict = str(entry.get("verdict") or "")
+            cases.append(CaseStatus(case_id, "archived", since=since, verdict=verdict, log=str(entry.get("dest", ""))))
     if index != loaded:
         # A read-only view (another user's workdir) still works: the index is only a cache.
         with contextlib.suppress(OSError):
@@ -178,7 +197,7 @@ def select(cases: list[CaseStatus], failed: bool, since: float | None, show_all:
     if since is not None:
         chosen = [c for c in chosen if (c.since or 0) >= since or c.state in ("running", "queued")]
     if not show_all and not failed:
-        finished = sorted((c for c in chosen if c.state == "finished"), key=lambda c: c.since or 0)
+        finished = sorted((c for c in chosen if c.state in DONE), key=lambda c: c.since or 0)
         hidden = {c.case_id for c in finished[:-recent]} if recent else {c.case_id for c in finished}
         chosen = [c for c in chosen if c.case_id not in hidden]
     return sorted(chosen, key=lambda c: (ORDER.get(c.state, 9), -(c.since or 0), c.case_id))
@@ -199,7 +218,7 @@ def render(
 
     now = time.time()
     styles = {"running": "cyan", "failed": "bold red", "retrying": "yellow", "changed": "bold magenta"}
-    styles |= {"finished": "green", "queued": "blue", "waiting": "dim"}
+    styles |= {"finished": "green", "archived": "green", "queued": "blue", "waiting": "dim"}
     table = Table(title="mqi_communicator cases", expand=True)
     slurm = any(c.slurm_job for c in shown)  # a column only where jobs go to SLURM
     for column in ("case", "state", "step / beam", *(["SLURM job"] if slurm else []), "time"):
