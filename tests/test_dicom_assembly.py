@@ -28,7 +28,9 @@ DELIVERIES = ("2026110209000000", "2026110209050000")
 
 
 def digests(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()
+    }
 
 
 def assemble(work: Path) -> subprocess.CompletedProcess[str]:
@@ -91,12 +93,16 @@ def test_a_case_assembled_from_the_network_computes_like_the_case_dropped_as_fil
     assert run.returncode == 0, run.stderr[-3000:]
     cases = work / "data" / "cases"
     by_hand, assembled = cases / "case001_G2", cases / case
-    for name in ("RD_1G180_TX.dcm", "RD_2G90.dcm", "RD_PLAN.dcm"):
+    names = sorted(p.name for p in (by_hand / "dicom").glob("RD_*.dcm"))
+    assert names == sorted(p.name for p in (assembled / "dicom").glob("RD_*.dcm")) == ["RD_1G180_TX.dcm", "RD_2G90.dcm"]
+    for name in names:
         ours, theirs = pydicom.dcmread(assembled / "dicom" / name), pydicom.dcmread(by_hand / "dicom" / name)
         assert ours.PixelData == theirs.PixelData and ours.DoseGridScaling == theirs.DoseGridScaling, name
     qa = [json.loads((c / "intermediate" / "qa" / "qa.json").read_text()) for c in (assembled, by_hand)]
     assert qa[0]["verdict"] == qa[1]["verdict"]
-    assert [(b["number"], b["verdict"]) for b in qa[0]["beams"]] == [(b["number"], b["verdict"]) for b in qa[1]["beams"]]
+    assert [(b["number"], b["verdict"]) for b in qa[0]["beams"]] == [
+        (b["number"], b["verdict"]) for b in qa[1]["beams"]
+    ]
     assert digests(inbox) == before
 
     # Nothing new: the next assembly reads no plan again and builds nothing.
@@ -200,3 +206,28 @@ def test_a_build_killed_before_its_rename_leaves_no_case(
     (case,) = list(scan.iterdir())
     assert (case / "_CASE_READY").is_file() and (case / "2026120109050000").is_dir()
     assert list(area.iterdir()) == []
+
+    # A later fraction of beam 2 arrives: copied into the case folder as later fractions arrive today.
+    casegen.write_delivery(inbox, spec, 2, "2026120209000000", seed=7)
+    assemble(work)
+    assert digests(case / "2026120209000000") == digests(inbox / "2026120209000000")
+    (record,) = state_of(work)["plans"].values()
+    assert record["deliveries"] == ["2026120109000000", "2026120109050000", "2026120209000000"]
+    assert list(area.iterdir()) == []
+
+
+def test_plan_mode_sites_build_the_case_from_plan_and_doses(
+    tmp_path: Path, two_beam_case: tuple[casegen.CaseSpec, Path]
+) -> None:
+    _, source = two_beam_case
+    work, scan, inbox, stage = tmp_path / "work", tmp_path / "scan", tmp_path / "inbox", tmp_path / "staging"
+    site(work, scan, inbox, stage, ready_when="plan_and_doses")
+    stage_file(stage, source / "RP.A.dcm")
+    stage_file(stage, source / "RD_TPS_2.dcm")
+    assemble(work)
+    assert list(scan.iterdir()) == []  # beam 3's TPS dose still missing
+    stage_file(stage, source / "RD_TPS_3.dcm")
+    assemble(work)
+    (case,) = list(scan.iterdir())
+    assert sorted(p.name for p in case.iterdir() if p.suffix != ".dcm") == ["_CASE_READY", "_PLAN_MODE"]
+    assert len(list(case.glob("RD.*.dcm"))) == 2

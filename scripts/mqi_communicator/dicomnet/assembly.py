@@ -64,10 +64,16 @@ def _copy_into(build: Path, sources: list[tuple[Path, str]]) -> None:
             shutil.copy2(source, build / name)
 
 
-def place(build_area: Path, target: Path, sources: list[tuple[Path, str]], markers: tuple[str, ...] = ()) -> None:
+def place(
+    build_area: Path,
+    target: Path,
+    sources: list[tuple[Path, str]],
+    markers: tuple[str, ...] = (),
+    build_name: str | None = None,
+) -> None:
     """Copy `sources` into a fresh folder of `build_area`, write the empty `markers` last, and
     rename it to `target` (which must not exist)."""
-    build = build_area / target.name
+    build = build_area / (build_name or target.name)
     if build.exists():
         shutil.rmtree(build)  # left by a build that was cut (crash, power): started again
     build.mkdir(parents=True)
@@ -246,7 +252,8 @@ class Assembler:
             if not case_dir.is_dir() or target.exists():
                 continue
             try:
-                place(building_area(self.scan_dir) / record["case"], target, [(p, p.name) for p in folder.iterdir()])
+                sources = [(p, p.name) for p in folder.iterdir()]
+                place(building_area(self.scan_dir), target, sources, build_name=f"{record['case']}+{folder.name}")
             except OSError as exc:
                 record.setdefault("notes", []).append(f"delivery {folder.name} not added: {exc}")
                 continue
@@ -275,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--configfile", default=None, help="the site's config (default: config/config.yaml)")
     parser.add_argument("--workdir", type=Path, default=Path.cwd(), help="the project folder (default: here)")
+    parser.add_argument("--if-enabled", action="store_true", help="say nothing when disabled (bin/mqi-run)")
     args = parser.parse_args(argv)
     workdir = args.workdir.resolve()
     try:
@@ -283,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mqi assemble: {exc}", file=sys.stderr)
         return 2
     if not config["dicom_network"]["assembly"]["enabled"]:
-        print("mqi assemble: case assembly is disabled (dicom_network.assembly.enabled)")
+        if not args.if_enabled:
+            print("mqi assemble: case assembly is disabled (dicom_network.assembly.enabled)")
         return 0
     with exclusive(workdir) as mine:
         if not mine:
