@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -24,6 +25,17 @@ from tests.dicom_peers import running_receiver, storescu
 from tests.workflow import REPO, snakemake, write_config
 
 SAMPLE = REPO / "sample_cases" / "case001_G2"
+# A workflow that records the scan folder as Snakemake found it when it read the Snakefile.
+SEEN_SNAKEFILE = r"""
+import os
+
+SEEN = " ".join(sorted(os.listdir(config["paths"]["local"]["scan_directory"])))
+
+rule all:
+    output: "seen.txt"
+    params: seen=SEEN
+    shell: "echo '{params.seen}' > {output}"
+"""
 DELIVERIES = ("2026110209000000", "2026110209050000")
 
 
@@ -231,3 +243,30 @@ def test_plan_mode_sites_build_the_case_from_plan_and_doses(
     (case,) = list(scan.iterdir())
     assert sorted(p.name for p in case.iterdir() if p.suffix != ".dcm") == ["_CASE_READY", "_PLAN_MODE"]
     assert len(list(case.glob("RD.*.dcm"))) == 2
+
+
+def test_the_timer_run_assembles_before_snakemake_reads_the_scan_folder(
+    tmp_path: Path, two_beam_case: tuple[casegen.CaseSpec, Path]
+) -> None:
+    spec, source = two_beam_case
+    work, scan, inbox, stage = tmp_path / "work", tmp_path / "scan", tmp_path / "inbox", tmp_path / "staging"
+    site(work, scan, inbox, stage)
+    (work / "Snakefile").write_text(SEEN_SNAKEFILE)
+    (tmp_path / "local").mkdir()
+    (tmp_path / "local" / "config.yaml").write_text("executor: local\ncores: 1\n")
+    for name in ("RP.A.dcm", "RD_TPS_2.dcm", "RD_TPS_3.dcm"):
+        stage_file(stage, source / name)
+    for beam, time in ((2, "2026120109000000"), (3, "2026120109050000")):
+        casegen.write_delivery(inbox, spec, beam, time)
+    env = {**os.environ, "MQI_WORKDIR": str(work), "MQI_PROFILE": str(tmp_path / "local")}
+    run = subprocess.run(
+        [str(REPO / "bin" / "mqi-run"), "--configfile", "test-config.yaml"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    (case,) = [p.name for p in scan.iterdir()]
+    assert case.startswith("PATIENT_A_") and (work / "seen.txt").read_text().split() == [case]
