@@ -133,10 +133,10 @@ class Assembler:
                 uid = path.stem
                 if uid in pending:
                     self._assemble(patient, path, by_plan.get(uid, []), notes.get(uid, []))
-                elif by_plan.get(uid) and not records[uid].get("plan_mode"):
+                    continue
+                records[uid]["notes"] = notes.get(uid, [])  # e.g. a later delivery that is ambiguous
+                if by_plan.get(uid) and not records[uid].get("plan_mode"):
                     self._add_later(uid, by_plan[uid])
-                if uid in records and uid in notes and records[uid]["state"] == ASSEMBLED:
-                    records[uid]["notes"] = notes[uid]
         self.state["updated"] = time.time() if self.now is None else self.now
         write_json_atomic(self.state_path, self.state)
         return self.state
@@ -168,7 +168,7 @@ class Assembler:
             for path in usable:
                 try:
                     fitting.append((path, matching.fits(self._plan(path), folder)))
-                except (CaseError, ValueError) as exc:
+                except (CaseError, ValueError, OSError) as exc:
                     misfits.append(f"plan {path.stem}: {exc}")
             if len(fitting) > 1:
                 names = ", ".join(p.stem for p, _ in fitting)

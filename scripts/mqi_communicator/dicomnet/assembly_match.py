@@ -95,6 +95,8 @@ def incomplete(folder: Path, delivery: Delivery) -> str | None:
 def tps_doses(dose_folder: Path, plan: Plan) -> tuple[list[Path], list[str]]:
     """The staged TPS RT Doses of the plan and, per treatment beam without one, why."""
     candidates = find_tps_doses(dose_folder) if dose_folder.is_dir() else []
+    if not candidates:
+        return [], [f"beam {b.number} ({b.name!r}): no TPS RT Dose received for the plan" for b in plan.treatment_beams]
     missing = []
     for beam in plan.treatment_beams:
         try:
