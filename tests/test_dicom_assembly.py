@@ -83,7 +83,7 @@ def test_a_case_assembled_from_the_network_computes_like_the_case_dropped_as_fil
         assert sent.returncode == 0, sent.stderr
     for name in DELIVERIES:
         shutil.copytree(SAMPLE / name, inbox / name)
-    before = digests(inbox)
+    before, staged = digests(inbox), digests(stage)
     site(work, scan, inbox, stage)
     shutil.copytree(SAMPLE, scan / "case001_G2")  # the same case, dropped by hand as today
 
@@ -98,7 +98,7 @@ def test_a_case_assembled_from_the_network_computes_like_the_case_dropped_as_fil
         + [f"RD.{pydicom.dcmread(SAMPLE / f'RD_TPS_{n}.dcm').SOPInstanceUID}.dcm" for n in (2, 3)]
     )
     assert digests(built / DELIVERIES[0]) == digests(SAMPLE / DELIVERIES[0])
-    assert digests(inbox) == before  # copied, never moved or changed
+    assert digests(inbox) == before and digests(stage) == staged  # copied, never moved or changed
     assert not list(building_leftovers(scan))
 
     run = snakemake(work)
