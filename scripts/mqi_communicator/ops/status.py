@@ -25,7 +25,7 @@ from typing import Any
 
 from .. import settings
 from ..case_inputs import is_ready
-from ..dicomnet import activity
+from ..dicomnet import activity, assembly_state
 from ..files import write_json_atomic
 from ..fraction_watch import RECORDS, summary_line
 from . import archive, recorder, state
@@ -209,6 +209,17 @@ def receiver_line(config: dict[str, Any], workdir: Path) -> str | None:
     return activity.summary(workdir / section["state_file"]) if section["enabled"] else None
 
 
+def assembly_line(config: dict[str, Any], workdir: Path) -> str | None:
+    """What the case assembly waits for, where the site assembles cases (docs/dicom-network.md)."""
+    section = config["dicom_network"]["assembly"]
+    return assembly_state.summary(workdir / section["state_file"]) if section["enabled"] else None
+
+
+def network_lines(config: dict[str, Any], workdir: Path) -> str | None:
+    lines = (receiver_line(config, workdir), assembly_line(config, workdir))
+    return "\n".join(line for line in lines if line) or None
+
+
 def render(
     cases: list[CaseStatus], shown: list[CaseStatus], run: dict[str, Any], timer: str, receiver: str | None = None
 ) -> Any:
@@ -289,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
                     "last_run": run,
                     "next_timer_run": next_timer_run(),
                     "dicom_receiver": receiver_line(config, workdir),
+                    "dicom_assembly": assembly_line(config, workdir),
                 }
             )
         )
@@ -298,17 +310,17 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     timer = next_timer_run()
     if not args.watch:
-        console.print(render(*snapshot(), timer, receiver_line(config, workdir)))
+        console.print(render(*snapshot(), timer, network_lines(config, workdir)))
         return 0
     from rich.live import Live
 
     with Live(
-        render(*snapshot(), timer, receiver_line(config, workdir)), console=console, refresh_per_second=4
+        render(*snapshot(), timer, network_lines(config, workdir)), console=console, refresh_per_second=4
     ) as live:
         try:
             while True:
                 time.sleep(args.interval)
-                live.update(render(*snapshot(), timer, receiver_line(config, workdir)))
+                live.update(render(*snapshot(), timer, network_lines(config, workdir)))
         except KeyboardInterrupt:
             pass
     return 0
