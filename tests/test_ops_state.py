@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -17,6 +18,7 @@ from mqi_communicator.case_inputs import content_record, stat_fingerprint
 from mqi_communicator.ops import reprocess, state, status, verify
 from mqi_communicator.ops.recorder import TRANSIENT_PATTERNS, failure_reason
 from tests import casegen
+from tests.conftest import REPO
 
 
 @pytest.fixture
@@ -125,3 +127,19 @@ def test_reprocess_moves_results_aside(site: tuple[state.Layout, Path]) -> None:
     assert "done" in state.targets(layout, lambda _: None)
     with pytest.raises(ValueError, match="no case folder"):
         reprocess.reprocess(layout, "nosuchcase")
+
+
+def test_status_names_a_missing_scan_folder_instead_of_a_traceback(tmp_path: Path) -> None:
+    missing = tmp_path / "no_such_scan_folder"
+    site = tmp_path / "site.yaml"
+    site.write_text(f"paths:\n  local:\n    scan_directory: {missing}\n")
+    done = subprocess.run(
+        [str(REPO / "bin" / "mqi"), "status", "--configfile", str(site), "--workdir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        f"mqi status: the scan folder {missing} (paths.local.scan_directory) is not a folder"
+    )

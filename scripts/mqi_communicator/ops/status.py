@@ -284,6 +284,12 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"mqi status: {exc}", file=sys.stderr)
         return 2
+    if not layout.scan_dir.is_dir():
+        print(
+            f"mqi status: the scan folder {layout.scan_dir} (paths.local.scan_directory) is not a folder",
+            file=sys.stderr,
+        )
+        return 2
     since = time.time() - args.since * 3600 if args.since is not None else None
 
     def snapshot() -> tuple[list[CaseStatus], list[CaseStatus], dict[str, Any]]:
