@@ -15,10 +15,12 @@ command -v python3 >/dev/null || missing+=(python3)
 python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 # --dev: the independent DICOM peers the network tests start (docs/dicom-network.md): dcmtk's
 # storescu/echoscu/storescp send to our receiver, Orthanc is the archive our sender stores into.
-# The pipeline itself (the receiver included) needs neither.
+# The pipeline itself (the receiver included) needs neither. poppler-utils: pdftotext/pdftoppm,
+# with which the tests read the PDF QA reports back (docs/qa-report-pdf.md).
 if [[ "${1:-}" == "--dev" ]]; then
     command -v storescu >/dev/null || missing+=(dcmtk)
     command -v Orthanc >/dev/null || missing+=(orthanc)
+    command -v pdftotext >/dev/null || missing+=(poppler-utils)
 fi
 if ((${#missing[@]})); then
     sudo=""

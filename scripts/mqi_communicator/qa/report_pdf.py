@@ -116,19 +116,21 @@ def _gamma_lines(dose: dict[str, Any]) -> list[str]:
 
 
 def _layer_line(layer: dict[str, Any]) -> str:
-    # Per axis, as the limits apply (docs/delivery-check.md).
+    # Per axis, as the limits apply (docs/delivery-check.md); columns as LAYER_HEADER.
+    spots = f"{layer['spots_logged']}/{layer['spots_planned']}"
     return (
-        f"{layer['layer']:>5} {layer['energy_mev']:>7g} {layer['spots_logged']:>5}/{layer['spots_planned']:<5}"
+        f"{layer['layer']:>5} {layer['energy_mev']:>7g} {spots:>14}"
         f" {layer['position_mean_x_mm']:+6.2f}/{layer['position_mean_y_mm']:+6.2f}"
         f" {layer['position_sd_x_mm']:5.2f}/{layer['position_sd_y_mm']:5.2f}"
         f" {layer['position_max_x_mm']:5.2f}/{layer['position_max_y_mm']:5.2f}"
-        f" {layer['spot_mu_max_diff_percent']:+7.2f} {layer['layer_mu_diff_percent']:+7.2f}  "
+        f" {layer['spot_mu_max_diff_percent']:+8.2f} {layer['layer_mu_diff_percent']:+9.2f}  "
         + ("; ".join(layer["flags"]) or "ok")
     )
 
 
 LAYER_HEADER = (
-    "layer     MeV spots logged/planned  pos.mean x/y   SD x/y   max|d| x/y  spotMU%  layerMU%  flags (mm, %)"
+    f"{'layer':>5} {'MeV':>7} {'spots log/plan':>14} {'mean x/y mm':>13} {'SD x/y mm':>11}"
+    f" {'max x/y mm':>11} {'spot MU%':>8} {'layer MU%':>9}  flags"
 )
 
 
