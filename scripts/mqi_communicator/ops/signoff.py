@@ -90,7 +90,8 @@ def sign(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="bin/mqi sign", description="Sign (accept or reject) a case's QA result; the record is append-only."
+        prog="python -m mqi_communicator.ops.signoff",
+        description="Sign (accept or reject) a case's QA result; the record is append-only (`bin/mqi sign`).",
     )
     parser.add_argument("case", help="the case id")
     parser.add_argument("--by", required=True, help="who signs (name as it appears on the report)")
