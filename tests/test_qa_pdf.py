@@ -1,20 +1,26 @@
 """The PDF QA report the qa rule's command writes beside the sheet, read back page by page with
-poppler's pdftotext/pdfinfo/pdftoppm (docs/qa-report-pdf.md), and a dry run showing that a case
-finished before the PDF existed is not run again for it."""
+poppler's pdftotext/pdfinfo/pdftoppm (docs/qa-report-pdf.md); a dry run showing that a case
+finished before the PDF existed is not run again for it; the report as an Encapsulated PDF judged
+by dciodvfy and stored by the sender into Orthanc beside the RT Doses."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
+from io import BytesIO
 from pathlib import Path
 
 import matplotlib.image as mpimg
 import numpy as np
+import pydicom
 import pytest
 from matplotlib.colors import to_rgb
 
+from mqi_communicator import encapsulated_pdf
 from mqi_communicator.qa.sheet import COLOURS
-from tests import qa_results, test_qa_verdict, workflow
+from tests import dciodvfy, qa_results, test_qa_verdict, workflow
+from tests.dicom_peers import orthanc_get, python_module, running_orthanc
 from tests.qa_results import CASE
 
 
@@ -87,3 +93,62 @@ def test_a_case_finished_before_the_pdf_existed_is_not_run_again(tmp_path: Path)
     assert dry.returncode == 0, dry.stderr[-2000:]
     assert "qa_case" in dry.stdout + dry.stderr
     assert json.loads((processing / "qa" / "qa.json").read_text())["case_id"] == CASE
+
+
+def test_the_report_as_an_encapsulated_pdf_is_conformant_and_files_under_the_plans_study(
+    failed_uncalibrated: tuple[Path, dict],
+) -> None:
+    root, qa = failed_uncalibrated
+    pdf = root / "processing" / "qa" / "qa_report.pdf"
+    plan_path = root / "scan" / CASE / "RP.qa_case.dcm"
+    target = root / "qa_report.dcm"
+    written = encapsulated_pdf.write_for_plan(pdf, plan_path, target, f"QA report {CASE}: {qa['verdict']}")
+    dciodvfy.assert_conformant(target)
+    back, plan = pydicom.dcmread(target), pydicom.dcmread(plan_path)
+    assert back.SOPClassUID == "1.2.840.10008.5.1.4.1.1.104.1" and back.Modality == "DOC"
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyID"):
+        assert back.get(keyword) == plan.get(keyword), keyword
+    document = bytes(back.EncapsulatedDocument)[: int(back.EncapsulatedDocumentLength)]
+    assert document == pdf.read_bytes()
+    (root / "back.pdf").write_bytes(document)
+    assert f"Case {CASE}: {qa['verdict']}" in qa_results.pdf_pages(root / "back.pdf")[0]
+    # The same report is the same instance (a destination that has it is not sent it again).
+    again = encapsulated_pdf.write_for_plan(pdf, plan_path, root / "again.dcm", "QA report")
+    assert again.SOPInstanceUID == written.SOPInstanceUID
+    with pytest.raises(ValueError, match="not a PDF"):
+        encapsulated_pdf.write_for_plan(plan_path, plan_path, root / "bad.dcm", "QA report")
+
+
+@pytest.mark.skipif(shutil.which("Orthanc") is None, reason="Orthanc not installed (envs/setup.sh --dev)")
+def test_the_sender_stores_the_report_with_the_rt_doses(tmp_path: Path) -> None:
+    case = test_qa_verdict.make_case(tmp_path)
+    workdir, _, layout = qa_results.site(tmp_path)
+    processing = layout.processing(CASE)
+    qa_results.write_qa(case, processing)
+    final = Path(layout.dicom_template.replace("{case_id}", CASE))
+    shutil.copytree(processing / "dicom", final)
+    with running_orthanc(tmp_path / "orthanc") as orthanc:
+        site = {"paths": {"local": {"scan_directory": str(tmp_path / "scan")}}}
+        destination = {"name": "pacs", "host": "127.0.0.1", "port": orthanc["dicom_port"], "ae_title": "ORTHANC"}
+        site["dicom_network"] = {"sender": {"destinations": [destination], "timeout_seconds": 10}}
+        configfile = workdir / "send.yaml"
+        configfile.write_text(json.dumps(site))
+        sent = python_module(
+            "mqi_communicator.dicomnet.sender",
+            "--configfile",
+            str(configfile),
+            "--workdir",
+            str(workdir),
+            "--case",
+            CASE,
+        )
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+        assert "confirmed all 2 RT Doses and the QA report" in sent.stdout
+        base = str(orthanc["http"])
+        held = {}
+        for instance in json.loads(orthanc_get(base, "/instances")):
+            data = orthanc_get(base, f"/instances/{instance}/file")
+            held[str(pydicom.dcmread(BytesIO(data)).SOPClassUID)] = pydicom.dcmread(BytesIO(data))
+    report = held["1.2.840.10008.5.1.4.1.1.104.1"]
+    assert bytes(report.EncapsulatedDocument).startswith((processing / "qa" / "qa_report.pdf").read_bytes())
+    assert report.StudyInstanceUID == held["1.2.840.10008.5.1.4.1.1.481.2"].StudyInstanceUID
