@@ -89,9 +89,10 @@ def test_a_case_finished_before_the_pdf_existed_is_not_run_again(tmp_path: Path)
     assert "qa_case" not in dry.stdout + dry.stderr
     # The same results without the finished mark: the case is in work, and its QA is (re)planned.
     (processing / "case_summary.json").unlink()
-    dry = workflow.snakemake(workdir, "--dry-run")
+    dry = workflow.snakemake(workdir, "--dry-run", "--printshellcmds")
     assert dry.returncode == 0, dry.stderr[-2000:]
     assert "qa_case" in dry.stdout + dry.stderr
+    assert f"--pdf {(processing / 'qa' / 'qa_report.pdf').relative_to(workdir)}" in dry.stdout
     assert json.loads((processing / "qa" / "qa.json").read_text())["case_id"] == CASE
 
 
