@@ -14,6 +14,10 @@ rule qa_case:
             category="QA sheets",
             labels={"case": "{case_id}"},
         ),
+        # The sheet's content on A4 pages, drawn by the same process from the same figures
+        # (docs/qa-report-pdf.md). A finished case never enters the DAG again, so cases finished
+        # before this output existed are not re-run for it.
+        pdf=processing("qa/qa_report.pdf"),
     log:
         "logs/{case_id}/qa.log",
     conda:
@@ -27,7 +31,7 @@ rule qa_case:
         "{params.python} -m mqi_communicator.qa.run --manifest {input.manifest:q} --rtdoses {input.rtdoses:q}"
         " --settings {params.settings:q} --engine {params.engine:q} --calibration {params.calibration:q}"
         " --json {output.json:q}"
-        " --sheet {output.sheet:q} > {log:q} 2>&1"
+        " --sheet {output.sheet:q} --pdf {output.pdf:q} > {log:q} 2>&1"
 
 
 # Runs when a case of this run has its QA: adds this run's cases to the ledger of every assessed beam

@@ -96,7 +96,7 @@ def check(path: Path) -> Verdict:
     return Verdict(path, tuple(iods), tuple(errors), tuple(warnings), "\n".join(outputs))
 
 
-IOD_BY_MODALITY = {"RTPLAN": "RTIonPlan", "RTDOSE": "RTDose"}
+IOD_BY_MODALITY = {"RTPLAN": "RTIonPlan", "RTDOSE": "RTDose", "DOC": "EncapsulatedPDF"}
 
 
 def is_dicom_file(path: Path) -> bool:

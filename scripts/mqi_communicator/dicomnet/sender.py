@@ -4,8 +4,9 @@ Per case and destination a record, `<processing dir>/sent/<destination>.json`, l
 instance the destination confirmed (Success or a Warning status, PS3.4 B.2.3); a confirmed object
 is never sent to it again. What is not confirmed is tried by the next sending runs; after
 `alert_after_failures` runs in a row without every object confirmed, one alert (ops/alerts.py)
-names the case and the destination. The QA report is not sent: it exists as an HTML sheet only,
-and the standard object for it (Encapsulated PDF) waits for a PDF of the report.
+names the case and the destination. With the RT Doses goes the case's PDF QA report as an
+Encapsulated PDF (`<processing dir>/sent/qa_report.dcm`, made from `qa/qa_report.pdf` and the plan;
+docs/qa-report-pdf.md).
 
     python -m mqi_communicator.dicomnet.sender [--configfile SITE.yaml] [--workdir DIR] --case CASE...
     python -m mqi_communicator.dicomnet.sender ... --pending     the outbox (outbox.py)
@@ -28,7 +29,7 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pynetdicom import AE
 
-from .. import settings
+from .. import encapsulated_pdf, settings
 from ..files import write_json_atomic
 from ..ops import alerts, state
 from . import outbox
@@ -46,6 +47,25 @@ def case_doses(layout: state.Layout, case_id: str) -> list[Path]:
     """The case's RT Doses, as the pipeline wrote them (`final_dicom_directory`)."""
     folder = Path(layout.dicom_template.replace("{case_id}", case_id))
     return sorted(folder.glob("*.dcm"))
+
+
+def case_report(layout: state.Layout, case_id: str) -> Path | None:
+    """The case's PDF QA report as an Encapsulated PDF, made once per PDF from `qa/qa_report.pdf`
+    and the plan its intake.json names; None where the case's QA wrote no PDF."""
+    processing = layout.processing(case_id)
+    pdf = processing / "qa" / "qa_report.pdf"
+    if not pdf.is_file():
+        return None
+    target = processing / "sent" / "qa_report.dcm"
+    if target.is_file() and target.stat().st_mtime_ns >= pdf.stat().st_mtime_ns:
+        return target
+    manifest = state.read_json(processing / "intake.json")
+    if manifest is None or "plan" not in manifest:
+        raise ValueError(f"{processing / 'intake.json'}: missing or unreadable, so no plan for the QA report")
+    verdict = (state.read_json(processing / "qa" / "qa.json") or {}).get("verdict", "?")
+    plan = Path(manifest["case_dir"]) / manifest["plan"]["path"]
+    encapsulated_pdf.write_for_plan(pdf, plan, target, f"QA report {case_id}: {verdict}")
+    return target
 
 
 def record_path(layout: state.Layout, case_id: str, destination: str) -> Path:
@@ -124,6 +144,12 @@ def send_case(case_id: str, config: dict[str, Any], workdir: Path) -> bool:
         return False
     ledger = layout.processing(case_id) / state.ALERTS
     done = True
+    try:
+        report = case_report(layout, case_id)
+    except ValueError as exc:  # the RT Doses still go; the case is not complete without its report
+        print(f"case {case_id}: QA report not sent: {exc}", file=sys.stderr)
+        done, report = False, None
+    doses, files = len(files), files + ([report] if report is not None else [])
     for destination in section["destinations"]:
         path = record_path(layout, case_id, destination["name"])
         record = _read_record(path, destination)
@@ -132,7 +158,10 @@ def send_case(case_id: str, config: dict[str, Any], workdir: Path) -> bool:
         if problem is None:
             record.update(failed_runs=0, last_error=None)
             alerts.clear(ledger, key)
-            print(f"case {case_id}: {destination['name']} confirmed all {len(files)} RT Doses")
+            print(
+                f"case {case_id}: {destination['name']} confirmed all {doses} RT Doses"
+                + (" and the QA report" if report is not None else "")
+            )
         else:
             done = False
             record.update(failed_runs=record["failed_runs"] + 1, last_error=problem, last_attempt=time.time())

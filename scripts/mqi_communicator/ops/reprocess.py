@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .. import settings
 from ..files import write_json_atomic
+from ..qa import signoff_record
 from . import state
 
 # Each step and what it leaves in the case's folders (relative to processing / raw / dicom).
@@ -66,6 +67,11 @@ def reprocess(layout: state.Layout, case_id: str, from_step: str = "intake") -> 
             else:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(source, target)
+    # The sign-off record goes with the case, not with the results it signed: its signatures show
+    # as VOID against the new qa.json (docs/sign-off.md).
+    signed = _superseded_copy(roots["processing"] / signoff_record.FOLDER, aside_of)
+    if signed is not None and signed.is_dir():
+        shutil.copytree(signed, roots["processing"] / signoff_record.FOLDER, copy_function=shutil.copy2)
     record = {"requested": time.time(), "from": from_step, "superseded": {str(a): str(b) for a, b in moved}}
     write_json_atomic(roots["processing"] / "state" / "reprocess.json", record)
     return moved

@@ -4,7 +4,9 @@ States: waiting (no ready marker yet, or its quiet period), queued (ready; the n
 running (a job of the current run: step, beam, SLURM job, elapsed), failed (step, reason, log;
 `retrying` when a transient failure will be tried again), finished (time, QA verdict), changed
 (finished, but its input files changed since), archived (moved away by `bin/mqi archive`: read
-from its index, with the verdict and where it went). A finished case costs one or two `stat`s; its
+from its index, with the verdict and where it went). A finished case also shows its sign-off
+(docs/sign-off.md): unsigned, signed, rejected, or void (signed for results that are not these).
+A finished case costs one or two `stat`s; its
 summary is read once and kept in `.mqi/status-index.json`, a cache any run rebuilds.
 """
 
@@ -26,8 +28,9 @@ from typing import Any
 from .. import settings
 from ..case_inputs import is_ready
 from ..dicomnet import activity, assembly_state
-from ..files import write_json_atomic
+from ..files import sha256_of, write_json_atomic
 from ..fraction_watch import RECORDS, summary_line
+from ..qa import signoff_record
 from . import archive, recorder, state
 
 INDEX = Path(".mqi") / "status-index.json"
@@ -56,6 +59,8 @@ class CaseStatus:
     reason: str = ""
     log: str = ""
     verdict: str = ""
+    signoff: str = ""  # finished: unsigned, signed, rejected or void
+    signoff_summary: str = ""
 
 
 def _alive(pid: int, host: str) -> bool:
@@ -86,6 +91,18 @@ def _summary_facts(path: Path, mtime_ns: int, index: dict[str, Any], case_id: st
     return mtime_ns / 1e9, verdict
 
 
+def signoff_of(processing: Path) -> tuple[str, str]:
+    """(state, one line) of a finished case's sign-off; one `stat` when nobody signed."""
+    record = processing / signoff_record.FOLDER / signoff_record.RECORD
+    if not record.exists():
+        return "unsigned", "unsigned"
+    try:
+        signoff = signoff_record.evaluate(signoff_record.read_records(record), sha256_of(processing / "qa" / "qa.json"))
+    except (OSError, ValueError) as exc:
+        return "void", f"sign-off not readable: {exc}"
+    return signoff.state, signoff.summary()
+
+
 def case_status(layout: state.Layout, case_dir: Path, index: dict[str, Any], now: float) -> CaseStatus:
     case_id = case_dir.name
     processing = layout.processing(case_id)
@@ -99,7 +116,10 @@ def case_status(layout: state.Layout, case_dir: Path, index: dict[str, Any], now
         if changed:
             files = ", ".join(changed.get("files", [])[:3])
             return CaseStatus(case_id, "changed", since=finished_at, reason=f"input changed after finishing: {files}")
-        return CaseStatus(case_id, "finished", since=finished_at, verdict=verdict)
+        signed, signed_line = signoff_of(processing)
+        return CaseStatus(
+            case_id, "finished", since=finished_at, verdict=verdict, signoff=signed, signoff_summary=signed_line
+        )
     running = (state.read_json(processing / state.RUNNING) or {}).get("jobs", {})
     live = [job for job in running.values() if _alive(int(job.get("pid", 0)), str(job.get("host", "")))]
     if live:
@@ -192,7 +212,12 @@ def _when(stamp: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(stamp)) if stamp else ""
 
 
-def select(cases: list[CaseStatus], failed: bool, since: float | None, show_all: bool, recent: int) -> list[CaseStatus]:
+def select(
+    cases: list[CaseStatus], failed: bool, since: float | None, show_all: bool, recent: int, unsigned: bool = False
+) -> list[CaseStatus]:
+    if unsigned:  # what waits for a signature: every one of them, the oldest last
+        waiting = [c for c in cases if c.state == "finished" and c.signoff in ("unsigned", "void")]
+        return sorted(waiting, key=lambda c: (-(c.since or 0), c.case_id))
     chosen = [c for c in cases if c.state in ("failed", "retrying", "changed")] if failed else cases
     if since is not None:
         chosen = [c for c in chosen if (c.since or 0) >= since or c.state in ("running", "queued")]
@@ -240,7 +265,8 @@ def render(
         when = _ago(now - c.since) if c.state == "running" and c.since else _when(c.since)
         step = " / ".join(x for x in (c.step, c.beam) if x)
         # Text(), not markup: reasons hold brackets and paths.
-        cells = (c.case_id, c.state, step, *([c.slurm_job] if slurm else []), when, c.reason or c.verdict, c.log)
+        verdict = "; ".join(x for x in (c.verdict, c.signoff_summary) if x)
+        cells = (c.case_id, c.state, step, *([c.slurm_job] if slurm else []), when, c.reason or verdict, c.log)
         table.add_row(*(Text(cell, style=styles.get(c.state, "") if i == 1 else "") for i, cell in enumerate(cells)))
     counts: dict[str, int] = {}
     for c in cases:
@@ -272,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--failed", action="store_true", help="only failed, retrying and changed cases")
     parser.add_argument("--since", type=float, metavar="HOURS", help="only cases that changed state in the last HOURS")
+    parser.add_argument("--unsigned", action="store_true", help="only finished cases waiting for a sign-off")
     parser.add_argument("--all", action="store_true", help="every finished case too (default: the last --recent)")
     parser.add_argument("--recent", type=int, default=20, help="finished cases shown without --all (default 20)")
     parser.add_argument("--watch", action="store_true", help="refresh live until Ctrl-C")
@@ -294,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def snapshot() -> tuple[list[CaseStatus], list[CaseStatus], dict[str, Any]]:
         cases = collect(layout, workdir)
-        return cases, select(cases, args.failed, since, args.all, args.recent), last_run(workdir)
+        return cases, select(cases, args.failed, since, args.all, args.recent, args.unsigned), last_run(workdir)
 
     if args.json:
         cases, shown, run = snapshot()

@@ -28,7 +28,7 @@ from .. import __version__, ptn, settings
 from ..files import sha256_of, write_atomic, write_json_atomic
 from ..plan import Plan, read_plan
 from . import calibration as dose_calibration
-from . import resumed, sheet, verdict, volume
+from . import report_pdf, resumed, sheet, signoff_record, verdict, volume
 from .tps_dose import (
     TpsDoseProblem,
     beam_dose_check,
@@ -199,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", type=Path, required=True, help="qa.json to write")
     parser.add_argument("--sheet", type=Path, required=True, help="QA sheet (HTML) to write")
+    parser.add_argument("--pdf", type=Path, help="also write the PDF QA report here (docs/qa-report-pdf.md)")
     parser.add_argument("--figures", type=Path, help="also write qa_<beam>.png here (for the Snakemake report)")
     args = parser.parse_args(argv)
     try:
@@ -213,7 +214,16 @@ def main(argv: list[str] | None = None) -> int:
             if beam["name"] in figures:
                 write_atomic(args.figures / f"qa_{beam['sanitized_name']}.png", figures[beam["name"]])
     write_json_atomic(args.json, result)
-    sheet.write_sheet(args.sheet, result, figures)
+    # Signatures of earlier results of the case (kept by a reprocess) show as VOID (docs/sign-off.md).
+    try:
+        records = signoff_record.read_records(signoff_record.folder_for(args.json) / signoff_record.RECORD)
+    except ValueError as exc:
+        print(f"QA failed: {exc}", file=sys.stderr)
+        return 1
+    signoff_lines = signoff_record.block_lines(records, sha256_of(args.json))
+    sheet.write_sheet(args.sheet, result, figures, signoff_lines)
+    if args.pdf is not None:
+        report_pdf.write_pdf(args.pdf, result, figures, signoff_lines)
     print(f"{result['case_id']}: {result['verdict']}")
     return 0
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import re
 from pathlib import Path
 from typing import Any
 
@@ -127,8 +128,9 @@ def facts_line(qa: dict[str, Any]) -> str:
     return f"{scale}. Assessed: {assessed}."
 
 
-def render(qa: dict[str, Any], figures: dict[str, bytes]) -> str:
-    """The sheet as one HTML string (figures: beam name -> PNG bytes)."""
+def render(qa: dict[str, Any], figures: dict[str, bytes], signoff_lines: list[str] | None = None) -> str:
+    """The sheet as one HTML string (figures: beam name -> PNG bytes; signoff_lines: the sign-off
+    block as it stood when the sheet was written, qa/signoff_record.block_lines)."""
     verdict = qa["verdict"]
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
@@ -144,6 +146,13 @@ def render(qa: dict[str, Any], figures: dict[str, bytes]) -> str:
         f"engine: {html.escape(str(qa['provenance'].get('engine')))}. The case takes its worst beam's verdict.</p>",
         f"<p class='facts'>{html.escape(facts_line(qa))}</p>",
     ]
+    if signoff_lines:
+        # The sheet is a workflow output and never rewritten: it shows the sign-off as it stood
+        # when it was written; a signature makes a new PDF version (docs/sign-off.md).
+        items = "".join(f"<li>{html.escape(line)}</li>" for line in signoff_lines)
+        parts.append(
+            f"<div class='signoff'><h2>Review and sign-off (when this sheet was written)</h2><ul>{items}</ul></div>"
+        )
     for beam in qa["beams"]:
         dose, delivery = beam["dose"], beam["delivery"]
         parts.append(f"<h2>Beam {beam['number']} {html.escape(beam['name'])}: {_badge(beam['verdict'])}</h2>")
@@ -230,5 +239,16 @@ def _yaml_like(value: Any, indent: int = 0) -> str:
     return " " * indent + str(value)
 
 
-def write_sheet(path: Path, qa: dict[str, Any], figures: dict[str, bytes]) -> None:
-    write_atomic(path, render(qa, figures).encode())
+def write_sheet(
+    path: Path, qa: dict[str, Any], figures: dict[str, bytes], signoff_lines: list[str] | None = None
+) -> None:
+    write_atomic(path, render(qa, figures, signoff_lines).encode())
+
+
+FIGURE_PATTERN = re.compile(r"<img alt='QA figures of beam (.*?)' src='data:image/png;base64,([A-Za-z0-9+/=]+)'>")
+
+
+def embedded_figures(sheet_html: str) -> dict[str, bytes]:
+    """The per-beam figures a sheet written by `render` embeds (beam name -> PNG bytes): a signed
+    PDF version shows the very figures of the sheet, which the workflow does not keep elsewhere."""
+    return {html.unescape(name): base64.b64decode(data) for name, data in FIGURE_PATTERN.findall(sheet_html)}
