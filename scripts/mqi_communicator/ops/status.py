@@ -26,7 +26,7 @@ from .. import settings
 from ..case_inputs import is_ready
 from ..files import write_json_atomic
 from ..fraction_watch import RECORDS, summary_line
-from . import recorder, state
+from . import disk_guard, recorder, state
 
 INDEX = Path(".mqi") / "status-index.json"
 ORDER = {"running": 0, "failed": 1, "retrying": 2, "changed": 3, "queued": 4, "waiting": 5, "finished": 6}
@@ -129,11 +129,22 @@ def collect(layout: state.Layout, workdir: Path) -> list[CaseStatus]:
         for entry in state.case_dirs(layout.scan_dir)
         if state.CASE_ID_PATTERN.match(entry.name)
     ]
+    # A case moved away (archived) leaves the cache with it: the index stays the size of the scan folder.
+    listed = {c.case_id for c in cases}
+    index = {case_id: facts for case_id, facts in index.items() if case_id in listed}
     if index != loaded:
         # A read-only view (another user's workdir) still works: the index is only a cache.
         with contextlib.suppress(OSError):
             write_json_atomic(index_path, index)
     return cases
+
+
+def hold_back(cases: list[CaseStatus], guard: str) -> None:
+    """While the disk guard holds new cases back (`guard`: why), a queued case waits for space."""
+    if guard:
+        for case in cases:
+            if case.state == "queued":
+                case.state, case.reason = "waiting", guard
 
 
 def last_run(workdir: Path) -> dict[str, Any]:
@@ -183,7 +194,7 @@ def select(cases: list[CaseStatus], failed: bool, since: float | None, show_all:
     return sorted(chosen, key=lambda c: (ORDER.get(c.state, 9), -(c.since or 0), c.case_id))
 
 
-def render(cases: list[CaseStatus], shown: list[CaseStatus], run: dict[str, Any], timer: str) -> Any:
+def render(cases: list[CaseStatus], shown: list[CaseStatus], run: dict[str, Any], timer: str, guard: str = "") -> Any:
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
@@ -218,6 +229,8 @@ def render(cases: list[CaseStatus], shown: list[CaseStatus], run: dict[str, Any]
     else:
         lines.append("last run: none recorded")
     lines.append(f"next timer run: {timer}")
+    if guard:
+        lines.append(f"no new case starts: {guard}")
     return Group(table, Text("\n".join(lines)))
 
 
@@ -245,18 +258,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     since = time.time() - args.since * 3600 if args.since is not None else None
 
-    def snapshot() -> tuple[list[CaseStatus], list[CaseStatus], dict[str, Any]]:
+    def snapshot() -> tuple[list[CaseStatus], list[CaseStatus], dict[str, Any], str]:
         cases = collect(layout, workdir)
-        return cases, select(cases, args.failed, since, args.all, args.recent), last_run(workdir)
+        short = disk_guard.shortages(config, workdir)
+        guard = disk_guard.held_back_reason(short) if short else ""
+        hold_back(cases, guard)
+        return cases, select(cases, args.failed, since, args.all, args.recent), last_run(workdir), guard
 
     if args.json:
-        cases, shown, run = snapshot()
+        cases, shown, run, guard = snapshot()
         print(
             json.dumps(
                 {
                     "total": len(cases),
                     "cases": [asdict(c) for c in shown],
                     "last_run": run,
+                    "disk_guard": guard,
                     "next_timer_run": next_timer_run(),
                 }
             )
@@ -266,16 +283,21 @@ def main(argv: list[str] | None = None) -> int:
 
     console = Console()
     timer = next_timer_run()
+
+    def view() -> Any:
+        cases, shown, run, guard = snapshot()
+        return render(cases, shown, run, timer, guard)
+
     if not args.watch:
-        console.print(render(*snapshot(), timer))
+        console.print(view())
         return 0
     from rich.live import Live
 
-    with Live(render(*snapshot(), timer), console=console, refresh_per_second=4) as live:
+    with Live(view(), console=console, refresh_per_second=4) as live:
         try:
             while True:
                 time.sleep(args.interval)
-                live.update(render(*snapshot(), timer))
+                live.update(view())
         except KeyboardInterrupt:
             pass
     return 0
