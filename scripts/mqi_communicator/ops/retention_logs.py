@@ -149,6 +149,18 @@ def rotate(log: Path, max_bytes: float, keep: int) -> bool:
     return True
 
 
+def prune(workdir: Path, policy: Policy, failed_log: Path | None = None, runner_log: Path | None = None) -> str:
+    """After a run: record its log if it failed, prune the run logs, rotate the runner's log;
+    a line for the runner's log."""
+    if failed_log:
+        record_failed(workdir, failed_log)
+    pruned = prune_run_logs(workdir, policy)
+    rotated = runner_log is not None and rotate(runner_log, policy.runner_log_max_mb * 1e6, policy.runner_log_keep)
+    return f"run logs: {pruned.removed} removed, {pruned.kept} kept ({pruned.kept_failed} of failed runs)" + (
+        f"; {runner_log} rotated" if rotated else ""
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -156,26 +168,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--workdir", type=Path, default=Path.cwd(), help="where the workflow runs (default: here)")
     sub = parser.add_subparsers(dest="command", required=True)
-    prune = sub.add_parser("prune", help="Prune Snakemake's run logs; rotate the runner's log.")
-    prune.add_argument("--failed-log", type=Path, help="this run's Snakemake log, of a failed run (kept longer)")
-    prune.add_argument("--runner-log", type=Path, help="the file the runner's output is appended to (rotated)")
+    prune_command = sub.add_parser("prune", help="Prune Snakemake's run logs; rotate the runner's log.")
+    prune_command.add_argument("--failed-log", type=Path, help="this run's Snakemake log, of a failed run")
+    prune_command.add_argument("--runner-log", type=Path, help="the file the runner's output is appended to (rotated)")
     args = parser.parse_args(argv)
     workdir = args.workdir.resolve()
     try:
         policy = Policy.from_config(settings.load_site(settings.site_config(args.configfile, workdir), workdir))
-        if args.failed_log:
-            record_failed(workdir, args.failed_log)
-        pruned = prune_run_logs(workdir, policy)
-        rotated = args.runner_log is not None and rotate(
-            args.runner_log, policy.runner_log_max_mb * 1e6, policy.runner_log_keep
-        )
+        print(prune(workdir, policy, args.failed_log, args.runner_log))
     except (OSError, ValueError) as exc:
         print(f"run-log retention: {exc}", file=sys.stderr)
         return 1
-    print(
-        f"run logs: {pruned.removed} removed, {pruned.kept} kept ({pruned.kept_failed} of failed runs)"
-        + (f"; {args.runner_log} rotated" if rotated else "")
-    )
     return 0
 
 
