@@ -191,3 +191,28 @@ def test_retention_cli_names_a_bad_configuration(tmp_path: Path) -> None:
     )
     assert run.returncode == 1
     assert "retention.run_logs_keep" in run.stderr, run.stderr
+
+
+def test_status_index_forgets_a_case_moved_away(tmp_path: Path) -> None:
+    """`.mqi/status-index.json` (a finished case's summary facts) stays the size of the scan folder."""
+    scan = tmp_path / "scan"
+    for case in ("kept", "archived"):
+        (scan / case).mkdir(parents=True)
+        (scan / case / "_CASE_READY").touch()
+        summary = tmp_path / "data" / "cases" / case / "intermediate" / "case_summary.json"
+        summary.parent.mkdir(parents=True)
+        summary.write_text(json.dumps({"case_id": case}))
+    (tmp_path / "site.yaml").write_text(yaml.safe_dump({"paths": {"local": {"scan_directory": str(scan)}}}))
+    status = [sys.executable, "-m", "mqi_communicator.ops.status", "--configfile", "site.yaml", "--json", "--all"]
+    index = tmp_path / ".mqi" / "status-index.json"
+
+    def finished() -> list[str]:
+        run = subprocess.run([*status, "--workdir", str(tmp_path)], cwd=tmp_path, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        return sorted(c["case_id"] for c in json.loads(run.stdout)["cases"] if c["state"] == "finished")
+
+    assert finished() == ["archived", "kept"]
+    assert sorted(json.loads(index.read_text())) == ["archived", "kept"]
+    (scan / "archived").rename(tmp_path / "archived")  # moved away, e.g. archived
+    assert finished() == ["kept"]
+    assert sorted(json.loads(index.read_text())) == ["kept"]
