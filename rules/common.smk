@@ -11,7 +11,7 @@ from mqi_communicator.errors import CaseError
 from mqi_communicator.intake import case_readiness
 from mqi_communicator.plan import find_plan, read_plan
 from mqi_communicator.dose_frame import plan_sum_refusal_for
-from mqi_communicator.ops import recorder, state
+from mqi_communicator.ops import disk_guard, recorder, state
 from mqi_communicator.qa import calibration
 from mqi_communicator.qa.fraction_records import (
     pending as pending_fractions,
@@ -69,6 +69,13 @@ def case_targets():
         cases = state.targets(LAYOUT, logger.warning)
     except ValueError as exc:
         raise WorkflowError(str(exc))
+    # Too little free space: no case starts, so nothing is half-written (docs/disk-guard.md).
+    short = disk_guard.shortages(config, Path.cwd()) if cases else []
+    if short:
+        logger.warning(
+            f"{len(cases)} case(s) held back: {disk_guard.held_back_reason(short)}"
+        )
+        return []
     return [case for case in cases if not waiting_for_deliveries(case)]
 
 

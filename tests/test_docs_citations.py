@@ -6,7 +6,7 @@ from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parents[1]
 CITATION = re.compile(r"docs/([\w.-]+\.md)(?:#([\w-]+))?")
-CITING = ("scripts", "rules", "tests", "bin", "benchmarks", "deploy", "Snakefile", "test.sh")
+CITING = ("scripts", "rules", "tests", "bin", "benchmarks", "deploy", "config", "profiles", "Snakefile", "test.sh")
 
 
 def _slug(heading: str) -> str:
@@ -25,7 +25,7 @@ def _citing_files() -> list[Path]:
             files += [
                 p
                 for p in path.rglob("*")
-                if p.is_file() and p.suffix in {".py", ".smk", ".sh", ""} and "__pycache__" not in p.parts
+                if p.is_file() and p.suffix in {".py", ".smk", ".sh", ".yaml", ""} and "__pycache__" not in p.parts
             ]
     return files
 

@@ -130,6 +130,13 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return base
 
 
+def site_config(configfile: str | Path | None, workdir: Path) -> str | Path | None:
+    """The site config a housekeeping CLI run by bin/mqi-run reads: the one named, else the
+    working folder's own config/config.yaml if it has one (else the project's, by load_site)."""
+    local = workdir / "config" / "config.yaml"
+    return configfile or (local if local.is_file() else None)
+
+
 def load_site(configfile: str | Path | None, workdir: Path | None = None) -> dict[str, Any]:
     """The configuration a workflow run uses: config/config.yaml, updated by the site's
     `--configfile` (merged key by key, as Snakemake does); relative paths from workdir."""

@@ -43,6 +43,8 @@ KINDS = (
     "dicom_send_failed",
     "run_failed",
     "run_recovered",
+    "disk_low",
+    "disk_recovered",
     "test",
 )
 RUN_PREFIX = "run_failed:"
@@ -126,6 +128,17 @@ def run_failed(reason: str, log: str | Path | None = None) -> Alert:
 def run_recovered() -> Alert:
     what = "A pipeline run succeeded after the failure reported earlier."
     return _alert("run_recovered", "pipeline runs work again", what, "nothing.")
+
+
+def disk_low(reason: str) -> Alert:
+    what = "Free disk space is below the configured floor: no new case starts until space is freed."
+    todo = "free space on the filesystem named (or lower disk_guard.min_free_gb); held-back cases start by themselves."
+    return _alert("disk_low", "disk space low, new cases held back", what, todo, reason=reason)
+
+
+def disk_recovered() -> Alert:
+    what = "Free disk space is above the floor again: held-back cases start with the next run."
+    return _alert("disk_recovered", "disk space sufficient again", what, "nothing.")
 
 
 def fingerprint(text: str) -> str:

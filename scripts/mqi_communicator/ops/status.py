@@ -31,7 +31,7 @@ from ..dicomnet import activity, assembly_state
 from ..files import sha256_of, write_json_atomic
 from ..fraction_watch import RECORDS, summary_line
 from ..qa import signoff_record
-from . import archive, recorder, state
+from . import archive, disk_guard, recorder, state
 
 INDEX = Path(".mqi") / "status-index.json"
 ORDER = {
@@ -162,8 +162,10 @@ def collect(layout: state.Layout, workdir: Path) -> list[CaseStatus]:
         for entry in state.case_dirs(layout.scan_dir)
         if state.CASE_ID_PATTERN.match(entry.name)
     ]
-    # Cases moved away by `bin/mqi archive` still count, from its index (ops.archive).
+    # A case moved away (archived) leaves the cache with it: the index stays the size of the scan
+    # folder. Archived cases still count, from the archive's own index (ops.archive).
     present = {c.case_id for c in cases}
+    index = {case_id: facts for case_id, facts in index.items() if case_id in present}
     for case_id, entry in archive.read_index(workdir).items():
         if case_id not in present:
             since = entry.get("finished")
@@ -174,6 +176,14 @@ def collect(layout: state.Layout, workdir: Path) -> list[CaseStatus]:
         with contextlib.suppress(OSError):
             write_json_atomic(index_path, index)
     return cases
+
+
+def hold_back(cases: list[CaseStatus], guard: str) -> None:
+    """While the disk guard holds new cases back (`guard`: why), a queued case waits for space."""
+    if guard:
+        for case in cases:
+            if case.state == "queued":
+                case.state, case.reason = "waiting", guard
 
 
 def last_run(workdir: Path) -> dict[str, Any]:
@@ -246,7 +256,12 @@ def network_lines(config: dict[str, Any], workdir: Path) -> str | None:
 
 
 def render(
-    cases: list[CaseStatus], shown: list[CaseStatus], run: dict[str, Any], timer: str, receiver: str | None = None
+    cases: list[CaseStatus],
+    shown: list[CaseStatus],
+    run: dict[str, Any],
+    timer: str,
+    guard: str = "",
+    network: str | None = None,
 ) -> Any:
     from rich.console import Group
     from rich.table import Table
@@ -283,8 +298,10 @@ def render(
     else:
         lines.append("last run: none recorded")
     lines.append(f"next timer run: {timer}")
-    if receiver:
-        lines.append(receiver)
+    if guard:
+        lines.append(f"no new case starts: {guard}")
+    if network:
+        lines.append(network)
     return Group(table, Text("\n".join(lines)))
 
 
@@ -319,18 +336,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     since = time.time() - args.since * 3600 if args.since is not None else None
 
-    def snapshot() -> tuple[list[CaseStatus], list[CaseStatus], dict[str, Any]]:
+    def snapshot() -> tuple[list[CaseStatus], list[CaseStatus], dict[str, Any], str]:
         cases = collect(layout, workdir)
-        return cases, select(cases, args.failed, since, args.all, args.recent, args.unsigned), last_run(workdir)
+        short = disk_guard.shortages(config, workdir)
+        guard = disk_guard.held_back_reason(short) if short else ""
+        hold_back(cases, guard)
+        return cases, select(cases, args.failed, since, args.all, args.recent, args.unsigned), last_run(workdir), guard
 
     if args.json:
-        cases, shown, run = snapshot()
+        cases, shown, run, guard = snapshot()
         print(
             json.dumps(
                 {
                     "total": len(cases),
                     "cases": [asdict(c) for c in shown],
                     "last_run": run,
+                    "disk_guard": guard,
                     "next_timer_run": next_timer_run(),
                     "dicom_receiver": receiver_line(config, workdir),
                     "dicom_assembly": assembly_line(config, workdir),
@@ -342,18 +363,21 @@ def main(argv: list[str] | None = None) -> int:
 
     console = Console()
     timer = next_timer_run()
+
+    def view() -> Any:
+        cases, shown, run, guard = snapshot()
+        return render(cases, shown, run, timer, guard, network_lines(config, workdir))
+
     if not args.watch:
-        console.print(render(*snapshot(), timer, network_lines(config, workdir)))
+        console.print(view())
         return 0
     from rich.live import Live
 
-    with Live(
-        render(*snapshot(), timer, network_lines(config, workdir)), console=console, refresh_per_second=4
-    ) as live:
+    with Live(view(), console=console, refresh_per_second=4) as live:
         try:
             while True:
                 time.sleep(args.interval)
-                live.update(render(*snapshot(), timer, network_lines(config, workdir)))
+                live.update(view())
         except KeyboardInterrupt:
             pass
     return 0
