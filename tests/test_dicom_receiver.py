@@ -56,7 +56,7 @@ def test_storescu_objects_land_whole_where_the_layout_says(tmp_path: Path) -> No
         )
         assert ours.returncode == 0 and "success" in ours.stdout, ours.stdout + ours.stderr
         wait_for(
-            lambda: json.loads(Path(rx["state"]).read_text())["last_association"]["outcome"] != "open", 10, "the state"
+            lambda: json.loads(Path(rx["state"]).read_text())["last_association"]["outcome"] != "open", 60, "the state"
         )
         state = json.loads(Path(rx["state"]).read_text())
     patient = staging / patient_folder_name(plan.PatientID)
@@ -84,7 +84,7 @@ def test_a_calling_ae_not_allowed_is_rejected(tmp_path: Path) -> None:
     plan_copy(tmp_path / "plan.dcm")
     with running_receiver(tmp_path, staging) as rx:
         sent = storescu(rx["port"], rx["ae_title"], [tmp_path / "plan.dcm"], calling="INTRUDER")
-        wait_for(lambda: json.loads(Path(rx["state"]).read_text())["last_error"] is not None, 10, "the error")
+        wait_for(lambda: json.loads(Path(rx["state"]).read_text())["last_error"] is not None, 60, "the error")
         state = json.loads(Path(rx["state"]).read_text())
         (tmp_path / "sample_cases").mkdir()  # the default scan folder, empty: no cases
         status = python_module(
@@ -150,7 +150,7 @@ def test_a_sender_cut_mid_association_loses_nothing_acknowledged(tmp_path: Path)
         sent = storescu(proxy.port, rx["ae_title"], files)
         acknowledged = re.findall(r"Received Store Response \(Success\)", sent.stdout + sent.stderr)
         wait_for(
-            lambda: json.loads(Path(rx["state"]).read_text())["last_association"]["outcome"] != "open", 10, "the abort"
+            lambda: json.loads(Path(rx["state"]).read_text())["last_association"]["outcome"] != "open", 60, "the abort"
         )
         assert sent.returncode != 0
         assert 1 <= len(acknowledged) <= 2
@@ -190,7 +190,7 @@ def test_a_refused_write_answers_out_of_resources_and_keeps_the_others(tmp_path:
         sent = storescu(
             rx["port"], rx["ae_title"], [tmp_path / "plan.dcm", tmp_path / "big.dcm", tmp_path / "small.dcm"]
         )
-        wait_for(lambda: json.loads(Path(rx["state"]).read_text())["last_error"] is not None, 10, "the error")
+        wait_for(lambda: json.loads(Path(rx["state"]).read_text())["last_error"] is not None, 60, "the error")
         state = json.loads(Path(rx["state"]).read_text())
     output = sent.stdout + sent.stderr
     assert "Received Store Response (Refused: OutOfResources)" in output, output
