@@ -1,6 +1,6 @@
 """What a finished clinical-size case keeps after retention, and what the timer run that prunes it costs.
 
-    .venv/bin/python benchmarks/retention.py [--keep DIR]
+    .venv/bin/python benchmarks/retention.py [--keep DIR] [--old-logs 40000]
 
 A clinical-size case (3 treatment beams, 100 layers, ~40 MB of plan and logs: the case of
 benchmarks/p2_interpret.py) is finished through the embedded default (plain `snakemake`, the
@@ -8,7 +8,9 @@ built-in engine), then aged past `retention.intermediates_days` (its retention q
 31 days back) and one timer run is made. Printed: the bytes the case keeps against its RT Doses
 (goal: <= RT Doses + 10 MB), the wall time of that run against a run with nothing to prune, that
 every file of the record has the same sha256 before and after, and what compressing the
-intermediates instead would have kept (the trade: docs/retention.md).
+intermediates instead would have kept (the trade: docs/retention.md). With --old-logs N the timer
+run is `bin/mqi-run` and finds N earlier Snakemake run logs too (the issue's whole scenario): the
+run logs left are printed as well (goal <= 1,000).
 
 `finished_clinical_case` and `timer_run_after_retention` are functions another benchmark can call
 (e.g. with many old run logs laid out in the same work folder before the timer run).
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -161,14 +164,50 @@ def report(figures: dict[str, Any]) -> None:
     )
 
 
+def runner(work: Path) -> subprocess.CompletedProcess[str]:
+    """One `bin/mqi-run`, as the timer starts it, on the work folder (embedded default profile)."""
+    env = {**os.environ, "MQI_WORKDIR": str(work), "MQI_PROFILE": "default"}
+    command = [str(REPO / "bin" / "mqi-run"), "-s", str(REPO / "Snakefile"), "--configfile", "site.yaml"]
+    return subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, check=False)
+
+
+def with_old_run_logs(work: Path, count: int) -> dict[str, Any]:
+    """The issue's whole scenario: the case aged past the retention and `count` earlier run logs
+    (benchmarks/run_logs.py lays them out as a 5-minute timer leaves them), one `bin/mqi-run`;
+    its wall time against the same run once nothing is left to prune, and the logs left."""
+    from benchmarks.run_logs import write_old_logs
+
+    runner(work)  # the runner's first run: its folders, byte-compiled files
+    write_old_logs(work, count)
+    os.sync()
+    figures = timer_run_after_retention(work, timer_run=runner)
+    figures["old_logs"] = count
+    figures["logs_left"] = sum(1 for _ in os.scandir(work / ".snakemake" / "log"))
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--keep", type=Path, help="work here and keep the folder (default: a temporary one)")
+    parser.add_argument(
+        "--old-logs",
+        type=int,
+        default=0,
+        help="also lay out this many earlier run logs and make the timer run with bin/mqi-run (e.g. 40000)",
+    )
     args = parser.parse_args()
     root = args.keep or Path(tempfile.mkdtemp(prefix="mqi-retention-"))
     try:
         work = finished_clinical_case(root)
-        report(timer_run_after_retention(work))
+        if args.old_logs:
+            figures = with_old_run_logs(work, args.old_logs)
+            report(figures)
+            print(
+                f"run logs: {figures['old_logs']:,} earlier; left after the timer run: {figures['logs_left']:,}"
+                " (goal <= 1,000)"
+            )
+        else:
+            report(timer_run_after_retention(work))
     finally:
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)
