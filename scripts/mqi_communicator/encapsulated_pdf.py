@@ -19,24 +19,11 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian,
 
 from . import __version__
 from .files import atomic_output
+from .patient_study import copy_patient_study
 
 ENCAPSULATED_PDF_SOP_CLASS = UID("1.2.840.10008.5.1.4.1.1.104.1")
 MANUFACTURER = "mqi_communicator"
 SERIES_NUMBER = 900  # apart from the RT Doses' series (beam numbers, 999 for the plan sum)
-# Patient (Type 2) and General Study (Type 1 and 2) attributes the report takes from its plan.
-_PATIENT_STUDY_KEYWORDS = (
-    ("PatientName", True),
-    ("PatientID", True),
-    ("PatientBirthDate", True),
-    ("PatientSex", True),
-    ("StudyInstanceUID", True),
-    ("StudyDate", True),
-    ("StudyTime", True),
-    ("StudyID", True),
-    ("ReferringPhysicianName", True),
-    ("AccessionNumber", True),
-    ("StudyDescription", False),
-)
 
 
 def build(pdf: bytes, plan: Dataset, title: str, now: datetime.datetime | None = None) -> Dataset:
@@ -62,11 +49,7 @@ def build(pdf: bytes, plan: Dataset, title: str, now: datetime.datetime | None =
     ds.SOPInstanceUID = sop_uid
     ds.InstanceCreationDate = now.strftime("%Y%m%d")
     ds.InstanceCreationTime = now.strftime("%H%M%S")
-    for keyword, type2 in _PATIENT_STUDY_KEYWORDS:
-        if keyword in plan:
-            setattr(ds, keyword, plan[keyword].value)
-        elif type2:
-            setattr(ds, keyword, "")
+    copy_patient_study(plan, ds)
     # Encapsulated Document Series: one series per study for the QA reports.
     ds.Modality = "DOC"
     ds.SeriesInstanceUID = generate_uid(entropy_srcs=["mqi_communicator QA reports", str(plan.StudyInstanceUID)])

@@ -4,6 +4,7 @@ sha256 a step records of the files it wrote (`KnownDigests`)."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -168,3 +169,17 @@ def is_stream_of(stream: IO[Any], path: str | os.PathLike[str]) -> bool:
     except (OSError, ValueError):
         return False
     return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+@contextlib.contextmanager
+def only_one(lock_file: Path) -> Iterator[bool]:
+    """True while this process holds `lock_file`'s exclusive lock; False at once when another
+    holds it (that one does the work; the next run finds it free). The lock goes with the process."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with lock_file.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True

@@ -44,6 +44,7 @@ from . import __version__, beam_geometry, dose_reference, geometry
 from .dose_frame import frame_comment, image_geometry, plan_sum_refusal_for
 from .errors import CaseError
 from .files import atomic_output
+from .patient_study import copy_patient_study
 from .plan import Beam, Plan, read_plan, sanitize_beam_name
 
 RT_DOSE_SOP_CLASS = UID("1.2.840.10008.5.1.4.1.1.481.2")
@@ -55,22 +56,6 @@ SUPPORTED_BITS = (16, 32)
 GRID_FRAME_OFFSET_VECTOR_TAG = 0x3004000C
 _LO_MAX = 64  # characters in a DICOM LO value
 UTF8_CHARACTER_SET = "ISO_IR 192"  # PS3.3 C.12.1.1.2: Unicode in UTF-8, holds any text
-
-# Patient/study attributes copied from the plan: (keyword, type-2, i.e. written empty if absent).
-# The frame of reference is not among them: `dose_reference.frame_of_reference` decides it.
-_PATIENT_STUDY_KEYWORDS = (
-    ("PatientName", True),
-    ("PatientID", True),
-    ("PatientBirthDate", True),
-    ("PatientSex", True),
-    ("StudyInstanceUID", True),
-    ("StudyDate", True),
-    ("StudyTime", True),
-    ("StudyID", True),
-    ("ReferringPhysicianName", True),
-    ("AccessionNumber", True),
-    ("StudyDescription", False),
-)
 
 
 def output_name(beam_name: str | None) -> str:
@@ -222,11 +207,7 @@ def build_rtdose(
     ds.ContentDate = ds.InstanceCreationDate
     ds.ContentTime = ds.InstanceCreationTime
     ds.Modality = "RTDOSE"
-    for keyword, type2 in _PATIENT_STUDY_KEYWORDS:
-        if keyword in plan_ds:
-            setattr(ds, keyword, plan_ds[keyword].value)
-        elif type2:
-            setattr(ds, keyword, "")
+    copy_patient_study(plan_ds, ds)
     ds.FrameOfReferenceUID = reference.uid
     ds.PositionReferenceIndicator = reference.position_reference_indicator
 

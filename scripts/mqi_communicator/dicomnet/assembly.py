@@ -19,20 +19,17 @@ arrives. What waits, and why, is written to `dicom_network.assembly.state_file` 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import json
 import shutil
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from .. import settings
 from ..delivery import Delivery
 from ..errors import CaseError
-from ..files import fsync_dir, write_json_atomic
+from ..files import fsync_dir, only_one, write_json_atomic
 from ..intake import CASE_ID_PATTERN, PLAN_MODE_MARKER, missing_deliveries
 from ..plan import Plan, read_plan
 from . import assembly_match as matching
@@ -261,21 +258,6 @@ class Assembler:
             record["deliveries"] = [*record.get("deliveries", []), folder.name]
 
 
-@contextlib.contextmanager
-def exclusive(workdir: Path) -> Iterator[bool]:
-    """True when this process holds the assembly lock (a second assembly at the same time waits
-    for nothing: it exits and the next run does the work)."""
-    path = workdir / LOCK
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        yield True
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m mqi_communicator.dicomnet.assembly", description=__doc__.splitlines()[0]
@@ -294,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.if_enabled:
             print("mqi assemble: case assembly is disabled (dicom_network.assembly.enabled)")
         return 0
-    with exclusive(workdir) as mine:
+    # One assembly at a time: a second one at the same time exits and the next run does the work.
+    with only_one(workdir / LOCK) as mine:
         if not mine:
             print("mqi assemble: another assembly is running; nothing to do")
             return 0

@@ -16,12 +16,9 @@ docs/qa-report-pdf.md).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import json
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +27,7 @@ from pydicom.errors import InvalidDicomError
 from pynetdicom import AE
 
 from .. import encapsulated_pdf, settings
-from ..files import write_json_atomic
+from ..files import only_one, write_json_atomic
 from ..ops import alerts, state
 from . import outbox
 
@@ -173,22 +170,9 @@ def send_case(case_id: str, config: dict[str, Any], workdir: Path) -> bool:
     return done
 
 
-@contextlib.contextmanager
-def _only_sender(workdir: Path) -> Iterator[bool]:
-    path = workdir / LOCK
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        yield True
-
-
 def send_pending(config: dict[str, Any], workdir: Path) -> int:
     """Work through the outbox once; returns the number of cases still waiting."""
-    with _only_sender(workdir) as alone:
+    with only_one(workdir / LOCK) as alone:
         if not alone:
             print("another sender is running; it takes the outbox", file=sys.stderr)
             return len(outbox.pending(workdir))
