@@ -108,6 +108,10 @@ def _same_content(reference: Path, candidate: Path) -> bool:
         # The QA sheet embeds its figures and the time it was written: redone, it must be whole
         # (qa.json beside it carries the numbers, compared above).
         return candidate.read_text().rstrip().endswith("</html>")
+    if reference.suffix == ".pdf":
+        # The PDF report, too, carries the time it was written: redone, it must be whole.
+        data = candidate.read_bytes()
+        return data.startswith(b"%PDF-") and data.rstrip().endswith(b"%%EOF")
     if reference.suffix == ".png":
         return np.array_equal(matplotlib.image.imread(reference), matplotlib.image.imread(candidate))
     return False
