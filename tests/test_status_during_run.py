@@ -6,13 +6,18 @@ Snakemake run; and a run that died is not believed."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 
+from mqi_communicator import settings
+from mqi_communicator.case_inputs import stat_fingerprint
+from mqi_communicator.ops import recorder, state, status
 from mqi_communicator.ops.status import NEXT_RUN_TAKES_IT, THIS_RUN_TAKES_IT
 from tests import casegen
 from tests.workflow import REPO, SNAKEMAKE, write_config
@@ -20,7 +25,7 @@ from tests.workflow import REPO, SNAKEMAKE, write_config
 CASES = ("case_a", "case_b", "case_c", "case_d")
 
 
-def status(work: Path) -> dict:
+def status_json(work: Path) -> dict:
     run = subprocess.run(
         [sys.executable, "-m", "mqi_communicator.ops.status", "--configfile", "test-config.yaml", "--json", "--all"],
         cwd=work,
@@ -33,10 +38,11 @@ def status(work: Path) -> dict:
 
 
 def watch(work: Path, run: subprocess.Popen[str], seen: list[dict]) -> None:
-    """What status says, again and again, until the run has ended (each call is a fresh process,
-    so the polling is as fast as the machine allows and ends with the run)."""
+    """What status says, again and again, until the run has ended (each call is a fresh process;
+    the pause between calls leaves the run the CPU it needs, it decides nothing)."""
     while run.poll() is None:
-        seen.append(status(work))
+        seen.append(status_json(work))
+        time.sleep(0.3)
 
 
 def test_status_follows_a_run_of_four_cases(tmp_path: Path) -> None:
@@ -46,7 +52,7 @@ def test_status_follows_a_run_of_four_cases(tmp_path: Path) -> None:
     work = tmp_path / "work"
     work.mkdir()
     write_config(work, scan)
-    before = {c["case_id"]: c for c in status(work)["cases"]}
+    before = {c["case_id"]: c for c in status_json(work)["cases"]}
     assert {case_id: before[case_id]["reason"] for case_id in CASES} == dict.fromkeys(CASES, NEXT_RUN_TAKES_IT)
 
     # One core: the cases' jobs run one after another, so the watcher sees the run part-way.
@@ -77,7 +83,7 @@ def test_status_follows_a_run_of_four_cases(tmp_path: Path) -> None:
         if any(state == "finished" for state, _ in snapshot.values()):
             assert counted > 0, (snapshot, counted)
 
-    after = status(work)
+    after = status_json(work)
     assert after["last_run"]["status"] == "ok"
     assert after["last_run"]["jobs_done"] >= max(done) and after["last_run"]["jobs_failed"] == 0
     assert {c["case_id"]: c["state"] for c in after["cases"]} == dict.fromkeys(CASES, "finished")
@@ -100,6 +106,41 @@ def test_the_plan_of_a_dead_run_is_not_believed(tmp_path: Path) -> None:
     )
     last_run = {"status": "running", "pid": gone.pid, "host": host, "started": started, "jobs_done": 3}
     (work / ".mqi" / "last_run.json").write_text(json.dumps(last_run))
-    report = status(work)
+    report = status_json(work)
     assert report["last_run"]["status"] == "killed"
     assert [(c["state"], c["reason"]) for c in report["cases"]] == [("queued", NEXT_RUN_TAKES_IT)]
+
+
+def test_a_running_run_s_cases_are_told_apart_from_the_next_run_s(tmp_path: Path) -> None:
+    """This process stands for the running run (its pid is alive): of three ready cases, the two in
+    its plan are this run's, one of them retried, and the disk guard holds back only the third."""
+    scan = tmp_path / "scan"
+    for case_id in ("planned", "planned_retry", "later"):
+        casegen.write_case(scan, case_id, casegen.standard_case("PSEUDO301", "G2", layers=1))
+    work = tmp_path / "work"
+    (work / ".mqi").mkdir(parents=True)
+    layout = state.Layout.from_config(settings.validate({"paths": {"local": {"scan_directory": str(scan)}}}), work)
+    failure = state.Failure(
+        step="simulate",
+        reason="engine unreachable",
+        log="logs/planned_retry/simulate.log",
+        time=time.time(),
+        attempts=1,
+        transient=True,
+        fingerprint=stat_fingerprint(scan / "planned_retry"),
+    )
+    layout.processing("planned_retry").joinpath("state").mkdir(parents=True)
+    (layout.processing("planned_retry") / state.FAILED).write_text(json.dumps(asdict(failure)))
+    run = {"status": "running", "pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+    plan = {**run, "cases": ["planned", "planned_retry"]}
+    recorder.run_plan_path(work).write_text(json.dumps(plan))
+
+    cases = status.collect(layout, work, run)
+    status.hold_back(cases, "the disk is full")
+    told = {c.case_id: (c.state, c.reason) for c in cases}
+    assert told["planned"] == ("queued", THIS_RUN_TAKES_IT)
+    assert told["planned_retry"][0] == "retrying" and told["planned_retry"][1].endswith("; this run retries it]")
+    assert told["later"] == ("waiting", "the disk is full")
+    # Another run's plan (a pid the last run does not name) is not this one's.
+    recorder.run_plan_path(work).write_text(json.dumps({**plan, "pid": os.getpid() + 1}))
+    assert {c.case_id: c.reason for c in status.collect(layout, work, run)}["planned"] == NEXT_RUN_TAKES_IT
