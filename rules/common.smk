@@ -95,6 +95,8 @@ def waiting_for_deliveries(case_id):
 # other way to tell a report from a run while it parses the workflow.
 REPORT = any(arg == "--report" or arg.startswith("--report=") for arg in sys.argv)
 CASES = state.finished(LAYOUT) if REPORT else case_targets()
+# Status tells the cases this run takes from those the next run takes (docs/operations.md).
+recorder.plan(CASES)
 
 
 # Settings that never change a result: how long to wait, which GPU, where to connect, whom to

@@ -31,6 +31,9 @@ _WORKDIR: Path | None = None
 # Finished cases whose folder changed without a fraction to record (common.smk): their stamp is
 # brought up to date when a run starts, never by a dry run, so they are not read again each run.
 _SEEN_LATER: list[tuple[Path, fraction_watch.Seen]] = []
+# The cases this run's DAG was built for (common.smk, `plan`): written when the run starts, so
+# status tells a case this run takes from one the next run takes (docs/operations.md#during-a-run).
+_PLANNED: list[str] = []
 
 # A failure that a later run may not meet again: the network, the scheduler, a node, a signal.
 TRANSIENT_PATTERNS = re.compile(
@@ -55,8 +58,19 @@ def remember_seen(processing: Path, seen: fraction_watch.Seen) -> None:
     _SEEN_LATER.append((processing, seen))
 
 
+def plan(case_ids: list[str]) -> None:
+    """Called by the Snakefile: the cases this run's DAG is built for (its targets)."""
+    _PLANNED[:] = sorted(set(case_ids))
+
+
 def last_run_path(workdir: Path) -> Path:
     return workdir / ".mqi" / "last_run.json"
+
+
+def run_plan_path(workdir: Path) -> Path:
+    """The case ids of the last run that started, beside last_run.json and written once, so that
+    the record rewritten at each job's end stays small whatever the number of cases."""
+    return workdir / ".mqi" / "run_plan.json"
 
 
 def failure_reason(log_paths: list[str], fallback: str) -> str:
@@ -117,6 +131,7 @@ class RunRecorder:
             if event != "workflow_started":
                 return
             self.announced = True
+            self._write_run_plan()
             self._write_last_run("running")
             self._verify_finished_cases()
             self._prune_finished_cases()
@@ -206,6 +221,7 @@ class RunRecorder:
         self.done_jobs += 1
         job = self.jobs.get(jobid)
         self._forget(jobid)
+        self._write_last_run("running")  # the counts, as jobs end (one small file, not synced)
         if job and job["case_id"] and job["rule"] == FINAL_RULE:
             self._case_finished(job["case_id"])
         if job and job["case_id"] and job["rule"] == state.FRACTION_STEP:
@@ -216,6 +232,7 @@ class RunRecorder:
         jobid = int(_field(record, "jobid"))
         job = self.jobs.get(jobid) or {"rule": _field(record, "rule_name"), "case_id": None, "beam": None}
         self._forget(jobid)
+        self._write_last_run("running")
         wildcards_case = job.get("case_id")
         layout = self.layout
         # One attempt per run: a case's first failure in a run is its record (others follow from it).
@@ -281,6 +298,11 @@ class RunRecorder:
             write_json_atomic(path, {"jobs": running})
         else:
             path.unlink(missing_ok=True)
+
+    def _write_run_plan(self) -> None:
+        assert _WORKDIR is not None
+        plan_record = {"pid": os.getpid(), "host": socket.gethostname(), "started": self.started, "cases": _PLANNED}
+        write_json_atomic(run_plan_path(_WORKDIR), plan_record)
 
     def _write_last_run(self, status: str) -> None:
         assert _WORKDIR is not None

@@ -1,6 +1,7 @@
 """`bin/mqi status`: every case's state, read from the case folders (the files are the truth).
 
-States: waiting (no ready marker yet, or its quiet period), queued (ready; the next run takes it),
+States: waiting (no ready marker yet, or its quiet period), queued (ready; the next run takes it, or
+this run does: a case of the running run's plan not started yet),
 running (a job of the current run: step, beam, SLURM job, elapsed), failed (step, reason, log;
 `retrying` when a transient failure will be tried again), finished (time, QA verdict), changed
 (finished, but its input files changed since), archived (moved away by `bin/mqi archive`: read
@@ -44,6 +45,8 @@ ORDER = {
     "finished": 6,
     "archived": 7,
 }
+NEXT_RUN_TAKES_IT = "ready; the next run takes it"
+THIS_RUN_TAKES_IT = "ready; this run takes it"
 # Finished cases and archived ones are listed only with --all (the latest --recent without).
 DONE = ("finished", "archived")
 
@@ -103,7 +106,10 @@ def signoff_of(processing: Path) -> tuple[str, str]:
     return signoff.state, signoff.summary()
 
 
-def case_status(layout: state.Layout, case_dir: Path, index: dict[str, Any], now: float) -> CaseStatus:
+def case_status(
+    layout: state.Layout, case_dir: Path, index: dict[str, Any], now: float, this_run: frozenset[str] = frozenset()
+) -> CaseStatus:
+    """`this_run`: the cases the running run's DAG holds (`running_plan`)."""
     case_id = case_dir.name
     processing = layout.processing(case_id)
     try:
@@ -136,6 +142,7 @@ def case_status(layout: state.Layout, case_dir: Path, index: dict[str, Any], now
     failure = state.Failure.read(processing / state.FAILED)
     if failure is not None:
         again, why = state.retry_decision(layout, case_dir, failure)
+        why = f"{why}; this run retries it" if again and case_id in this_run else why
         return CaseStatus(
             case_id,
             "retrying" if again else "failed",
@@ -145,20 +152,36 @@ def case_status(layout: state.Layout, case_dir: Path, index: dict[str, Any], now
             reason=f"{state.headline(failure.reason, case_dir)} [{why}]",
             log=failure.log,
         )
+    if case_id in this_run:
+        # In the running run's DAG: it runs when the jobs before it are done, whatever its folder does now.
+        return CaseStatus(case_id, "queued", reason=THIS_RUN_TAKES_IT)
     if not (case_dir / layout.ready_marker).is_file():
         return CaseStatus(case_id, "waiting", reason=f"no {layout.ready_marker} yet")
     if not is_ready(case_dir, layout.ready_marker, layout.ready_quiet_seconds, now):
         return CaseStatus(case_id, "waiting", reason=f"files changed in the last {layout.ready_quiet_seconds:g} s")
-    return CaseStatus(case_id, "queued", reason="ready; the next run takes it")
+    return CaseStatus(case_id, "queued", reason=NEXT_RUN_TAKES_IT)
 
 
-def collect(layout: state.Layout, workdir: Path) -> list[CaseStatus]:
+def running_plan(workdir: Path, run: dict[str, Any]) -> frozenset[str]:
+    """The cases of the run now running (the recorder's run_plan.json): none when no run is
+    running, or when the run that wrote the plan is dead or is not the one `run` (last_run, read
+    first: the recorder writes the plan before it) names."""
+    plan = state.read_json(recorder.run_plan_path(workdir)) or {}
+    same = (plan.get("pid"), plan.get("host")) == (run.get("pid"), run.get("host"))
+    if run.get("status") != "running" or not same:
+        return frozenset()
+    return frozenset(str(case_id) for case_id in plan.get("cases", []))
+
+
+def collect(layout: state.Layout, workdir: Path, run: dict[str, Any] | None = None) -> list[CaseStatus]:
+    """`run`: the last run as shown beside the cases (read here when not given)."""
     index_path = workdir / INDEX
     loaded = state.read_json(index_path) or {}
     index = dict(loaded)
     now = time.time()
+    this_run = running_plan(workdir, last_run(workdir) if run is None else run)
     cases = [
-        case_status(layout, Path(entry.path), index, now)
+        case_status(layout, Path(entry.path), index, now, this_run)
         for entry in state.case_dirs(layout.scan_dir)
         if state.CASE_ID_PATTERN.match(entry.name)
     ]
@@ -182,7 +205,7 @@ def hold_back(cases: list[CaseStatus], guard: str) -> None:
     """While the disk guard holds new cases back (`guard`: why), a queued case waits for space."""
     if guard:
         for case in cases:
-            if case.state == "queued":
+            if case.state == "queued" and case.reason == NEXT_RUN_TAKES_IT:  # the running run's DAG is set
                 case.state, case.reason = "waiting", guard
 
 
@@ -337,11 +360,12 @@ def main(argv: list[str] | None = None) -> int:
     since = time.time() - args.since * 3600 if args.since is not None else None
 
     def snapshot() -> tuple[list[CaseStatus], list[CaseStatus], dict[str, Any], str]:
-        cases = collect(layout, workdir)
+        run = last_run(workdir)  # one reading for the cases and the run line: they agree
+        cases = collect(layout, workdir, run)
         short = disk_guard.shortages(config, workdir)
         guard = disk_guard.held_back_reason(short) if short else ""
         hold_back(cases, guard)
-        return cases, select(cases, args.failed, since, args.all, args.recent, args.unsigned), last_run(workdir), guard
+        return cases, select(cases, args.failed, since, args.all, args.recent, args.unsigned), run, guard
 
     if args.json:
         cases, shown, run, guard = snapshot()
