@@ -17,9 +17,7 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import socket
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -28,11 +26,10 @@ from typing import Any
 
 from .. import settings
 from ..case_inputs import is_ready
-from ..dicomnet import activity, assembly_state
 from ..files import sha256_of, write_json_atomic
 from ..fraction_watch import RECORDS, summary_line
 from ..qa import signoff_record
-from . import archive, disk_guard, recorder, state
+from . import archive, disk_guard, recorder, state, status_lines
 
 INDEX = Path(".mqi") / "status-index.json"
 ORDER = {
@@ -216,35 +213,6 @@ def last_run(workdir: Path) -> dict[str, Any]:
     return record
 
 
-def next_timer_run() -> str:
-    if shutil.which("systemctl") is None:
-        return "no systemd here (cron: see `crontab -l`)"
-    result = subprocess.run(
-        ["systemctl", "show", "mqi-communicator.timer", "--property=NextElapseUSecRealtime", "--value"],
-        capture_output=True,
-        text=True,
-        timeout=5,
-        check=False,
-    )
-    value = result.stdout.strip()
-    return value if result.returncode == 0 and value and value != "n/a" else "timer not installed"
-
-
-def _ago(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    if seconds < 120:
-        return f"{seconds} s"
-    if seconds < 7200:
-        return f"{seconds // 60} min"
-    if seconds < 172800:
-        return f"{seconds // 3600} h {seconds % 3600 // 60} min"
-    return f"{seconds // 86400} d"
-
-
-def _when(stamp: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(stamp)) if stamp else ""
-
-
 def select(
     cases: list[CaseStatus], failed: bool, since: float | None, show_all: bool, recent: int, unsigned: bool = False
 ) -> list[CaseStatus]:
@@ -259,23 +227,6 @@ def select(
         hidden = {c.case_id for c in finished[:-recent]} if recent else {c.case_id for c in finished}
         chosen = [c for c in chosen if c.case_id not in hidden]
     return sorted(chosen, key=lambda c: (ORDER.get(c.state, 9), -(c.since or 0), c.case_id))
-
-
-def receiver_line(config: dict[str, Any], workdir: Path) -> str | None:
-    """The DICOM receiver's state in one line, where the site runs one (docs/dicom-network.md)."""
-    section = config["dicom_network"]["receiver"]
-    return activity.summary(workdir / section["state_file"]) if section["enabled"] else None
-
-
-def assembly_line(config: dict[str, Any], workdir: Path) -> str | None:
-    """What the case assembly waits for, where the site assembles cases (docs/dicom-network.md)."""
-    section = config["dicom_network"]["assembly"]
-    return assembly_state.summary(workdir / section["state_file"]) if section["enabled"] else None
-
-
-def network_lines(config: dict[str, Any], workdir: Path) -> str | None:
-    lines = (receiver_line(config, workdir), assembly_line(config, workdir))
-    return "\n".join(line for line in lines if line) or None
 
 
 def render(
@@ -300,7 +251,7 @@ def render(
     table.add_column("reason / verdict", overflow="fold")
     table.add_column("log", no_wrap=True)
     for c in shown:
-        when = _ago(now - c.since) if c.state == "running" and c.since else _when(c.since)
+        when = status_lines.ago(now - c.since) if c.state == "running" and c.since else status_lines.when(c.since)
         step = " / ".join(x for x in (c.step, c.beam) if x)
         # Text(), not markup: reasons hold brackets and paths.
         verdict = "; ".join(x for x in (c.verdict, c.signoff_summary) if x)
@@ -313,9 +264,9 @@ def render(
     hidden = len(cases) - len(shown)
     lines = [f"{len(cases)} cases: {totals}" + (f" ({hidden} not shown; --all shows every case)" if hidden else "")]
     if run:
-        ended = f", ended {_when(run['ended'])}" if run.get("ended") else ""
+        ended = f", ended {status_lines.when(run['ended'])}" if run.get("ended") else ""
         lines.append(
-            f"last run: {run.get('status')} (started {_when(run.get('started'))}{ended}; "
+            f"last run: {run.get('status')} (started {status_lines.when(run.get('started'))}{ended}; "
             f"{run.get('jobs_done', 0)} jobs done, {run.get('jobs_failed', 0)} failed)"
         )
     else:
@@ -376,9 +327,9 @@ def main(argv: list[str] | None = None) -> int:
                     "cases": [asdict(c) for c in shown],
                     "last_run": run,
                     "disk_guard": guard,
-                    "next_timer_run": next_timer_run(),
-                    "dicom_receiver": receiver_line(config, workdir),
-                    "dicom_assembly": assembly_line(config, workdir),
+                    "next_timer_run": status_lines.next_timer_run(),
+                    "dicom_receiver": status_lines.receiver_line(config, workdir),
+                    "dicom_assembly": status_lines.assembly_line(config, workdir),
                 }
             )
         )
@@ -386,11 +337,11 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
     console = Console()
-    timer = next_timer_run()
+    timer = status_lines.next_timer_run()
 
     def view() -> Any:
         cases, shown, run, guard = snapshot()
-        return render(cases, shown, run, timer, guard, network_lines(config, workdir))
+        return render(cases, shown, run, timer, guard, status_lines.network_lines(config, workdir))
 
     if not args.watch:
         console.print(view())
