@@ -65,10 +65,11 @@ CASES = {
 }
 
 
-@pytest.fixture
-def site(computed: Path, tmp_path: Path) -> tuple[Path, Path]:
-    """(workdir, config) of a site with the CASES finished, signed by `bin/mqi sign`, and the QA
-    trend of all of them written by the trend rule's command."""
+@pytest.fixture(scope="module")
+def built(computed: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A site (work/, scan/) with the CASES finished, signed by `bin/mqi sign`, and the QA trend
+    of all of them written by the trend rule's command."""
+    tmp_path = tmp_path_factory.mktemp("site")
     workdir, configfile, layout = qa_results.site(tmp_path)
     for case_id, (room, signer, edited) in CASES.items():
         shutil.copytree(computed / ("scan" if room == "G2" else "scan_G1") / CASE, tmp_path / "scan" / case_id)
@@ -82,7 +83,17 @@ def site(computed: Path, tmp_path: Path) -> tuple[Path, Path]:
     trend = [sys.executable, "-m", "mqi_communicator.qa.trend", "--qa", *qa_files, "--min-cases", "2"]
     trend += ["--ledger", "results/qa_history.jsonl", "--figure", "results/qa_trend.png"]
     subprocess.run([*trend, "--json", "results/qa_trend.json"], cwd=workdir, check=True)
-    return workdir, configfile
+    return tmp_path
+
+
+@pytest.fixture
+def site(built: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the built site of its own (a test may sign, add cases, write the page)."""
+    for name in ("work", "scan"):
+        shutil.copytree(built / name, tmp_path / name, symlinks=True)
+    configfile = tmp_path / "work" / "site.yaml"
+    configfile.write_text(configfile.read_text().replace(str(built), str(tmp_path)))
+    return tmp_path / "work", configfile
 
 
 def browse(page: Path, fragment: str = "", screenshot: Path | None = None) -> tuple[str, dict[str, list[str]]]:
@@ -98,7 +109,7 @@ def browse(page: Path, fragment: str = "", screenshot: Path | None = None) -> tu
     errors = re.search(r'<div id="errors">(.*?)</div>', run.stdout, re.S)
     assert errors is not None and errors.group(1) == "", errors
     rows = {
-        case: [html.unescape(re.sub("<[^>]+>", " ", c)).strip() for c in CELL.findall(body)]
+        case: [" ".join(html.unescape(re.sub("<[^>]+>", " ", c)).split()) for c in CELL.findall(body)]
         for case, body in ROW.findall(table_of(run.stdout))
     }
     return run.stdout, rows
@@ -186,6 +197,26 @@ def test_a_signature_after_the_page_was_written_shows_when_it_is_written_again(s
     mqi(workdir, configfile, "overview")
     _, rows = browse(page, "q=a_g2")
     assert rows["a_g2_unsigned"][6].startswith("signed by Dr Later")
+
+
+def test_an_archived_case_still_shows_with_links_into_the_archive(site: tuple[Path, Path], tmp_path: Path) -> None:
+    workdir, configfile = site
+    summary = workdir / "data" / "cases" / "b_g2_signed" / "intermediate" / "case_summary.json"
+    old = time.time() - 10 * 86400
+    os.utime(summary, (old, old))
+    page = Path(mqi(workdir, configfile, "overview").stdout.strip())
+    mqi(workdir, configfile, "archive", str(tmp_path / "archive"), "--older-than", "5")
+    assert not summary.exists()
+    mqi(workdir, configfile, "overview")
+    dom, rows = browse(page)
+    assert set(rows) == set(CASES)
+    cells = rows["b_g2_signed"]
+    assert cells[0] == "b_g2_signed (archived)" and cells[1] == "G2" and cells[6].startswith("signed by Dr Sign")
+    links = dict(HREF.findall(dict(ROW.findall(table_of(dom)))["b_g2_signed"]))
+    assert set(links) == {"sheet", "pdf", "signed_pdf"}
+    for href in links.values():
+        target = (page.parent / html.unescape(href)).resolve()
+        assert target.is_file() and target.is_relative_to(tmp_path / "archive" / "b_g2_signed"), href
 
 
 def test_many_cases_are_paged(site: tuple[Path, Path], tmp_path: Path) -> None:

@@ -35,7 +35,8 @@ from .overview_page import PAGE
 
 INDEX = Path(".mqi") / "overview-index.json"
 # Part of every cached entry's key: a change to what is read from a case's files renews them all.
-FACTS_VERSION = 1
+FACTS_VERSION = 2
+LINKS = ("sheet", "pdf", "signed_pdf")
 DEFAULT_OUTPUT = Path("results") / "overview"
 TREND = Path("results") / "qa_trend.json"
 QA_JSON = Path("qa") / "qa.json"
@@ -80,7 +81,8 @@ def _minute(stamp: float | None) -> str:
 
 def case_facts(processing: Path, finished_ns: int) -> dict[str, Any]:
     """What the page shows of a finished case, read from its summary, qa.json and sign-off record
-    (the files); links are absolute paths here, made relative to the page when it is written."""
+    (the files). Links are kept relative to the processing folder: the cache stays right when
+    the workdir moves; they are made relative to the page when it is written."""
     summary = state.read_json(processing / state.SUMMARY) or {}
     qa_entry: dict[str, Any] = summary["qa"] if isinstance(summary.get("qa"), dict) else {}
     qa = state.read_json(processing / QA_JSON) or {}
@@ -92,8 +94,8 @@ def case_facts(processing: Path, finished_ns: int) -> dict[str, Any]:
         "delivered": _day(assessed.get("first_irradiation")),
         "verdict": str(summary.get("verdict") or qa_entry.get("verdict") or qa.get("verdict") or ""),
         "labels": " ".join(str(label) for label in labels),
-        "sheet": str(processing / SHEET) if (processing / SHEET).is_file() else "",
-        "pdf": str(processing / PDF) if (processing / PDF).is_file() else "",
+        "sheet": SHEET.as_posix() if (processing / SHEET).is_file() else "",
+        "pdf": PDF.as_posix() if (processing / PDF).is_file() else "",
     }
     return facts | signoff_facts(processing)
 
@@ -109,8 +111,9 @@ def signoff_facts(processing: Path) -> dict[str, str]:
         return {"signoff": "void", "signoff_summary": f"sign-off not readable: {exc}", "signed_pdf": ""}
     # `report` names the signed PDF beside the record (ops/signoff.py); the newest is for the chart.
     reports = [record.parent / str(entry["report"]) for entry in judged.valid if entry.get("report")]
-    signed = next((str(report) for report in reversed(reports) if report.is_file()), "")
-    return {"signoff": judged.state, "signoff_summary": judged.summary(), "signed_pdf": signed}
+    signed = next((report for report in reversed(reports) if report.is_file()), None)
+    signed_pdf = f"{signoff_record.FOLDER}/{signed.name}" if signed else ""
+    return {"signoff": judged.state, "signoff_summary": judged.summary(), "signed_pdf": signed_pdf}
 
 
 def _finished_row(processing: Path, finished_ns: int, cached: dict[str, Any] | None) -> dict[str, Any]:
@@ -134,11 +137,16 @@ def _archived_row(entry: dict[str, Any], processing: Path, workdir: Path, cached
     except ValueError:
         inside = "outputs/abs/" + str(processing).lstrip("/")
     moved = Path(dest) / inside
-    for name, relative in (("sheet", SHEET), ("pdf", PDF)):
-        facts[name] = str(moved / relative) if (moved / relative).is_file() else ""
-    signed = Path(facts.get("signed_pdf") or "")
-    facts["signed_pdf"] = str(moved / SIGNOFF_RECORD.parent / signed.name) if signed.name else ""
-    return {"dest": dest, "version": FACTS_VERSION, "facts": facts}
+    defaults = {"sheet": SHEET.as_posix(), "pdf": PDF.as_posix()}
+    for name in LINKS:
+        relative = facts.get(name) or defaults.get(name, "")
+        facts[name] = relative if relative and (moved / relative).is_file() else ""
+    return {"dest": dest, "version": FACTS_VERSION, "base": str(moved), "facts": facts}
+
+
+def _linked(facts: dict[str, Any], base: str) -> dict[str, Any]:
+    """The facts with their links as absolute paths under `base`."""
+    return facts | {name: f"{base}/{facts[name]}" for name in LINKS if facts.get(name)}
 
 
 def collect(layout: state.Layout, workdir: Path) -> list[dict[str, Any]]:
@@ -158,12 +166,14 @@ def collect(layout: state.Layout, workdir: Path) -> list[dict[str, Any]]:
             continue
         row = index[case_id] = _finished_row(processing, finished_ns, loaded.get(case_id))
         changed = (processing / state.CHANGED).exists()
-        cases.append((finished_ns / 1e9, case_id, "changed" if changed else "finished", row["facts"]))
+        facts = _linked(row["facts"], str(processing))
+        cases.append((finished_ns / 1e9, case_id, "changed" if changed else "finished", facts))
     for case_id, moved in archive.read_index(workdir).items():
         if case_id in index:
             continue
         row = index[case_id] = _archived_row(moved, layout.processing(case_id), workdir, loaded.get(case_id))
-        cases.append((float(moved.get("finished") or 0), case_id, "archived", row["facts"]))
+        facts = _linked(row["facts"], row["base"])
+        cases.append((float(moved.get("finished") or 0), case_id, "archived", facts))
     if index != loaded:
         with contextlib.suppress(OSError):  # only a cache: a read-only workdir still gets a page
             write_json_atomic(index_path, index)
@@ -198,7 +208,7 @@ def _relative_links(cases: list[dict[str, Any]], output: Path) -> None:
     """Links relative to the page: one relpath per case folder, not per file."""
     folders: dict[str, str] = {}
     for case in cases:
-        for name in ("sheet", "pdf", "signed_pdf"):
+        for name in LINKS:
             target = case[name]
             if not target:
                 continue
