@@ -246,3 +246,22 @@ def test_a_run_end_regeneration_that_fails_says_so_and_does_not_raise(
     overview.regenerate_after_run(settings.load_site(str(configfile), workdir), workdir)
     assert "mqi overview: not regenerated" in capsys.readouterr().err
     assert os.path.isfile(workdir / overview.DEFAULT_OUTPUT)
+
+
+def test_a_workflow_run_writes_the_page_at_its_end(tmp_path: Path) -> None:
+    """The run recorder regenerates the page when a real run (embedded default engine) ends."""
+    from tests.workflow import full_log, snakemake, write_config
+
+    case = test_qa_verdict.make_case(tmp_path)
+    work = tmp_path / "work"
+    work.mkdir()
+    write_config(work, case.parent)
+    run = snakemake(work, timeout=600)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:] + full_log(run)[-3000:]
+    qa = json.loads((work / "data" / "cases" / CASE / "intermediate" / "qa" / "qa.json").read_text())
+    dom, rows = browse(work / "results" / "overview" / "index.html")
+    assert rows[CASE][1] == qa["room"] and rows[CASE][4] == qa["verdict"] and rows[CASE][6] == "unsigned"
+    sheet = dict(HREF.findall(table_of(dom)))["sheet"]
+    assert (
+        work / "results" / "overview" / sheet
+    ).resolve() == work / "data" / "cases" / CASE / "intermediate" / "qa" / "qa_sheet.html"
