@@ -28,6 +28,7 @@ MQI = str(REPO / "bin" / "mqi")
 ROW = re.compile(r'<tr data-case="([^"]+)">(.*?)</tr>', re.S)
 CELL = re.compile(r"<td[^>]*>(.*?)</td>", re.S)
 HREF = re.compile(r'<a class="([a-z_]+)" href="([^"]+)">')
+CHROMIUM = ["chromium", "--headless", "--disable-gpu", "--no-sandbox"]
 
 pytestmark = pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium (envs/setup.sh --dev)")
 
@@ -100,7 +101,7 @@ def browse(page: Path, fragment: str = "", screenshot: Path | None = None) -> tu
     """The page's DOM after its script ran (Chromium from disk), and its rows' cells by case;
     asserts that no script error reached the page or the console."""
     url = page.as_uri() + (f"#{fragment}" if fragment else "")
-    command = ["chromium", "--headless", "--disable-gpu", "--no-sandbox", "--enable-logging=stderr", "--v=0"]
+    command = [*CHROMIUM, "--enable-logging=stderr", "--v=0"]
     if screenshot is not None:
         command += [f"--screenshot={screenshot}", "--window-size=1280,900"]
     run = subprocess.run([*command, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=False)
@@ -150,6 +151,18 @@ def test_every_case_shows_its_own_files_facts_and_its_links_resolve(site: tuple[
             assert target.is_file(), (name, href)
         assert (page.parent / links["sheet"]).resolve() == processing / "qa" / "qa_sheet.html"
     assert f"{len(CASES)} of {len(CASES)} cases match" in dom
+    # The sheet a link leads to opens in the browser too, and is the case's.
+    sheet_link = dict(HREF.findall(dict(ROW.findall(table_of(dom)))["c_g1"]))["sheet"]
+    sheet_url = (page.parent / html.unescape(sheet_link)).resolve().as_uri()
+    sheet = subprocess.run(
+        [*CHROMIUM, "--enable-logging=stderr", "--v=0", "--dump-dom", sheet_url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert sheet.returncode == 0 and "Uncaught" not in sheet.stderr, sheet.stderr
+    assert rows["c_g1"][4] in sheet.stdout and "G1" in sheet.stdout
     today = time.strftime("%Y-%m-%d")  # finished today (the summaries were just written)
     _, rows = browse(page, f"from={today}&to={today}")
     assert set(rows) == set(CASES)
@@ -265,3 +278,16 @@ def test_a_workflow_run_writes_the_page_at_its_end(tmp_path: Path) -> None:
     assert (
         work / "results" / "overview" / sheet
     ).resolve() == work / "data" / "cases" / CASE / "intermediate" / "qa" / "qa_sheet.html"
+
+
+def test_a_missing_scan_folder_is_named_not_a_traceback(tmp_path: Path) -> None:
+    workdir, configfile, layout = qa_results.site(tmp_path)
+    run = subprocess.run(
+        [MQI, "overview", "--workdir", str(workdir), "--configfile", str(configfile)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert run.returncode == 2
+    assert f"the scan folder {layout.scan_dir} (paths.local.scan_directory) is not a folder" in run.stderr
+    assert "Traceback" not in run.stderr
