@@ -110,9 +110,11 @@ def first_render(page: Path, runs: int) -> dict[str, float]:
     blank.write_text("<!DOCTYPE html><html><body></body></html>")
 
     def dump(url: str) -> tuple[float, str]:
-        start = time.perf_counter()
-        out = subprocess.run([*CHROMIUM, url], check=True, capture_output=True, text=True, timeout=120).stdout
-        return time.perf_counter() - start, out
+        with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
+            start = time.perf_counter()
+            command = [*CHROMIUM, f"--user-data-dir={profile}", url]
+            out = subprocess.run(command, check=True, capture_output=True, text=True, timeout=120).stdout
+            return time.perf_counter() - start, out
 
     rendered, walls, blanks = [], [], []
     for _ in range(runs):

@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,7 +29,15 @@ MQI = str(REPO / "bin" / "mqi")
 ROW = re.compile(r'<tr data-case="([^"]+)">(.*?)</tr>', re.S)
 CELL = re.compile(r"<td[^>]*>(.*?)</td>", re.S)
 HREF = re.compile(r'<a class="([a-z_]+)" href="([^"]+)">')
-CHROMIUM = ["chromium", "--headless", "--disable-gpu", "--no-sandbox"]
+# A profile folder of each browser's own: tests running side by side never share one.
+CHROMIUM = ["chromium", "--headless", "--disable-gpu", "--no-sandbox", "--user-data-dir={profile}"]
+
+
+def chromium(*args: str) -> subprocess.CompletedProcess[str]:
+    with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
+        command = [arg.format(profile=profile) for arg in CHROMIUM] + ["--enable-logging=stderr", "--v=0", *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+
 
 pytestmark = pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium (envs/setup.sh --dev)")
 
@@ -101,10 +110,8 @@ def browse(page: Path, fragment: str = "", screenshot: Path | None = None) -> tu
     """The page's DOM after its script ran (Chromium from disk), and its rows' cells by case;
     asserts that no script error reached the page or the console."""
     url = page.as_uri() + (f"#{fragment}" if fragment else "")
-    command = [*CHROMIUM, "--enable-logging=stderr", "--v=0"]
-    if screenshot is not None:
-        command += [f"--screenshot={screenshot}", "--window-size=1280,900"]
-    run = subprocess.run([*command, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=False)
+    shot = [f"--screenshot={screenshot}", "--window-size=1280,900"] if screenshot is not None else []
+    run = chromium(*shot, "--dump-dom", url)
     assert run.returncode == 0, run.stderr
     assert "Uncaught" not in run.stderr and "CONSOLE" not in run.stderr, run.stderr
     errors = re.search(r'<div id="errors">(.*?)</div>', run.stdout, re.S)
@@ -154,13 +161,7 @@ def test_every_case_shows_its_own_files_facts_and_its_links_resolve(site: tuple[
     # The sheet a link leads to opens in the browser too, and is the case's.
     sheet_link = dict(HREF.findall(dict(ROW.findall(table_of(dom)))["c_g1"]))["sheet"]
     sheet_url = (page.parent / html.unescape(sheet_link)).resolve().as_uri()
-    sheet = subprocess.run(
-        [*CHROMIUM, "--enable-logging=stderr", "--v=0", "--dump-dom", sheet_url],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    sheet = chromium("--dump-dom", sheet_url)
     assert sheet.returncode == 0 and "Uncaught" not in sheet.stderr, sheet.stderr
     assert rows["c_g1"][4] in sheet.stdout and "G1" in sheet.stdout
     today = time.strftime("%Y-%m-%d")  # finished today (the summaries were just written)
