@@ -16,11 +16,13 @@ python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 # --dev: the independent peers the tests start (docs/dicom-network.md, docs/encodings.md):
 # dcmtk's storescu/echoscu/storescp send to our receiver and its dcmconv re-encodes plans and
 # doses; Orthanc is the archive our sender stores into; poppler-utils' pdftotext/pdftoppm read
-# the PDF QA reports back (docs/qa-report-pdf.md). The pipeline itself needs none of them.
+# the PDF QA reports back (docs/qa-report-pdf.md); headless chromium renders the overview page
+# (docs/overview-page.md). The pipeline itself needs none of them.
 if [[ "${1:-}" == "--dev" ]]; then
     command -v storescu >/dev/null && command -v dcmconv >/dev/null || missing+=(dcmtk)
     command -v Orthanc >/dev/null || missing+=(orthanc)
     command -v pdftotext >/dev/null || missing+=(poppler-utils)
+    command -v chromium >/dev/null || missing+=(chromium)
 fi
 if ((${#missing[@]})); then
     sudo=""

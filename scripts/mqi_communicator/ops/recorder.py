@@ -24,7 +24,7 @@ from .. import fraction_watch
 from ..case_inputs import stat_fingerprint
 from ..dicomnet import outbox
 from ..files import write_json_atomic
-from . import alerts, fraction_alerts, retention, state, verdict_alerts, verify
+from . import alerts, fraction_alerts, overview, retention, state, verdict_alerts, verify
 
 _CONFIG: dict[str, Any] | None = None
 _WORKDIR: Path | None = None
@@ -170,6 +170,8 @@ class RunRecorder:
         self._write_last_run(status)
         if _WORKDIR is not None:
             outbox.start_sender(_CONFIG, _WORKDIR)
+            # The overview page shows this run's cases (docs/overview-page.md); it never fails the run.
+            overview.regenerate_after_run(_CONFIG, _WORKDIR)
 
     def _verify_finished_cases(self) -> None:
         """A few finished cases per run are checked for inputs changed after finishing (verify), and
