@@ -16,7 +16,6 @@ medians and the ratio (storescp time / our time: >= 0.8 is the goal, docs/dicom-
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
 import subprocess
 import sys
@@ -29,13 +28,23 @@ sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO))
 
 from tests.dicom_objects import dose_copy, plan_copy  # noqa: E402
-from tests.dicom_peers import free_port, running_receiver, wait_for  # noqa: E402
+from tests.dicom_peers import dcmtk, free_port, running_receiver, wait_for  # noqa: E402
 
 GOAL = 0.8
 
 
 def send(port: int, called: str, files: list[Path]) -> float:
-    command = ["storescu", "-R", "-aet", "TPS_TEST", "-aec", called, "127.0.0.1", str(port), *map(str, files)]
+    command = [
+        str(dcmtk("storescu")),
+        "-R",
+        "-aet",
+        "TPS_TEST",
+        "-aec",
+        called,
+        "127.0.0.1",
+        str(port),
+        *map(str, files),
+    ]
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     elapsed = time.perf_counter() - start
@@ -68,7 +77,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--frames", type=int, default=128, help="frames of each 256 x 256 dose volume")
     args = parser.parse_args()
-    if shutil.which("storescu") is None or shutil.which("storescp") is None:
+    if dcmtk("storescu") is None or dcmtk("storescp") is None:
         print("dcmtk's storescu/storescp not found (envs/setup.sh --dev installs dcmtk)", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="mqi-dicom-bench-") as tmp:
@@ -83,7 +92,7 @@ def main() -> int:
         (work / "storescp").mkdir()
         theirs_port = free_port()
         storescp = subprocess.Popen(
-            ["storescp", "-aet", "STORESCP", "-od", str(work / "storescp"), str(theirs_port)],
+            [str(dcmtk("storescp")), "-aet", "STORESCP", "-od", str(work / "storescp"), str(theirs_port)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -92,7 +101,10 @@ def main() -> int:
             with running_receiver(work, work / "staging") as ours:
                 wait_for(
                     lambda: (
-                        subprocess.run(["echoscu", "127.0.0.1", str(theirs_port)], capture_output=True).returncode == 0
+                        subprocess.run(
+                            [str(dcmtk("echoscu")), "127.0.0.1", str(theirs_port)], capture_output=True
+                        ).returncode
+                        == 0
                     ),
                     30,
                     "storescp",

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -18,6 +20,22 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = str(REPO / ".venv" / "bin" / "python")
+
+
+def orthanc() -> str | None:
+    """The Orthanc server (Debian installs it in /usr/sbin, which a user's PATH may lack)."""
+    return shutil.which("Orthanc", path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin"]))
+
+
+def dcmtk(tool: str) -> str | None:
+    """The path of dcmtk's `tool` (storescu, echoscu, storescp), or None. pynetdicom installs Python
+    apps of the same names into the virtual environment, which ./test.sh puts first on PATH; the
+    independent peer the tests want is dcmtk's, so the environment's own folders are passed over."""
+    ours = {Path(sys.prefix, "bin").resolve(), (REPO / ".venv" / "bin").resolve()}
+    elsewhere = [d for d in os.environ.get("PATH", "").split(os.pathsep) if d and Path(d).resolve() not in ours]
+    return shutil.which(tool, path=os.pathsep.join([*elsewhere, "/usr/bin", "/usr/local/bin"]))
+
+
 SENDER_AET = "TPS_TEST"
 
 
@@ -103,7 +121,22 @@ def running_receiver(
 def storescu(port: int, called: str, files: list[Path], *, calling: str = SENDER_AET, timeout: float = 120):
     """dcmtk's storescu: every file in one association, going on after a failed store (-nh),
     proposing the files' own SOP classes (-R: its default list has no RT Ion Plan)."""
-    command = ["storescu", "-v", "-R", "-nh", "-aet", calling, "-aec", called, "-to", "10", "-ta", "10", "-td", "30"]
+    command = [
+        str(dcmtk("storescu")),
+        "-v",
+        "-R",
+        "-nh",
+        "-aet",
+        calling,
+        "-aec",
+        called,
+        "-to",
+        "10",
+        "-ta",
+        "10",
+        "-td",
+        "30",
+    ]
     return subprocess.run(
         [*command, "127.0.0.1", str(port), *map(str, files)],
         capture_output=True,
@@ -143,7 +176,7 @@ def running_orthanc(workdir: Path, *, allowed_ae: str = "MQI_COMMUNICATOR") -> I
     }
     (workdir / "orthanc.json").write_text(json.dumps(config))
     log = (workdir / "orthanc.log").open("wb")
-    process = subprocess.Popen(["Orthanc", str(workdir / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen([str(orthanc()), str(workdir / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{http_port}"
 
     def up() -> bool:

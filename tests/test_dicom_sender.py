@@ -6,7 +6,6 @@ data sent); a confirmed object is never sent again (docs/dicom-network.md#sender
 from __future__ import annotations
 
 import json
-import shutil
 from io import BytesIO
 from pathlib import Path
 
@@ -17,10 +16,11 @@ import yaml
 from mqi_communicator import settings
 from mqi_communicator.dicomnet import outbox
 from tests.alert_servers import webhook  # noqa: F401  (a fixture)
+from tests.dciodvfy import in_ci
 from tests.dicom_objects import dose_copy, plan_copy
-from tests.dicom_peers import free_port, orthanc_get, python_module, running_orthanc, wait_for
+from tests.dicom_peers import free_port, orthanc, orthanc_get, python_module, running_orthanc, wait_for
 
-pytestmark = pytest.mark.skipif(shutil.which("Orthanc") is None, reason="Orthanc not installed (envs/setup.sh --dev)")
+pytestmark = pytest.mark.skipif(orthanc() is None and not in_ci(), reason="Orthanc not installed (envs/setup.sh --dev)")
 
 HANGUL = "김환자^방사선"
 CASE = "20261206_sender"

@@ -23,6 +23,7 @@ import pytest
 from mqi_communicator import settings
 from mqi_communicator.ops import overview
 from tests import casegen, qa_gen, qa_results, test_qa_verdict
+from tests.dciodvfy import in_ci
 from tests.qa_results import CASE, REPO
 
 MQI = str(REPO / "bin" / "mqi")
@@ -39,7 +40,9 @@ def chromium(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
 
 
-pytestmark = pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium (envs/setup.sh --dev)")
+pytestmark = pytest.mark.skipif(
+    shutil.which("chromium") is None and not in_ci(), reason="chromium (envs/setup.sh --dev)"
+)
 
 
 @pytest.fixture(scope="module")

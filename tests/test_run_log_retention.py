@@ -128,10 +128,11 @@ def test_stop_time_cancel_finds_this_runs_job_name_among_40000_old_logs(tmp_path
     failed = json.loads((workdir / ".mqi" / "failed-run-logs.json").read_text())["logs"]
     assert len(failed) == 1 and failed[0] in left
     assert "SLURM run ID: this-run" in (workdir / ".snakemake" / "log" / failed[0]).read_text()
-    # Pruned beside the run, then once more after it (this run's own log made one too many).
+    # Pruned beside the run (a stop signal may end that prune midway, unprinted), then after it:
+    # the last prune leaves the newest 1,000, this stopped run's among them as a failed run's.
     removed = [int(n) for n in re.findall(r"^run logs: (\d+) removed", out, re.M)]
-    assert len(removed) == 2 and sum(removed) == 39001, out
-    assert re.search(r"^run logs: \d+ removed, 1000 kept \(1 of failed runs\)$", out, re.M), out
+    assert removed and sum(removed) <= 39001, out
+    assert re.findall(r"^run logs: .*$", out, re.M)[-1].endswith("1000 kept (1 of failed runs)"), out
 
 
 def test_pruning_keeps_failed_runs_logs_longer(tmp_path: Path) -> None:
