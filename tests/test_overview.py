@@ -266,18 +266,40 @@ def test_a_run_end_regeneration_that_fails_says_so_and_does_not_raise(
 
 
 def test_a_workflow_run_writes_the_page_at_its_end(tmp_path: Path) -> None:
-    """The run recorder regenerates the page when a real run (embedded default engine) ends."""
+    """The run recorder regenerates the page when a real run (embedded default engine) ends; a
+    case that failed in that run, and one still waiting for its files, are on it with their state."""
     from tests.workflow import full_log, snakemake, write_config
 
     case = test_qa_verdict.make_case(tmp_path)
+    broken = case.parent / "broken_case"  # ready, but its plan is not DICOM: intake fails it
+    broken.mkdir()
+    (broken / "RP.broken.dcm").write_bytes(b"not a DICOM file")
+    (broken / "_CASE_READY").touch()
+    (case.parent / "still_arriving").mkdir()  # no _CASE_READY yet
     work = tmp_path / "work"
     work.mkdir()
     write_config(work, case.parent)
     run = snakemake(work, timeout=600)
-    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:] + full_log(run)[-3000:]
-    qa = json.loads((work / "data" / "cases" / CASE / "intermediate" / "qa" / "qa.json").read_text())
+    qa_path = work / "data" / "cases" / CASE / "intermediate" / "qa" / "qa.json"
+    assert qa_path.is_file(), (run.stdout + run.stderr)[-3000:] + full_log(run)[-3000:]
+    qa = json.loads(qa_path.read_text())
     dom, rows = browse(work / "results" / "overview" / "index.html")
     assert rows[CASE][1] == qa["room"] and rows[CASE][4] == qa["verdict"] and rows[CASE][6] == "unsigned"
+    # As `bin/mqi status` says it: the failure and its reason, the waiting case and why.
+    seen = json.loads(
+        subprocess.run(
+            [MQI, "status", "--json", "--all", "--workdir", str(work), "--configfile", str(work / "test-config.yaml")],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
+    states = {c["case_id"]: c for c in seen["cases"]}
+    assert states["broken_case"]["state"] == "failed" and states["still_arriving"]["state"] == "waiting"
+    assert rows["broken_case"][0] == "broken_case (failed)" and rows["broken_case"][4] == "FAILED"
+    assert states["broken_case"]["reason"] in rows["broken_case"][5]
+    assert rows["still_arriving"][0] == "still_arriving (waiting)" and rows["still_arriving"][4] == "WAITING"
+    assert rows["still_arriving"][5] == "no _CASE_READY yet"
     sheet = dict(HREF.findall(table_of(dom)))["sheet"]
     assert (
         work / "results" / "overview" / sheet

@@ -1,11 +1,11 @@
-"""`bin/mqi overview`: one static page of every finished case (docs/overview-page.md).
+"""`bin/mqi overview`: one static page of every case (docs/overview-page.md).
 
     <output>/index.html   the page (written once per regeneration; no network, no server)
     <output>/cases.js     the data it shows: `window.MQI_OVERVIEW = {...}` (a script, not JSON:
                           a page opened from disk may load a script but not fetch() a file)
 
 Every finished case (and every archived one, from the archive's index) with its room, dates,
-verdict, labels, sign-off and links to its sheet and PDFs, relative to the page so the folder can
+verdict, labels, sign-off and links, and every case without a result yet with its state and why to its sheet and PDFs, relative to the page so the folder can
 be opened from disk or served by any web server; and the per-room QA trend from
 `results/qa_trend.json`. The page filters, searches and pages in its own script.
 
@@ -30,7 +30,7 @@ from typing import Any
 from .. import settings
 from ..files import sha256_of, write_atomic, write_json_atomic
 from ..qa import signoff_record
-from . import archive, state
+from . import archive, state, status
 from .overview_page import PAGE
 
 INDEX = Path(".mqi") / "overview-index.json"
@@ -150,14 +150,35 @@ def _archived_row(entry: dict[str, Any], processing: Path, workdir: Path, cached
     return {"dest": dest, "version": FACTS_VERSION, "base": str(moved), "facts": facts}
 
 
+def _unfinished_rows(layout: state.Layout, workdir: Path, case_dirs: list[Path]) -> list[tuple]:
+    """Cases without a result yet, as `bin/mqi status` sees them (failed, retrying, running,
+    queued, waiting): the page lists every case, and a failed one must reach the eye as surely as
+    a FAIL. Their state stands where a verdict would, the reason where labels would. Few at a
+    time, so read each time rather than cached."""
+    if not case_dirs:
+        return []
+    now = time.time()
+    this_run = status.running_plan(workdir, status.last_run(workdir))
+    rows = []
+    for case_dir in case_dirs:
+        seen = status.case_status(layout, case_dir, {}, now, this_run)
+        facts = dict.fromkeys(("room", "finished", "delivered", "signoff", "signoff_summary", *LINKS), "")
+        facts |= {"verdict": seen.state.upper(), "labels": seen.reason or seen.step}
+        since = seen.since or now
+        rows.append((since, seen.case_id, seen.state, facts | {"base": str(layout.processing(seen.case_id))}))
+    return rows
+
+
 def collect(layout: state.Layout, workdir: Path) -> list[dict[str, Any]]:
-    """Every finished, changed and archived case, newest first, with its facts; its links are
-    relative to `base`, its folder (the processing folder, or its copy in the archive)."""
+    """Every case, newest first, with its facts: finished, changed and archived ones with their
+    results, the others with their state (`_unfinished_rows`); links are relative to `base`, its
+    folder (the processing folder, or its copy in the archive)."""
     index_path = workdir / INDEX
     loaded = state.read_json(index_path) or {}
     index: dict[str, Any] = {}
     cases = []
     template = layout.processing_template
+    unfinished: list[Path] = []
     for entry in state.case_dirs(layout.scan_dir):
         case_id = entry.name
         if not state.CASE_ID_PATTERN.match(case_id):
@@ -166,10 +187,12 @@ def collect(layout: state.Layout, workdir: Path) -> list[dict[str, Any]]:
         try:
             finished_ns = os.stat(f"{processing}/{state.SUMMARY}").st_mtime_ns
         except FileNotFoundError:
+            unfinished.append(Path(entry.path))
             continue
         row = index[case_id] = _finished_row(processing, finished_ns, loaded.get(case_id))
         status = "changed" if os.path.exists(f"{processing}/{state.CHANGED}") else "finished"
         cases.append((finished_ns / 1e9, case_id, status, row["facts"] | {"base": processing}))
+    cases += _unfinished_rows(layout, workdir, unfinished)
     for case_id, moved in archive.read_index(workdir).items():
         if case_id in index:
             continue
