@@ -14,12 +14,12 @@ import hashlib
 from pathlib import Path
 
 from pydicom import dcmread
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, generate_uid
 
 from . import __version__
+from .dicom_output import copy_patient_study, new_instance
 from .files import atomic_output
-from .patient_study import copy_patient_study
 
 ENCAPSULATED_PDF_SOP_CLASS = UID("1.2.840.10008.5.1.4.1.1.104.1")
 MANUFACTURER = "mqi_communicator"
@@ -35,18 +35,9 @@ def build(pdf: bytes, plan: Dataset, title: str, now: datetime.datetime | None =
     now = now or datetime.datetime.now()
     digest = hashlib.sha256(pdf).hexdigest()
     sop_uid = generate_uid(entropy_srcs=["mqi_communicator QA report", digest])
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ENCAPSULATED_PDF_SOP_CLASS
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    meta.ImplementationVersionName = f"MQI_COMM_{__version__}"[:16]
-    ds = Dataset()
-    ds.file_meta = meta
+    ds = new_instance(ENCAPSULATED_PDF_SOP_CLASS, sop_uid)
     if "SpecificCharacterSet" in plan:
         ds.SpecificCharacterSet = plan.SpecificCharacterSet
-    ds.SOPClassUID = ENCAPSULATED_PDF_SOP_CLASS
-    ds.SOPInstanceUID = sop_uid
     ds.InstanceCreationDate = now.strftime("%Y%m%d")
     ds.InstanceCreationTime = now.strftime("%H%M%S")
     copy_patient_study(plan, ds)

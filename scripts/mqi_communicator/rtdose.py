@@ -35,16 +35,16 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.charset import convert_encodings, encode_string
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, generate_uid
 from pydicom.valuerep import format_number_as_ds
 
 from . import __version__, beam_geometry, dose_reference, geometry
+from .dicom_output import copy_patient_study, new_instance
 from .dose_frame import frame_comment, image_geometry, plan_sum_refusal_for
 from .errors import CaseError
 from .files import atomic_output
-from .patient_study import copy_patient_study
 from .plan import Beam, Plan, read_plan, sanitize_beam_name
 
 RT_DOSE_SOP_CLASS = UID("1.2.840.10008.5.1.4.1.1.481.2")
@@ -191,17 +191,7 @@ def build_rtdose(
 
     now = datetime.datetime.now()
     sop_uid = generate_uid()
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = RT_DOSE_SOP_CLASS
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    meta.ImplementationVersionName = f"MQI_COMM_{__version__}"[:16]
-
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = RT_DOSE_SOP_CLASS
-    ds.SOPInstanceUID = sop_uid
+    ds = new_instance(RT_DOSE_SOP_CLASS, sop_uid)
     ds.InstanceCreationDate = now.strftime("%Y%m%d")
     ds.InstanceCreationTime = now.strftime("%H%M%S")
     ds.ContentDate = ds.InstanceCreationDate
