@@ -1,0 +1,245 @@
+"""Ready -> verdict on the embedded default: one clinical case through one `snakemake` run.
+
+    .venv/bin/python benchmarks/end_to_end.py [--repeats 3] [--busy] [--no-steps]
+
+The clinical case of benchmarks/p2_interpret.py (3 treatment beams, 100 layers, ~2.5 M log
+samples) is built once; each repeat copies it into a fresh scan folder and work folder, writes the
+site config (scan folder only: everything else the shipped config/config.yaml, built-in engine)
+and a current calibration record, drops `_CASE_READY` and runs ONE `snakemake` with the project's
+Snakefile and its workflow profile (profiles/default: 2 cores, the run recorder), as a plain
+`snakemake` in the project does. Measured: wall time from start to exit, the CPU time of the
+Snakemake controller process and of its jobs (getrusage self / children), and the controller's
+start-up (process start until the run recorder saw the first job start).
+
+Per-step breakdown (after the timed runs, not during them): every job's shell command, as the
+Snakemake log of the last run printed it, run again one after the other in that run's work folder
+with its inputs in place; wall and CPU (children's rusage) per step, and the sum per rule. The
+sum of the steps against the run's wall time shows what the two cores' parallelism saves.
+
+--busy keeps one core busy with another process meanwhile (a busy loop). Results are appended
+to benchmarks/results/end_to_end.jsonl (benchmark, UTC date, commit, load, figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
+
+from p2_interpret import clinical_case  # noqa: E402
+
+from tests.workflow import write_calibration_record  # noqa: E402
+
+RESULTS = REPO / "benchmarks" / "results" / "end_to_end.jsonl"
+TARGET_IDLE_S, TARGET_BUSY_S = 4.0, 6.0
+# Runs Snakemake in this child process and reports the controller's and its jobs' CPU apart.
+RUSAGE_WRAPPER = """
+import json, os, resource, sys, time
+started = time.time()
+from snakemake.cli import main
+try:
+    main(sys.argv[2:])
+except SystemExit as exc:
+    code = exc.code
+else:
+    code = 0
+me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+with open(sys.argv[1], "w") as f:
+    json.dump({"started": started, "controller": me.ru_utime + me.ru_stime,
+               "jobs": kids.ru_utime + kids.ru_stime, "rc": code,
+               "env": {k: v for k, v in os.environ.items() if k.startswith("MQI_")}}, f)
+sys.exit(code or 0)
+"""
+
+
+def run_once(template: Path, root: Path) -> dict:
+    """One fresh work folder, one `snakemake` from `_CASE_READY` to the case summary."""
+    scan, work = root / "scan", root / "work"
+    if root.exists():
+        shutil.rmtree(root)
+    shutil.copytree(template.parent, scan, symlinks=True)
+    work.mkdir(parents=True)
+    (work / "site.yaml").write_text(json.dumps({"paths": {"local": {"scan_directory": str(scan)}}}))
+    write_calibration_record(work / "config" / "calibration.yaml")
+    (scan / template.name / "_CASE_READY").write_text("")
+    usage = root / "rusage.json"
+    command = [sys.executable, "-c", RUSAGE_WRAPPER, str(usage), "-s", str(REPO / "Snakefile")]
+    command += ["--configfile", "site.yaml"]
+    t0 = time.time()
+    run = subprocess.run(command, cwd=work, capture_output=True, text=True, check=False)
+    wall = time.time() - t0
+    summary = work / "data" / "cases" / template.name / "intermediate" / "case_summary.json"
+    if run.returncode != 0 or not summary.exists():
+        raise SystemExit(f"the run failed (rc {run.returncode}):\n{run.stderr[-4000:]}")
+    cpu = json.loads(usage.read_text())
+    verdict = json.loads((summary.parent / "qa" / "qa.json").read_text()).get("verdict")
+    return {
+        "wall_s": wall,
+        "controller_cpu_s": cpu["controller"],
+        "jobs_cpu_s": cpu["jobs"],
+        "first_job_s": first_job_start(work) - cpu["started"],
+        "jobs": run.stderr.count("Finished jobid") or len(job_commands(work)),
+        "verdict": verdict,
+        "work": work,
+        # The operational settings Snakemake gave its jobs (Snakefile `envvars:`), for the steps
+        # run again one by one.
+        "env": cpu["env"],
+    }
+
+
+def snakemake_log(work: Path) -> str:
+    logs = sorted((work / ".snakemake" / "log").glob("*.snakemake.log"))
+    return logs[-1].read_text()
+
+
+def first_job_start(work: Path) -> float:
+    """When the first job started: the earliest job log's creation, as near as a file time goes
+    (its shell redirect creates it as the job's first act)."""
+    logs = [p for p in (work / "logs").rglob("*.log")]
+    return min(p.stat().st_mtime for p in logs) if logs else float("nan")
+
+
+def job_commands(work: Path) -> list[tuple[str, list[str], str]]:
+    """(rule, outputs, shell command) of every job in the order Snakemake started them (its log,
+    printshellcmds); jobs without a shell command (rule all) left out."""
+    jobs = []
+    rule, outputs = None, []
+    for line in snakemake_log(work).splitlines():
+        m = re.match(r"^(?:local)?rule (\w+):$", line.strip())
+        if m:
+            rule, outputs = m.group(1), []
+        elif rule and line.startswith("    output: "):
+            outputs = line.removeprefix("    output: ").split(", ")
+        elif rule and line.startswith("Shell command: ") and line != "Shell command: None":
+            jobs.append((rule, outputs, line.removeprefix("Shell command: ")))
+            rule = None
+    return jobs
+
+
+def step_breakdown(work: Path, env: dict[str, str]) -> list[dict]:
+    steps = []
+    for rule, outputs, command in job_commands(work):
+        # A step refuses to overwrite some of its outputs (Snakemake removes them before a job).
+        for output in outputs:
+            path = work / output
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t0 = time.perf_counter()
+        done = subprocess.run(["bash", "-c", command], cwd=work, env={**os.environ, **env}, check=False)
+        wall = time.perf_counter() - t0
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+        if done.returncode != 0:
+            raise SystemExit(f"step {rule} failed when run again (rc {done.returncode}): {command[:300]}")
+        steps.append({"rule": rule, "wall_s": wall, "cpu_s": cpu})
+    return steps
+
+
+def by_rule(steps: list[dict]) -> dict[str, dict]:
+    rules: dict[str, dict] = {}
+    for step in steps:
+        entry = rules.setdefault(step["rule"], {"n": 0, "wall_s": 0.0, "cpu_s": 0.0})
+        entry["n"] += 1
+        entry["wall_s"] += step["wall_s"]
+        entry["cpu_s"] += step["cpu_s"]
+    return rules
+
+
+def commit() -> str:
+    done = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+    return done.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--busy", action="store_true", help="keep one core busy meanwhile")
+    parser.add_argument("--no-steps", action="store_true", help="skip the per-step breakdown")
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="mqi-e2e-"))
+    busy = None
+    try:
+        t0 = time.perf_counter()
+        case = clinical_case(root / "template")
+        (case / "_CASE_READY").unlink()
+        print(f"case built in {time.perf_counter() - t0:.1f} s", flush=True)
+        load_before = os.getloadavg()[0]
+        if args.busy:
+            busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        runs = []
+        for repeat in range(args.repeats):
+            result = run_once(case, root / f"run{repeat}")
+            runs.append(result)
+            print(
+                f"run {repeat + 1}: {result['wall_s']:.2f} s wall, controller {result['controller_cpu_s']:.2f} CPU-s,"
+                f" jobs {result['jobs_cpu_s']:.2f} CPU-s, first job after {result['first_job_s']:.2f} s,"
+                f" {result['jobs']} jobs, verdict {result['verdict']}",
+                flush=True,
+            )
+        steps = [] if args.no_steps else step_breakdown(runs[-1]["work"], runs[-1]["env"])
+        load_after = os.getloadavg()[0]
+    finally:
+        if busy:
+            busy.kill()
+            busy.wait()
+    try:
+        figures = {
+            key: statistics.median(r[key] for r in runs)
+            for key in ("wall_s", "controller_cpu_s", "jobs_cpu_s", "first_job_s")
+        }
+        target = TARGET_BUSY_S if args.busy else TARGET_IDLE_S
+        print(
+            f"\nmedian of {len(runs)}{' (one core busy)' if args.busy else ''}: {figures['wall_s']:.2f} s wall"
+            f" (target <= {target:.0f} s: {'MET' if figures['wall_s'] <= target else 'MISSED'}),"
+            f" CPU {figures['controller_cpu_s'] + figures['jobs_cpu_s']:.2f} s"
+            f" (controller {figures['controller_cpu_s']:.2f}, jobs {figures['jobs_cpu_s']:.2f}),"
+            f" controller start-up to first job {figures['first_job_s']:.2f} s"
+        )
+        rules = by_rule(steps)
+        if steps:
+            print(f"\nper step, run again one after the other ({len(steps)} jobs):")
+            print(f"{'rule':<20} {'n':>3} {'wall s':>8} {'CPU s':>8}")
+            for rule, entry in rules.items():
+                print(f"{rule:<20} {entry['n']:>3} {entry['wall_s']:>8.2f} {entry['cpu_s']:>8.2f}")
+            print(
+                f"{'sum':<20} {len(steps):>3} {sum(s['wall_s'] for s in steps):>8.2f}"
+                f" {sum(s['cpu_s'] for s in steps):>8.2f}"
+            )
+        record = {
+            "benchmark": "end_to_end",
+            "utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "commit": commit(),
+            "busy": args.busy,
+            "load": [round(load_before, 2), round(load_after, 2)],
+            "repeats": len(runs),
+            "runs": [{k: v for k, v in r.items() if k not in ("work", "env")} for r in runs],
+            "median": figures,
+            "per_rule": rules,
+        }
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        with RESULTS.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
