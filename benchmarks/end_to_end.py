@@ -65,8 +65,9 @@ sys.exit(code or 0)
 """
 
 
-def run_once(template: Path, root: Path) -> dict:
-    """One fresh work folder, one `snakemake` from `_CASE_READY` to the case summary."""
+def run_once(template: Path, root: Path, server: bool) -> dict:
+    """One fresh work folder, one `snakemake` from `_CASE_READY` to the case summary; with the
+    step server (the default) or without (MQI_STEP_SERVER=off: every step its own `python -m`)."""
     scan, work = root / "scan", root / "work"
     if root.exists():
         shutil.rmtree(root)
@@ -78,18 +79,27 @@ def run_once(template: Path, root: Path) -> dict:
     usage = root / "rusage.json"
     command = [sys.executable, "-c", RUSAGE_WRAPPER, str(usage), "-s", str(REPO / "Snakefile")]
     command += ["--configfile", "site.yaml"]
+    steps_file = root / "steps.jsonl"
+    env = {**os.environ, "MQI_STEP_TIMES": str(steps_file)}
+    if not server:
+        env["MQI_STEP_SERVER"] = "off"
     t0 = time.time()
-    run = subprocess.run(command, cwd=work, capture_output=True, text=True, check=False)
+    run = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, check=False)
     wall = time.time() - t0
     summary = work / "data" / "cases" / template.name / "intermediate" / "case_summary.json"
     if run.returncode != 0 or not summary.exists():
         raise SystemExit(f"the run failed (rc {run.returncode}):\n{run.stderr[-4000:]}")
     cpu = json.loads(usage.read_text())
     verdict = json.loads((summary.parent / "qa" / "qa.json").read_text()).get("verdict")
+    # Steps run by the server are its grandchildren, not Snakemake's children: their CPU is in
+    # the lines the server wrote (and its own start-up's).
+    served = [json.loads(line) for line in steps_file.read_text().splitlines()] if steps_file.exists() else []
     return {
+        "server": server,
         "wall_s": wall,
         "controller_cpu_s": cpu["controller"],
-        "jobs_cpu_s": cpu["jobs"],
+        "jobs_cpu_s": cpu["jobs"] + sum(step["cpu_s"] for step in served),
+        "served_steps": len([step for step in served if "rc" in step]),
         "first_job_s": first_job_start(work) - cpu["started"],
         "jobs": run.stderr.count("Finished jobid") or len(job_commands(work)),
         "verdict": verdict,
@@ -97,6 +107,7 @@ def run_once(template: Path, root: Path) -> dict:
         # The operational settings Snakemake gave its jobs (Snakefile `envvars:`), for the steps
         # run again one by one.
         "env": cpu["env"],
+        "served": served,
     }
 
 
@@ -163,16 +174,56 @@ def by_rule(steps: list[dict]) -> dict[str, dict]:
 
 def commit() -> str:
     done = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+    dirty = subprocess.run(
+        ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+    )
     return done.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def served_by_step(served: list[dict]) -> dict[str, dict]:
+    """The server's lines per step kind: module (and the report's subcommand)."""
+    kinds: dict[str, dict] = {}
+    for step in served:
+        if "rc" not in step:
+            kinds["(step server start-up)"] = {"n": 1, "wall_s": 0.0, "cpu_s": step["cpu_s"]}
+            continue
+        name = step["module"].removeprefix("mqi_communicator.")
+        if step["argv"] and not step["argv"][0].startswith("-"):
+            name += " " + step["argv"][0]
+        entry = kinds.setdefault(name, {"n": 0, "wall_s": 0.0, "cpu_s": 0.0})
+        entry["n"] += 1
+        entry["wall_s"] += step["wall_s"]
+        entry["cpu_s"] += step["cpu_s"]
+    return kinds
+
+
+def print_table(title: str, rows: dict[str, dict]) -> None:
+    print(f"\n{title}")
+    print(f"{'step':<28} {'n':>3} {'wall s':>8} {'CPU s':>8}")
+    for name, entry in rows.items():
+        print(f"{name:<28} {entry['n']:>3} {entry['wall_s']:>8.2f} {entry['cpu_s']:>8.2f}")
+    print(
+        f"{'sum':<28} {sum(e['n'] for e in rows.values()):>3} {sum(e['wall_s'] for e in rows.values()):>8.2f}"
+        f" {sum(e['cpu_s'] for e in rows.values()):>8.2f}"
+    )
+
+
+FIGURES = ("wall_s", "controller_cpu_s", "jobs_cpu_s", "first_job_s")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per mode")
     parser.add_argument("--busy", action="store_true", help="keep one core busy meanwhile")
-    parser.add_argument("--no-steps", action="store_true", help="skip the per-step breakdown")
+    parser.add_argument(
+        "--modes",
+        choices=["both", "server", "no-server"],
+        default="both",
+        help="with the step server, without it (MQI_STEP_SERVER=off), or both alternated (default)",
+    )
+    parser.add_argument("--no-steps", action="store_true", help="skip running the steps again one by one")
     args = parser.parse_args()
+    modes = {"both": [False, True], "server": [True], "no-server": [False]}[args.modes]
     root = Path(tempfile.mkdtemp(prefix="mqi-e2e-"))
     busy = None
     try:
@@ -183,56 +234,57 @@ def main() -> int:
         load_before = os.getloadavg()[0]
         if args.busy:
             busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-        runs = []
+        runs: dict[bool, list[dict]] = {mode: [] for mode in modes}
         for repeat in range(args.repeats):
-            result = run_once(case, root / f"run{repeat}")
-            runs.append(result)
-            print(
-                f"run {repeat + 1}: {result['wall_s']:.2f} s wall, controller {result['controller_cpu_s']:.2f} CPU-s,"
-                f" jobs {result['jobs_cpu_s']:.2f} CPU-s, first job after {result['first_job_s']:.2f} s,"
-                f" {result['jobs']} jobs, verdict {result['verdict']}",
-                flush=True,
-            )
-        steps = [] if args.no_steps else step_breakdown(runs[-1]["work"], runs[-1]["env"])
+            for mode in modes:  # alternated: both modes see the same load
+                result = run_once(case, root / f"run{repeat}-{int(mode)}", mode)
+                runs[mode].append(result)
+                print(
+                    f"run {repeat + 1} {'server   ' if mode else 'no server'}: {result['wall_s']:.2f} s wall,"
+                    f" controller {result['controller_cpu_s']:.2f} CPU-s, jobs {result['jobs_cpu_s']:.2f} CPU-s,"
+                    f" first job after {result['first_job_s']:.2f} s, {result['jobs']} jobs,"
+                    f" {result['served_steps']} served, verdict {result['verdict']}",
+                    flush=True,
+                )
+        last = runs[modes[0]][-1]
+        steps = [] if args.no_steps else step_breakdown(last["work"], last["env"])
         load_after = os.getloadavg()[0]
     finally:
         if busy:
             busy.kill()
             busy.wait()
     try:
-        figures = {
-            key: statistics.median(r[key] for r in runs)
-            for key in ("wall_s", "controller_cpu_s", "jobs_cpu_s", "first_job_s")
-        }
-        target = TARGET_BUSY_S if args.busy else TARGET_IDLE_S
-        print(
-            f"\nmedian of {len(runs)}{' (one core busy)' if args.busy else ''}: {figures['wall_s']:.2f} s wall"
-            f" (target <= {target:.0f} s: {'MET' if figures['wall_s'] <= target else 'MISSED'}),"
-            f" CPU {figures['controller_cpu_s'] + figures['jobs_cpu_s']:.2f} s"
-            f" (controller {figures['controller_cpu_s']:.2f}, jobs {figures['jobs_cpu_s']:.2f}),"
-            f" controller start-up to first job {figures['first_job_s']:.2f} s"
-        )
-        rules = by_rule(steps)
-        if steps:
-            print(f"\nper step, run again one after the other ({len(steps)} jobs):")
-            print(f"{'rule':<20} {'n':>3} {'wall s':>8} {'CPU s':>8}")
-            for rule, entry in rules.items():
-                print(f"{rule:<20} {entry['n']:>3} {entry['wall_s']:>8.2f} {entry['cpu_s']:>8.2f}")
-            print(
-                f"{'sum':<20} {len(steps):>3} {sum(s['wall_s'] for s in steps):>8.2f}"
-                f" {sum(s['cpu_s'] for s in steps):>8.2f}"
-            )
-        record = {
+        record: dict = {
             "benchmark": "end_to_end",
             "utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "commit": commit(),
             "busy": args.busy,
             "load": [round(load_before, 2), round(load_after, 2)],
-            "repeats": len(runs),
-            "runs": [{k: v for k, v in r.items() if k not in ("work", "env")} for r in runs],
-            "median": figures,
-            "per_rule": rules,
+            "repeats": args.repeats,
         }
+        target = TARGET_BUSY_S if args.busy else TARGET_IDLE_S
+        for mode in modes:
+            label = "server" if mode else "no_server"
+            figures = {key: statistics.median(r[key] for r in runs[mode]) for key in FIGURES}
+            print(
+                f"\n{label}: median of {len(runs[mode])}{' (one core busy)' if args.busy else ''}:"
+                f" {figures['wall_s']:.2f} s wall (target <= {target:.0f} s:"
+                f" {'MET' if figures['wall_s'] <= target else 'MISSED'}),"
+                f" CPU {figures['controller_cpu_s'] + figures['jobs_cpu_s']:.2f} s"
+                f" (controller {figures['controller_cpu_s']:.2f}, jobs {figures['jobs_cpu_s']:.2f}),"
+                f" controller start-up to first job {figures['first_job_s']:.2f} s"
+            )
+            record[label] = {
+                "median": figures,
+                "runs": [{k: v for k, v in r.items() if k not in ("work", "env", "served")} for r in runs[mode]],
+            }
+            if mode:
+                served = served_by_step(runs[mode][-1]["served"])
+                print_table("per step in the last run with the server (the server's wait4 of each step):", served)
+                record[label]["per_step"] = served
+        if steps:
+            print_table("per step without the server, run again one after the other:", by_rule(steps))
+            record["per_rule_run_again"] = by_rule(steps)
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         with RESULTS.open("a") as f:
             f.write(json.dumps(record) + "\n")
