@@ -16,6 +16,7 @@ standard library and nothing of the package.
 from __future__ import annotations
 
 import array
+import contextlib
 import json
 import os
 import signal
@@ -61,10 +62,8 @@ def run_in_server(conn: socket.socket, module: str, args: list[str]) -> int:
     conn.sendall(data[sent:])
 
     def forward(signum: int, _frame: object) -> None:
-        try:
+        with contextlib.suppress(OSError):
             conn.send(bytes([signum]))
-        except OSError:
-            pass
 
     for signum in FORWARDED_SIGNALS:
         signal.signal(signum, forward)
