@@ -23,8 +23,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO))  # the synthetic plan writer lives in tests/
 
-from mqi_communicator import engine, files, moqui_csv, moqui_input  # noqa: E402
-from mqi_communicator.geometry import PLANE_2CM, PLANE_DEPTH_MM  # noqa: E402
+from mqi_communicator import files  # noqa: E402
+from mqi_communicator.formats import moqui_csv, moqui_parameters  # noqa: E402
+from mqi_communicator.formats.raw_dose import PLANE_2CM, PLANE_DEPTH_MM  # noqa: E402
+from mqi_communicator.simulate import engine  # noqa: E402
 from tests import casegen  # noqa: E402
 
 TARGET_S = 2.0
@@ -120,9 +122,9 @@ def main() -> int:
         n_samples = sum(len(s) for _, s in layers)
         csv_bytes = sum(p.stat().st_size for p in csv_dir.iterdir())
         log_dir = root / "beamlog"
-        moqui_input.prepare_beam_logdir(csv_dir, 1, log_dir, "index")
+        moqui_parameters.prepare_beam_logdir(csv_dir, 1, log_dir, "index")
         parameters = root / "moqui_tps_BENCH_1.in"
-        text = moqui_input.render_parameter_file(
+        text = moqui_parameters.render_parameter_file(
             {"GPUID": 0, "UsingPhantomGeo": True, "TwoCentimeterMode": True, "Scorer": "Dose", "OutputFormat": "raw"},
             {
                 "BeamNumbers": 1,
@@ -143,7 +145,7 @@ def main() -> int:
         for _ in range(args.runs):
             start = time.perf_counter()
             proc = subprocess.run(
-                [sys.executable, "-m", "mqi_communicator.engine", str(parameters)],
+                [sys.executable, "-m", "mqi_communicator.simulate.engine", str(parameters)],
                 capture_output=True,
                 text=True,
                 env=env,

@@ -25,8 +25,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the synthetic case generator lives in tests/
 
-from mqi_communicator import ptn, settings  # noqa: E402
-from mqi_communicator.intake import build_manifest  # noqa: E402
+from mqi_communicator import settings  # noqa: E402
+from mqi_communicator.formats import ptn  # noqa: E402
+from mqi_communicator.intake.case import build_manifest  # noqa: E402
 from tests import casegen  # noqa: E402
 
 TARGET_S = 3.0

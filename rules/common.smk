@@ -6,11 +6,11 @@ import shlex
 import sys
 from pathlib import Path
 
-from mqi_communicator.case_inputs import content_digest
+from mqi_communicator.intake.case_inputs import content_digest
 from mqi_communicator.errors import CaseError
-from mqi_communicator.intake import case_readiness
-from mqi_communicator.plan import find_plan, read_plan
-from mqi_communicator.dose_frame import plan_sum_refusal_for
+from mqi_communicator.intake.case import case_readiness
+from mqi_communicator.formats.plan import find_plan, read_plan
+from mqi_communicator.rtdose.dose_frame import plan_sum_refusal_for
 from mqi_communicator.ops import disk_guard, recorder, state, step_server
 from mqi_communicator.qa import calibration
 from mqi_communicator.qa.fraction_records import (
@@ -167,7 +167,7 @@ def result_settings(section):
 
 def case_content_digest(wildcards):
     """The case's content digest: the manifest's while no file was touched since intake, so an
-    unchanged case is not read again at each DAG build (see mqi_communicator.case_inputs).
+    unchanged case is not read again at each DAG build (see mqi_communicator.intake.case_inputs).
     """
     manifest_path = Path(processing("intake.json", wildcards.case_id))
     known = (

@@ -10,8 +10,6 @@ rule fraction_check:
         processing("fractions/{fraction}.json"),
     log:
         "logs/{case_id}/fraction_{fraction}.log",
-    conda:
-        "../envs/mqi.yaml"
     params:
         python=PYTHON,
         case_dir=lambda wildcards: SCAN_DIR / wildcards.case_id,

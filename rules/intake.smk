@@ -7,8 +7,6 @@ rule intake:
         processing("intake.json"),
     log:
         "logs/{case_id}/intake.log",
-    conda:
-        "../envs/mqi.yaml"
     params:
         python=PYTHON,
         case_dir=lambda wildcards: SCAN_DIR / wildcards.case_id,

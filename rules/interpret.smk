@@ -10,8 +10,6 @@ rule interpret:
         "logs/{case_id}/interpret.log",
     benchmark:
         "logs/{case_id}/interpret.benchmark.tsv"
-    conda:
-        "../envs/mqi.yaml"
     params:
         python=PYTHON,
         case_dir=lambda wildcards: SCAN_DIR / wildcards.case_id,

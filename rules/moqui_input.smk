@@ -12,8 +12,6 @@ rule moqui_input:
         parameters=processing("moqui/{beam}/moqui_tps_{beam}.in"),
     log:
         "logs/{case_id}/moqui_input_{beam}.log",
-    conda:
-        "../envs/mqi.yaml"
     params:
         python=PYTHON,
         logdir=lambda wildcards: processing(
@@ -24,6 +22,6 @@ rule moqui_input:
         ),
         settings=settings_for("simulation"),
     shell:
-        "{params.python} -m mqi_communicator.moqui_beam --manifest {input.manifest:q} --p2 {input.p2:q}"
+        "{params.python} -m mqi_communicator.moqui_input --manifest {input.manifest:q} --p2 {input.p2:q}"
         " --beam={wildcards.beam:q} --parameters {output.parameters:q} --logdir {params.logdir:q}"
         " --output-dir {params.output_dir:q} --settings {params.settings:q} > {log:q} 2>&1"

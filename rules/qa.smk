@@ -20,8 +20,6 @@ rule qa_case:
         pdf=processing("qa/qa_report.pdf"),
     log:
         "logs/{case_id}/qa.log",
-    conda:
-        "../envs/mqi.yaml"
     params:
         python=PYTHON,
         settings=settings_for("qa", "rooms", "monitor_range_factors", "calibration"),
@@ -50,8 +48,6 @@ rule qa_trend:
         json="results/qa_trend.json",
     log:
         "logs/qa_trend.log",
-    conda:
-        "../envs/mqi.yaml"
     params:
         python=PYTHON,
         min_cases=config["qa"]["trend"]["min_cases"],

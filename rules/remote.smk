@@ -17,8 +17,6 @@ rule stage_in:
         processing("remote/stage_in.json"),
     log:
         "logs/{case_id}/stage_in.log",
-    conda:
-        "../envs/mqi.yaml"
     params:
         python=PYTHON,
         processing=lambda wildcards: processing("", wildcards.case_id),
@@ -38,8 +36,6 @@ rule remote_simulate:
     log:
         # The remote engine's log is appended here when the job ends.
         "logs/{case_id}/simulate_{beam}.log",
-    conda:
-        "../envs/mqi.yaml"
     resources:
         remote_jobs=1,
     params:
@@ -66,8 +62,6 @@ rule stage_out:
         record=raw_output("{beam}.simulate.json"),
     log:
         "logs/{case_id}/stage_out_{beam}.log",
-    conda:
-        "../envs/mqi.yaml"
     params:
         python=PYTHON,
         settings=settings_for("hpc_connection"),

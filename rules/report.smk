@@ -15,8 +15,6 @@ rule report_dose_map:
         ),
     log:
         "logs/{case_id}/report_dose_{beam}.log",
-    conda:
-        "../envs/mqi.yaml"
     params:
         python=PYTHON,
         title=lambda wildcards, input: (
@@ -41,8 +39,6 @@ rule report_beam_table:
         ),
     log:
         "logs/{case_id}/report_beams.log",
-    conda:
-        "../envs/mqi.yaml"
     params:
         python=PYTHON,
     shell:
@@ -63,8 +59,6 @@ rule case_summary:
         processing("case_summary.json"),
     log:
         "logs/{case_id}/case_summary.log",
-    conda:
-        "../envs/mqi.yaml"
     params:
         python=PYTHON,
         plan_dose=plan_dose_arg,

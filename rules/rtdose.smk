@@ -14,8 +14,6 @@ rule rtdose_beam:
         final_dicom("RD_{beam}.dcm"),
     log:
         "logs/{case_id}/rtdose_{beam}.log",
-    conda:
-        "../envs/mqi.yaml"
     params:
         python=PYTHON,
         plan=plan_copy,
@@ -38,8 +36,6 @@ rule rtdose_plan:
         final_dicom("RD_PLAN.dcm"),
     log:
         "logs/{case_id}/rtdose_plan.log",
-    conda:
-        "../envs/mqi.yaml"
     params:
         python=PYTHON,
         plan=plan_copy,

@@ -12,8 +12,6 @@ rule simulate:
         "logs/{case_id}/simulate_{beam}.log",
     benchmark:
         "logs/{case_id}/simulate_{beam}.benchmark.tsv"
-    conda:
-        "../envs/mqi.yaml"
     resources:
         gpu=1,
         runtime=int(config["simulation"]["timeout_seconds"] // 60) + 5,

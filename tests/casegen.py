@@ -20,8 +20,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from mqi_communicator import ptn
-from mqi_communicator.plan import RT_ION_PLAN_SOP_CLASS
+from mqi_communicator.formats import ptn
+from mqi_communicator.formats.plan import RT_ION_PLAN_SOP_CLASS
 from tests.plan_shapes_geometry import first_control_point_geometry
 
 RT_STRUCTURE_SET_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"

@@ -13,7 +13,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 
-from mqi_communicator.plan_check import PRIVATE_SPOT_WEIGHTS, float32_array, is_setup_beam
+from mqi_communicator.formats.plan_check import PRIVATE_SPOT_WEIGHTS, float32_array, is_setup_beam
 
 
 def plan_of(case_dir: Path) -> Path:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import pydicom
 from pydicom.dataset import Dataset
 
-from mqi_communicator.plan_check import is_setup_beam
+from mqi_communicator.formats.plan_check import is_setup_beam
 
 if TYPE_CHECKING:
     from tests.casegen import CaseSpec

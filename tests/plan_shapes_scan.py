@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pydicom
 
-from mqi_communicator.plan_check import PRIVATE_SPOT_POSITIONS, PRIVATE_SPOT_WEIGHTS, is_setup_beam
+from mqi_communicator.formats.plan_check import PRIVATE_SPOT_POSITIONS, PRIVATE_SPOT_WEIGHTS, is_setup_beam
 
 SPOT_ATTRIBUTES = (
     "NumberOfScanSpotPositions",

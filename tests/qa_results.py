@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from mqi_communicator import settings
-from mqi_communicator.intake import build_manifest
+from mqi_communicator.intake.case import build_manifest
 from mqi_communicator.ops import state
 from tests import test_qa_verdict
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mqi_communicator.geometry import PLANE_2CM
-from mqi_communicator.rtdose import write_rtdose
+from mqi_communicator.formats.raw_dose import PLANE_2CM
+from mqi_communicator.rtdose.writer import write_rtdose
 from tests import casegen
 
 LIMIT_BYTES = 32 * 1024

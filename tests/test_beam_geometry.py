@@ -9,15 +9,17 @@ import numpy as np
 import pydicom
 import pytest
 
-from mqi_communicator import beam_geometry, dose_frame, geometry, rtdose
 from mqi_communicator.errors import CaseError
-from mqi_communicator.intake import build_manifest
+from mqi_communicator.formats import beam_geometry, raw_dose
+from mqi_communicator.intake.case import build_manifest
+from mqi_communicator.rtdose import dose_frame
+from mqi_communicator.rtdose import writer as rtdose
 from tests import casegen
 from tests import plan_shapes_fraction as fraction_shapes
 from tests import plan_shapes_geometry as shapes
 
 REFERENCE_PLAN = Path(__file__).resolve().parent / "data" / "reference" / "RP_G2_9spots_phantom.dcm"
-PLANE = geometry.PLANE_2CM
+PLANE = raw_dose.PLANE_2CM
 COUCH = shapes.ARIA_COUCH_ANGLES
 # PS3.3 C.8.8.25 keyword -> the key intake.json records it under.
 RECORD_KEY = {keyword: key for keyword, key, _, _ in beam_geometry.FIELDS}

@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mqi_communicator import engine
 from mqi_communicator.errors import CaseError
-from mqi_communicator.geometry import PHANTOM_3D, PLANE_2CM, read_raw
-from mqi_communicator.intake import build_manifest
-from mqi_communicator.plan import find_plan
+from mqi_communicator.formats.plan import find_plan
+from mqi_communicator.formats.raw_dose import PHANTOM_3D, PLANE_2CM, read_raw
+from mqi_communicator.intake.case import build_manifest
+from mqi_communicator.simulate import engine
 from tests import casegen
 from tests.plan_shapes_modifiers import (
     add_block,

@@ -19,7 +19,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from mqi_communicator.rtdose_read import read_rtdose_dose
+from mqi_communicator.formats.rtdose_read import read_rtdose_dose
 from tests import casegen, dciodvfy, qa_gen
 from tests.dciodvfy import assert_conformant, is_dicom_file, needs_dciodvfy
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mqi_communicator import moqui_csv, ptn
+from mqi_communicator.formats import moqui_csv, ptn
+from mqi_communicator.formats.plan import Beam, Layer, read_plan
 from mqi_communicator.interpret import LogTables
-from mqi_communicator.plan import Beam, Layer, read_plan
 from mqi_communicator.qa import delivery, spot_match
 from tests import casegen
 

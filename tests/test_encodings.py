@@ -30,12 +30,13 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from mqi_communicator import geometry, rtdose, rtdose_read
 from mqi_communicator.errors import CaseError
-from mqi_communicator.intake import build_manifest
+from mqi_communicator.formats import raw_dose, rtdose_read
+from mqi_communicator.formats.plan import find_plan, read_plan, sanitize_beam_name
+from mqi_communicator.intake.case import build_manifest
 from mqi_communicator.interpret import interpret_case
-from mqi_communicator.plan import find_plan, read_plan, sanitize_beam_name
 from mqi_communicator.qa.tps_dose import TpsDoseProblem, find_tps_doses, match
+from mqi_communicator.rtdose import writer as rtdose
 from tests import casegen, dciodvfy, qa_gen
 from tests.test_plan_standard import CUT_STEP
 
@@ -187,10 +188,10 @@ def test_plan_in_every_encoding_gives_the_same_csvs_and_names(
     interpret_case(manifest, config, tmp_path / "p2")
     assert csv_bytes(tmp_path / "p2") == utf8_csvs[names.source]
 
-    dose = np.zeros(geometry.PLANE_2CM.shape)
+    dose = np.zeros(raw_dose.PLANE_2CM.shape)
     dose[0, 200, 200] = 1.0
     out = rtdose.write_rtdose(
-        dose, geometry.PLANE_2CM, plan, tmp_path, beam_number=2, engine_label="MOQUI", calibrated=False, bits=16
+        dose, raw_dose.PLANE_2CM, plan, tmp_path, beam_number=2, engine_label="MOQUI", calibrated=False, bits=16
     )
     assert out.name == f"RD_{sanitize_beam_name(names.beams[0])}.dcm"
     ds = pydicom.dcmread(out)
@@ -262,8 +263,8 @@ def test_rt_dose_declares_utf8_where_a_text_does_not_fit_the_plans_character_set
     case = write_case(tmp_path, LATIN1, "ISO_IR 100", ExplicitVRLittleEndian, "pydicom")
     label = "몬테카를로 MOQUI"
     out = rtdose.write_rtdose(
-        np.ones(geometry.PLANE_2CM.shape),
-        geometry.PLANE_2CM,
+        np.ones(raw_dose.PLANE_2CM.shape),
+        raw_dose.PLANE_2CM,
         find_plan(case),
         tmp_path,
         beam_number=3,

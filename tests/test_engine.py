@@ -21,9 +21,11 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from scipy.optimize import OptimizeWarning, curve_fit
 
-from mqi_communicator import engine, files, moqui_csv, plan
-from mqi_communicator.geometry import PHANTOM_3D, PLANE_2CM, read_raw
-from mqi_communicator.moqui_input import prepare_beam_logdir, render_parameter_file
+from mqi_communicator import files
+from mqi_communicator.formats import moqui_csv, plan
+from mqi_communicator.formats.moqui_parameters import prepare_beam_logdir, render_parameter_file
+from mqi_communicator.formats.raw_dose import PHANTOM_3D, PLANE_2CM, read_raw
+from mqi_communicator.simulate import engine
 from tests.plan_shapes_modifiers import add_range_shifter
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,7 +130,7 @@ def beam_case(
 def run_cli(parameter_file: Path, **env: str) -> subprocess.CompletedProcess[str]:
     environment = os.environ | {"PYTHONPATH": str(REPO / "scripts")} | env
     return subprocess.run(
-        [sys.executable, "-m", "mqi_communicator.engine", str(parameter_file)],
+        [sys.executable, "-m", "mqi_communicator.simulate.engine", str(parameter_file)],
         capture_output=True,
         text=True,
         env=environment,
@@ -409,7 +411,7 @@ def test_cli_exit_codes(tmp_path: Path) -> None:
     missing = run_cli(tmp_path / "nope.in")
     assert missing.returncode == 1 and f"ERROR: cannot read parameter file {tmp_path / 'nope.in'}" in missing.stdout
     usage = subprocess.run(
-        [sys.executable, "-m", "mqi_communicator.engine"],
+        [sys.executable, "-m", "mqi_communicator.simulate.engine"],
         capture_output=True,
         text=True,
         env=os.environ | {"PYTHONPATH": str(REPO / "scripts")},

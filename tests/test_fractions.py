@@ -12,16 +12,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mqi_communicator import ptn, settings
-from mqi_communicator.case_inputs import content_record
-from mqi_communicator.delivery import find_delivery_folders, read_delivery
+from mqi_communicator import settings
 from mqi_communicator.errors import CaseError
-from mqi_communicator.fraction_watch import needs_scan, record_path, write_seen
-from mqi_communicator.fractions import case_fractions
-from mqi_communicator.intake import build_manifest, case_readiness
+from mqi_communicator.formats import ptn
+from mqi_communicator.formats.plan import find_plan, read_plan
+from mqi_communicator.intake.case import build_manifest, case_readiness
+from mqi_communicator.intake.case_inputs import content_record
+from mqi_communicator.intake.delivery_folders import find_delivery_folders, read_delivery
+from mqi_communicator.intake.fraction_watch import needs_scan, record_path, write_seen
+from mqi_communicator.intake.fractions import case_fractions
 from mqi_communicator.interpret import interpret_case
 from mqi_communicator.ops import state, verify
-from mqi_communicator.plan import find_plan, read_plan
 from mqi_communicator.qa.fraction_records import pending, record_fraction, scan_finished
 from tests import casegen
 

@@ -9,10 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from mqi_communicator.case_inputs import changed_files, content_digest, content_record, is_ready, stat_fingerprint
 from mqi_communicator.errors import CaseError
 from mqi_communicator.files import sha256_of
-from mqi_communicator.intake import build_manifest
+from mqi_communicator.intake.case import build_manifest
+from mqi_communicator.intake.case_inputs import (
+    changed_files,
+    content_digest,
+    content_record,
+    is_ready,
+    stat_fingerprint,
+)
 from tests import casegen
 
 

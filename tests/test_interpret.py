@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mqi_communicator import moqui_csv, ptn
 from mqi_communicator.files import sha256_of, stat_key
-from mqi_communicator.intake import build_manifest
+from mqi_communicator.formats import moqui_csv, ptn
+from mqi_communicator.formats.plan import read_plan
+from mqi_communicator.intake.case import build_manifest
 from mqi_communicator.interpret import check_layout, interpret_case
-from mqi_communicator.plan import read_plan
 from tests import casegen
 
 RANGE_FACTORS = [0.3404, 1.0, 2.978723404255319, 8.936170212765957, 26.80851063829787]

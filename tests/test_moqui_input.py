@@ -6,10 +6,8 @@ import os
 from pathlib import Path
 
 import pytest
-import yaml
 
-from mqi_communicator import moqui_input
-from mqi_communicator.moqui_input import (
+from mqi_communicator.formats.moqui_parameters import (
     PADDING_PREFIX,
     parameter_problems,
     parse_parameter_file,
@@ -204,34 +202,3 @@ def test_prepare_refuses_unsafe_requests(tmp_path: Path) -> None:
     odd.mkdir()
     with pytest.raises(ValueError, match="not a sanitized beam name"):
         prepare_beam_logdir(odd, 1, tmp_path / "x", "index")
-
-
-def test_cli_writes_validates_and_prepares(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    source = _csv_folder(tmp_path, "3S150")
-    template = tmp_path / "config.yaml"
-    template.write_text(
-        yaml.safe_dump(
-            {
-                "moqui": {
-                    "parameters": {
-                        "GPUID": 0,
-                        "UsingPhantomGeo": True,
-                        "TwoCentimeterMode": True,
-                        "OutputFormat": "raw",
-                    }
-                }
-            }
-        )
-    )
-    out = tmp_path / "moqui_tps_3S150.in"
-    logdir = tmp_path / "beamlog"
-    common = ["--template", str(template), "--template-key", "moqui.parameters", "--output", str(out)]
-    sets = ["BeamNumbers=3", f"DicomDir={tmp_path}", f"logFilePath={logdir}", f"OutputDir={tmp_path / 'out'}"]
-    args = common + [f"--set={s}" for s in sets] + ["--beam-csv-dir", str(source)]
-    assert moqui_input.main([*args, "--set", "GantryNum=3"]) == 1
-    assert "GantryNum must be 1 or 2" in capsys.readouterr().err
-    assert not out.exists() and not logdir.exists()
-    assert moqui_input.main([*args, "--set", "GantryNum=2"]) == 0
-    params = parse_parameter_file(out)
-    assert params["beamnumbers"] == "3" and params["twocentimetermode"] == "true" and params["GantryNum"] == "2"
-    assert select_beam_logdir(logdir, 3, "3S150", "index") == logdir / "3S150"

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from mqi_communicator import settings
-from mqi_communicator.case_inputs import content_record, stat_fingerprint
+from mqi_communicator.intake.case_inputs import content_record, stat_fingerprint
 from mqi_communicator.ops import reprocess, state, status, verify
 from mqi_communicator.ops.recorder import TRANSIENT_PATTERNS, failure_reason
 from tests import casegen

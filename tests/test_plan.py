@@ -8,7 +8,7 @@ import pydicom
 import pytest
 
 from mqi_communicator.errors import CaseError
-from mqi_communicator.plan import find_plan, read_plan, room_of_machine, sanitize_beam_name
+from mqi_communicator.formats.plan import find_plan, read_plan, room_of_machine, sanitize_beam_name
 from tests import casegen
 
 

@@ -12,9 +12,9 @@ import pydicom
 import pytest
 
 from mqi_communicator.errors import CaseError
-from mqi_communicator.intake import build_manifest
+from mqi_communicator.formats.plan import find_plan, read_plan
+from mqi_communicator.intake.case import build_manifest
 from mqi_communicator.interpret import interpret_case
-from mqi_communicator.plan import find_plan, read_plan
 from mqi_communicator.qa.run import fraction_group
 from tests import casegen
 from tests import plan_shapes_fraction as shapes

@@ -12,13 +12,15 @@ import numpy as np
 import pydicom
 import pytest
 
-from mqi_communicator import dose_frame, geometry, rtdose, rtdose_read
 from mqi_communicator.errors import CaseError
+from mqi_communicator.formats import raw_dose, rtdose_read
+from mqi_communicator.rtdose import dose_frame
+from mqi_communicator.rtdose import writer as rtdose
 from tests import casegen
 
 ISO = (12.0, 30.0, -7.0)  # off-centre on purpose: a sign error in any axis moves the spots
-GRID = geometry.PLANE_2CM
-VOLUME = geometry.Grid(nx=40, ny=30, nz=20, spacing_mm=(2.0, 2.0, 2.0), first_centre_mm=(-39.0, -29.0, 1.0))
+GRID = raw_dose.PLANE_2CM
+VOLUME = raw_dose.Grid(nx=40, ny=30, nz=20, spacing_mm=(2.0, 2.0, 2.0), first_centre_mm=(-39.0, -29.0, 1.0))
 # Asymmetric raw dose: hot spots at MOQUI (x, y) = (+60, 0) and (0, +30) (and depth 21 mm in 3-D).
 SPOTS = ((60.0, 0.0), (0.0, 30.0))
 

@@ -17,7 +17,7 @@ import pydicom
 import pytest
 from matplotlib.colors import to_rgb
 
-from mqi_communicator import encapsulated_pdf
+from mqi_communicator.formats import encapsulated_pdf
 from mqi_communicator.qa.sheet import COLOURS
 from tests import dciodvfy, qa_results, test_qa_verdict, workflow
 from tests.dciodvfy import in_ci

@@ -173,7 +173,7 @@ def test_order_is_by_delivery_not_by_qa_time(tmp_path: Path) -> None:
 def test_delivery_time_comes_from_the_intake_manifest(tmp_path: Path, config: dict) -> None:
     """A real intake.json (tests/casegen.py, the later beam number delivered first): each beam's
     point has its own fraction's irradiation time."""
-    from mqi_communicator.intake import build_manifest
+    from mqi_communicator.intake.case import build_manifest
     from tests import casegen
 
     case = casegen.write_case(tmp_path / "scan", "rev", reversed_order=True)

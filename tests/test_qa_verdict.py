@@ -15,14 +15,15 @@ import numpy as np
 import pydicom
 import pytest
 
-from mqi_communicator import geometry, ptn, rtdose
-from mqi_communicator.intake import build_manifest
+from mqi_communicator.formats import ptn, raw_dose
+from mqi_communicator.intake.case import build_manifest
 from mqi_communicator.qa import run as qa_run
 from mqi_communicator.qa.tps_dose import TpsDoseProblem, check_header, find_tps_doses, load_tps_plane, match
+from mqi_communicator.rtdose import writer as rtdose
 from tests import casegen, qa_gen
 
 REPO = Path(__file__).resolve().parents[1]
-RAW_AXIS = geometry.PLANE_2CM.centres("x")  # MOQUI x and y of the 2 cm plane (relative to iso)
+RAW_AXIS = raw_dose.PLANE_2CM.centres("x")  # MOQUI x and y of the 2 cm plane (relative to iso)
 
 
 def spec() -> casegen.CaseSpec:
@@ -69,7 +70,7 @@ def delivered_doses(
         written.append(
             rtdose.write_rtdose(
                 plane[np.newaxis],
-                geometry.PLANE_2CM,
+                raw_dose.PLANE_2CM,
                 plan_path,
                 out / f"RD_{number}.dcm",
                 beam_number=number,

@@ -13,12 +13,13 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from scipy.special import erf
 
-from mqi_communicator import geometry, rtdose
-from mqi_communicator.intake import build_manifest
+from mqi_communicator.formats import raw_dose
+from mqi_communicator.intake.case import build_manifest
 from mqi_communicator.qa import run as qa_run
 from mqi_communicator.qa import verdict
 from mqi_communicator.qa.tps_dose import Plane, TpsDoseProblem
 from mqi_communicator.qa.volume import Volume, compare_volume, is_volume, load_tps_volume, load_volume
+from mqi_communicator.rtdose import writer as rtdose
 from tests import casegen
 from tests.test_qa_verdict import current_calibration
 
@@ -222,7 +223,7 @@ def test_qa_run_assesses_a_delivered_volume_against_a_tps_volume_in_3d(
         case / "RD_TPS_1.dcm", beam_field(x - iso[0], z - iso[2], y - iso[1] + 20.0, 40.0), axes=tps_axes, plan=plan
     )
     # What the engine would deliver, in MOQUI's raw order (depth, y, x), written as the pipeline does.
-    grid = geometry.Grid(nx=41, ny=41, nz=40, spacing_mm=(2.0, 2.0, 2.0), first_centre_mm=(-40.0, -40.0, 1.0))
+    grid = raw_dose.Grid(nx=41, ny=41, nz=40, spacing_mm=(2.0, 2.0, 2.0), first_centre_mm=(-40.0, -40.0, 1.0))
     depth, moqui_y, moqui_x = np.meshgrid(grid.centres("z"), grid.centres("y"), grid.centres("x"), indexing="ij")
     delivered = rtdose.write_rtdose(
         beam_field(moqui_x, moqui_y, depth, range_mm),

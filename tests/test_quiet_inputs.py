@@ -15,12 +15,13 @@ import numpy as np
 import pydicom
 import pytest
 
-from mqi_communicator import engine, moqui_csv, ptn
 from mqi_communicator.errors import CaseError
-from mqi_communicator.intake import build_manifest, case_readiness
+from mqi_communicator.formats import moqui_csv, ptn
+from mqi_communicator.formats.plan import read_plan
+from mqi_communicator.intake.case import build_manifest, case_readiness
 from mqi_communicator.interpret import interpret_case
 from mqi_communicator.ops.recorder import TRANSIENT_PATTERNS
-from mqi_communicator.plan import read_plan
+from mqi_communicator.simulate import engine
 from tests import casegen
 
 

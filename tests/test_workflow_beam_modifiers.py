@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pydicom
 
-from mqi_communicator.plan import find_plan
+from mqi_communicator.formats.plan import find_plan
 from tests import casegen, qa_gen
 from tests.plan_shapes_modifiers import add_block, add_range_shifter
 from tests.workflow import full_log, snakemake, write_config

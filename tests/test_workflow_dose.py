@@ -15,8 +15,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from mqi_communicator.plan import find_plan
-from mqi_communicator.rtdose_read import read_rtdose_dose
+from mqi_communicator.formats.plan import find_plan
+from mqi_communicator.formats.rtdose_read import read_rtdose_dose
 from tests import casegen
 from tests.workflow import REPO, SNAKEMAKE, full_log, snakemake, standin_copies, write_config
 

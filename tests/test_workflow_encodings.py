@@ -11,7 +11,7 @@ from pathlib import Path
 import pydicom
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian
 
-from mqi_communicator.plan import sanitize_beam_name
+from mqi_communicator.formats.plan import sanitize_beam_name
 from tests import qa_gen
 from tests.test_encodings import DCMCONV, KOREAN, KOREAN_2022, encoded, write_case
 from tests.workflow import case_summaries, full_log, snakemake, write_config

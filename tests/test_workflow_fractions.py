@@ -11,7 +11,7 @@ import sys
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
-from mqi_communicator.fraction_watch import needs_scan
+from mqi_communicator.intake.fraction_watch import needs_scan
 from tests import casegen
 from tests.alert_servers import Inbox, alerts_section
 from tests.test_fractions import interrupted_case, settle

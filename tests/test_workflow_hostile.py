@@ -14,7 +14,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from mqi_communicator.rtdose_read import read_rtdose_dose
+from mqi_communicator.formats.rtdose_read import read_rtdose_dose
 from tests import casegen
 from tests.workflow import full_log, snakemake, write_config
 

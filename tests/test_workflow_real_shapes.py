@@ -17,7 +17,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from mqi_communicator.plan import find_plan
+from mqi_communicator.formats.plan import find_plan
 from tests import casegen, qa_gen
 from tests.plan_shapes_modifiers import add_range_shifter
 from tests.real_exports import CLINIC_ROOM, REAL_PLANS, write_case, write_logs

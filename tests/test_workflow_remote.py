@@ -36,7 +36,7 @@ def _python_for(server: SshServer) -> str:
         f"env PYTHONPATH={site}:{REPO / 'scripts'} /usr/bin/python{sys.version_info.major}.{sys.version_info.minor}",
     ]
     for python in candidates:
-        probe = f"cd /tmp && {python} -c 'import mqi_communicator.engine, scipy.ndimage'"
+        probe = f"cd /tmp && {python} -c 'import mqi_communicator.simulate.engine, scipy.ndimage'"
         if _ssh(server, probe).rc == 0:
             return python
     raise AssertionError(f"the SSH test user cannot run the built-in engine with any of {candidates}")

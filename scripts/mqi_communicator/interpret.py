@@ -20,12 +20,13 @@ from typing import Any
 
 import numpy as np
 
-from . import moqui_csv, ptn, settings
-from .errors import CaseError
-from .files import KnownDigests, write_atomic, write_json_atomic
-from .fractions import layer_parts
-from .intake import build_manifest
-from .plan import Beam, Layer, read_plan
+from mqi_communicator import settings
+from mqi_communicator.errors import CaseError
+from mqi_communicator.files import KnownDigests, write_atomic, write_json_atomic
+from mqi_communicator.formats import moqui_csv, ptn
+from mqi_communicator.formats.plan import Beam, Layer, read_plan
+from mqi_communicator.intake.case import build_manifest
+from mqi_communicator.intake.fractions import layer_parts
 
 TABLE_SIZE = 1 << 16  # every possible uint16 raw value
 

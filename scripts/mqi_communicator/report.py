@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from .files import write_atomic, write_json_atomic
-from .rtdose_read import read_rtdose_dose
+from mqi_communicator.files import write_atomic, write_json_atomic
+from mqi_communicator.formats.rtdose_read import read_rtdose_dose
 
 
 def dose_figure(rtdose_path: Path, title: str, output: Path) -> dict[str, float]:

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..files import write_json_atomic
+from mqi_communicator.files import write_json_atomic
 
 
 def _today() -> str:

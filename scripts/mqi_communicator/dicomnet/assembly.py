@@ -26,15 +26,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .. import settings
-from ..delivery import Delivery
-from ..errors import CaseError
-from ..files import fsync_dir, only_one, write_json_atomic
-from ..intake import CASE_ID_PATTERN, PLAN_MODE_MARKER, missing_deliveries
-from ..plan import Plan, read_plan
-from . import assembly_match as matching
-from .assembly_state import ASSEMBLED, WAITING
-from .staging import patient_folder_name
+from mqi_communicator import settings
+from mqi_communicator.dicomnet import assembly_match as matching
+from mqi_communicator.dicomnet.assembly_state import ASSEMBLED, WAITING
+from mqi_communicator.dicomnet.staging import patient_folder_name
+from mqi_communicator.errors import CaseError
+from mqi_communicator.files import fsync_dir, only_one, write_json_atomic
+from mqi_communicator.formats.plan import Plan, read_plan
+from mqi_communicator.intake.case import CASE_ID_PATTERN, PLAN_MODE_MARKER, missing_deliveries
+from mqi_communicator.intake.delivery_folders import Delivery
 
 LOCK = Path(".mqi") / "dicom-assembly.lock"
 

@@ -16,7 +16,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..delivery import (
+from mqi_communicator.errors import CaseError
+from mqi_communicator.formats.plan import Plan
+from mqi_communicator.intake.delivery_folders import (
     DELIVERY_FOLDER_PATTERN,
     PLANINFO_NAME,
     PLANRANGE_NAMES,
@@ -26,9 +28,7 @@ from ..delivery import (
     range_codes_by_layer,
     read_planinfo,
 )
-from ..errors import CaseError
-from ..plan import Plan
-from ..qa.tps_dose import TpsDoseProblem, find_tps_doses, match
+from mqi_communicator.qa.tps_dose import TpsDoseProblem, find_tps_doses, match
 
 
 @dataclass

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..files import write_json_atomic
+from mqi_communicator.files import write_json_atomic
 
 OUTBOX = Path(".mqi") / "dicom_outbox.json"
 SEND_LOG = Path("logs") / "dicom-send.log"

@@ -30,9 +30,9 @@ from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from .. import settings
-from .activity import ReceiverActivity
-from .staging import ACCEPTED, StagingError, read_dataset_header, read_header, stage
+from mqi_communicator import settings
+from mqi_communicator.dicomnet.activity import ReceiverActivity
+from mqi_communicator.dicomnet.staging import ACCEPTED, StagingError, read_dataset_header, read_header, stage
 
 LOG = logging.getLogger("mqi_communicator.dicomnet.receiver")
 SUCCESS = 0x0000

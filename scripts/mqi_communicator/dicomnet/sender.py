@@ -26,10 +26,11 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pynetdicom import AE
 
-from .. import encapsulated_pdf, settings
-from ..files import only_one, write_json_atomic
-from ..ops import alerts, state
-from . import outbox
+from mqi_communicator import settings
+from mqi_communicator.dicomnet import outbox
+from mqi_communicator.files import only_one, write_json_atomic
+from mqi_communicator.formats import encapsulated_pdf
+from mqi_communicator.ops import alerts, state
 
 LOCK = Path(".mqi") / "dicom-send.lock"
 ALERT_PREFIX = "dicom_send:"

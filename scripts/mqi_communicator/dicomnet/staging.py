@@ -25,7 +25,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag
 
-from ..files import atomic_output
+from mqi_communicator.files import atomic_output
 
 RT_ION_PLAN = "1.2.840.10008.5.1.4.1.1.481.8"
 RT_DOSE = "1.2.840.10008.5.1.4.1.1.481.2"

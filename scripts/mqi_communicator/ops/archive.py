@@ -37,11 +37,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .. import settings
-from ..files import sha256_of, write_json_atomic
-from ..fraction_watch import summary_line
-from . import state
-from .retention import METADATA, metadata_record
+from mqi_communicator import settings
+from mqi_communicator.files import sha256_of, write_json_atomic
+from mqi_communicator.intake.fraction_watch import summary_line
+from mqi_communicator.ops import state
+from mqi_communicator.ops.retention import METADATA, metadata_record
 
 INDEX = Path(".mqi") / "archive-index.jsonl"
 MANIFEST = "archive.json"
@@ -101,7 +101,7 @@ def _keep_trend_points(layout: state.Layout, workdir: Path, case_id: str) -> Non
     qa = layout.processing(case_id) / "qa" / "qa.json"
     if not qa.is_file():
         return
-    from ..qa.trend_points import update_ledger  # numpy: only when a case moves
+    from mqi_communicator.qa.trend_points import update_ledger  # numpy: only when a case moves
 
     history = str(layout.processing("*") / "qa" / "qa.json")
     update_ledger(workdir / TREND_LEDGER, [qa], history)

@@ -28,11 +28,13 @@ from typing import Any
 import numpy as np
 import pydicom
 
-from .. import geometry, rtdose, settings
-from ..files import sha256_of
-from ..qa import calibration, verdict
-from ..qa.run import fraction_group, tps_folder
-from ..qa.tps_dose import (
+from mqi_communicator import settings
+from mqi_communicator.files import sha256_of
+from mqi_communicator.formats import raw_dose
+from mqi_communicator.ops import state
+from mqi_communicator.qa import calibration, verdict
+from mqi_communicator.qa.run import fraction_group, tps_folder
+from mqi_communicator.qa.tps_dose import (
     Plane,
     TpsDoseProblem,
     find_tps_doses,
@@ -41,12 +43,12 @@ from ..qa.tps_dose import (
     match,
     resample_at,
 )
-from . import state
+from mqi_communicator.rtdose import writer as rtdose
 
 
-def _unit_plane(raw: Path, grid: geometry.Grid, plan_path: Path, beam_number: int, depth_mm: float) -> Plane:
+def _unit_plane(raw: Path, grid: raw_dose.Grid, plan_path: Path, beam_number: int, depth_mm: float) -> Plane:
     """The engine's raw dose of one beam (scale 1), placed as the pipeline places it."""
-    dose = geometry.read_raw(str(raw), grid)
+    dose = raw_dose.read_raw(str(raw), grid)
     ds = rtdose.build_rtdose(
         dose, grid, plan_path, beam_number=beam_number, engine_label="calibration", calibrated=False
     )
@@ -75,7 +77,7 @@ def derive(
     plan_path = case_dir / manifest["plan"]["path"]
     plan_ds = pydicom.dcmread(plan_path, stop_before_pixels=True)
     raw_dir = Path(layout.raw_template.replace("{case_id}", case_id))
-    grid = geometry.grid_for(config["simulation"]["dose_type"])
+    grid = raw_dose.grid_for(config["simulation"]["dose_type"])
     qa = config["qa"]
     depth = float(qa["plane_depth_mm"])
     beams = [b for b in manifest["beams"] if b["simulate"]]

@@ -30,8 +30,8 @@ from logging import LogRecord
 from pathlib import Path
 from typing import Any, TextIO
 
-from . import state
-from .recorder import FINAL_RULE, JOBS_FAILED, failure_reason
+from mqi_communicator.ops import state
+from mqi_communicator.ops.recorder import FINAL_RULE, JOBS_FAILED, failure_reason
 
 SIMULATE_RULES = ("simulate", "remote_simulate")
 # Steps that follow the one before within seconds: shown in the live table, not given a line.

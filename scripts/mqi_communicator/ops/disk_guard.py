@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import settings
-from . import alerts
+from mqi_communicator import settings
+from mqi_communicator.ops import alerts
 
 PROG = "python -m mqi_communicator.ops.disk_guard"
 ALERT_KEY = "disk_low:floor"

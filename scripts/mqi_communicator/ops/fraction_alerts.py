@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import alerts, state
+from mqi_communicator.ops import alerts, state
 
 KIND = "fraction_delivery"
 

@@ -8,8 +8,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .. import settings
-from . import disk_guard, retention_logs
+from mqi_communicator import settings
+from mqi_communicator.ops import disk_guard, retention_logs
 
 PROG = "python -m mqi_communicator.ops.housekeeping"
 

@@ -27,11 +27,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .. import settings
-from ..files import sha256_of, write_atomic, write_json_atomic
-from ..qa import signoff_record
-from . import archive, state
-from .overview_page import PAGE
+from mqi_communicator import settings
+from mqi_communicator.files import sha256_of, write_atomic, write_json_atomic
+from mqi_communicator.ops import archive, state
+from mqi_communicator.ops.overview_page import PAGE
+from mqi_communicator.qa import signoff_record
 
 INDEX = Path(".mqi") / "overview-index.json"
 # Part of every cached entry's key: a change to what is read from a case's files renews them all.
@@ -157,7 +157,7 @@ def _unfinished_rows(layout: state.Layout, workdir: Path, case_dirs: list[Path])
     time, so read each time rather than cached."""
     if not case_dirs:
         return []
-    from . import status  # only when a case has no result: its imports cost the command 0.15 s
+    from mqi_communicator.ops import status  # only when a case has no result: its imports cost the command 0.15 s
 
     now = time.time()
     this_run = status.running_plan(workdir, status.last_run(workdir))

@@ -20,11 +20,11 @@ from logging import LogRecord
 from pathlib import Path
 from typing import Any
 
-from .. import fraction_watch
-from ..case_inputs import stat_fingerprint
-from ..dicomnet import outbox
-from ..files import write_json_atomic
-from . import alerts, fraction_alerts, overview, retention, state, verdict_alerts, verify
+from mqi_communicator.dicomnet import outbox
+from mqi_communicator.files import write_json_atomic
+from mqi_communicator.intake import fraction_watch
+from mqi_communicator.intake.case_inputs import stat_fingerprint
+from mqi_communicator.ops import alerts, fraction_alerts, overview, retention, state, verdict_alerts, verify
 
 _CONFIG: dict[str, Any] | None = None
 _WORKDIR: Path | None = None

@@ -14,10 +14,10 @@ import sys
 import time
 from pathlib import Path
 
-from .. import settings
-from ..files import write_json_atomic
-from ..qa import signoff_record
-from . import state
+from mqi_communicator import settings
+from mqi_communicator.files import write_json_atomic
+from mqi_communicator.ops import state
+from mqi_communicator.qa import signoff_record
 
 # Each step and what it leaves in the case's folders (relative to processing / raw / dicom).
 STEPS = ("intake", "interpret", "moqui_input", "simulate", "rtdose", "report")

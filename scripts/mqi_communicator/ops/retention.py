@@ -30,9 +30,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .. import settings
-from ..files import write_atomic, write_json_atomic
-from . import state
+from mqi_communicator import settings
+from mqi_communicator.files import write_atomic, write_json_atomic
+from mqi_communicator.ops import state
 
 QUEUE = Path(".mqi") / "retention-queue.jsonl"
 LOCK = Path(".mqi") / "retention.lock"

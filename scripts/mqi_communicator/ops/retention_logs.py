@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import settings
-from ..files import write_json_atomic
-from . import state
+from mqi_communicator import settings
+from mqi_communicator.files import write_json_atomic
+from mqi_communicator.ops import state
 
 PROG = "python -m mqi_communicator.ops.retention_logs"
 RUN_LOG_DIR = Path(".snakemake") / "log"

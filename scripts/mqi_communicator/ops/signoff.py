@@ -20,10 +20,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .. import settings
-from ..files import sha256_of
-from ..qa import report_pdf, sheet, signoff_record
-from . import state
+from mqi_communicator import settings
+from mqi_communicator.files import sha256_of
+from mqi_communicator.ops import state
+from mqi_communicator.qa import report_pdf, sheet, signoff_record
 
 QA_JSON = "qa/qa.json"
 QA_SHEET = "qa/qa_sheet.html"

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..case_inputs import is_ready, stat_fingerprint
-from ..fraction_watch import needs_scan
+from mqi_communicator.intake.case_inputs import is_ready, stat_fingerprint
+from mqi_communicator.intake.fraction_watch import needs_scan
 
 CASE_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
 SUMMARY = "case_summary.json"

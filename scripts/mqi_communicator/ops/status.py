@@ -24,12 +24,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import settings
-from ..case_inputs import is_ready
-from ..files import sha256_of, write_json_atomic
-from ..fraction_watch import RECORDS, summary_line
-from ..qa import signoff_record
-from . import archive, disk_guard, recorder, state, status_lines
+from mqi_communicator import settings
+from mqi_communicator.files import sha256_of, write_json_atomic
+from mqi_communicator.intake.case_inputs import is_ready
+from mqi_communicator.intake.fraction_watch import RECORDS, summary_line
+from mqi_communicator.ops import archive, disk_guard, recorder, state, status_lines
+from mqi_communicator.qa import signoff_record
 
 INDEX = Path(".mqi") / "status-index.json"
 ORDER = {

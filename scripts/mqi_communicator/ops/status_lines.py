@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..dicomnet import activity, assembly_state
+from mqi_communicator.dicomnet import activity, assembly_state
 
 
 def next_timer_run() -> str:

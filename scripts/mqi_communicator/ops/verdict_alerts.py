@@ -17,9 +17,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .. import settings
-from ..files import write_json_atomic
-from . import alerts, state
+from mqi_communicator import settings
+from mqi_communicator.files import write_json_atomic
+from mqi_communicator.ops import alerts, state
 
 PREFIX = "verdict:"
 QA_JSON = "qa/qa.json"

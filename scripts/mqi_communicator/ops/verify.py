@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .. import settings
-from ..case_inputs import changed_files, stat_fingerprint
-from ..files import write_json_atomic
-from . import alerts, state
+from mqi_communicator import settings
+from mqi_communicator.files import write_json_atomic
+from mqi_communicator.intake.case_inputs import changed_files, stat_fingerprint
+from mqi_communicator.ops import alerts, state
 
 CURSOR = Path(".mqi") / "verify-cursor.json"
 
@@ -29,7 +29,7 @@ def new_delivery_folders(case_dir: Path, manifest: dict[str, Any]) -> list[Path]
     its own delivery record (docs/fractions.md); their files are not changes of what the finished
     result used."""
     # Imported here: `bin/mqi status` imports this module and must not load pydicom and scipy.
-    from ..delivery import find_delivery_folders
+    from mqi_communicator.intake.delivery_folders import find_delivery_folders
 
     if manifest.get("mode") != "logs":  # a plan-based result gets no fraction records: logs are a change
         return []

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from ..files import write_atomic
+from mqi_communicator.files import write_atomic
 
 ENGINES = ("builtin", "moqui")
 # The label of a result whose dose scale is not a current calibration, wherever it is shown.

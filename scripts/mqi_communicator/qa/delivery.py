@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from .. import ptn
-from ..plan import Beam, Layer
-from . import line_scan, spot_match
+from mqi_communicator.formats import ptn
+from mqi_communicator.formats.plan import Beam, Layer
+from mqi_communicator.qa import line_scan, spot_match
 
 SPOT_SCAN_MODES = ("MODULATED", "MODULATED_SPEC")
 

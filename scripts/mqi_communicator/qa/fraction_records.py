@@ -2,7 +2,7 @@
 
     <processing>/fractions/<n>.json   fraction n: its deliveries, per beam the delivery check
                                       (qa/delivery.check_beam, a resumed layer whole) and verdict
-    <processing>/fractions/seen       the case folder as the last record saw it (fraction_watch.py)
+    <processing>/fractions/seen       the case folder as the last record saw it (intake/fraction_watch.py)
 
 A record is written once and never rewritten; the finished dose and QA are never touched. The
 case's fractions are grouped by `fractions.case_fractions`; a fraction is recorded once it is
@@ -25,15 +25,16 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .. import __version__, ptn, settings
-from ..delivery import delivery_header, find_delivery_folders, read_delivery
-from ..errors import CaseError
-from ..files import sha256_of, write_json_atomic
-from ..fraction_watch import Seen, record_path, recorded, seen_now, write_seen
-from ..fractions import CaseFraction, case_fractions
-from ..intake import case_source
-from ..plan import Plan, find_plan, read_plan
-from . import resumed, verdict
+from mqi_communicator import __version__, settings
+from mqi_communicator.errors import CaseError
+from mqi_communicator.files import sha256_of, write_json_atomic
+from mqi_communicator.formats import ptn
+from mqi_communicator.formats.plan import Plan, find_plan, read_plan
+from mqi_communicator.intake.case import case_source
+from mqi_communicator.intake.delivery_folders import delivery_header, find_delivery_folders, read_delivery
+from mqi_communicator.intake.fraction_watch import Seen, record_path, recorded, seen_now, write_seen
+from mqi_communicator.intake.fractions import CaseFraction, case_fractions
+from mqi_communicator.qa import resumed, verdict
 
 
 def _quiet(folder: Path, quiet_seconds: float, now: float) -> bool:

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from .gamma_search import PaddedGrid, Points, search
+from mqi_communicator.qa.gamma_search import PaddedGrid, Points, search
 
 
 @dataclass(frozen=True)

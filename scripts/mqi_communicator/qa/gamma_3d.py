@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from .gamma import Criteria, GammaResult, _all_finite, _axis, search_distances
-from .gamma_search import WindowBounds, _shell_step
-from .gamma_sphere import (
+from mqi_communicator.qa.gamma import Criteria, GammaResult, _all_finite, _axis, search_distances
+from mqi_communicator.qa.gamma_search import WindowBounds, _shell_step
+from mqi_communicator.qa.gamma_sphere import (
     PaddedVolume,
     min_square_difference_at_nodes,
     min_square_difference_at_positions,

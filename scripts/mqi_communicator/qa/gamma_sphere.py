@@ -20,7 +20,7 @@ import functools
 
 import numpy as np
 
-from .gamma_search import _OUTSIDE, _OUTSIDE_LIMIT, _PRODUCT_LIMIT
+from mqi_communicator.qa.gamma_search import _OUTSIDE, _OUTSIDE_LIMIT, _PRODUCT_LIMIT
 
 # (flat node shifts, per band: (columns among the shifts, weights: band points x columns))
 Stencils = tuple[np.ndarray, tuple[tuple[np.ndarray, np.ndarray], ...]]

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .spot_match import mu_comparison, position_stats
+from mqi_communicator.qa.spot_match import mu_comparison, position_stats
 
 CHUNK_SAMPLES = 4096  # samples x segments distance blocks, to bound memory
 

@@ -23,8 +23,8 @@ import matplotlib.pyplot as plt
 from matplotlib.backends.backend_pdf import PdfPages
 from matplotlib.figure import Figure
 
-from ..files import atomic_output
-from .sheet import COLOURS, facts_line
+from mqi_communicator.files import atomic_output
+from mqi_communicator.qa.sheet import COLOURS, facts_line
 
 A4_INCHES = (8.27, 11.69)
 MARGIN = 0.06  # of the page height/width

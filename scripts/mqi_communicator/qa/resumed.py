@@ -13,11 +13,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .. import ptn
-from ..files import sha256_of
-from ..fractions import layer_parts, union_log
-from ..plan import Beam
-from . import delivery
+from mqi_communicator.files import sha256_of
+from mqi_communicator.formats import ptn
+from mqi_communicator.formats.plan import Beam
+from mqi_communicator.intake.fractions import layer_parts, union_log
+from mqi_communicator.qa import delivery
 
 
 def check_beam(

@@ -24,12 +24,13 @@ import numpy as np
 import pydicom
 import scipy
 
-from .. import __version__, ptn, settings
-from ..files import sha256_of, write_atomic, write_json_atomic
-from ..plan import Plan, read_plan
-from . import calibration as dose_calibration
-from . import report_pdf, resumed, sheet, signoff_record, verdict, volume
-from .tps_dose import (
+from mqi_communicator import __version__, settings
+from mqi_communicator.files import sha256_of, write_atomic, write_json_atomic
+from mqi_communicator.formats import ptn
+from mqi_communicator.formats.plan import Plan, read_plan
+from mqi_communicator.qa import calibration as dose_calibration
+from mqi_communicator.qa import report_pdf, resumed, sheet, signoff_record, verdict, volume
+from mqi_communicator.qa.tps_dose import (
     TpsDoseProblem,
     beam_dose_check,
     find_tps_doses,

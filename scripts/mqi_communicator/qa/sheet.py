@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from ..files import write_atomic
+from mqi_communicator.files import write_atomic
 
 COLOURS = {"PASS": "#1b7f3b", "REVIEW": "#b36b00", "NOT ASSESSED": "#555555", "FAIL": "#b00020", "ERROR": "#6a0dad"}
 

@@ -18,7 +18,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 from scipy.spatial import cKDTree
 
-from .. import ptn
+from mqi_communicator.formats import ptn
 
 REPAINT_MASK = 0x7F  # flags bits 0-6: the painting (scan) number
 SAME_POSITION_MM = 0.1  # planned spots this close are one position (their MU is summed)

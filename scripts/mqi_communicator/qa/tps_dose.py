@@ -38,10 +38,10 @@ from typing import Any
 import numpy as np
 import pydicom
 
-from .. import geometry
-from ..plan import READ_ERRORS
-from ..rtdose import MANUFACTURER
-from ..rtdose_read import read_rtdose_dose
+from mqi_communicator.formats import raw_dose
+from mqi_communicator.formats.plan import READ_ERRORS
+from mqi_communicator.formats.rtdose_read import read_rtdose_dose
+from mqi_communicator.rtdose.writer import MANUFACTURER
 
 PHYSICAL, EFFECTIVE = "PHYSICAL", "EFFECTIVE"
 # DoseSummationType of one beam's dose, and of all the beams of a fraction group (PS3.3 C.8.8.3.4).
@@ -248,7 +248,7 @@ def plane_from(path: Path, iso_y_mm: float, depth_mm: float) -> tuple[np.ndarray
         return dose, rows, cols, image.axes[:2], float(image.frame_mm[0])
     if image.axes != "xyz":
         raise TpsDoseProblem("ERROR", f"{path.name}: a volume must be axial (frames along z), not {image.axes}")
-    y = iso_y_mm - geometry.PLANE_DEPTH_MM + depth_mm
+    y = iso_y_mm - raw_dose.PLANE_DEPTH_MM + depth_mm
     ys, volume = _ascending(image.row_mm, 1, image.dose)
     if not ys[0] <= y <= ys[-1]:
         raise TpsDoseProblem(
@@ -278,7 +278,7 @@ def load_tps_plane(
     return Plane(dose * factor, rows, cols, axes, str(ds.DoseUnits), notes, str(path), position)
 
 
-def load_delivered_plane(path: Path, depth_mm: float = geometry.PLANE_DEPTH_MM) -> Plane:
+def load_delivered_plane(path: Path, depth_mm: float = raw_dose.PLANE_DEPTH_MM) -> Plane:
     """The pipeline's RT Dose of one beam as a plane (a volume: its plane `depth_mm` below the
     phantom surface, the depth the TPS plane is taken at)."""
     image = read_rtdose_dose(path)
@@ -286,7 +286,7 @@ def load_delivered_plane(path: Path, depth_mm: float = geometry.PLANE_DEPTH_MM) 
         position = float(image.frame_mm[0])
         return Plane(image.dose[0], image.row_mm, image.col_mm, image.axes[:2], image.units, [], str(path), position)
     ds = pydicom.dcmread(path, stop_before_pixels=True)
-    iso_y = float(ds.ImagePositionPatient[1]) - 1.0 + geometry.PLANE_DEPTH_MM  # first row centre is 1 mm deep
+    iso_y = float(ds.ImagePositionPatient[1]) - 1.0 + raw_dose.PLANE_DEPTH_MM  # first row centre is 1 mm deep
     dose, rows, cols, axes, position = plane_from(path, iso_y, depth_mm)
     return Plane(dose, rows, cols, axes, image.units, [], str(path), position)
 

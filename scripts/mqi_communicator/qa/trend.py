@@ -31,8 +31,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from ..files import write_atomic, write_json_atomic
-from .trend_points import STRATUM_FIELDS, UNKNOWN, order, points, update_ledger
+from mqi_communicator.files import write_atomic, write_json_atomic
+from mqi_communicator.qa.trend_points import STRATUM_FIELDS, UNKNOWN, order, points, update_ledger
 
 MOVING_RANGE_FACTOR = 2.66  # 3 / d2 with d2 = 1.128 for moving ranges of two points
 MIN_CASES = 20  # default baseline: TG-218 asks for at least 20 earlier results of the same process

@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..files import write_atomic
+from mqi_communicator.files import write_atomic
 
 UNKNOWN = "unknown"
 PLAN_BASED_LABEL = "PLAN-BASED"

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 from scipy.interpolate import RegularGridInterpolator
 
-from .gamma import Criteria, GammaResult, gamma_2d
-from .tps_dose import Plane
+from mqi_communicator.qa.gamma import Criteria, GammaResult, gamma_2d
+from mqi_communicator.qa.tps_dose import Plane
 
 ORDER = ("PASS", "REVIEW", "NOT ASSESSED", "FAIL", "ERROR")
 NORMALISATION_REGION_PERCENT = 90.0

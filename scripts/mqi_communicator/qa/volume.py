@@ -19,10 +19,10 @@ import numpy as np
 import pydicom
 from scipy.interpolate import RegularGridInterpolator
 
-from ..rtdose_read import read_rtdose_dose
-from .gamma_3d import gamma_3d
-from .tps_dose import Plane, TpsDoseProblem, check_frame, check_header
-from .verdict import criteria_from, dose_result, error, relative_scale
+from mqi_communicator.formats.rtdose_read import read_rtdose_dose
+from mqi_communicator.qa.gamma_3d import gamma_3d
+from mqi_communicator.qa.tps_dose import Plane, TpsDoseProblem, check_frame, check_header
+from mqi_communicator.qa.verdict import criteria_from, dose_result, error, relative_scale
 
 
 @dataclass

@@ -22,14 +22,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..files import write_json_atomic
-from ..outcome import FAILURE_MARKERS, judge_run
-from .commands import read_remote_text, run
-from .connection import Connection
-from .errors import JobFailed, RemoteJobError, Stopped, TransferError, WaitLimit
-from .hashing import remote_sha256
-from .job_record import RESUBMIT_STATES, load_record, new_record, now_iso, save_record
-from .slurm import (
+from mqi_communicator.files import write_json_atomic
+from mqi_communicator.remote.commands import read_remote_text, run
+from mqi_communicator.remote.connection import Connection
+from mqi_communicator.remote.errors import JobFailed, RemoteJobError, Stopped, TransferError, WaitLimit
+from mqi_communicator.remote.hashing import remote_sha256
+from mqi_communicator.remote.job_record import RESUBMIT_STATES, load_record, new_record, now_iso, save_record
+from mqi_communicator.remote.slurm import (
     DEFAULT_POLL,
     JobRef,
     JobStatus,
@@ -41,7 +40,8 @@ from .slurm import (
     poll,
     submit,
 )
-from .slurm_script import GPU_REQUESTS, JobSpec, write_job_script
+from mqi_communicator.remote.slurm_script import GPU_REQUESTS, JobSpec, write_job_script
+from mqi_communicator.simulate.outcome import FAILURE_MARKERS, judge_run
 
 RESULT_FORMAT = "mqi_communicator.remote_job.result/1"
 LOG_TAIL_BYTES = 16 * 1024 * 1024  # at most this much of a remote log is copied into the rule log
@@ -157,7 +157,8 @@ def read_remote_parameters(conn: Connection, spec_input: str) -> dict[str, str]:
         raise RemoteJobError(
             f"the remote parameter file {conn.target.where}:{spec_input} does not exist (stage in first)"
         )
-    from ..moqui_input import parse_parameters  # here: it pulls in the plan reader (pydicom, numpy)
+    # Imported here: it pulls in the plan reader (pydicom, numpy).
+    from mqi_communicator.formats.moqui_parameters import parse_parameters
 
     try:
         params = parse_parameters(text, f"{conn.target.where}:{spec_input}")

@@ -20,9 +20,9 @@ from typing import NamedTuple
 
 import paramiko
 
-from . import fastpath
-from .connection import COMPRESSION, Connection
-from .errors import CommandTimeout, TransferError
+from mqi_communicator.remote import fastpath
+from mqi_communicator.remote.connection import COMPRESSION, Connection
+from mqi_communicator.remote.errors import CommandTimeout, TransferError
 
 log = logging.getLogger(__name__)
 

@@ -28,15 +28,9 @@ from typing import Any, TypeVar
 
 import paramiko
 
-from . import fastpath
-from .errors import (
-    TRANSIENT_ERRNOS,
-    TRANSIENT_TEXT,
-    AuthError,
-    TransferError,
-    describe,
-)
-from .hostkeys import changed_key_error, known_hosts_name, load_known_hosts
+from mqi_communicator.remote import fastpath
+from mqi_communicator.remote.errors import TRANSIENT_ERRNOS, TRANSIENT_TEXT, AuthError, TransferError, describe
+from mqi_communicator.remote.hostkeys import changed_key_error, known_hosts_name, load_known_hosts
 
 log = logging.getLogger(__name__)
 

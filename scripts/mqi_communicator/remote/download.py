@@ -19,12 +19,12 @@ from typing import IO, Any, cast
 
 import zstandard
 
-from ..files import PRIVATE_FILE, fsync_dir, sha256_of
-from . import fastpath
-from .commands import RemoteProcess, exec_private, home_relative, sh_command, use_zstd
-from .connection import MAX_PACKET, PART_SUFFIX, READ_REQ, WINDOW, Connection
-from .errors import TransferError, VerifyError
-from .hashing import StreamDigests, finish_sha256, hash_timeout, start_sha256
+from mqi_communicator.files import PRIVATE_FILE, fsync_dir, sha256_of
+from mqi_communicator.remote import fastpath
+from mqi_communicator.remote.commands import RemoteProcess, exec_private, home_relative, sh_command, use_zstd
+from mqi_communicator.remote.connection import MAX_PACKET, PART_SUFFIX, READ_REQ, WINDOW, Connection
+from mqi_communicator.remote.errors import TransferError, VerifyError
+from mqi_communicator.remote.hashing import StreamDigests, finish_sha256, hash_timeout, start_sha256
 
 log = logging.getLogger(__name__)
 

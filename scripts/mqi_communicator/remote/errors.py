@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import signal
 
-from ..outcome import SimulationError
+from mqi_communicator.simulate.outcome import SimulationError
 
 
 class TransferError(Exception):

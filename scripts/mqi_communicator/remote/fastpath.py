@@ -25,7 +25,7 @@ import paramiko
 from paramiko.buffered_pipe import BufferedPipe, PipeTimeout
 from paramiko.sftp import CMD_EXTENDED, CMD_STATUS
 
-from .errors import TransferError, describe
+from mqi_communicator.remote.errors import TransferError, describe
 
 #: paramiko versions the private-API paths below were tested with (tests/test_transfer.py runs
 #: every transfer both ways). Add a version only after running those tests with it.

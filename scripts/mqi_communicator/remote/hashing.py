@@ -12,9 +12,9 @@ import queue
 import threading
 from collections.abc import Sequence
 
-from .commands import RemoteProcess, sh_command
-from .connection import Connection
-from .errors import TransferError
+from mqi_communicator.remote.commands import RemoteProcess, sh_command
+from mqi_communicator.remote.connection import Connection
+from mqi_communicator.remote.errors import TransferError
 
 _HASH_RATE = 20e6  # bytes/s assumed for remote hashing when sizing its timeout (sha256sum ~150 MB/s)
 

@@ -12,7 +12,7 @@ import os
 
 import paramiko
 
-from .errors import HostKeyError, describe
+from mqi_communicator.remote.errors import HostKeyError, describe
 
 
 def fingerprint(key: paramiko.PKey) -> str:

@@ -43,14 +43,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..files import is_stream_of
-from .beam import RuleLog, read_remote_parameters, run_beam
-from .commands import absolute, absolute_command, remote_home
-from .connection import Connection, connect_from_config
-from .errors import JobFailed, RemoteJobError, Stopped, TransferError, Unreachable
-from .job_record import record_lock
-from .slurm import PollOptions, StopFlag
-from .slurm_script import GPU_REQUESTS, JobSpec, case_pseudonym
+from mqi_communicator.files import is_stream_of
+from mqi_communicator.remote.beam import RuleLog, read_remote_parameters, run_beam
+from mqi_communicator.remote.commands import absolute, absolute_command, remote_home
+from mqi_communicator.remote.connection import Connection, connect_from_config
+from mqi_communicator.remote.errors import JobFailed, RemoteJobError, Stopped, TransferError, Unreachable
+from mqi_communicator.remote.job_record import record_lock
+from mqi_communicator.remote.slurm import PollOptions, StopFlag
+from mqi_communicator.remote.slurm_script import GPU_REQUESTS, JobSpec, case_pseudonym
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_ERROR = 0, 1, 2, 3, 4
 
@@ -205,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = None
         if args.settings:
-            from .. import settings
+            from mqi_communicator import settings
 
             config = settings.load(args.settings)
         with record_lock(args.record), _connect(args, config) as conn:

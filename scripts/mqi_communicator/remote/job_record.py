@@ -17,10 +17,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ..files import write_json_atomic
-from .connection import Connection
-from .errors import RemoteJobError
-from .slurm_script import JobSpec
+from mqi_communicator.files import write_json_atomic
+from mqi_communicator.remote.connection import Connection
+from mqi_communicator.remote.errors import RemoteJobError
+from mqi_communicator.remote.slurm_script import JobSpec
 
 RECORD_FORMAT = "mqi_communicator.remote_job.record/1"
 #: Record states after which a rerun submits a new job.

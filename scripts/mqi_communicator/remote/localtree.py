@@ -9,10 +9,10 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from ..files import KnownDigests, StatKey, stat_key
-from .connection import PART_SUFFIX, WRITE_REQ
-from .errors import TransferError
-from .hashing import check_name
+from mqi_communicator.files import KnownDigests, StatKey, stat_key
+from mqi_communicator.remote.connection import PART_SUFFIX, WRITE_REQ
+from mqi_communicator.remote.errors import TransferError
+from mqi_communicator.remote.hashing import check_name
 
 _LOCAL_CHUNK = 4 * WRITE_REQ  # read local files in multiples of the write request size
 

@@ -17,9 +17,9 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-from .commands import run
-from .connection import Connection
-from .errors import JobFailed, Stopped, TransferError, Unreachable, WaitLimit
+from mqi_communicator.remote.commands import run
+from mqi_communicator.remote.connection import Connection
+from mqi_communicator.remote.errors import JobFailed, Stopped, TransferError, Unreachable, WaitLimit
 
 #: SLURM states after which a job does no more work (anything else counts as still active).
 TERMINAL_STATES = frozenset(

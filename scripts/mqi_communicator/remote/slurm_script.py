@@ -20,10 +20,10 @@ import shlex
 import tempfile
 from pathlib import Path
 
-from .commands import run
-from .connection import Connection
-from .errors import RemoteJobError
-from .upload import upload_file
+from mqi_communicator.remote.commands import run
+from mqi_communicator.remote.connection import Connection
+from mqi_communicator.remote.errors import RemoteJobError
+from mqi_communicator.remote.upload import upload_file
 
 GPU_REQUESTS = {"gpu": "--gpus=1", "gres": "--gres=gpu:1"}
 

@@ -25,13 +25,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .. import settings
-from ..files import KnownDigests, write_atomic, write_json_atomic
-from .commands import absolute, remote_home, run
-from .connection import Connection, connect_from_config
-from .download import download_file
-from .errors import TransferError
-from .upload import upload_tree
+from mqi_communicator import settings
+from mqi_communicator.files import KnownDigests, write_atomic, write_json_atomic
+from mqi_communicator.remote.commands import absolute, remote_home, run
+from mqi_communicator.remote.connection import Connection, connect_from_config
+from mqi_communicator.remote.download import download_file
+from mqi_communicator.remote.errors import TransferError
+from mqi_communicator.remote.upload import upload_tree
 
 REMOTE_SUFFIX = ".remote.in"
 #: The case's processing folders that go to the cluster (P2's output, the beams' MOQUI inputs)
@@ -56,7 +56,12 @@ def remote_case_dirs(config: dict[str, Any], case_id: str, home: str) -> tuple[s
 def remote_parameters(local_in: Path, processing: Path, remote_root: str, remote_output_dir: str) -> str:
     """The beam's parameter file with every local path replaced by its remote counterpart."""
     # imported here: it pulls in the plan reader (pydicom, numpy), which stage-out never needs
-    from ..moqui_input import parse_parameter_file, parse_parameters, render_parameter_file, validate_parameters
+    from mqi_communicator.formats.moqui_parameters import (
+        parse_parameter_file,
+        parse_parameters,
+        render_parameter_file,
+        validate_parameters,
+    )
 
     params = parse_parameter_file(local_in)
     local_root = str(processing.resolve())

@@ -28,12 +28,12 @@ from collections.abc import Callable, Iterator
 import paramiko
 import zstandard
 
-from ..files import PRIVATE_FILE
-from . import fastpath
-from .commands import RemoteProcess, exec_private, sh_command
-from .connection import PART_SUFFIX, Connection
-from .errors import TransferError, VerifyError
-from .localtree import LocalFile
+from mqi_communicator.files import PRIVATE_FILE
+from mqi_communicator.remote import fastpath
+from mqi_communicator.remote.commands import RemoteProcess, exec_private, sh_command
+from mqi_communicator.remote.connection import PART_SUFFIX, Connection
+from mqi_communicator.remote.errors import TransferError, VerifyError
+from mqi_communicator.remote.localtree import LocalFile
 
 PRIVATE_DIR = 0o700
 

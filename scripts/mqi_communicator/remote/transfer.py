@@ -20,13 +20,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..files import KnownDigests, sha256_of
-from .commands import home_relative
-from .connection import COMPRESSION, connect
-from .download import download_file
-from .errors import TransferError
-from .hashing import remote_sha256
-from .upload import METHODS, compare_tree, upload_file, upload_tree
+from mqi_communicator.files import KnownDigests, sha256_of
+from mqi_communicator.remote.commands import home_relative
+from mqi_communicator.remote.connection import COMPRESSION, connect
+from mqi_communicator.remote.download import download_file
+from mqi_communicator.remote.errors import TransferError
+from mqi_communicator.remote.hashing import remote_sha256
+from mqi_communicator.remote.upload import METHODS, compare_tree, upload_file, upload_tree
 
 EXIT_DIFFERENT = 1
 EXIT_TRANSIENT = 3

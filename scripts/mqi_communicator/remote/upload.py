@@ -25,14 +25,14 @@ from typing import Any
 
 import paramiko
 
-from ..files import PRIVATE_FILE, KnownDigests, sha256_of, stat_key
-from . import fastpath
-from .commands import ask_tools, execute, home_relative, remote_tools, sh_command, use_zstd
-from .connection import PART_SUFFIX, WRITE_REQ, Connection
-from .errors import TransferError, VerifyError
-from .hashing import BackgroundHasher, check_name, finish_sha256, hash_timeout, start_sha256
-from .localtree import LocalFile, read_exactly, walk_local
-from .tarstream import send_archive
+from mqi_communicator.files import PRIVATE_FILE, KnownDigests, sha256_of, stat_key
+from mqi_communicator.remote import fastpath
+from mqi_communicator.remote.commands import ask_tools, execute, home_relative, remote_tools, sh_command, use_zstd
+from mqi_communicator.remote.connection import PART_SUFFIX, WRITE_REQ, Connection
+from mqi_communicator.remote.errors import TransferError, VerifyError
+from mqi_communicator.remote.hashing import BackgroundHasher, check_name, finish_sha256, hash_timeout, start_sha256
+from mqi_communicator.remote.localtree import LocalFile, read_exactly, walk_local
+from mqi_communicator.remote.tarstream import send_archive
 
 
 @dataclass

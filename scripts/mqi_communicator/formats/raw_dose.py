@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .beam_geometry import BeamGeometry
+from mqi_communicator.formats.beam_geometry import BeamGeometry
 
 
 @dataclass(frozen=True)

@@ -179,7 +179,7 @@ def write_ptn(path: Path, rows: np.ndarray) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m mqi_communicator.ptn", description="Print a PTN log's rows (raw values) and a summary."
+        prog="python -m mqi_communicator.formats.ptn", description="Print a PTN log's rows (raw values) and a summary."
     )
     parser.add_argument("ptn", type=Path)
     parser.add_argument("--head", type=int, default=5, help="rows to print")

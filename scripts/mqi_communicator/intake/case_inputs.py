@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .files import sha256_of
+from mqi_communicator.files import sha256_of
 
 
 def case_files(case_dir: Path) -> list[Path]:

@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from . import ptn
-from .delivery import Delivery
-from .errors import CaseError
-from .plan import Plan
+from mqi_communicator.errors import CaseError
+from mqi_communicator.formats import ptn
+from mqi_communicator.formats.plan import Plan
+from mqi_communicator.intake.delivery_folders import Delivery
 
 
 def continues(fraction_last_layer: int, start_layer: int, layer_count: int) -> bool:

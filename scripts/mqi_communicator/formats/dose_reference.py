@@ -43,7 +43,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import UID, generate_uid
 
-from .plan import RT_ION_PLAN_SOP_CLASS
+from mqi_communicator.formats.plan import RT_ION_PLAN_SOP_CLASS
 
 PHANTOM = "PHANTOM"
 BEAM_SESSION = "BEAM_SESSION"

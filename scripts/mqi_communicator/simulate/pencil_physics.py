@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy.special import gamma, pbdv
 
-from .geometry import PLANE_DEPTH_MM
+from mqi_communicator.formats.raw_dose import PLANE_DEPTH_MM
 
 # In-air spot sigma (mm) at the isocentre by energy (MeV), from the clinic's MOQUI beam models.
 SIGMA_AIR_MM: dict[int, tuple[tuple[float, ...], tuple[float, ...]]] = {

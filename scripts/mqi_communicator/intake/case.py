@@ -22,14 +22,15 @@ from typing import Any
 
 import pydicom
 
-from . import beam_geometry, settings
-from .beam_modifiers import builtin_engine_problems, shifter_labels
-from .case_inputs import content_record, is_ready
-from .delivery import Delivery, delivery_header, find_delivery_folders, read_delivery
-from .errors import CaseError
-from .files import sha256_of, write_json_atomic
-from .fractions import case_fractions, fractions_of, in_time_order, log_problems
-from .plan import Plan, find_plan, read_plan
+from mqi_communicator import settings
+from mqi_communicator.errors import CaseError
+from mqi_communicator.files import sha256_of, write_json_atomic
+from mqi_communicator.formats import beam_geometry
+from mqi_communicator.formats.beam_modifiers import builtin_engine_problems, shifter_labels
+from mqi_communicator.formats.plan import Plan, find_plan, read_plan
+from mqi_communicator.intake.case_inputs import content_record, is_ready
+from mqi_communicator.intake.delivery_folders import Delivery, delivery_header, find_delivery_folders, read_delivery
+from mqi_communicator.intake.fractions import case_fractions, fractions_of, in_time_order, log_problems
 
 CASE_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
 # A case declares plan mode (no delivery logs: a pre-treatment check) with this file, or with a
@@ -315,7 +316,3 @@ def main(argv: list[str] | None = None) -> int:
     simulated = [b["name"] for b in manifest["beams"] if b["simulate"]]
     print(f"case {manifest['case_id']}: room {manifest['room']}, mode {manifest['mode']}, beams {simulated}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

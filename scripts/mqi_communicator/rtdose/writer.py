@@ -1,7 +1,7 @@
 """P3: turn a MOQUI raw dose (plane or volume) into a DICOM RT Dose that references the plan.
 
 Where the dose is placed (the beam or patient frame, a plane or a volume; see
-`geometry.beam_axes`) and when a plan sum is allowed are decided in `dose_frame`; which frame of
+`raw_dose.beam_axes`) and when a plan sum is allowed are decided in `dose_frame`; which frame of
 reference it carries (a PHANTOM frame of its own in the beam frame) and its DoseSummationType
 (one delivered session: BEAM_SESSION / FRACTION_SESSION) in `dose_reference` (see
 docs/rtdose-frames.md); reading an RT Dose back is `rtdose_read`.
@@ -40,12 +40,13 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, generate_uid
 from pydicom.valuerep import format_number_as_ds
 
-from . import __version__, beam_geometry, dose_reference, geometry
-from .dicom_output import copy_patient_study, new_instance
-from .dose_frame import frame_comment, image_geometry, plan_sum_refusal_for
-from .errors import CaseError
-from .files import atomic_output
-from .plan import Beam, Plan, read_plan, sanitize_beam_name
+from mqi_communicator import __version__
+from mqi_communicator.errors import CaseError
+from mqi_communicator.files import atomic_output
+from mqi_communicator.formats import beam_geometry, dose_reference, raw_dose
+from mqi_communicator.formats.dicom_output import copy_patient_study, new_instance
+from mqi_communicator.formats.plan import Beam, Plan, read_plan, sanitize_beam_name
+from mqi_communicator.rtdose.dose_frame import frame_comment, image_geometry, plan_sum_refusal_for
 
 RT_DOSE_SOP_CLASS = UID("1.2.840.10008.5.1.4.1.1.481.2")
 MANUFACTURER = "mqi_communicator"
@@ -63,11 +64,11 @@ def output_name(beam_name: str | None) -> str:
     return f"RD_{PLAN_SUM_NAME if beam_name is None else sanitize_beam_name(beam_name)}.dcm"
 
 
-def sum_doses(paths: Iterable[Path | str], grid: geometry.Grid) -> np.ndarray:
+def sum_doses(paths: Iterable[Path | str], grid: raw_dose.Grid) -> np.ndarray:
     """Sum raw dose files of one grid (e.g. all beams of a plan), in MOQUI raw order."""
     total: np.ndarray | None = None
     for path in paths:
-        dose = geometry.read_raw(str(path), grid)
+        dose = raw_dose.read_raw(str(path), grid)
         total = dose.copy() if total is None else total + dose
     if total is None:
         raise ValueError("no raw dose files to sum")
@@ -87,7 +88,7 @@ def _quantize(dose: np.ndarray, bits: int) -> tuple[np.ndarray, str]:
     return pixels.astype(f"<u{bits // 8}"), scaling_text
 
 
-def _check_dose(dose: np.ndarray, grid: geometry.Grid) -> np.ndarray:
+def _check_dose(dose: np.ndarray, grid: raw_dose.Grid) -> np.ndarray:
     dose = np.asarray(dose, dtype=np.float64)
     if dose.shape != grid.shape:
         raise ValueError(f"dose has shape {dose.shape}, expected {grid.shape} (nz, ny, nx) for this grid")
@@ -145,7 +146,7 @@ def _character_set(plan_ds: Dataset, ds: Dataset) -> object:
 
 def build_rtdose(
     dose: np.ndarray,
-    grid: geometry.Grid,
+    grid: raw_dose.Grid,
     plan_path: Path,
     *,
     beam_number: int | None,
@@ -156,7 +157,7 @@ def build_rtdose(
     frame: str = "beam",
 ) -> Dataset:
     """The RT Dose dataset (with file meta) for `dose` in MOQUI raw order `grid.shape`, placed in
-    `frame` ("beam" or "patient", see `geometry.beam_axes`); a plan sum is refused (CaseError)
+    `frame` ("beam" or "patient", see `raw_dose.beam_axes`); a plan sum is refused (CaseError)
     unless the plan's treatment beams share one geometry."""
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, not {bits}")
@@ -173,7 +174,7 @@ def build_rtdose(
     summed = [b.number for b in plan.treatment_beams] if beam_number is None else [beam.number]
     try:
         placement = beam_geometry.read(plan_ds, beam.number)
-        axes = geometry.beam_axes(frame, placement)
+        axes = raw_dose.beam_axes(frame, placement)
         # The phantom frame's UID names the beam geometry; a gantry or couch angle the plan does
         # not give (only the beam frame accepts that) enters it as 0, the phantom's own placement.
         reference = dose_reference.frame_of_reference(
@@ -262,7 +263,7 @@ def _save_atomic(ds: Dataset, target: Path) -> None:
 
 def write_rtdose(
     dose: np.ndarray,
-    grid: geometry.Grid,
+    grid: raw_dose.Grid,
     plan_path: Path,
     output: Path,
     *,
@@ -333,7 +334,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--bits", type=int, choices=SUPPORTED_BITS, default=32, help="pixel size (default 32)")
     parser.add_argument(
         "--frame",
-        choices=geometry.FRAMES,
+        choices=raw_dose.FRAMES,
         default="beam",
         help="beam: the beam's own frame, as a TPS QA plane (default); patient: turned by the gantry angle",
     )
@@ -342,7 +343,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    grid = geometry.grid_for(args.dosetype)
+    grid = raw_dose.grid_for(args.dosetype)
     try:
         plan = read_plan(args.plan)
         if args.sum is not None:
@@ -375,12 +376,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _read_all(paths: Sequence[Path], grid: geometry.Grid, dosetype: str) -> np.ndarray:
+def _read_all(paths: Sequence[Path], grid: raw_dose.Grid, dosetype: str) -> np.ndarray:
     """Sum of the raw files, each checked; errors name the file."""
     total = np.zeros(grid.shape)
     for path in paths:
         try:
-            dose = geometry.read_raw(str(path), grid)
+            dose = raw_dose.read_raw(str(path), grid)
         except FileNotFoundError as exc:
             raise CaseError(path, "raw dose file not found") from exc
         except ValueError as exc:
@@ -389,7 +390,3 @@ def _read_all(paths: Sequence[Path], grid: geometry.Grid, dosetype: str) -> np.n
             raise CaseError(path, "raw dose contains NaN, infinite or negative values")
         total += dose
     return total
-
-
-if __name__ == "__main__":
-    sys.exit(main())

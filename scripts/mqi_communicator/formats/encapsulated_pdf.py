@@ -17,9 +17,9 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, generate_uid
 
-from . import __version__
-from .dicom_output import copy_patient_study, new_instance
-from .files import atomic_output
+from mqi_communicator import __version__
+from mqi_communicator.files import atomic_output
+from mqi_communicator.formats.dicom_output import copy_patient_study, new_instance
 
 ENCAPSULATED_PDF_SOP_CLASS = UID("1.2.840.10008.5.1.4.1.1.104.1")
 MANUFACTURER = "mqi_communicator"

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .files import write_atomic
+from mqi_communicator.files import write_atomic
 
 RECORDS = "fractions"
 SEEN = "fractions/seen"

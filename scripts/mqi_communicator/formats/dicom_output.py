@@ -7,7 +7,7 @@ from __future__ import annotations
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
 
-from . import __version__
+from mqi_communicator import __version__
 
 # (keyword, Type 2: written empty when the plan lacks it). The frame of reference is not among
 # them: `dose_reference.frame_of_reference` decides it for an RT Dose.

@@ -24,9 +24,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from .files import is_stream_of, sha256_of, write_json_atomic
-from .moqui_input import parse_parameter_file, render_parameter_file
-from .outcome import RAW_PATTERN, SimulationError, judge_run
+from mqi_communicator.files import is_stream_of, sha256_of, write_json_atomic
+from mqi_communicator.formats.moqui_parameters import parse_parameter_file, render_parameter_file
+from mqi_communicator.simulate.outcome import RAW_PATTERN, SimulationError, judge_run
 
 BUILTIN = "builtin"
 
@@ -34,7 +34,7 @@ BUILTIN = "builtin"
 def engine_command(tps_env: str) -> list[str]:
     """`builtin` is this package's engine run by the current Python (no PATH needed under cron)."""
     if tps_env == BUILTIN:
-        return [sys.executable, "-m", "mqi_communicator.engine"]
+        return [sys.executable, "-m", "mqi_communicator.simulate.engine"]
     return shlex.split(tps_env)
 
 
@@ -184,7 +184,3 @@ def main(argv: list[str] | None = None) -> int:
     write_json_atomic(args.record, record)
     print(f"{args.input.name}: {record['engine_output']} on GPU {record['gpu']} in {record['seconds']} s")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -5,7 +5,7 @@ the plan (`beam_geometry.read`), whether a plan's beams may be summed (`plan_sum
 MOQUI's dose grid is placed as DICOM image planes (`image_geometry`) and the ImageComments
 sentence naming the frame (`frame_comment`).
 
-Geometry (see `geometry.beam_axes`). In the default "beam" frame, the frame in which each beam's
+Geometry (see `raw_dose.beam_axes`). In the default "beam" frame, the frame in which each beam's
 dose is compared with the TPS's QA plane, every beam is placed as at gantry 0, head-first supine,
 whatever its gantry angle (the RT Dose's ImageComments say so):
 MOQUI x -> patient x, MOQUI y -> patient z, depth d -> patient y = iso_y - PLANE_DEPTH_MM + d
@@ -40,8 +40,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from . import beam_geometry, dose_reference, geometry
-from .plan import Plan, read_plan
+from mqi_communicator.formats import beam_geometry, dose_reference, raw_dose
+from mqi_communicator.formats.plan import Plan, read_plan
 
 
 def _ds(value: float) -> str:
@@ -63,17 +63,17 @@ def plan_sum_refusal_for(
 
 
 def image_geometry(
-    dose: np.ndarray, grid: geometry.Grid, iso: tuple[float, float, float], axes: np.ndarray
+    dose: np.ndarray, grid: raw_dose.Grid, iso: tuple[float, float, float], axes: np.ndarray
 ) -> tuple[np.ndarray, dict[str, object]]:
     """Dose as (frames, rows, cols) and the Image Plane / Multi-frame attributes (DS strings).
 
-    `axes` (see `geometry.beam_axes`) holds the patient directions of MOQUI x, y and depth; the
+    `axes` (see `raw_dose.beam_axes`) holds the patient directions of MOQUI x, y and depth; the
     pixels are never resampled, only placed: columns run along MOQUI x, rows along MOQUI y (a
     plane) or depth (a volume, whose frames run along MOQUI y)."""
     dx, dy, dz = grid.spacing_mm
     x0, y0, d0 = grid.first_centre_mm
     along_x, along_y, along_depth = (axes[:, k].astype(float) for k in range(3))
-    first = np.asarray(iso, dtype=float) + x0 * along_x + y0 * along_y + (d0 - geometry.PLANE_DEPTH_MM) * along_depth
+    first = np.asarray(iso, dtype=float) + x0 * along_x + y0 * along_y + (d0 - raw_dose.PLANE_DEPTH_MM) * along_depth
 
     def orientation(rows: np.ndarray) -> list[str]:
         return [_ds(v) for v in (*along_x, *rows)]

@@ -1,6 +1,6 @@
 """The built-in engine: a `tps_env`-compatible analytical pencil-beam dose calculation.
 
-Usage: `builtin-tps-env <input.in>` or `python -m mqi_communicator.engine <input.in>`, exactly
+Usage: `builtin-tps-env <input.in>` or `python -m mqi_communicator.simulate.engine <input.in>`, exactly
 as MOQUI's `tps_env` is called (docs/design.md#moqui-engine-contract): the same parameter file, the same CSV folder
 (selected as the SMC fork selects it unless `LogFileSelection name`), the same raw output
 `<OutputDir>/<BeamName>_<k>_Dose.raw` (float64 LE, x fastest) and the same log markers.
@@ -49,14 +49,20 @@ from pathlib import Path
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from . import __version__
-from .beam_modifiers import builtin_engine_problems, shifters_in_beam
-from .errors import CaseError
-from .files import write_atomic
-from .geometry import PHANTOM_3D, PLANE_2CM, PLANE_DEPTH_MM, Grid, output_index
-from .moqui_csv import energy_of_file_name, read_layer_fast
-from .moqui_input import Parameters, parse_parameter_file, select_beam_logdir, validate_parameters
-from .pencil_physics import (
+from mqi_communicator import __version__
+from mqi_communicator.errors import CaseError
+from mqi_communicator.files import write_atomic
+from mqi_communicator.formats.beam_modifiers import builtin_engine_problems, shifters_in_beam
+from mqi_communicator.formats.moqui_csv import energy_of_file_name, read_layer_fast
+from mqi_communicator.formats.moqui_parameters import (
+    Parameters,
+    parse_parameter_file,
+    select_beam_logdir,
+    validate_parameters,
+)
+from mqi_communicator.formats.plan import find_plan, read_plan
+from mqi_communicator.formats.raw_dose import PHANTOM_3D, PLANE_2CM, PLANE_DEPTH_MM, Grid, output_index
+from mqi_communicator.simulate.pencil_physics import (
     GY_PER_MEV_PER_G,
     Shifter,
     bortfeld_dose,
@@ -66,7 +72,6 @@ from .pencil_physics import (
     range_cm,
     sigma_in_air_mm,
 )
-from .plan import find_plan, read_plan
 
 # Re-exported: the engine's physics, as tests and benchmarks read it (pencil_physics).
 __all__ = [
@@ -284,7 +289,7 @@ def run(parameter_file: Path, started: float) -> Path:
     return out
 
 
-HELP = """usage: python -m mqi_communicator.engine INPUT.in      (or: builtin-tps-env INPUT.in)
+HELP = """usage: python -m mqi_communicator.simulate.engine INPUT.in      (or: builtin-tps-env INPUT.in)
 
 The built-in engine, called exactly as MOQUI's tps_env: reads the MOQUI parameter file INPUT.in
 and its CSV folder, writes <OutputDir>/<BeamName>_<k>_Dose.raw (float64, x fastest) and logs to

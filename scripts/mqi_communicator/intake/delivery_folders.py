@@ -12,10 +12,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import ptn
-from .errors import CaseError
-from .files import sha256_of
-from .plan import Beam, Plan
+from mqi_communicator.errors import CaseError
+from mqi_communicator.files import sha256_of
+from mqi_communicator.formats import ptn
+from mqi_communicator.formats.plan import Beam, Plan
 
 DELIVERY_FOLDER_PATTERN = re.compile(r"^\d{16}$")
 PLANINFO_NAME = "PlanInfo.txt"

@@ -17,9 +17,9 @@ from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from .beam_modifiers import RangeShifter, other_modifiers, read_range_shifters
-from .errors import CaseError
-from .plan_check import (
+from mqi_communicator.errors import CaseError
+from mqi_communicator.formats.beam_modifiers import RangeShifter, other_modifiers, read_range_shifters
+from mqi_communicator.formats.plan_check import (
     PRIVATE_SPOT_POSITIONS,
     PRIVATE_SPOT_WEIGHTS,
     beam_meterset,
@@ -351,7 +351,8 @@ def read_plan(path: Path) -> Plan:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m mqi_communicator.plan", description="Summarize an RT Ion Plan as JSON (beams, layers, spots)."
+        prog="python -m mqi_communicator.formats.plan",
+        description="Summarize an RT Ion Plan as JSON (beams, layers, spots).",
     )
     parser.add_argument("plan", type=Path, help="RT Ion Plan file or a case folder holding one")
     args = parser.parse_args(argv)
