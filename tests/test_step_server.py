@@ -1,4 +1,4 @@
-"""The step server and its client (ops/step_server.py, ops/step_client.py): a step started through
+"""The step server and its client (ops/step_server.py, step_client.py): a step started through
 the client behaves like `python -m MODULE` whether a server runs it or not: exit status, streams,
 working folder, environment, umask; a crash or a kill ends only that step."""
 
@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from mqi_communicator import step_client
 from mqi_communicator.ops import step_server
 
 pytestmark = pytest.mark.unit
 
-CLIENT = [sys.executable, "-S", str(step_server.CLIENT)]
+CLIENT = step_client.python_command("")[:-2]
 
 PROBE = textwrap.dedent(
     """
@@ -64,11 +65,11 @@ def probe_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture
 def server(probe_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[step_server.Started]:
-    monkeypatch.delenv(step_server.SOCKET_VARIABLE, raising=False)
+    monkeypatch.delenv(step_client.SOCKET_VARIABLE, raising=False)
     started = step_server.start()
     yield started
     started.close()
-    monkeypatch.delenv(step_server.SOCKET_VARIABLE, raising=False)
+    monkeypatch.delenv(step_client.SOCKET_VARIABLE, raising=False)
 
 
 def step(*args: str, cwd: Path, stdin: str = "", env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -94,7 +95,7 @@ def test_a_step_behaves_the_same_with_and_without_the_server(tmp_path: Path, ser
     times = tmp_path / "times.jsonl"
     env = {"PROBE_VALUE": "from the job", step_server.TIMES_VARIABLE: str(times)}
     results = {}
-    for name, extra in (("server", {}), ("off", {step_server.SOCKET_VARIABLE: "off"})):
+    for name, extra in (("server", {}), ("off", {step_client.SOCKET_VARIABLE: "off"})):
         results[name] = step("echo", "--beam=A B", cwd=work, stdin="from stdin\n", env={**env, **extra})
     assert [r.returncode for r in results.values()] == [0, 0]
     assert results["server"].stdout == results["off"].stdout
@@ -117,7 +118,7 @@ def test_exit_status_and_errors_pass_through_and_the_server_goes_on(
     tmp_path: Path, server: step_server.Started, args: list[str], code: int, stderr: str
 ) -> None:
     failed = step(*args, cwd=tmp_path)
-    off = step(*args, cwd=tmp_path, env={step_server.SOCKET_VARIABLE: "off"})
+    off = step(*args, cwd=tmp_path, env={step_client.SOCKET_VARIABLE: "off"})
     # A shell reports a signal's death as 128 + N; the client does, as it cannot die of it itself.
     assert failed.returncode == code
     assert off.returncode in (code, -signal.SIGSEGV)
@@ -127,9 +128,11 @@ def test_exit_status_and_errors_pass_through_and_the_server_goes_on(
 
 
 def test_real_cli_usage_error_is_the_same(tmp_path: Path, server: step_server.Started) -> None:
-    with_server = subprocess.run([*CLIENT, "-m", "mqi_communicator.plan"], cwd=tmp_path, capture_output=True, text=True)
+    with_server = subprocess.run(
+        [*CLIENT, "-m", "mqi_communicator.formats.plan"], cwd=tmp_path, capture_output=True, text=True
+    )
     without = subprocess.run(
-        [sys.executable, "-m", "mqi_communicator.plan"], cwd=tmp_path, capture_output=True, text=True
+        [sys.executable, "-m", "mqi_communicator.formats.plan"], cwd=tmp_path, capture_output=True, text=True
     )
     assert with_server.returncode == without.returncode == 2
     assert with_server.stderr == without.stderr
@@ -189,9 +192,18 @@ def test_no_server_in_a_slurm_job_nor_for_a_dry_run(tmp_path: Path, server: step
 
 
 def test_the_server_ends_with_its_starter(probe_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(step_server.SOCKET_VARIABLE, raising=False)
+    monkeypatch.delenv(step_client.SOCKET_VARIABLE, raising=False)
     started = step_server.start()
     socket_folder = Path(started.path).parent
     started.close()
     assert started.process.returncode == 0
     assert not socket_folder.exists()
+
+
+def test_a_server_that_died_leaves_the_steps_to_python(tmp_path: Path, server: step_server.Started) -> None:
+    server.process.kill()
+    server.process.wait()
+    times = tmp_path / "times.jsonl"
+    done = step("exit", "4", cwd=tmp_path, env={step_server.TIMES_VARIABLE: str(times)})
+    assert done.returncode == 4
+    assert not served(times)

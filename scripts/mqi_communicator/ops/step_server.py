@@ -31,6 +31,7 @@ import random
 import resource
 import runpy
 import select
+import shlex
 import shutil
 import signal
 import socket
@@ -40,12 +41,12 @@ import sys
 import tempfile
 import time
 import traceback
-from pathlib import Path
+import warnings
 from typing import Any
 
+from mqi_communicator.step_client import SOCKET_VARIABLE, STARTED, python_command
+
 PROG = "python -m mqi_communicator.ops.step_server"
-CLIENT = Path(__file__).with_name("step_client.py")
-SOCKET_VARIABLE = "MQI_STEP_SERVER"  # "off": no server (every step a `python -m` of its own)
 TIMES_VARIABLE = "MQI_STEP_TIMES"
 # Imported before the first fork: what the steps of a case import (each about 0.3-1.5 s).
 PRELOAD = (
@@ -54,13 +55,12 @@ PRELOAD = (
     "pydicom",
     "yaml",
     "matplotlib",
-    "mqi_communicator.intake",
+    "mqi_communicator.intake.__main__",
     "mqi_communicator.interpret",
-    "mqi_communicator.moqui_beam",
     "mqi_communicator.moqui_input",
-    "mqi_communicator.simulate",
-    "mqi_communicator.engine",
-    "mqi_communicator.rtdose",
+    "mqi_communicator.simulate.__main__",
+    "mqi_communicator.simulate.engine",
+    "mqi_communicator.rtdose.__main__",
     "mqi_communicator.report",
     "mqi_communicator.qa.run",
     "mqi_communicator.qa.report_pdf",
@@ -83,9 +83,9 @@ NOTHING_RUNS_PREFIXES = (
 
 
 def client_python() -> str:
-    """The `python` a rule's shell command starts a step with: `python -S step_client.py`
-    (followed by `-m MODULE ARGS`), with or without a server."""
-    return f"{sys.executable} -S {CLIENT}"
+    """The `python` a rule's shell command starts a step with: `python -S -P step_client.py`
+    (followed by `-m MODULE ARGS`), with or without a server (mqi_communicator/step_client.py)."""
+    return shlex.join(python_command("")[:-2])
 
 
 def wanted(argv: list[str]) -> bool:
@@ -113,14 +113,22 @@ def start() -> Started:
     folder = tempfile.mkdtemp(prefix="mqi-steps-")  # mode 0700
     path = os.path.join(folder, "socket")
     lifeline_read, lifeline_write = os.pipe()  # neither end is inherited by the jobs
+    # Listening before the server has started: a step that comes early waits in the backlog.
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(128)
     process = subprocess.Popen(
-        [sys.executable, "-m", "mqi_communicator.ops.step_server", "--socket", path, "--lifeline", str(lifeline_read)],
-        pass_fds=(lifeline_read,),
+        [
+            *(sys.executable, "-m", "mqi_communicator.ops.step_server", "--socket", path),
+            *("--listen-fd", str(listener.fileno()), "--lifeline", str(lifeline_read)),
+        ],
+        pass_fds=(lifeline_read, listener.fileno()),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         start_new_session=True,  # a Ctrl-C reaches Snakemake and the jobs; the server follows Snakemake
     )
     os.close(lifeline_read)
+    listener.close()
     os.environ[SOCKET_VARIABLE] = path
     return Started(path, lifeline_write, process)
 
@@ -195,6 +203,10 @@ def run_step(step: dict[str, Any], fds: list[int]) -> int:
     if numpy is not None:
         numpy.random.seed()
     sys.argv = [step["module"], *step["argv"]]
+    # The module is loaded already (preload): runpy's warning about it says nothing here.
+    warnings.filterwarnings(
+        "ignore", message=".* found in sys.modules after import of package", category=RuntimeWarning
+    )
     code = 0
     try:
         runpy.run_module(step["module"], run_name="__main__", alter_sys=True)
@@ -239,6 +251,10 @@ def handle(conn: socket.socket) -> None:
             os._exit(code)
     for fd in fds:
         os.close(fd)
+    # The step runs: from here on the client reports its outcome (before this, it would run the
+    # step itself had the server gone away).
+    with contextlib.suppress(OSError):
+        conn.sendall(STARTED)
     status = _wait(conn, pid, step, started)
     with contextlib.suppress(OSError):
         conn.sendall(struct.pack("!i", status))
@@ -280,12 +296,9 @@ def _record(step: dict[str, Any], figures: dict[str, Any]) -> None:
             f.write(line + "\n")
 
 
-def serve(path: str, lifeline: int) -> int:
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
-    listener.listen(128)
+def serve(path: str, listen_fd: int, lifeline: int) -> int:
+    listener = socket.socket(fileno=listen_fd)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # through `finally`: the socket goes
-    # Clients that connect while the libraries load wait in the backlog.
     preload()
     usage = resource.getrusage(resource.RUSAGE_SELF)
     times = os.environ.get(TIMES_VARIABLE)
@@ -324,12 +337,11 @@ def serve(path: str, lifeline: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--socket", required=True, help="the Unix socket to listen on (its folder is removed at the end)"
-    )
+    parser.add_argument("--socket", required=True, help="the Unix socket's path (its folder is removed at the end)")
+    parser.add_argument("--listen-fd", type=int, required=True, help="that socket, bound and listening")
     parser.add_argument("--lifeline", type=int, required=True, help="a pipe's read end: EOF ends the server")
     args = parser.parse_args(argv)
-    return serve(args.socket, args.lifeline)
+    return serve(args.socket, args.listen_fd, args.lifeline)
 
 
 if __name__ == "__main__":

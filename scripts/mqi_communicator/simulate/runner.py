@@ -24,6 +24,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from mqi_communicator import step_client
 from mqi_communicator.files import is_stream_of, sha256_of, write_json_atomic
 from mqi_communicator.formats.moqui_parameters import parse_parameter_file, render_parameter_file
 from mqi_communicator.simulate.outcome import RAW_PATTERN, SimulationError, judge_run
@@ -34,7 +35,8 @@ BUILTIN = "builtin"
 def engine_command(tps_env: str) -> list[str]:
     """`builtin` is this package's engine run by the current Python (no PATH needed under cron)."""
     if tps_env == BUILTIN:
-        return [sys.executable, "-m", "mqi_communicator.simulate.engine"]
+        # Through the step client: forked from this run's step server when there is one.
+        return step_client.python_command("mqi_communicator.simulate.engine")
     return shlex.split(tps_env)
 
 

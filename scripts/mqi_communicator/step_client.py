@@ -1,4 +1,4 @@
-"""How a rule's shell command starts a step: `python -S step_client.py -m MODULE ARGS...`.
+"""How a rule's shell command starts a step: `python -S -P step_client.py -m MODULE ARGS...`.
 
 With a step server of this run (MQI_STEP_SERVER names its socket; ops/step_server.py), the step
 runs in a child forked from that server, which has the package and its heavy libraries imported
@@ -9,8 +9,9 @@ Without a server, or in a SLURM job (the step belongs to that job's allocation, 
 node where the server runs), or when the server cannot be reached, it becomes
 `python -m MODULE ARGS...` itself (exec): the same contract (docs/end-to-end-speed.md).
 
-Run by path with `python -S` (no site-packages: ~15 ms to start), so it imports only the
-standard library and nothing of the package.
+Run by path with `python -S -P` (no site-packages, no script folder on sys.path: ~15 ms to
+start), so it imports only the standard library and nothing of the package; `python_command`
+gives that command line to those who start steps.
 """
 
 from __future__ import annotations
@@ -24,8 +25,14 @@ import socket
 import struct
 import sys
 
-SOCKET_VARIABLE = "MQI_STEP_SERVER"
+SOCKET_VARIABLE = "MQI_STEP_SERVER"  # "off": no server (every step a `python -m` of its own)
+STARTED = b"S"  # the server's word that the step runs (its exit status follows)
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def python_command(module: str) -> list[str]:
+    """The command that starts `python -m MODULE` through this client (arguments follow)."""
+    return [sys.executable, "-S", "-P", os.path.abspath(__file__), "-m", module]
 
 
 def run_python(module: str, args: list[str]) -> None:
@@ -55,11 +62,17 @@ def request(module: str, args: list[str]) -> bytes:
     return struct.pack("!I", len(payload)) + payload
 
 
-def run_in_server(conn: socket.socket, module: str, args: list[str]) -> int:
+def run_in_server(conn: socket.socket, module: str, args: list[str]) -> int | None:
+    """The step's exit status; None when the server went away before it started the step."""
     data = request(module, args)
-    # The three standard streams travel with the first bytes; the server reads the rest.
-    sent = conn.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [0, 1, 2]))])
-    conn.sendall(data[sent:])
+    try:
+        # The three standard streams travel with the first bytes; the server reads the rest.
+        sent = conn.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [0, 1, 2]))])
+        conn.sendall(data[sent:])
+        if conn.recv(1) != STARTED:
+            return None
+    except OSError:
+        return None
 
     def forward(signum: int, _frame: object) -> None:
         with contextlib.suppress(OSError):
@@ -79,7 +92,7 @@ def run_in_server(conn: socket.socket, module: str, args: list[str]) -> int:
 
 def main(argv: list[str]) -> int:
     if len(argv) < 2 or argv[0] != "-m":
-        sys.stderr.write("usage: python -S step_client.py -m MODULE [ARGS...]\n")
+        sys.stderr.write("usage: python -S -P step_client.py -m MODULE [ARGS...]\n")
         return 2
     module, args = argv[1], argv[2:]
     conn = connect()
@@ -87,9 +100,12 @@ def main(argv: list[str]) -> int:
         run_python(module, args)
     assert conn is not None
     try:
-        return run_in_server(conn, module, args)
+        code = run_in_server(conn, module, args)
     finally:
         conn.close()
+    if code is None:
+        run_python(module, args)
+    return code or 0
 
 
 if __name__ == "__main__":
