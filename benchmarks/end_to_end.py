@@ -23,7 +23,6 @@ to benchmarks/results/end_to_end.jsonl (benchmark, UTC date, commit, load, figur
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import re
@@ -40,10 +39,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
 from p2_interpret import clinical_case  # noqa: E402
+from results_log import append_result  # noqa: E402
 
 from tests.workflow import write_calibration_record  # noqa: E402
 
-RESULTS = REPO / "benchmarks" / "results" / "end_to_end.jsonl"
 TARGET_IDLE_S, TARGET_BUSY_S = 4.0, 6.0
 # Runs Snakemake in this child process and reports the controller's and its jobs' CPU apart.
 RUSAGE_WRAPPER = """
@@ -172,14 +171,6 @@ def by_rule(steps: list[dict]) -> dict[str, dict]:
     return rules
 
 
-def commit() -> str:
-    done = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(
-        ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
-    )
-    return done.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-
-
 def served_by_step(served: list[dict]) -> dict[str, dict]:
     """The server's lines per step kind: module (and the report's subcommand)."""
     kinds: dict[str, dict] = {}
@@ -254,14 +245,7 @@ def main() -> int:
             busy.kill()
             busy.wait()
     try:
-        record: dict = {
-            "benchmark": "end_to_end",
-            "utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "commit": commit(),
-            "busy": args.busy,
-            "load": [round(load_before, 2), round(load_after, 2)],
-            "repeats": args.repeats,
-        }
+        record: dict = {"load": [round(load_before, 2), round(load_after, 2)], "repeats": args.repeats}
         target = TARGET_BUSY_S if args.busy else TARGET_IDLE_S
         for mode in modes:
             label = "server" if mode else "no_server"
@@ -285,9 +269,7 @@ def main() -> int:
         if steps:
             print_table("per step without the server, run again one after the other:", by_rule(steps))
             record["per_rule_run_again"] = by_rule(steps)
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        with RESULTS.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        print(f"\nappended to {append_result('end_to_end', record, busy=args.busy)}")
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return 0

@@ -67,8 +67,6 @@ PRELOAD = (
     "mqi_communicator.qa.trend",
     "mqi_communicator.qa.fraction_records",
 )
-# Seconds a worker has to end after SIGTERM once its client is gone, before SIGKILL.
-KILL_GRACE_S = 5.0
 # Snakemake options under which no job runs: no server then.
 NOTHING_RUNS = {"-n", "--dry-run", "--dryrun", "--lint", "--unlock", "--report", "--touch", "-t"}
 NOTHING_RUNS_PREFIXES = (
@@ -241,6 +239,7 @@ def handle(conn: socket.socket) -> None:
     pid = os.fork()
     if pid == 0:
         conn.close()
+        os.setpgid(0, 0)  # its own process group: what it starts goes with it (see _wait)
         for signum in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -249,6 +248,8 @@ def handle(conn: socket.socket) -> None:
             code = run_step(step, fds)
         finally:
             os._exit(code)
+    with contextlib.suppress(OSError):
+        os.setpgid(pid, pid)  # also here: the group exists before _wait may need to kill it
     for fd in fds:
         os.close(fd)
     # The step runs: from here on the client reports its outcome (before this, it would run the
@@ -261,29 +262,27 @@ def handle(conn: socket.socket) -> None:
 
 
 def _wait(conn: socket.socket, pid: int, step: dict[str, Any], started: float) -> int:
-    """The worker's exit status as a shell reports it; signals from the client are forwarded, and
-    a client that goes away (its job killed) takes the worker with it."""
+    """The worker's exit status as a shell reports it. Signals the client forwards go to the
+    worker; a client that dies (SIGKILL: its job killed, a power-cut test) takes the worker's
+    process group with it at once, as that signal would have taken a `python -m` step."""
     pidfd = os.pidfd_open(pid)
-    client_gone_at: float | None = None
+    watched = [pidfd, conn]
     while True:
-        timeout = None if client_gone_at is None else KILL_GRACE_S
-        readable, _, _ = select.select([pidfd, conn] if client_gone_at is None else [pidfd], [], [], timeout)
+        readable, _, _ = select.select(watched, [], [])
         if pidfd in readable:
             _pid, status, usage = os.wait4(pid, 0)
             code = os.waitstatus_to_exitcode(status)
             code = 128 - code if code < 0 else code
             _record(step, {"wall_s": time.monotonic() - started, "cpu_s": usage.ru_utime + usage.ru_stime, "rc": code})
             return code
-        if not readable:  # the grace after SIGTERM is over
-            os.kill(pid, signal.SIGKILL)
-            continue
         data = conn.recv(16)
-        if data:
-            for signum in data:
+        for signum in data:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
-        else:
-            os.kill(pid, signal.SIGTERM)
-            client_gone_at = 0.0
+        if not data:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+            watched = [pidfd]
 
 
 def _record(step: dict[str, Any], figures: dict[str, Any]) -> None:
