@@ -90,9 +90,15 @@ def run_in_server(conn: socket.socket, module: str, args: list[str]) -> int | No
     return int(struct.unpack("!i", reply)[0])
 
 
+USAGE = "usage: python -m mqi_communicator.step_client -m MODULE [ARGS...]\n"
+
+
 def main(argv: list[str]) -> int:
+    if argv[:1] in (["-h"], ["--help"]):
+        sys.stdout.write(USAGE + "\n" + (__doc__ or ""))
+        return 0
     if len(argv) < 2 or argv[0] != "-m":
-        sys.stderr.write("usage: python -S -P step_client.py -m MODULE [ARGS...]\n")
+        sys.stderr.write(USAGE)
         return 2
     module, args = argv[1], argv[2:]
     conn = connect()
