@@ -42,30 +42,30 @@ import tempfile
 import time
 import traceback
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 from mqi_communicator.step_client import SOCKET_VARIABLE, STARTED, python_command
 
 PROG = "python -m mqi_communicator.ops.step_server"
 TIMES_VARIABLE = "MQI_STEP_TIMES"
-# Imported before the first fork: what the steps of a case import (each about 0.3-1.5 s).
+# What the steps of a case import (each about 0.3-1.5 s), in the order the steps come: loaded one
+# by one between requests, so the first step need not wait for what only the last one needs.
 PRELOAD = (
     "numpy",
-    "scipy",
     "pydicom",
-    "yaml",
-    "matplotlib",
     "mqi_communicator.intake.__main__",
+    "mqi_communicator.qa.fraction_records",
     "mqi_communicator.interpret",
     "mqi_communicator.moqui_input",
     "mqi_communicator.simulate.__main__",
     "mqi_communicator.simulate.engine",
     "mqi_communicator.rtdose.__main__",
+    "matplotlib.pyplot",
     "mqi_communicator.report",
     "mqi_communicator.qa.run",
     "mqi_communicator.qa.report_pdf",
     "mqi_communicator.qa.trend",
-    "mqi_communicator.qa.fraction_records",
 )
 # Snakemake options under which no job runs: no server then.
 NOTHING_RUNS = {"-n", "--dry-run", "--dryrun", "--lint", "--unlock", "--report", "--touch", "-t"}
@@ -131,15 +131,22 @@ def start() -> Started:
     return Started(path, lifeline_write, process)
 
 
-def preload() -> None:
+def preloads() -> Iterator[None]:
+    """Load the libraries and modules of PRELOAD, then warm the drawing code: one piece a step."""
     import matplotlib
 
     matplotlib.use("Agg")  # headless, as every step that draws selects it
     for name in PRELOAD:
         with contextlib.suppress(ImportError):
             importlib.import_module(name)
+        yield
     with contextlib.suppress(Exception):
         _warm_drawing()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    times = os.environ.get(TIMES_VARIABLE)
+    if times:
+        with open(times, "a") as f:
+            f.write(json.dumps({"module": "(step server start-up)", "cpu_s": usage.ru_utime + usage.ru_stime}) + "\n")
 
 
 def _warm_drawing() -> None:
@@ -266,7 +273,7 @@ def _wait(conn: socket.socket, pid: int, step: dict[str, Any], started: float) -
     worker; a client that dies (SIGKILL: its job killed, a power-cut test) takes the worker's
     process group with it at once, as that signal would have taken a `python -m` step."""
     pidfd = os.pidfd_open(pid)
-    watched = [pidfd, conn]
+    watched = [pidfd, conn.fileno()]
     while True:
         readable, _, _ = select.select(watched, [], [])
         if pidfd in readable:
@@ -298,19 +305,18 @@ def _record(step: dict[str, Any], figures: dict[str, Any]) -> None:
 def serve(path: str, listen_fd: int, lifeline: int) -> int:
     listener = socket.socket(fileno=listen_fd)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # through `finally`: the socket goes
-    preload()
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    times = os.environ.get(TIMES_VARIABLE)
-    if times:
-        with open(times, "a") as f:
-            f.write(json.dumps({"module": "(step server start-up)", "cpu_s": usage.ru_utime + usage.ru_stime}) + "\n")
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # handlers are reaped by the kernel
     uid = os.getuid()
+    loading: Iterator[None] | None = preloads()
     try:
         while True:
-            readable, _, _ = select.select([listener, lifeline], [], [])
+            readable, _, _ = select.select([listener.fileno(), lifeline], [], [], 0 if loading else None)
             if lifeline in readable:
                 return 0  # Snakemake has ended
+            if not readable and loading:
+                if next(loading, StopIteration) is StopIteration:
+                    loading = None
+                continue
             conn, _ = listener.accept()
             creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
             if struct.unpack("3i", creds)[1] != uid:
