@@ -179,7 +179,7 @@ def served_by_step(served: list[dict]) -> dict[str, dict]:
             kinds["(step server start-up)"] = {"n": 1, "wall_s": 0.0, "cpu_s": step["cpu_s"]}
             continue
         name = step["module"].removeprefix("mqi_communicator.")
-        if step["argv"] and not step["argv"][0].startswith("-"):
+        if step["argv"] and re.fullmatch(r"[a-z][a-z-]*", step["argv"][0]):  # a subcommand
             name += " " + step["argv"][0]
         entry = kinds.setdefault(name, {"n": 0, "wall_s": 0.0, "cpu_s": 0.0})
         entry["n"] += 1
