@@ -1,23 +1,25 @@
 """Ready -> verdict on the embedded default: one clinical case through one `snakemake` run.
 
-    .venv/bin/python benchmarks/end_to_end.py [--repeats 3] [--busy] [--no-steps]
+    .venv/bin/python benchmarks/end_to_end.py [--repeats 3] [--busy] [--modes both|server|no-server] [--no-steps]
 
 The clinical case of benchmarks/p2_interpret.py (3 treatment beams, 100 layers, ~2.5 M log
-samples) is built once; each repeat copies it into a fresh scan folder and work folder, writes the
+samples) is built once; each run copies it into a fresh scan folder and work folder, writes the
 site config (scan folder only: everything else the shipped config/config.yaml, built-in engine)
 and a current calibration record, drops `_CASE_READY` and runs ONE `snakemake` with the project's
 Snakefile and its workflow profile (profiles/default: 2 cores, the run recorder), as a plain
 `snakemake` in the project does. Measured: wall time from start to exit, the CPU time of the
-Snakemake controller process and of its jobs (getrusage self / children), and the controller's
-start-up (process start until the run recorder saw the first job start).
+Snakemake controller process and of the jobs (getrusage self / children, plus what the step
+server's lines say its steps and its start-up used: they are not Snakemake's children), and the
+controller's start-up (process start until the first job's log file appeared).
 
-Per-step breakdown (after the timed runs, not during them): every job's shell command, as the
-Snakemake log of the last run printed it, run again one after the other in that run's work folder
-with its inputs in place; wall and CPU (children's rusage) per step, and the sum per rule. The
-sum of the steps against the run's wall time shows what the two cores' parallelism saves.
+Modes, alternated run by run so that both see the same load: with the step server (the default
+of a run; docs/end-to-end-speed.md) and without it (MQI_STEP_SERVER=off: every step its own
+`python -m`). Per step: the step server's line per step of the last served run (MQI_STEP_TIMES),
+and, unless --no-steps, every job's shell command from the Snakemake log of the last run run again
+one after the other without the server, with its inputs in place.
 
---busy keeps one core busy with another process meanwhile (a busy loop). Results are appended
-to benchmarks/results/end_to_end.jsonl (benchmark, UTC date, commit, load, figures).
+--busy keeps one core busy with another process meanwhile (a busy loop). Each run of the benchmark
+appends its figures to benchmarks/results/end_to_end.jsonl (results_log.py).
 """
 
 from __future__ import annotations
