@@ -118,6 +118,23 @@ def _all_finite(dose: np.ndarray) -> bool:
     return bool(np.isfinite(dose.sum()) or np.isfinite(dose).all())
 
 
+def _checked_doses(
+    axes_reference: Any, dose_reference: np.ndarray, axes_evaluation: Any, dose_evaluation: np.ndarray, ndim: int
+) -> tuple[np.ndarray, np.ndarray, list[tuple[float, float]], list[tuple[float, float]]]:
+    """Both doses as float arrays of `ndim` dimensions, all finite, and the (first coordinate,
+    step) of each axis of each grid; a ValueError saying what is wrong otherwise."""
+    kind = "planes" if ndim == 2 else "volumes"
+    reference = np.asarray(dose_reference, dtype=np.float64)
+    full = np.asarray(dose_evaluation, dtype=np.float64)
+    if reference.ndim != ndim or full.ndim != ndim:
+        raise ValueError(f"gamma_{ndim}d takes two {ndim}-D dose {kind}")
+    if not (_all_finite(reference) and _all_finite(full)):
+        raise ValueError(f"dose {kind} must not contain NaN or infinite values")
+    ref_axes = [_axis(axes_reference[a], reference.shape[a], f"reference axis {a}") for a in range(ndim)]
+    eval_axes = [_axis(axes_evaluation[a], full.shape[a], f"evaluated axis {a}") for a in range(ndim)]
+    return reference, full, ref_axes, eval_axes
+
+
 def _cutoff_points(
     reference: np.ndarray, criteria: Criteria, subset: np.ndarray | None = None
 ) -> tuple[float, np.ndarray]:
@@ -153,16 +170,9 @@ def gamma_2d(
     criteria: Criteria,
 ) -> GammaResult:
     """Gamma of `dose_evaluation` against `dose_reference` (2-D, axes as pymedphys takes them)."""
-    reference = np.asarray(dose_reference, dtype=np.float64)
-    full = np.asarray(dose_evaluation, dtype=np.float64)
-    if reference.ndim != 2 or full.ndim != 2:
-        raise ValueError("gamma_2d takes two 2-D dose planes")
-    if not (_all_finite(reference) and _all_finite(full)):
-        raise ValueError("dose planes must not contain NaN or infinite values")
-    r0, s0 = _axis(axes_reference[0], reference.shape[0], "reference axis 0")
-    r1, s1 = _axis(axes_reference[1], reference.shape[1], "reference axis 1")
-    o0, e0 = _axis(axes_evaluation[0], full.shape[0], "evaluated axis 0")
-    o1, e1 = _axis(axes_evaluation[1], full.shape[1], "evaluated axis 1")
+    reference, full, ((r0, s0), (r1, s1)), ((o0, e0), (o1, e1)) = _checked_doses(
+        axes_reference, dose_reference, axes_evaluation, dose_evaluation, 2
+    )
     distances = search_distances(criteria)
     norm, points = _cutoff_points(reference, criteria)
     if points.size == 0:

@@ -28,8 +28,7 @@ import numpy as np
 from mqi_communicator.qa.gamma import (
     Criteria,
     GammaResult,
-    _all_finite,
-    _axis,
+    _checked_doses,
     _cutoff_points,
     _gamma_result,
     search_distances,
@@ -70,14 +69,9 @@ def gamma_3d(
     """Gamma of `dose_evaluation` against `dose_reference` (3-D, axes as pymedphys takes them);
     `subset` (a boolean mask of the reference grid) limits it to those points above the cutoff,
     as pymedphys' `random_subset` does with the points it draws."""
-    reference = np.asarray(dose_reference, dtype=np.float64)
-    full = np.asarray(dose_evaluation, dtype=np.float64)
-    if reference.ndim != 3 or full.ndim != 3:
-        raise ValueError("gamma_3d takes two 3-D dose volumes")
-    if not (_all_finite(reference) and _all_finite(full)):
-        raise ValueError("dose volumes must not contain NaN or infinite values")
-    ref_axes = [_axis(axes_reference[a], reference.shape[a], f"reference axis {a}") for a in range(3)]
-    eval_axes = [_axis(axes_evaluation[a], full.shape[a], f"evaluated axis {a}") for a in range(3)]
+    reference, full, ref_axes, eval_axes = _checked_doses(
+        axes_reference, dose_reference, axes_evaluation, dose_evaluation, 3
+    )
     distances = search_distances(criteria)
     norm, points = _cutoff_points(reference, criteria, subset)
     if points.size == 0:
