@@ -5,7 +5,8 @@
 WORKDIR: the working folder of a finished run (its data/cases/*/intermediate/). Prints, per
 intake.json, qa/qa.json and case_summary.json, the CPU time (best of 5) of the full check (where
 the file is written), of a read with its cheap check (where it is read) and of json.loads alone;
-then the CPU time of importing mqi_communicator.formats.contracts in a fresh interpreter.
+then the CPU time of importing mqi_communicator.formats.contracts in a fresh interpreter. The
+figures are appended to benchmarks/results/contracts.jsonl (results_log.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
+
+from results_log import append_result  # noqa: E402
 
 from mqi_communicator.formats import contracts  # noqa: E402
 
@@ -41,6 +44,7 @@ def best_ms(call: Callable[[], object], number: int) -> float:
 
 def main() -> None:
     work = Path(sys.argv[1])
+    figures: dict[str, float] = {}
     for contract, name in FILES.items():
         for path in sorted((work / "data" / "cases").glob(f"*/intermediate/{name}")):
             data = json.loads(path.read_text())
@@ -48,6 +52,7 @@ def main() -> None:
             read = best_ms(lambda: contracts.read(contract, path), 200)  # noqa: B023
             plain = best_ms(lambda: json.loads(path.read_text()), 200)  # noqa: B023
             case = path.relative_to(work / "data" / "cases").parts[0]
+            figures |= {f"{case}/{name} {k}_ms": round(v, 3) for k, v in [("full", full), ("read", read)]}
             print(f"{name:18} {case:24} full {full:.2f} ms  read+check {read:.3f} ms  json.loads {plain:.3f} ms")
     env = {"PYTHONPATH": str(REPO / "scripts")}
     runs = [
@@ -55,6 +60,8 @@ def main() -> None:
         for _ in range(7)
     ]
     print(f"import formats.contracts: {min(runs):.1f} ms CPU (best of 7)")
+    figures["import_ms"] = round(min(runs), 2)
+    print(f"appended to {append_result('contracts', figures, busy=False, note='CPU time, best of 5')}")
 
 
 if __name__ == "__main__":
