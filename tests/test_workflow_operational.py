@@ -133,3 +133,7 @@ def test_the_schema_list_of_operational_settings_drives_the_reruns(tmp_path: Pat
     layout = planned_rules(work, edited(base, {("interpreter", "csv_layout"): "single_line"}))
     assert any("Params have changed" in reason for reason in layout.get("intake", [])), layout
     assert {"interpret", "moqui_input", "simulate"} <= layout.keys(), layout
+    # The engine decides what intake says of range shifters and which modifiers it refuses, so
+    # intake reads `executables` too (it once saw the default, the built-in engine, at every site).
+    engine = planned_rules(work, edited(base, {("executables", "moqui"): "tps_env"}))
+    assert any("Params have changed" in reason for reason in engine.get("intake", [])), engine
