@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import queue
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -84,6 +86,50 @@ def _read_log(path: Path, size: int) -> np.ndarray:
     return ptn.rows_of(data, path)
 
 
+class _OutputFiles:
+    """Writes P2's files atomically and records each one's sha256 (of the bytes in hand) in
+    `known`: stage-in reports these digests instead of reading the files again to hash them.
+
+    The writing and hashing happen in a second thread while the next layer is encoded (both
+    release the GIL): with a core free, P2's run is that much shorter; with none, the thread only
+    takes turns with the encoder (docs/p2-speed.md). An error in the thread is raised by the next
+    `write` or by leaving the `with` block."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+        self.known = KnownDigests()
+        self._queue: queue.Queue[tuple[Path, bytes | memoryview] | None] = queue.Queue(maxsize=4)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="p2-writer", daemon=True)
+
+    def __enter__(self) -> _OutputFiles:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None and exc_info[0] is None:
+            raise self._error
+
+    def write(self, path: Path, data: bytes | memoryview) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put((path, data))
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is not None:
+                continue  # drain: the main thread raises the first error
+            path, data = item
+            try:
+                with atomic_output(path) as handle:
+                    handle.write(data)
+                self.known.add(path, path.relative_to(self.out_dir).as_posix(), hashlib.sha256(data).hexdigest())
+            except BaseException as exc:  # handed to the main thread, which raises it
+                self._error = exc
+
+
 def interpret_case(manifest: dict[str, Any], config: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     """Write the P2 layout for every simulated beam; returns a summary (files, samples)."""
     case_dir = Path(manifest["case_dir"])
@@ -93,50 +139,66 @@ def interpret_case(manifest: dict[str, Any], config: dict[str, Any], out_dir: Pa
         raise CaseError(plan_path, "changed since intake; run the case again")
     calibration = ptn.RoomCalibration.from_config(config["rooms"][manifest["room"]])
     layout = config["interpreter"]["csv_layout"]
-    # Every file written is recorded with its sha256 (of the bytes in hand) in the summary's
-    # "files": stage-in reports these digests instead of reading the files again to hash them.
-    known = KnownDigests()
-
-    def write_output(path: Path, data: bytes | memoryview) -> None:
-        with atomic_output(path) as handle:
-            handle.write(data)
-        known.add(path, path.relative_to(out_dir).as_posix(), hashlib.sha256(data).hexdigest())
-
-    write_output(out_dir / "plan" / plan_path.name, plan_bytes)
-    summary: dict[str, Any] = {"case_id": manifest["case_id"], "mode": manifest["mode"], "layout": layout, "beams": []}
+    summary: dict[str, Any] = {"case_id": manifest["case_id"], "mode": manifest["mode"], "layout": layout}
     simulated = [b for b in manifest["beams"] if b["simulate"]]
     names = [b["sanitized_name"] for b in simulated]
     if len(names) != len(set(names)):
         raise CaseError(plan_path, f"two beams share a folder name after sanitizing: {names}")
-    if manifest["mode"] == "plan":
-        from mqi_communicator.formats.plan import read_plan
+    with _OutputFiles(out_dir) as files:
+        files.write(out_dir / "plan" / plan_path.name, plan_bytes)
+        if manifest["mode"] == "plan":
+            summary["beams"] = _plan_beams(plan_path, simulated, calibration, config, files)
+        else:
+            summary["beams"] = _log_beams(manifest, simulated, calibration, config, files)
+    summary["files"] = files.known.entries
+    return summary
 
-        plan = read_plan(plan_path)
-        for beam_entry in simulated:
-            beam = plan.beam(beam_entry["number"])
-            assert beam is not None  # intake checked every beam number against the plan
-            if refusal := plan_sample_refusal(beam, calibration, config):
-                raise CaseError(plan_path, refusal)
-            beam_dir = out_dir / "log" / beam_entry["sanitized_name"]
-            beam_dir.mkdir(parents=True, exist_ok=True)
-            written: list[dict[str, Any]] = []
-            for number, layer in enumerate(beam.layers, start=1):
-                data = plan_layer_samples(layer, calibration, config)
-                name = moqui_csv.layer_file_name(number, layer.energy_mev, len(beam.layers))
-                write_output(beam_dir / name, data)
-                written.append({"file": name, "layer": number, "bytes": len(data)})
-            summary["beams"].append(
-                {"number": beam.number, "name": beam.name, "folder": beam_dir.name, "layers": written}
-            )
-        summary["files"] = known.entries
-        return summary
+
+def _plan_beams(
+    plan_path: Path,
+    simulated: list[dict[str, Any]],
+    calibration: ptn.RoomCalibration,
+    config: dict[str, Any],
+    files: _OutputFiles,
+) -> list[dict[str, Any]]:
+    from mqi_communicator.formats.plan import read_plan
+
+    plan = read_plan(plan_path)
+    beams = []
+    for beam_entry in simulated:
+        beam = plan.beam(beam_entry["number"])
+        assert beam is not None  # intake checked every beam number against the plan
+        if refusal := plan_sample_refusal(beam, calibration, config):
+            raise CaseError(plan_path, refusal)
+        beam_dir = files.out_dir / "log" / beam_entry["sanitized_name"]
+        beam_dir.mkdir(parents=True, exist_ok=True)
+        written: list[dict[str, Any]] = []
+        for number, layer in enumerate(beam.layers, start=1):
+            data = plan_layer_samples(layer, calibration, config)
+            name = moqui_csv.layer_file_name(number, layer.energy_mev, len(beam.layers))
+            files.write(beam_dir / name, data)
+            written.append({"file": name, "layer": number, "bytes": len(data)})
+        beams.append({"number": beam.number, "name": beam.name, "folder": beam_dir.name, "layers": written})
+    return beams
+
+
+def _log_beams(
+    manifest: dict[str, Any],
+    simulated: list[dict[str, Any]],
+    calibration: ptn.RoomCalibration,
+    config: dict[str, Any],
+    files: _OutputFiles,
+) -> list[dict[str, Any]]:
+    case_dir = Path(manifest["case_dir"])
+    interp = config["interpreter"]
     encoder = LogCsvEncoder(
-        calibration, config["monitor_range_factors"], config["interpreter"]["dose_dividing_factor"], layout
+        calibration, config["monitor_range_factors"], interp["dose_dividing_factor"], interp["csv_layout"]
     )
     deliveries = {d["folder"]: d for d in manifest["deliveries"]}
+    beams = []
     for beam_entry in simulated:
         energies = beam_entry["energies_mev"]  # the plan's layers, as intake read them
-        beam_dir = out_dir / "log" / beam_entry["sanitized_name"]
+        beam_dir = files.out_dir / "log" / beam_entry["sanitized_name"]
         beam_dir.mkdir(parents=True, exist_ok=True)
         # A layer interrupted and resumed is logged in two deliveries: its CSV is both logs,
         # in delivery order, its rows numbered on (docs/fractions.md). The layer number is the
@@ -155,7 +217,7 @@ def interpret_case(manifest: dict[str, Any], config: dict[str, Any], out_dir: Pa
         written = []
         for number, parts, layer_rows in layers:
             name = moqui_csv.layer_file_name(number, energies[number - 1], len(energies))
-            write_output(beam_dir / name, encoder.encode_layer(layer_rows).data)  # written and hashed in place
+            files.write(beam_dir / name, encoder.encode_layer(layer_rows).data)  # written and hashed in place
             written.append(
                 {
                     "file": name,
@@ -164,11 +226,10 @@ def interpret_case(manifest: dict[str, Any], config: dict[str, Any], out_dir: Pa
                     "ptn": " + ".join(f"{part.folder}/{part.file}" for part in parts),
                 }
             )
-        summary["beams"].append(
+        beams.append(
             {"number": beam_entry["number"], "name": beam_entry["name"], "folder": beam_dir.name, "layers": written}
         )
-    summary["files"] = known.entries
-    return summary
+    return beams
 
 
 def check_layout(manifest: dict[str, Any], out_dir: Path) -> None:
