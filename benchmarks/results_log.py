@@ -6,17 +6,22 @@ the history stays in the file, not in the docs.
 
     from results_log import append_result
     append_result("gamma", {"near_passing_ms": 2.0, ...}, busy=False)
+
+The benchmarks call it at the end of every run; commit the lines a docs figure quotes.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import platform
 import subprocess
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -31,8 +36,9 @@ def _commit() -> str:
     return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "") if head.returncode == 0 else "unknown"
 
 
-def append_result(benchmark: str, figures: dict[str, Any], *, busy: bool, note: str = "") -> Path:
-    """Append one run's figures; returns the file written."""
+def append_result(benchmark: str, figures: dict[str, Any], *, busy: bool | None = None, note: str = "") -> Path:
+    """Append one run's figures; returns the file written. `busy`: whether another process kept a
+    core busy throughout; None when the figures hold both (keys say which is which)."""
     line = {
         "benchmark": benchmark,
         "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -50,3 +56,31 @@ def append_result(benchmark: str, figures: dict[str, Any], *, busy: bool, note: 
     with path.open("a") as out:
         out.write(json.dumps(line, sort_keys=True) + "\n")
     return path
+
+
+class _Tee(io.TextIOBase):
+    """Writes to the real stdout and keeps a copy."""
+
+    def __init__(self, real: TextIO) -> None:
+        self.real, self.copy = real, io.StringIO()
+
+    def write(self, text: str) -> int:
+        self.copy.write(text)
+        return self.real.write(text)
+
+    def flush(self) -> None:
+        self.real.flush()
+
+
+def recorded(benchmark: str, main: Callable[[], int | None]) -> int:
+    """Run a benchmark's `main` and append what it printed (its figures table) with its exit
+    status and arguments: `sys.exit(recorded("gamma", main))`."""
+    tee = _Tee(sys.stdout)
+    sys.stdout = tee
+    try:
+        status = main() or 0
+    finally:
+        sys.stdout = tee.real
+    lines = [line for line in tee.copy.getvalue().splitlines() if line.strip()]
+    append_result(benchmark, {"exit_status": status, "args": sys.argv[1:], "output": lines})
+    return status
