@@ -257,7 +257,8 @@ def main() -> int:
                 result["ratio_vs_naive"] = round(naive / result["ours_median_wall_s"], 1)
                 print(f"  reference (naive per-row writer, scaled): {naive:.1f} s -> {result['ratio_vs_naive']:.1f}x")
             figures[condition] = result
-            path = append_result("p2_interpret", result, busy=condition == "busy")
+    figures["ratio"] = {condition: result.get("ratio") for condition, result in figures.items()}
+    path = append_result("p2_interpret", figures, busy=None if args.busy else False)
     print(f"\nfigures appended to {path.relative_to(REPO)}")
     return 0
 
