@@ -97,3 +97,5 @@ def test_empty_layer_and_bad_range_code(config: dict) -> None:
         encoder.encode(hard_log(cal, 20, seed=0), 6)
     with pytest.raises(ValueError, match="unknown CSV layout"):
         LogCsvEncoder(cal, config["monitor_range_factors"], 1.0, "columns")
+    with pytest.raises(ValueError, match="4 factors, one per DOSE1_RANGE code 1-5 needed"):
+        LogCsvEncoder(cal, config["monitor_range_factors"][:4], 1.0, "rows")

@@ -4,9 +4,10 @@ whole process stays a small fraction of the clinic's converter on a clinical cas
 
 Every value of a row comes from a small set: x and y are one of 65,536 raw values, the count one
 of 65,536 dose1 values per monitor range code, the time the row number times TIMEGAIN. So each
-column's text (the value as `moqui_csv` prints it, then its separator) is formatted once per case,
-only for the entries the logs use, into a lookup table, and a layer is assembled by copying each
-row's table entries to their places in one output buffer, a column at a time:
+column's text (the value as `moqui_csv` prints it, then its separator) is formatted once, only
+for the entries the logs use, into a lookup table kept for the whole case, and a layer is
+assembled by copying each row's table entries to their places in one output buffer, a column at
+a time:
 
 - count, y and x, in that order: each entry is copied as a fixed-width window that ends where the
   field ends (the entry right-aligned in it); what the window holds left of the field lands on
@@ -164,9 +165,12 @@ class LogCsvEncoder:
     ) -> None:
         if layout not in moqui_csv.LAYOUTS:
             raise ValueError(f"unknown CSV layout {layout!r}; expected one of {moqui_csv.LAYOUTS}")
+        if len(range_factors) != RANGE_CODES:
+            raise ValueError(
+                f"monitor_range_factors: {len(range_factors)} factors, one per DOSE1_RANGE code 1-5 needed"
+            )
         self.layout = layout
-        factors = np.zeros(RANGE_CODES, dtype=np.float64)
-        factors[: len(range_factors)] = range_factors[:RANGE_CODES]
+        factors = np.asarray(range_factors, dtype=np.float64)
 
         def counts(entries: np.ndarray) -> np.ndarray:
             # Entry (code - 1) * 65536 + dose1: round(dose1 x range factor / dividing factor).
