@@ -239,3 +239,18 @@ def test_a_file_that_cannot_be_written_fails_p2_naming_it(tmp_path: Path, config
     error = capsys.readouterr().err
     assert "P2 FAILED for case c1: [Errno 21] Is a directory" in error and f"'{blocked}'" in error
     assert not [p.name for p in blocked.parent.iterdir() if p.name.endswith(".tmp")]  # no half file left
+
+
+def test_manifest_without_layer_energies_reads_them_from_the_plan(tmp_path: Path, config: dict) -> None:
+    """intake.json's contract leaves energies_mev optional: P2 then takes them from the plan."""
+    case = casegen.write_case(tmp_path / "scan", "c1")
+    manifest = build_manifest(case, config)
+    interpret_case(manifest, config, tmp_path / "with")
+    for beam in manifest["beams"]:
+        del beam["energies_mev"]
+    interpret_case(manifest, config, tmp_path / "without")
+    written = sorted(p.relative_to(tmp_path / "with") for p in (tmp_path / "with").rglob("*.csv"))
+    assert written and written == sorted(
+        p.relative_to(tmp_path / "without") for p in (tmp_path / "without").rglob("*.csv")
+    )
+    assert all((tmp_path / "with" / p).read_bytes() == (tmp_path / "without" / p).read_bytes() for p in written)

@@ -55,7 +55,12 @@ def test_a_changed_schema_is_validated_again(cache: Path, tmp_path: Path, monkey
     changed = tmp_path / "schema.yaml"
     changed.write_text(yaml.safe_dump(schema))
     monkeypatch.setattr(settings, "SCHEMA_PATH", changed)
-    assert settings.load(text)["interpreter"]["csv_layout"] == "single_line"
+    settings._schema_text.cache_clear()  # read once per process; this test changes it mid-process
+    try:
+        assert settings.load(text)["interpreter"]["csv_layout"] == "single_line"
+    finally:
+        monkeypatch.undo()
+        settings._schema_text.cache_clear()
     assert len(list(cache.glob("*.json"))) == 2
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from mqi_communicator import settings
 from mqi_communicator.errors import CaseError
 from mqi_communicator.files import KnownDigests, atomic_output, write_json_atomic
-from mqi_communicator.formats import moqui_csv, ptn
+from mqi_communicator.formats import contracts, moqui_csv, ptn
 from mqi_communicator.formats.log_csv import LogCsvEncoder
 from mqi_communicator.intake.fractions import layer_parts
 
@@ -182,6 +182,16 @@ def _plan_beams(
     return beams
 
 
+def _plan_energies(manifest: dict[str, Any], beam_number: int) -> list[float]:
+    """A beam's layer energies from the plan, for a manifest that does not carry them (intake
+    writes them, read from this very plan; the contract leaves them optional)."""
+    from mqi_communicator.formats.plan import read_plan
+
+    beam = read_plan(Path(manifest["case_dir"]) / manifest["plan"]["path"]).beam(beam_number)
+    assert beam is not None  # intake checked every beam number against the plan
+    return [layer.energy_mev for layer in beam.layers]
+
+
 def _log_beams(
     manifest: dict[str, Any],
     simulated: list[dict[str, Any]],
@@ -197,7 +207,7 @@ def _log_beams(
     deliveries = {d["folder"]: d for d in manifest["deliveries"]}
     beams = []
     for beam_entry in simulated:
-        energies = beam_entry["energies_mev"]  # the plan's layers, as intake read them
+        energies = beam_entry.get("energies_mev") or _plan_energies(manifest, beam_entry["number"])
         beam_dir = files.out_dir / "log" / beam_entry["sanitized_name"]
         beam_dir.mkdir(parents=True, exist_ok=True)
         # A layer interrupted and resumed is logged in two deliveries: its CSV is both logs,
@@ -294,9 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = settings.load(args.settings)
         if args.manifest:
-            import json
-
-            manifest = json.loads(args.manifest.read_text())
+            manifest = contracts.read("intake", args.manifest)
         else:
             from mqi_communicator.intake.case import build_manifest
 

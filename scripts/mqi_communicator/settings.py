@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -39,15 +40,27 @@ def _extend_with_defaults(validator_class: Any) -> Any:
     return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
 
 
+@functools.cache
+def _schema_text() -> str:
+    return SCHEMA_PATH.read_text()
+
+
+def load_schema() -> dict[str, Any]:
+    """The configuration schema (a fresh copy: the validator fills defaults from it)."""
+    import yaml
+
+    # libyaml's parser where PyYAML has it: the pure-Python one takes ~0.1 s for the schema.
+    schema: dict[str, Any] = yaml.load(_schema_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    return schema
+
+
 def validate(config: dict[str, Any]) -> dict[str, Any]:
     """Validate in place and fill defaults; raises ValueError naming the offending key."""
     # jsonschema and yaml are imported here, not with the module: together ~0.1 s of start-up
     # that a CLI whose configuration was validated before need not pay (`validated`).
     import jsonschema
-    import yaml
 
-    # libyaml's parser where PyYAML has it: the pure-Python one takes ~0.1 s for the schema.
-    schema = yaml.load(SCHEMA_PATH.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    schema = load_schema()
     validator = _extend_with_defaults(jsonschema.Draft202012Validator)(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
@@ -114,6 +127,53 @@ def yaml_problem(path: str | Path) -> str | None:
 
 
 RUNTIME_VARIABLE = "MQI_RUNTIME_SETTINGS"
+# The schema's mark of an operational setting: one whose change must never rerun a step
+# (docs/development.md#configuration). Declared there once; everything else derives from it.
+OPERATIONAL_KEYWORD = "x-operational"
+
+
+def operational_keys(schema: dict[str, Any] | None = None) -> list[tuple[str, ...]]:
+    """The key paths the schema marks operational (`x-operational: true`), e.g.
+    ("simulation", "timeout_seconds"), or ("application",) for a whole section."""
+    found: list[tuple[str, ...]] = []
+
+    def walk(node: dict[str, Any], path: tuple[str, ...]) -> None:
+        for name, sub in node.get("properties", {}).items():
+            if sub.get(OPERATIONAL_KEYWORD) is True:
+                found.append((*path, name))
+            else:
+                walk(sub, (*path, name))
+
+    walk(schema if schema is not None else load_schema(), ())
+    return found
+
+
+def operational_part(config: dict[str, Any], keys: list[tuple[str, ...]]) -> dict[str, Any]:
+    """Only the operational settings of a config (what reaches the steps in RUNTIME_VARIABLE)."""
+    part: dict[str, Any] = {}
+    for path in keys:
+        value: Any = config
+        for name in path:
+            if not isinstance(value, dict) or name not in value:
+                break
+            value = value[name]
+        else:
+            target = part
+            for name in path[:-1]:
+                target = target.setdefault(name, {})
+            target[path[-1]] = value
+    return part
+
+
+def result_part(value: Any, path: tuple[str, ...], keys: list[tuple[str, ...]]) -> Any:
+    """A config value (at key path `path`) without its operational settings: what a step's
+    params carry, so that only a change of a result setting reruns it. A wholly operational
+    section gives {}."""
+    if path in keys:
+        return {}
+    if not isinstance(value, dict):
+        return value
+    return {name: result_part(sub, (*path, name), keys) for name, sub in value.items() if (*path, name) not in keys}
 
 
 def load(value: str) -> dict[str, Any]:
@@ -156,7 +216,7 @@ def validated(config: dict[str, Any]) -> dict[str, Any]:
         exact = False
     if not exact:
         return validate(config)
-    path = folder / (hashlib.sha256(SCHEMA_PATH.read_bytes() + b"\0" + text.encode()).hexdigest() + ".json")
+    path = folder / (hashlib.sha256(_schema_text().encode() + b"\0" + text.encode()).hexdigest() + ".json")
     with contextlib.suppress(OSError, ValueError):
         remembered = json.loads(path.read_text())
         if isinstance(remembered, dict):
