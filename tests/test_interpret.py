@@ -228,7 +228,7 @@ def test_log_mode_start_up_reads_no_plan_and_validates_settings_once(tmp_path: P
 
 
 def test_a_file_that_cannot_be_written_fails_p2_naming_it(tmp_path: Path, config: dict, capsys) -> None:
-    """Files are written in a second thread; its error still fails the step, with the path."""
+    """A layer file that cannot be written fails the step, naming the file, and leaves no half file."""
     case = casegen.write_case(tmp_path / "scan", "c1")
     manifest = tmp_path / "intake.json"
     manifest.write_text(json.dumps(build_manifest(case, config)))

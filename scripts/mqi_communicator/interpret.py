@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import queue
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -87,47 +85,19 @@ def _read_log(path: Path, size: int) -> np.ndarray:
 
 
 class _OutputFiles:
-    """Writes P2's files atomically and records each one's sha256 (of the bytes in hand) in
-    `known`: stage-in reports these digests instead of reading the files again to hash them.
-
-    The writing and hashing happen in a second thread while the next layer is encoded (both
-    release the GIL): with a core free, P2's run is that much shorter; with none, the thread only
-    takes turns with the encoder (docs/p2-speed.md). An error in the thread is raised by the next
-    `write` or by leaving the `with` block."""
+    """Writes P2's files atomically and records each one's sha256 (of the bytes in hand, hashed
+    where they are, not copied) in `known`: stage-in reports these digests instead of reading the
+    files again to hash them. (Writing and hashing in a second thread while the next layer is
+    encoded measured no faster on a loaded 2-core machine and cost CPU: docs/p2-speed.md.)"""
 
     def __init__(self, out_dir: Path) -> None:
         self.out_dir = out_dir
         self.known = KnownDigests()
-        self._queue: queue.Queue[tuple[Path, bytes | memoryview] | None] = queue.Queue(maxsize=4)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="p2-writer", daemon=True)
-
-    def __enter__(self) -> _OutputFiles:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._queue.put(None)
-        self._thread.join()
-        if self._error is not None and exc_info[0] is None:
-            raise self._error
 
     def write(self, path: Path, data: bytes | memoryview) -> None:
-        if self._error is not None:
-            raise self._error
-        self._queue.put((path, data))
-
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            if self._error is not None:
-                continue  # drain: the main thread raises the first error
-            path, data = item
-            try:
-                with atomic_output(path) as handle:
-                    handle.write(data)
-                self.known.add(path, path.relative_to(self.out_dir).as_posix(), hashlib.sha256(data).hexdigest())
-            except BaseException as exc:  # handed to the main thread, which raises it
-                self._error = exc
+        with atomic_output(path) as handle:
+            handle.write(data)
+        self.known.add(path, path.relative_to(self.out_dir).as_posix(), hashlib.sha256(data).hexdigest())
 
 
 def interpret_case(manifest: dict[str, Any], config: dict[str, Any], out_dir: Path) -> dict[str, Any]:
@@ -144,12 +114,12 @@ def interpret_case(manifest: dict[str, Any], config: dict[str, Any], out_dir: Pa
     names = [b["sanitized_name"] for b in simulated]
     if len(names) != len(set(names)):
         raise CaseError(plan_path, f"two beams share a folder name after sanitizing: {names}")
-    with _OutputFiles(out_dir) as files:
-        files.write(out_dir / "plan" / plan_path.name, plan_bytes)
-        if manifest["mode"] == "plan":
-            summary["beams"] = _plan_beams(plan_path, simulated, calibration, config, files)
-        else:
-            summary["beams"] = _log_beams(manifest, simulated, calibration, config, files)
+    files = _OutputFiles(out_dir)
+    files.write(out_dir / "plan" / plan_path.name, plan_bytes)
+    if manifest["mode"] == "plan":
+        summary["beams"] = _plan_beams(plan_path, simulated, calibration, config, files)
+    else:
+        summary["beams"] = _log_beams(manifest, simulated, calibration, config, files)
     summary["files"] = files.known.entries
     return summary
 
