@@ -23,6 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO))  # the synthetic plan writer lives in tests/
 
+from results_log import recorded  # noqa: E402  (benchmarks/, beside this file)
+
 from mqi_communicator import files  # noqa: E402
 from mqi_communicator.formats import moqui_csv, moqui_parameters  # noqa: E402
 from mqi_communicator.formats.raw_dose import PLANE_2CM, PLANE_DEPTH_MM  # noqa: E402
@@ -193,4 +195,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(recorded("engine_2cm", main))

@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from results_log import recorded  # benchmarks/, beside this file
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "scripts")]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
@@ -204,4 +206,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(recorded("history", main))
