@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 from scipy.spatial import cKDTree
 
+from mqi_communicator.errors import InputError
+
 ROW_BYTES = 16
 COLUMNS = ("x", "y", "x_size", "y_size", "dose1", "dose2", "layer", "flags")
 FLAG_PLANNED_BEAM_ON = 1 << 15
@@ -50,7 +52,7 @@ class RoomCalibration:
         energies = tuple(float(e) for e in table.get("energies_mev", ()))
         factors = tuple(float(f) for f in table.get("factors", ()))
         if len(energies) != len(factors) or list(energies) != sorted(energies):
-            raise ValueError(
+            raise InputError(
                 "mu_per_count_energy_factor needs as many factors as energies_mev, energies ascending "
                 f"(got {len(energies)} energies, {len(factors)} factors)"
             )
@@ -92,7 +94,7 @@ def layer_number(path: Path) -> int:
     """The layer number in a PTN file's name, whatever its zero padding (`_7`, `_007`, `_120`)."""
     match = LAYER_NUMBER_PATTERN.search(path.name)
     if match is None:
-        raise ValueError(f"{path}: no layer number in the file name (expected <name>_<layer>.ptn)")
+        raise InputError(f"{path}: no layer number in the file name (expected <name>_<layer>.ptn)")
     return int(match.group(1))
 
 
@@ -157,7 +159,7 @@ def check_size(path: Path) -> int:
     """Number of rows; raises ValueError naming the file when the size is not whole rows."""
     size = path.stat().st_size
     if size % ROW_BYTES:
-        raise ValueError(f"{path}: size {size} bytes is not a multiple of {ROW_BYTES} (8 big-endian uint16 per row)")
+        raise InputError(f"{path}: size {size} bytes is not a multiple of {ROW_BYTES} (8 big-endian uint16 per row)")
     return size // ROW_BYTES
 
 
@@ -171,9 +173,9 @@ def write_ptn(path: Path, rows: np.ndarray) -> None:
     """Write (N, 8) integer rows as a PTN file (used by the synthetic case generator)."""
     data = np.asarray(rows)
     if data.ndim != 2 or data.shape[1] != 8:
-        raise ValueError(f"PTN rows must be (N, 8), got {data.shape}")
+        raise InputError(f"PTN rows must be (N, 8), got {data.shape}")
     if data.min(initial=0) < 0 or data.max(initial=0) > 0xFFFF:
-        raise ValueError("PTN values must fit in uint16")
+        raise InputError("PTN values must fit in uint16")
     path.write_bytes(data.astype(">u2").tobytes())
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from mqi_communicator.errors import InputError
 from mqi_communicator.qa.gamma import Criteria, GammaResult, _all_finite, _axis, search_distances
 from mqi_communicator.qa.gamma_search import WindowBounds, _shell_step
 from mqi_communicator.qa.gamma_sphere import (
@@ -101,9 +102,9 @@ def gamma_3d(
     reference = np.asarray(dose_reference, dtype=np.float64)
     full = np.asarray(dose_evaluation, dtype=np.float64)
     if reference.ndim != 3 or full.ndim != 3:
-        raise ValueError("gamma_3d takes two 3-D dose volumes")
+        raise InputError("gamma_3d takes two 3-D dose volumes")
     if not (_all_finite(reference) and _all_finite(full)):
-        raise ValueError("dose volumes must not contain NaN or infinite values")
+        raise InputError("dose volumes must not contain NaN or infinite values")
     ref_axes = [_axis(axes_reference[a], reference.shape[a], f"reference axis {a}") for a in range(3)]
     eval_axes = [_axis(axes_evaluation[a], full.shape[a], f"evaluated axis {a}") for a in range(3)]
     distances = search_distances(criteria)
@@ -114,7 +115,7 @@ def gamma_3d(
     above = reference >= criteria.cutoff_percent / 100 * norm
     if subset is not None:
         if np.shape(subset) != reference.shape:
-            raise ValueError(f"subset has shape {np.shape(subset)}, the reference {reference.shape}")
+            raise InputError(f"subset has shape {np.shape(subset)}, the reference {reference.shape}")
         above &= np.asarray(subset, dtype=bool)
     points = np.flatnonzero(above.ravel())
     if points.size == 0:
