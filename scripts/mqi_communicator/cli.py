@@ -7,8 +7,9 @@ What it raises decides the rest:
 - an `MqiError` (the case's files, the settings, the network, ...): one line
   `<STEP> FAILED for <what>: <message>` (`WAITING` for a case still waiting) and one marker line
   `mqi-failure {"kind": ..., ...}`, exit status 1 (or the error's own `exit_status`);
-- an `OSError` that no parser turned into an `MqiError` (a full disk, a lost mount, a file that
-  vanished under the step): the same, kind `transient`;
+- an `OSError` that no parser turned into an `MqiError`: the same; kind `transient` where the
+  machine failed (`MACHINE_ERRNOS`: a full disk, an I/O error, a stale mount, a file-size limit),
+  `permanent` where a path cannot be read or written (missing, a folder, no permission);
 - anything else is a bug in this package: Python's traceback, then the marker with kind
   `software`, exit status 1. It is never recorded as the case's permanent fault.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import sys
 import traceback
@@ -26,10 +28,28 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mqi_communicator.errors import SOFTWARE, TRANSIENT, WAITING, MqiError
+from mqi_communicator.errors import PERMANENT, SOFTWARE, TRANSIENT, WAITING, MqiError
 from mqi_communicator.files import is_stream_of
 
 MARKER = "mqi-failure "
+# What the machine, not a path the step was given, says: the same step may pass on a later run.
+MACHINE_ERRNOS = frozenset(
+    {
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.EIO,
+        errno.ESTALE,
+        errno.EFBIG,
+        errno.ENOMEM,
+        errno.EAGAIN,
+        errno.EMFILE,
+        errno.ENFILE,
+        errno.EROFS,
+        errno.EPIPE,
+        errno.ETIMEDOUT,
+        errno.EINTR,
+    }
+)
 
 
 def marker_line(kind: str, step: str, error: str, message: str) -> str:
@@ -80,7 +100,8 @@ def run(
         kind, status, error = exc.failure_kind, int(getattr(exc, "exit_status", 1)), str(exc)
         name = type(exc).__name__
     except OSError as exc:
-        kind, status, error, name = TRANSIENT, 1, str(exc), type(exc).__name__
+        kind = TRANSIENT if exc.errno in MACHINE_ERRNOS else PERMANENT
+        status, error, name = 1, str(exc), type(exc).__name__
     except Exception as exc:
         traceback.print_exc()
         line = f"{label} FAILED{_for(subject, args)}: software fault, not the case's: {type(exc).__name__}: {exc}"

@@ -17,6 +17,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
+from mqi_communicator import cli
 from mqi_communicator.errors import CaseError, InputError
 from mqi_communicator.formats.beam_modifiers import RangeShifter, other_modifiers, read_range_shifters
 from mqi_communicator.formats.plan_check import (
@@ -355,13 +356,12 @@ def main(argv: list[str] | None = None) -> int:
         description="Summarize an RT Ion Plan as JSON (beams, layers, spots).",
     )
     parser.add_argument("plan", type=Path, help="RT Ion Plan file or a case folder holding one")
-    args = parser.parse_args(argv)
-    try:
-        path = find_plan(args.plan) if args.plan.is_dir() else args.plan
-        plan = read_plan(path)
-    except CaseError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    return cli.run(parser, _summarize, argv, step="formats.plan", label="PLAN")
+
+
+def _summarize(args: argparse.Namespace) -> int:
+    path = find_plan(args.plan) if args.plan.is_dir() else args.plan
+    plan = read_plan(path)
     summary = asdict(plan)
     summary["path"] = str(plan.path)
     json.dump(summary, sys.stdout, indent=1)

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from scipy.spatial import cKDTree
 
+from mqi_communicator import cli
 from mqi_communicator.errors import InputError
 
 ROW_BYTES = 16
@@ -185,12 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("ptn", type=Path)
     parser.add_argument("--head", type=int, default=5, help="rows to print")
-    args = parser.parse_args(argv)
-    try:
-        rows = read_ptn(args.ptn)
-    except (OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    return cli.run(parser, _show, argv, step="formats.ptn", label="PTN")
+
+
+def _show(args: argparse.Namespace) -> int:
+    rows = read_ptn(args.ptn)
     beam_on = (rows[:, 7] & FLAG_ACTUAL_BEAM_ON) != 0
     print(" ".join(COLUMNS))
     for row in rows[: args.head]:
