@@ -72,7 +72,7 @@ def _decision(site: tuple[dict[str, Any], Path, Any], case_id: str, failure: sta
 
 
 def test_a_case_fault_is_permanent_said_in_one_line_and_alerted(site: tuple[dict[str, Any], Path, Any]) -> None:
-    config, workdir, hook = site
+    _, workdir, hook = site
     case = casegen.write_case(workdir / "scan", "noplan")
     next(case.glob("RP.*.dcm")).unlink()
     log = workdir / "logs" / "noplan" / "intake.log"
@@ -90,7 +90,7 @@ def test_a_case_fault_is_permanent_said_in_one_line_and_alerted(site: tuple[dict
 def test_a_bug_is_a_software_fault_with_its_traceback_never_the_cases(site: tuple[dict[str, Any], Path, Any]) -> None:
     """A KeyError (here: an intake.json without its beams, which no intake writes) is a bug: its
     traceback, and a record that is retried and alerted as a software fault, not the case's."""
-    config, workdir, hook = site
+    _, workdir, hook = site
     casegen.write_case(workdir / "scan", "buggy")
     manifest = workdir / "intake.json"
     manifest.write_text(json.dumps({"case_id": "buggy"}))
@@ -110,7 +110,7 @@ def test_a_bug_is_a_software_fault_with_its_traceback_never_the_cases(site: tupl
 
 
 def test_a_case_still_waiting_is_neither_an_attempt_nor_alerted(site: tuple[dict[str, Any], Path, Any]) -> None:
-    config, workdir, hook = site
+    _, workdir, hook = site
     late = casegen.write_case(workdir / "scan", "late")
     shutil.rmtree(sorted(p for p in late.iterdir() if p.is_dir())[1])  # one beam's delivery is not there yet
     log = workdir / "logs" / "late" / "intake.log"
@@ -125,13 +125,15 @@ def test_a_case_still_waiting_is_neither_an_attempt_nor_alerted(site: tuple[dict
 def test_an_engine_timeout_is_transient_and_alerted_once_the_attempts_are_spent(
     site: tuple[dict[str, Any], Path, Any],
 ) -> None:
-    config, workdir, hook = site
+    _, workdir, hook = site
     casegen.write_case(workdir / "scan", "slow")
     engine = workdir / "tps_env"
     engine.write_text("#!/bin/sh\nsleep 30\n")
     engine.chmod(0o755)
     parameters = workdir / "moqui_tps_B1.in"
-    parameters.write_text(f"GPUID 0\nBeamNumbers 1\nDicomDir {workdir}\nlogFilePath {workdir}\nOutputDir {workdir / 'o'}\n")
+    parameters.write_text(
+        f"GPUID 0\nBeamNumbers 1\nDicomDir {workdir}\nlogFilePath {workdir}\nOutputDir {workdir / 'o'}\n"
+    )
     log = workdir / "logs" / "slow" / "simulate_B1.log"
     args = ["--input", str(parameters), "--tps-env", str(engine), "--moqui-dir", str(workdir), "--log", str(log)]
     args += ["--output-raw", str(workdir / "B1_Dose.raw"), "--record", str(workdir / "B1.json"), "--timeout", "1"]

@@ -294,7 +294,11 @@ def test_intake_cli_does_not_remember_a_waiting_case_as_failed(tmp_path: Path) -
     # Said as waiting, and marked so for the run recorder (the case is tried again, not failed).
     assert waiting.returncode == 1 and "INTAKE WAITING for case late" in waiting.stderr
     marker = read_marker(waiting.stderr)
-    assert marker is not None and (marker["kind"], marker["step"], marker["error"]) == ("waiting", "intake", "CaseWaiting")
+    assert marker is not None and (marker["kind"], marker["step"], marker["error"]) == (
+        "waiting",
+        "intake",
+        "CaseWaiting",
+    )
     assert "waiting for deliveries" in marker["message"], marker
     shutil.move(parked, delivery)  # the logs arrive
     done = subprocess.run(command, capture_output=True, text=True, check=False)
