@@ -103,6 +103,7 @@ def test_a_bug_is_a_software_fault_with_its_traceback_never_the_cases(site: tupl
     assert "MOQUI input FAILED for beam B1: software fault, not the case's: KeyError: 'beams'" in text
     failure = _recorded(site, "buggy", "moqui_input", log)
     assert (failure.kind, failure.transient, failure.attempts) == ("software", True, 1)
+    assert failure.reason.startswith("MOQUI input FAILED for beam B1: software fault")
     again, why = _decision(site, "buggy", failure)
     assert again and why == "software fault, attempt 2 of 3"
     [(_, alert)] = hook.posts  # at once, not after the attempts: a bug needs a person

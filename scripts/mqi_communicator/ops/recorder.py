@@ -92,7 +92,9 @@ def failure_reason(log_paths: list[str], fallback: str) -> str:
     """The lines of a step's log that say what went wrong (the steps print `... FAILED ...: why`)."""
     for text in _log_texts(log_paths):
         lines = [line.rstrip() for line in text.splitlines() if line.strip() and not cli.is_marker(line)]
-        marked = [i for i, line in enumerate(lines) if re.search(r"FAILED|Error|error:|ERROR", line)]
+        # After a traceback (a software fault) the step's own FAILED line says it shortest.
+        said = [i for i, line in enumerate(lines) if TRACEBACK in text and " FAILED" in line]
+        marked = said or [i for i, line in enumerate(lines) if re.search(r"FAILED|Error|error:|ERROR", line)]
         if marked:
             return "\n".join(lines[marked[0] : marked[0] + 8])
         if lines:
