@@ -21,7 +21,7 @@ from mqi_communicator import cli, settings
 from mqi_communicator.errors import MqiError
 from mqi_communicator.ops import recorder, state
 from tests import casegen
-from tests.alert_servers import alerts_section, closed_port, webhook  # noqa: F401  (fixture)
+from tests.alert_servers import alerts_section, closed_port
 
 PACKAGE = Path(mqi_communicator.__file__).parent
 
@@ -39,7 +39,7 @@ def _step(log: Path, module: str, *args: str) -> int:
 
 
 @pytest.fixture
-def site(tmp_path: Path, webhook: Any) -> tuple[dict[str, Any], Path, Any]:  # noqa: F811
+def site(tmp_path: Path, webhook: Any) -> tuple[dict[str, Any], Path, Any]:
     scan = tmp_path / "scan"
     scan.mkdir()
     config = settings.validate(
