@@ -6,7 +6,7 @@ What it raises decides the rest:
 
 - an `MqiError` (the case's files, the settings, the network, ...): one line
   `<STEP> FAILED for <what>: <message>` (`WAITING` for a case still waiting) and one marker line
-  `mqi-failure {"kind": ..., ...}`, exit status 1 (or the error's own `exit_status`);
+  `mqi-failure {"kind": ..., ...}`, exit status 1;
 - an `OSError` that no parser turned into an `MqiError`: the same; kind `transient` where the
   machine failed (`MACHINE_ERRNOS`: a full disk, an I/O error, a stale mount, a file-size limit),
   `permanent` where a path cannot be read or written (missing, a folder, no permission);
@@ -88,7 +88,7 @@ def run(
 ) -> int:
     """Parse `argv`, run `body`, and end as the module docstring says.
 
-    `step`: the rule's name (in the marker); `label`: how the one line starts (`INTAKE`);
+    `step`: the module as run, `python -m mqi_communicator.<step>` (in the marker); `label`: how the one line starts (`INTAKE`);
     `subject`: what failed, from the arguments (`case X`); `log_of`: a log file the step writes
     itself, which gets the lines too where stderr does not go there already (simulate).
     """
@@ -97,11 +97,10 @@ def run(
     try:
         return body(args)
     except MqiError as exc:
-        kind, status, error = exc.failure_kind, int(getattr(exc, "exit_status", 1)), str(exc)
-        name = type(exc).__name__
+        kind, error, name = exc.failure_kind, str(exc), type(exc).__name__
     except OSError as exc:
         kind = TRANSIENT if exc.errno in MACHINE_ERRNOS else PERMANENT
-        status, error, name = 1, str(exc), type(exc).__name__
+        error, name = str(exc), type(exc).__name__
     except Exception as exc:
         traceback.print_exc()
         line = f"{label} FAILED{_for(subject, args)}: software fault, not the case's: {type(exc).__name__}: {exc}"
@@ -109,7 +108,7 @@ def run(
         return 1
     verb = "WAITING" if kind == WAITING else "FAILED"
     _say([f"{label} {verb}{_for(subject, args)}: {error}", marker_line(kind, step, name, error)], log)
-    return status
+    return 1
 
 
 def _for(subject: Callable[[argparse.Namespace], str] | None, args: argparse.Namespace) -> str:
@@ -118,6 +117,7 @@ def _for(subject: Callable[[argparse.Namespace], str] | None, args: argparse.Nam
 
 def _say(lines: list[str], log: Path | None = None) -> None:
     text = "".join(line + "\n" for line in lines)
+    sys.stdout.flush()  # what the step printed comes first where both go to one log
     sys.stderr.write(text)
     sys.stderr.flush()
     if log is not None and not is_stream_of(sys.stderr, log):  # under the workflow stderr is the log
