@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--figure", type=Path, required=True)
     parser.add_argument("--json", type=Path, required=True)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # checked first: a usage error (exit 2), as argparse's own
     if args.min_cases < 2 or args.window < args.min_cases:
         parser.error(f"--min-cases {args.min_cases} must be >= 2 and <= --window {args.window}")
     return cli.run(parser, _trend, argv, step="qa.trend", label="TREND")
