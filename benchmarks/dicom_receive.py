@@ -27,6 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO))
 
+from results_log import append_result  # noqa: E402  (benchmarks/, beside this file)
+
 from tests.dicom_objects import dose_copy, plan_copy  # noqa: E402
 from tests.dicom_peers import dcmtk, free_port, running_receiver, wait_for  # noqa: E402
 
@@ -122,6 +124,9 @@ def main() -> int:
     print(
         f"ratio idle {ratios[0]:.2f}x, one core busy {ratios[1]:.2f}x: {'meets' if min(ratios) >= GOAL else 'MISSES'} the goal {GOAL}x"
     )
+    figures = {"megabytes": round(total, 1), "ours_s": [idle[0], loaded[0]], "storescp_s": [idle[1], loaded[1]]}
+    figures |= {"ratio_idle": round(ratios[0], 2), "ratio_busy": round(ratios[1], 2)}
+    append_result("dicom_receive", {**figures, "goal_ratio": GOAL})
     return 0
 
 

@@ -37,6 +37,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
+from results_log import recorded  # noqa: E402  (benchmarks/, beside this file)
+
 from mqi_communicator.qa.gamma import Criteria, gamma_2d  # noqa: E402
 from mqi_communicator.qa.gamma_3d import gamma_3d  # noqa: E402
 
@@ -265,4 +267,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(recorded("gamma", main))

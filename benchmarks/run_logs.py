@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from results_log import recorded
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "scripts")]
 RUNNER = REPO / "bin" / "mqi-run"
@@ -149,4 +151,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(recorded("run_logs", main))

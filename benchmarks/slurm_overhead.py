@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from results_log import recorded
+
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 SNAKEFILE = """
@@ -79,4 +81,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(recorded("slurm_overhead", main))

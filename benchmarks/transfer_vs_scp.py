@@ -51,6 +51,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the throwaway sshd helper lives in tests/
 
 sys.path.insert(0, str(REPO / "scripts"))
+from results_log import recorded  # noqa: E402  (benchmarks/, beside this file)
+
 from mqi_communicator.files import KnownDigests  # noqa: E402
 from tests.infra.sshd_fixture import SshServer  # noqa: E402
 
@@ -293,4 +295,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(recorded("transfer_vs_scp", main))

@@ -22,6 +22,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "scripts")]
 
+from results_log import recorded  # noqa: E402  (benchmarks/, beside this file)
+
 from mqi_communicator.qa import trend_points  # noqa: E402
 
 
@@ -95,4 +97,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(recorded("trend_ledger", main))

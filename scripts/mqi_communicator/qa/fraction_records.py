@@ -2,7 +2,7 @@
 
     <processing>/fractions/<n>.json   fraction n: its deliveries, per beam the delivery check
                                       (qa/delivery.check_beam, a resumed layer whole) and verdict
-    <processing>/fractions/seen       the case folder as the last record saw it (fraction_watch.py)
+    <processing>/fractions/seen       the case folder as the last record saw it (intake/fraction_watch.py)
 
 A record is written once and never rewritten; the finished dose and QA are never touched. The
 case's fractions are grouped by `fractions.case_fractions`; a fraction is recorded once it is
