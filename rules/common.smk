@@ -9,6 +9,7 @@ from pathlib import Path
 from mqi_communicator.intake.case_inputs import content_digest
 from mqi_communicator.errors import CaseError
 from mqi_communicator.intake.case import case_readiness
+from mqi_communicator.formats import contracts
 from mqi_communicator.formats.plan import find_plan, read_plan
 from mqi_communicator.rtdose.dose_frame import plan_sum_refusal_for
 from mqi_communicator.ops import disk_guard, recorder, state
@@ -17,7 +18,14 @@ from mqi_communicator.qa.fraction_records import (
     pending as pending_fractions,
     scan_finished,
 )
-from mqi_communicator.settings import path_problems, template_problems
+from mqi_communicator.settings import (
+    RUNTIME_VARIABLE,
+    operational_keys,
+    operational_part,
+    path_problems,
+    result_part,
+    template_problems,
+)
 
 # Scan folder empty, or outputs inside it (the DAG would feed on its own outputs), or a dose
 # scaled twice: stop now.
@@ -99,68 +107,31 @@ CASES = state.finished(LAYOUT) if REPORT else case_targets()
 recorder.plan(CASES)
 
 
-# Settings that never change a result: how long to wait, which GPU, where to connect, whom to
-# alert. They reach the steps through the environment (declared by `envvars:` in the Snakefile,
-# so cluster jobs get them too), never through params: changing one must not rerun anything.
-OPERATIONAL = {
-    "application": None,
-    "alerts": None,
-    "hpc_connection": None,
-    "paths": ("hpc",),
-    "simulation": ("timeout_seconds", "gpu_devices", "gpu_lock_dir"),
-    "remote_slurm": (
-        "partition",
-        "account",
-        "gpu_request",
-        "max_wait_seconds",
-        "pseudonym_salt",
-    ),
-}
-
-
-def operational_settings():
-    """The operational part of the config: what the steps read from MQI_RUNTIME_SETTINGS."""
-    return {
-        section: (
-            config[section]
-            if keys is None
-            else {k: config[section][k] for k in keys if k in config[section]}
-        )
-        for section, keys in OPERATIONAL.items()
-    }
-
-
+# Settings that never change a result (how long to wait, which GPU, where to connect, whom to
+# alert) are marked `x-operational: true` in config/schema/config.schema.yaml, and only there.
+# They reach the steps through the environment, MQI_RUNTIME_SETTINGS (declared by `envvars:` in
+# the Snakefile, so cluster jobs get them too), never through params: changing one must not
+# rerun anything (docs/development.md#configuration).
+OPERATIONAL = operational_keys()
 RUNTIME_ENVIRONMENT = {
-    # Read by mqi_communicator.settings.load on top of --settings (the remote steps need it).
-    "MQI_RUNTIME_SETTINGS": json.dumps(operational_settings(), sort_keys=True),
-    "MQI_TIMEOUT_SECONDS": str(config["simulation"]["timeout_seconds"]),
-    "MQI_GPU_DEVICES": ",".join(str(d) for d in config["simulation"]["gpu_devices"]),
-    "MQI_GPU_LOCK_DIR": str(config["simulation"]["gpu_lock_dir"]),
+    # Read by mqi_communicator.settings.load on top of --settings.
+    RUNTIME_VARIABLE: json.dumps(operational_part(config, OPERATIONAL), sort_keys=True),
     "MQI_MOQUI_DIR": str(config["paths"]["local"]["moqui_dir"]),
 }
 os.environ.update(RUNTIME_ENVIRONMENT)
 
 
 def settings_for(*sections):
-    """The config sections a CLI uses, as inline JSON: exactly what Snakemake resolved, and a
-    rule's params change (so Snakemake reruns it) only when a section it depends on changes.
-    A function, because Snakemake fills wildcards into string params, and paths.* hold the
-    literal `{case_id}` placeholder."""
+    """The config sections a CLI uses, without their operational keys, as inline JSON: exactly
+    what Snakemake resolved, and a rule's params change (so Snakemake reruns it) only when a
+    result setting of a section it depends on changes. A function, because Snakemake fills
+    wildcards into string params, and paths.* hold the literal `{case_id}` placeholder.
+    """
     text = json.dumps(
-        {name: result_settings(name) for name in sections}, sort_keys=True
+        {name: result_part(config[name], (name,), OPERATIONAL) for name in sections},
+        sort_keys=True,
     )
     return lambda wildcards: text
-
-
-def result_settings(section):
-    """A config section without its operational keys (see OPERATIONAL)."""
-    if section in OPERATIONAL and OPERATIONAL[section] is None:
-        return {}
-    dropped = OPERATIONAL.get(section) or ()
-    value = config[section]
-    if not isinstance(value, dict):
-        return value
-    return {k: v for k, v in value.items() if k not in dropped}
 
 
 def case_content_digest(wildcards):
@@ -203,7 +174,7 @@ def calibration_json(wildcards, input):
 
 @functools.lru_cache(maxsize=None)
 def _read_manifest(path, mtime_ns):
-    return json.loads(Path(path).read_text())
+    return contracts.read_manifest(path)
 
 
 def read_manifest(path):

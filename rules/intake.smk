@@ -13,8 +13,11 @@ rule intake:
         # Content, not mtime: a file replaced under an old timestamp changes this and reruns
         # intake and everything after it; a touched but identical file does not.
         content=case_content_digest,
+        # `executables`: the engine decides what intake says of range shifters and which
+        # modifiers it refuses (docs/beam-modifiers.md).
         settings=settings_for(
             "application",
+            "executables",
             "interpreter",
             "log_checks",
             "rooms",

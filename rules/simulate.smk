@@ -18,11 +18,12 @@ rule simulate:
     params:
         python=PYTHON,
         tps_env=config["executables"]["moqui"],
-    # Timeout, GPUs and the engine's folder are operational: they come from the environment
+    # Timeout, GPUs and lock folder are operational: no result setting of the step (--settings
+    # '{}'), they come with MQI_RUNTIME_SETTINGS, and the engine's folder in MQI_MOQUI_DIR
     # (common.smk, RUNTIME_ENVIRONMENT), so changing them reruns nothing.
     shell:
         "{params.python} -m mqi_communicator.simulate --input {input.parameters:q} --tps-env {params.tps_env:q}"
         ' --moqui-dir "$MQI_MOQUI_DIR" --log {log:q} --output-raw {output.raw:q} --record {output.record:q}'
-        ' --timeout "$MQI_TIMEOUT_SECONDS" --gpu-devices "$MQI_GPU_DEVICES" --gpu-lock-dir "$MQI_GPU_LOCK_DIR"'
+        " --settings '{{}}'"
         # The step's own lines (its result, or why it failed) after the engine's, not on the console.
         " >> {log:q} 2>&1"

@@ -88,19 +88,24 @@ def test_a_case_fault_is_permanent_said_in_one_line_and_alerted(site: tuple[dict
 
 
 def test_a_bug_is_a_software_fault_with_its_traceback_never_the_cases(site: tuple[dict[str, Any], Path, Any]) -> None:
-    """A KeyError (here: an intake.json without its beams, which no intake writes) is a bug: its
-    traceback, and a record that is retried and alerted as a software fault, not the case's."""
+    """A KeyError (here: an intake.json whose beams lack their folder name, which no intake
+    writes and the contract's cheap check lets through) is a bug: its traceback, and a record
+    that is retried and alerted as a software fault, not the case's."""
     _, workdir, hook = site
-    casegen.write_case(workdir / "scan", "buggy")
+    case = casegen.write_case(workdir / "scan", "buggy")
     manifest = workdir / "intake.json"
-    manifest.write_text(json.dumps({"case_id": "buggy"}))
+    assert _step(workdir / "intake.log", "intake", "--case", str(case), "--output", str(manifest)) == 0
+    record = json.loads(manifest.read_text())
+    for beam in record["beams"]:
+        del beam["sanitized_name"]
+    manifest.write_text(json.dumps(record))
     log = workdir / "logs" / "buggy" / "moqui_input_B1.log"
     args = ["--manifest", str(manifest), "--p2", str(workdir / "p2"), "--beam", "B1"]
     args += ["--parameters", str(workdir / "B1.in"), "--logdir", str(workdir / "B1"), "--output-dir", str(workdir)]
     assert _step(log, "moqui_input", *args) == 1
     text = log.read_text()
-    assert "Traceback (most recent call last):" in text and "KeyError: 'beams'" in text
-    assert "MOQUI input FAILED for beam B1: software fault, not the case's: KeyError: 'beams'" in text
+    assert "Traceback (most recent call last):" in text and "KeyError: 'sanitized_name'" in text
+    assert "MOQUI input FAILED for beam B1: software fault, not the case's: KeyError: 'sanitized_name'" in text
     failure = _recorded(site, "buggy", "moqui_input", log)
     assert (failure.kind, failure.transient, failure.attempts) == ("software", True, 1)
     assert failure.reason.startswith("MOQUI input FAILED for beam B1: software fault")

@@ -23,7 +23,7 @@ import numpy as np
 from mqi_communicator import cli, settings
 from mqi_communicator.errors import CaseError
 from mqi_communicator.files import KnownDigests, write_atomic, write_json_atomic
-from mqi_communicator.formats import moqui_csv, ptn
+from mqi_communicator.formats import contracts, moqui_csv, ptn
 from mqi_communicator.formats.plan import Beam, Layer, read_plan
 from mqi_communicator.intake.case import build_manifest
 from mqi_communicator.intake.fractions import layer_parts
@@ -252,12 +252,7 @@ def main(argv: list[str] | None = None) -> int:
 def _interpret(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     config = settings.load(args.settings)
-    if args.manifest:
-        import json
-
-        manifest = json.loads(args.manifest.read_text())
-    else:
-        manifest = build_manifest(args.logdir, config)
+    manifest = contracts.read("intake", args.manifest) if args.manifest else build_manifest(args.logdir, config)
     if config["interpreter"]["mode"] == "external":
         run_external(manifest, config, args.outputdir)
         summary: dict[str, Any] = {"case_id": manifest["case_id"], "mode": "external"}

@@ -9,7 +9,6 @@ run copy of the file (under SLURM the job's GPU is always device 0).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,8 @@ from typing import Any
 from mqi_communicator import cli, settings
 from mqi_communicator.errors import InputError
 from mqi_communicator.files import write_atomic
+from mqi_communicator.formats import contracts
+from mqi_communicator.formats.contracts import IntakeManifest, ManifestBeam
 from mqi_communicator.formats.moqui_parameters import (
     parse_parameters,
     prepare_beam_logdir,
@@ -28,8 +29,8 @@ GANTRY_NUMBER = {"G1": 1, "G2": 2}
 
 
 def beam_parameters(
-    manifest: dict[str, Any],
-    beam: dict[str, Any],
+    manifest: IntakeManifest,
+    beam: ManifestBeam,
     p2_dir: Path,
     logdir: Path,
     output_dir: Path,
@@ -53,7 +54,7 @@ def beam_parameters(
 
 
 def write_beam_input(
-    manifest: dict[str, Any],
+    manifest: IntakeManifest,
     beam_folder: str,
     p2_dir: Path,
     parameters_path: Path,
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _moqui_input(args: argparse.Namespace) -> int:
     config = settings.load(args.settings)
-    manifest = json.loads(args.manifest.read_text())
+    manifest = contracts.read_manifest(args.manifest)
     path = write_beam_input(
         manifest, args.beam, args.p2, args.parameters, args.logdir, args.output_dir, config["simulation"]
     )

@@ -14,7 +14,9 @@ from typing import Any
 import numpy as np
 
 from mqi_communicator import cli
-from mqi_communicator.files import write_atomic, write_json_atomic
+from mqi_communicator.files import write_atomic
+from mqi_communicator.formats import contracts
+from mqi_communicator.formats.contracts import IntakeManifest
 from mqi_communicator.formats.rtdose_read import read_rtdose_dose
 
 
@@ -105,7 +107,7 @@ def beam_table(records: list[Path], rtdoses: list[Path], output: Path, labels: l
 
 def qa_summary(qa_path: Path) -> dict[str, Any]:
     """The case's QA verdict and each beam's (dose, delivery) verdicts from its qa.json."""
-    qa = json.loads(qa_path.read_text())
+    qa = contracts.read_qa(qa_path)
     scale = qa.get("calibration") or {}
     return {
         "verdict": qa["verdict"],
@@ -129,7 +131,7 @@ def case_summary(
     plan_dose: Path | None,
     output: Path,
     qa: Path | None = None,
-    manifest: dict[str, Any] | None = None,
+    manifest: IntakeManifest | None = None,
 ) -> None:
     """The case's end state in one file: every beam's run and RT Dose, the plan dose (when the
     beams share one geometry), the QA verdict; with the intake manifest, also the mode
@@ -155,7 +157,7 @@ def case_summary(
         "beams": beams,
         "plan_dose": plan_entry,
     }
-    write_json_atomic(output, summary)
+    contracts.write("case_summary", output, summary)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,10 +189,10 @@ def _report(args: argparse.Namespace) -> int:
     if args.command == "figure":
         dose_figure(args.rtdose, args.title, args.output)
     elif args.command == "table":
-        labels = json.loads(args.manifest.read_text()).get("labels", []) if args.manifest else None
+        labels = contracts.read_manifest(args.manifest).get("labels", []) if args.manifest else None
         beam_table(args.records, args.rtdoses, args.output, labels)
     else:
-        manifest = json.loads(args.manifest.read_text()) if args.manifest else None
+        manifest = contracts.read_manifest(args.manifest) if args.manifest else None
         case_summary(args.case, args.records, args.rtdoses, args.plan_dose, args.output, args.qa, manifest)
     return 0
 

@@ -8,6 +8,7 @@ A person running a CLI by hand, from any folder, gets this project's `config/con
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 from pathlib import Path
@@ -38,9 +39,20 @@ def _extend_with_defaults(validator_class: Any) -> Any:
     return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
 
 
+@functools.cache
+def _schema_text() -> str:
+    return SCHEMA_PATH.read_text()
+
+
+def load_schema() -> dict[str, Any]:
+    """The configuration schema (a fresh copy: the validator fills defaults from it)."""
+    schema: dict[str, Any] = yaml.safe_load(_schema_text())
+    return schema
+
+
 def validate(config: dict[str, Any]) -> dict[str, Any]:
     """Validate in place and fill defaults; raises ValueError naming the offending key."""
-    schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    schema = load_schema()
     validator = _extend_with_defaults(jsonschema.Draft202012Validator)(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
@@ -105,6 +117,53 @@ def yaml_problem(path: str | Path) -> str | None:
 
 
 RUNTIME_VARIABLE = "MQI_RUNTIME_SETTINGS"
+# The schema's mark of an operational setting: one whose change must never rerun a step
+# (docs/development.md#configuration). Declared there once; everything else derives from it.
+OPERATIONAL_KEYWORD = "x-operational"
+
+
+def operational_keys(schema: dict[str, Any] | None = None) -> list[tuple[str, ...]]:
+    """The key paths the schema marks operational (`x-operational: true`), e.g.
+    ("simulation", "timeout_seconds"), or ("application",) for a whole section."""
+    found: list[tuple[str, ...]] = []
+
+    def walk(node: dict[str, Any], path: tuple[str, ...]) -> None:
+        for name, sub in node.get("properties", {}).items():
+            if sub.get(OPERATIONAL_KEYWORD) is True:
+                found.append((*path, name))
+            else:
+                walk(sub, (*path, name))
+
+    walk(schema if schema is not None else load_schema(), ())
+    return found
+
+
+def operational_part(config: dict[str, Any], keys: list[tuple[str, ...]]) -> dict[str, Any]:
+    """Only the operational settings of a config (what reaches the steps in RUNTIME_VARIABLE)."""
+    part: dict[str, Any] = {}
+    for path in keys:
+        value: Any = config
+        for name in path:
+            if not isinstance(value, dict) or name not in value:
+                break
+            value = value[name]
+        else:
+            target = part
+            for name in path[:-1]:
+                target = target.setdefault(name, {})
+            target[path[-1]] = value
+    return part
+
+
+def result_part(value: Any, path: tuple[str, ...], keys: list[tuple[str, ...]]) -> Any:
+    """A config value (at key path `path`) without its operational settings: what a step's
+    params carry, so that only a change of a result setting reruns it. A wholly operational
+    section gives {}."""
+    if path in keys:
+        return {}
+    if not isinstance(value, dict):
+        return value
+    return {name: result_part(sub, (*path, name), keys) for name, sub in value.items() if (*path, name) not in keys}
 
 
 def load(value: str) -> dict[str, Any]:

@@ -24,8 +24,8 @@ import pydicom
 
 from mqi_communicator import cli, settings
 from mqi_communicator.errors import CaseError, CaseWaiting
-from mqi_communicator.files import sha256_of, write_json_atomic
-from mqi_communicator.formats import beam_geometry
+from mqi_communicator.files import sha256_of
+from mqi_communicator.formats import beam_geometry, contracts
 from mqi_communicator.formats.beam_modifiers import builtin_engine_problems, shifter_labels
 from mqi_communicator.formats.plan import Plan, find_plan, read_plan
 from mqi_communicator.intake.case_inputs import content_record, is_ready
@@ -303,7 +303,7 @@ def _intake(args: argparse.Namespace) -> int:
     manifest["inputs"] = content_record(args.case)
     for warning in manifest["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
-    write_json_atomic(args.output, manifest)
+    contracts.write("intake", args.output, manifest)
     simulated = [b["name"] for b in manifest["beams"] if b["simulate"]]
     print(f"case {manifest['case_id']}: room {manifest['room']}, mode {manifest['mode']}, beams {simulated}")
     return 0

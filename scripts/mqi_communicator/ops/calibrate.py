@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -30,7 +29,7 @@ import pydicom
 
 from mqi_communicator import settings
 from mqi_communicator.files import sha256_of
-from mqi_communicator.formats import raw_dose
+from mqi_communicator.formats import contracts, raw_dose
 from mqi_communicator.ops import state
 from mqi_communicator.qa import calibration, verdict
 from mqi_communicator.qa.run import fraction_group, tps_folder
@@ -72,7 +71,7 @@ def derive(
     manifest_path = layout.processing(case_id) / "intake.json"
     if not manifest_path.is_file():
         raise ValueError(f"{manifest_path}: no intake record; run the reference case through the pipeline first")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = contracts.read_manifest(manifest_path)
     case_dir = Path(manifest["case_dir"])
     plan_path = case_dir / manifest["plan"]["path"]
     plan_ds = pydicom.dcmread(plan_path, stop_before_pixels=True)

@@ -22,6 +22,7 @@ from typing import Any
 
 from mqi_communicator import settings
 from mqi_communicator.files import sha256_of
+from mqi_communicator.formats import contracts
 from mqi_communicator.ops import state
 from mqi_communicator.qa import report_pdf, sheet, signoff_record
 
@@ -46,8 +47,7 @@ def sign(
         raise ValueError(f"{qa_path}: no QA result to sign (is the case finished? bin/mqi status)") from None
     except ValueError as exc:
         raise ValueError(f"{qa_path}: not a QA result ({exc})") from exc
-    if not isinstance(qa, dict) or "verdict" not in qa:
-        raise ValueError(f"{qa_path}: not a QA result (no verdict)")
+    contracts.check("qa", qa, qa_path)
     signed_by, comment = signed_by.strip(), comment.strip()
     if not signed_by:
         raise ValueError("--by must name who signs")

@@ -19,6 +19,7 @@ from typing import Any
 
 from mqi_communicator import settings
 from mqi_communicator.files import write_json_atomic
+from mqi_communicator.formats import contracts
 from mqi_communicator.ops import alerts, state
 
 PREFIX = "verdict:"
@@ -33,8 +34,7 @@ def read_qa(path: Path) -> dict[str, Any]:
         qa = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise ValueError(f"{path}: unreadable QA result ({exc})") from exc
-    if not isinstance(qa, dict) or not isinstance(qa.get("verdict"), str) or not isinstance(qa.get("beams"), list):
-        raise ValueError(f"{path}: not a QA result (no 'verdict' and 'beams')")
+    contracts.check("qa", qa, path)
     return qa
 
 

@@ -25,8 +25,9 @@ import pydicom
 import scipy
 
 from mqi_communicator import __version__, cli, settings
-from mqi_communicator.files import sha256_of, write_atomic, write_json_atomic
-from mqi_communicator.formats import ptn
+from mqi_communicator.files import sha256_of, write_atomic
+from mqi_communicator.formats import contracts, ptn
+from mqi_communicator.formats.contracts import IntakeManifest, ManifestBeam
 from mqi_communicator.formats.plan import Plan, read_plan
 from mqi_communicator.qa import calibration as dose_calibration
 from mqi_communicator.qa import report_pdf, resumed, sheet, signoff_record, verdict, volume
@@ -66,11 +67,11 @@ def fraction_group(plan_ds: pydicom.Dataset, beam_number: int) -> tuple[int | No
     return None, None
 
 
-def fraction_assessed(manifest: dict[str, Any], beams: list[dict[str, Any]]) -> dict[str, Any]:
+def fraction_assessed(manifest: IntakeManifest, beams: list[ManifestBeam]) -> dict[str, Any]:
     """Which delivery the verdict is about: the deliveries simulated, with their irradiation times."""
     by_folder = {d["folder"]: d for d in manifest["deliveries"]}
     used = [by_folder[f] for b in beams if b["simulate"] for f in b.get("simulated_deliveries", []) if f in by_folder]
-    times = sorted(d["irradiation_time"] for d in used if d.get("irradiation_time"))
+    times = sorted(time for d in used if (time := d.get("irradiation_time")))
     delivered = max((len(b.get("fractions", [])) for b in beams if b["simulate"]), default=0)
     return {
         "source": manifest.get("mode", "logs"),
@@ -83,13 +84,13 @@ def fraction_assessed(manifest: dict[str, Any], beams: list[dict[str, Any]]) -> 
     }
 
 
-def tps_folder(manifest: dict[str, Any], qa: dict[str, Any]) -> Path:
+def tps_folder(manifest: IntakeManifest, qa: dict[str, Any]) -> Path:
     configured = qa["tps_dose_directory"]
     return Path(configured.replace("{case_id}", manifest["case_id"])) if configured else Path(manifest["case_dir"])
 
 
 def assess(
-    manifest: dict[str, Any],
+    manifest: IntakeManifest,
     rtdoses: list[Path],
     config: dict[str, Any],
     engine: str,
@@ -207,13 +208,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def _qa(args: argparse.Namespace) -> int:
     config = settings.load(args.settings)
-    manifest = json.loads(args.manifest.read_text())
+    manifest = contracts.read_manifest(args.manifest)
     result, figures = assess(manifest, args.rtdoses, config, args.engine, json.loads(args.calibration))
     if args.figures is not None:
         for beam in manifest["beams"]:
             if beam["name"] in figures:
                 write_atomic(args.figures / f"qa_{beam['sanitized_name']}.png", figures[beam["name"]])
-    write_json_atomic(args.json, result)
+    try:
+        contracts.write("qa", args.json, result)
+    except contracts.ContractError as exc:
+        print(f"QA failed: {exc}", file=sys.stderr)
+        return 1
     # Signatures of earlier results of the case (kept by a reprocess) show as VOID (docs/sign-off.md).
     records = signoff_record.read_records(signoff_record.folder_for(args.json) / signoff_record.RECORD)
     signoff_lines = signoff_record.block_lines(records, sha256_of(args.json))

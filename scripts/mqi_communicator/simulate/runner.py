@@ -24,7 +24,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from mqi_communicator import cli
+from mqi_communicator import cli, settings
 from mqi_communicator.errors import TRANSIENT
 from mqi_communicator.files import sha256_of, write_json_atomic
 from mqi_communicator.formats.moqui_parameters import parse_parameter_file, render_parameter_file
@@ -161,6 +161,16 @@ def simulate(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _operational_defaults(args: argparse.Namespace, simulation: dict[str, Any]) -> None:
+    """The options not given, from the configuration's simulation section."""
+    if args.timeout is None:
+        args.timeout = float(simulation["timeout_seconds"])
+    if args.gpu_devices is None:
+        args.gpu_devices = [int(d) for d in simulation["gpu_devices"]]
+    if args.gpu_lock_dir is None:
+        args.gpu_lock_dir = Path(simulation["gpu_lock_dir"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m mqi_communicator.simulate",
@@ -173,10 +183,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log", type=Path, required=True, help="engine log (stdout and stderr)")
     parser.add_argument("--output-raw", type=Path, required=True, help="where the beam's raw dose is moved")
     parser.add_argument("--record", type=Path, required=True, help="JSON record of the run")
-    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds before a running engine is killed")
-    parser.add_argument("--gpu-devices", type=lambda s: [int(d) for d in s.split(",")], default=[0])
-    parser.add_argument("--gpu-lock-dir", type=Path, default=Path(".mqi-gpu-locks"))
-    parser.add_argument("--gpu-wait", type=float, default=24 * 3600.0, help="seconds to wait for a free GPU")
+    # Operational settings (docs/development.md#configuration): under the workflow they come with
+    # the configuration (MQI_RUNTIME_SETTINGS), never as options, so they travel one way only.
+    parser.add_argument("--timeout", type=float, help="seconds before a running engine is killed")
+    parser.add_argument("--gpu-devices", type=lambda s: [int(d) for d in s.split(",")], help="e.g. 0,1")
+    parser.add_argument("--gpu-lock-dir", type=Path, help="folder of the GPU lock files")
+    parser.add_argument(
+        "--gpu-wait", type=float, default=24 * 3600.0, help="seconds to wait for a free GPU (%(default)s)"
+    )
+    settings.add_argument(parser)
+    parser.epilog = "--timeout, --gpu-devices, --gpu-lock-dir: default simulation.* of the configuration"
     # The workflow appends stderr to the engine's log; run by hand, the log gets the lines too.
     return cli.run(
         parser,
@@ -190,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
+    if None in (args.timeout, args.gpu_devices, args.gpu_lock_dir):
+        _operational_defaults(args, settings.load(args.settings)["simulation"])
     record = simulate(args)
     write_json_atomic(args.record, record)
     print(f"{args.input.name}: {record['engine_output']} on GPU {record['gpu']} in {record['seconds']} s")
