@@ -233,7 +233,7 @@ def test_line_scanning_names_a_segment_delivered_short(tol: dict) -> None:
 
 def test_scan_modes_without_spots_are_not_assessed_by_name(tol: dict) -> None:
     beam = Beam(2, "W", "", "G2", "TREATMENT", False, 0.0, (0.0, 0.0, 0.0), None, 0, [], scan_mode="UNIFORM")
-    result = delivery.check_beam(beam, [{"folder": "x"}], Path("."), CAL, [1.0] * 5, tol)
+    result = delivery.check_beam(beam, [{"folder": "x"}], Path("."), delivery.RoomCheck(CAL, [1.0] * 5, tol))
     assert result["verdict"] == "NOT ASSESSED" and "scan mode UNIFORM" in result["reasons"][0]
 
 

@@ -11,7 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from mqi_communicator.files import KnownDigests, atomic_output, sha256_of, stat_key, write_atomic, write_json_atomic
+from mqi_communicator.files import (
+    KnownDigests,
+    atomic_output,
+    read_json_object,
+    sha256_of,
+    stat_key,
+    write_atomic,
+    write_json_atomic,
+)
 
 
 def test_atomic_write_is_private_whatever_the_umask(tmp_path: Path) -> None:
@@ -99,3 +107,18 @@ def test_the_next_write_removes_what_a_killed_writer_left(tmp_path: Path) -> Non
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["RD_PLAN.dcm", live.name, other_host.name, other_file.name]
     )
+
+
+def test_a_state_file_reads_back_as_its_object_or_none(tmp_path: Path) -> None:
+    record = tmp_path / "activity.json"
+    write_json_atomic(record, {"last_error": {"time": 1.5, "message": "association aborted"}})
+    assert read_json_object(record) == {"last_error": {"time": 1.5, "message": "association aborted"}}
+    # What a reader may meet instead: nothing yet, a file cut off by a crash, another JSON value,
+    # bytes that are not text, a folder where the file should be.
+    whole = record.read_bytes()
+    (tmp_path / "cut.json").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "binary.json").write_bytes(b"\xff\xfe{")
+    (tmp_path / "folder.json").mkdir()
+    for name in ("missing.json", "cut.json", "list.json", "binary.json", "folder.json"):
+        assert read_json_object(tmp_path / name) is None, name

@@ -101,6 +101,16 @@ def write_json_atomic(path: Path, data: dict[str, Any], *, durable: bool = False
     write_atomic(path, (json.dumps(data, indent=1) + "\n").encode(), durable=durable)
 
 
+def read_json_object(path: Path) -> dict[str, Any] | None:
+    """The JSON object in `path`; None where the file is missing or unreadable, or holds no JSON
+    object (a state file not written yet, or left half-written by a crash)."""
+    try:
+        loaded = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return loaded if isinstance(loaded, dict) else None
+
+
 def sha256_of(path: str | os.PathLike[str]) -> str:
     with open(path, "rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()

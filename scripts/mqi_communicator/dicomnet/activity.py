@@ -4,7 +4,6 @@ objects received today and the last error (docs/dicom-network.md, Operations).""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import socket
 import threading
@@ -12,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mqi_communicator.files import write_json_atomic
+from mqi_communicator.files import read_json_object, write_json_atomic
 
 
 def _today() -> str:
@@ -26,7 +25,7 @@ class ReceiverActivity:
     def __init__(self, path: Path, listening_on: str) -> None:
         self.path = path
         self._lock = threading.Lock()
-        previous = read(path) or {}
+        previous = read_json_object(path) or {}
         self._state: dict[str, Any] = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
@@ -86,17 +85,9 @@ class ReceiverActivity:
             self._write()
 
 
-def read(path: Path) -> dict[str, Any] | None:
-    try:
-        loaded = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return loaded if isinstance(loaded, dict) else None
-
-
 def summary(path: Path, now: float | None = None) -> str:
     """One line for `bin/mqi status`."""
-    state = read(path)
+    state = read_json_object(path)
     if state is None:
         return f"DICOM receiver: no state at {path} (never started here)"
     now = time.time() if now is None else now

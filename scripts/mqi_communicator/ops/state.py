@@ -13,7 +13,6 @@ the number of finished cases (`targets`).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mqi_communicator.errors import KINDS, PERMANENT, SOFTWARE, TRANSIENT, WAITING
+from mqi_communicator.files import read_json_object as read_json  # the name the ops modules read state by
 from mqi_communicator.intake.case_inputs import is_ready, stat_fingerprint
 from mqi_communicator.intake.fraction_watch import needs_scan
 
@@ -78,14 +78,6 @@ class Layout:
             if not any(d == u or u in d.parents for u in unique):
                 unique = [u for u in unique if d not in u.parents] + [d]
         return unique
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 @dataclass

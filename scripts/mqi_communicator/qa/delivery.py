@@ -15,6 +15,7 @@ layer is flagged. Scan modes without spots (UNIFORM, NONE) are NOT ASSESSED, by 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,24 @@ from mqi_communicator.formats.plan import Beam, Layer
 from mqi_communicator.qa import line_scan, spot_match
 
 SPOT_SCAN_MODES = ("MODULATED", "MODULATED_SPEC")
+
+
+@dataclass(frozen=True)
+class RoomCheck:
+    """What the delivery check of one room's logs takes from the config: the room's calibration
+    (`rooms.<room>`), the monitor range factors and the tolerances (`qa.delivery`)."""
+
+    calibration: ptn.RoomCalibration
+    range_factors: list[float]
+    tol: dict[str, Any]
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], room: str) -> RoomCheck:
+        return cls(
+            ptn.RoomCalibration.from_config(config["rooms"][room]),
+            config["monitor_range_factors"],
+            config["qa"]["delivery"],
+        )
 
 
 def _planned_spots(layer: Layer, scan_mode: str, tol: dict[str, Any]) -> tuple[np.ndarray, np.ndarray] | None:
@@ -119,15 +138,9 @@ def check_layer(
     return result
 
 
-def check_beam(
-    beam: Beam,
-    deliveries: list[dict[str, Any]],
-    case_dir: Path,
-    calibration: ptn.RoomCalibration,
-    range_factors: list[float],
-    tol: dict[str, Any],
-) -> dict[str, Any]:
+def check_beam(beam: Beam, deliveries: list[dict[str, Any]], case_dir: Path, room: RoomCheck) -> dict[str, Any]:
     """The delivery check of one beam from its simulated deliveries (intake manifest entries)."""
+    calibration, range_factors, tol = room.calibration, room.range_factors, room.tol
     if deliveries and beam.scan_mode not in (*SPOT_SCAN_MODES, "LINE"):
         return {
             "verdict": "NOT ASSESSED",

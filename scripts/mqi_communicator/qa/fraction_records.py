@@ -28,13 +28,12 @@ from typing import Any
 from mqi_communicator import __version__, cli, settings
 from mqi_communicator.errors import CaseError
 from mqi_communicator.files import sha256_of, write_json_atomic
-from mqi_communicator.formats import ptn
 from mqi_communicator.formats.plan import Plan, find_plan, read_plan
 from mqi_communicator.intake.case import case_source
 from mqi_communicator.intake.delivery_folders import delivery_header, find_delivery_folders, read_delivery
 from mqi_communicator.intake.fraction_watch import Seen, record_path, recorded, seen_now, write_seen
 from mqi_communicator.intake.fractions import CaseFraction, case_fractions
-from mqi_communicator.qa import resumed, verdict
+from mqi_communicator.qa import delivery, resumed, verdict
 
 
 def _quiet(folder: Path, quiet_seconds: float, now: float) -> bool:
@@ -103,7 +102,7 @@ def fraction_record(
 ) -> dict[str, Any]:
     """The delivery check of every treatment beam of one complete fraction."""
     qa = config["qa"]
-    calibration = ptn.RoomCalibration.from_config(config["rooms"][plan.room])
+    room = delivery.RoomCheck.from_config(config, plan.room)
     beams, inputs = [], {str(plan_path.relative_to(case_dir)): sha256_of(plan_path)}
     for number, deliveries in sorted(fraction.beams.items()):
         beam = plan.beam(number)
@@ -111,9 +110,7 @@ def fraction_record(
         entries = [asdict(d) for d in deliveries]
         for d in deliveries:
             inputs |= {f"{d.folder}/{p.file}": p.sha256 for p in d.ptn}
-        check = resumed.check_beam(
-            beam, entries, case_dir, calibration, config["monitor_range_factors"], qa["delivery"]
-        )
+        check = resumed.check_beam(beam, entries, case_dir, room)
         beams.append(
             {
                 "number": beam.number,

@@ -11,8 +11,9 @@ max_gamma x DTA, gamma above max_gamma is reported as max_gamma, a point with no
 dose within reach as NaN. Global gamma normalises to the reference maximum (or a given value),
 local gamma to the reference dose at the point.
 
-Speed (qa/gamma_search.py does the search): the same circles, evaluated for all still-searching
-points at once, in units of the dose criterion and squared (the root is taken once at the end).
+Speed (qa/gamma_search.py, qa/gamma_common.py do the search): the same circles, evaluated for
+all still-searching points at once, in units of the dose criterion and squared (the root is
+taken once at the end).
 Where the reference points sit on evaluated grid nodes (the same grid, the usual case) a circle's
 interpolation weights are the same for every point: one gather of the nodes it touches and one
 small matrix product per circle. Two exact bounds, from the minimum/maximum of the evaluated
@@ -30,7 +31,8 @@ from typing import Any
 import numpy as np
 
 from mqi_communicator.errors import InputError
-from mqi_communicator.qa.gamma_search import PaddedGrid, Points, search
+from mqi_communicator.qa.gamma_common import Points
+from mqi_communicator.qa.gamma_search import PaddedGrid, search
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,50 @@ def _all_finite(dose: np.ndarray) -> bool:
     return bool(np.isfinite(dose.sum()) or np.isfinite(dose).all())
 
 
+def _checked_doses(
+    axes_reference: Any, dose_reference: np.ndarray, axes_evaluation: Any, dose_evaluation: np.ndarray, ndim: int
+) -> tuple[np.ndarray, np.ndarray, list[tuple[float, float]], list[tuple[float, float]]]:
+    """Both doses as float arrays of `ndim` dimensions, all finite, and the (first coordinate,
+    step) of each axis of each grid; a ValueError saying what is wrong otherwise."""
+    kind = "planes" if ndim == 2 else "volumes"
+    reference = np.asarray(dose_reference, dtype=np.float64)
+    full = np.asarray(dose_evaluation, dtype=np.float64)
+    if reference.ndim != ndim or full.ndim != ndim:
+        raise InputError(f"gamma_{ndim}d takes two {ndim}-D dose {kind}")
+    if not (_all_finite(reference) and _all_finite(full)):
+        raise InputError(f"dose {kind} must not contain NaN or infinite values")
+    ref_axes = [_axis(axes_reference[a], reference.shape[a], f"reference axis {a}") for a in range(ndim)]
+    eval_axes = [_axis(axes_evaluation[a], full.shape[a], f"evaluated axis {a}") for a in range(ndim)]
+    return reference, full, ref_axes, eval_axes
+
+
+def _cutoff_points(
+    reference: np.ndarray, criteria: Criteria, subset: np.ndarray | None = None
+) -> tuple[float, np.ndarray]:
+    """The dose gamma normalises to and the flat indices of the reference points at or above the
+    low-dose cutoff (and in `subset`, a boolean mask of the reference grid, where given); no
+    points where that dose is not positive."""
+    norm = float(reference.max()) if criteria.global_normalisation is None else float(criteria.global_normalisation)
+    if norm <= 0:
+        return norm, np.empty(0, dtype=np.intp)
+    above = reference >= criteria.cutoff_percent / 100 * norm
+    if subset is not None:
+        if np.shape(subset) != reference.shape:
+            raise InputError(f"subset has shape {np.shape(subset)}, the reference {reference.shape}")
+        above &= np.asarray(subset, dtype=bool)
+    return norm, np.flatnonzero(above.ravel())
+
+
+def _gamma_result(shape: tuple[int, ...], points: np.ndarray, squared: np.ndarray, criteria: Criteria) -> GammaResult:
+    """The result from the search's gamma squared of the `points` (flat indices; inf: no evaluated
+    dose within reach, reported as NaN), capped at max_gamma."""
+    gamma = np.full(shape, np.nan)
+    values = np.where(np.isinf(squared), np.nan, np.minimum(np.sqrt(squared), criteria.max_gamma))
+    gamma.ravel()[points] = values
+    finite = np.isfinite(values)
+    return GammaResult(gamma, criteria, int(finite.sum()), int((values[finite] <= 1.0).sum()))
+
+
 def gamma_2d(
     axes_reference: tuple[Any, Any],
     dose_reference: np.ndarray,
@@ -125,25 +171,13 @@ def gamma_2d(
     criteria: Criteria,
 ) -> GammaResult:
     """Gamma of `dose_evaluation` against `dose_reference` (2-D, axes as pymedphys takes them)."""
-    reference = np.asarray(dose_reference, dtype=np.float64)
-    full = np.asarray(dose_evaluation, dtype=np.float64)
-    if reference.ndim != 2 or full.ndim != 2:
-        raise InputError("gamma_2d takes two 2-D dose planes")
-    if not (_all_finite(reference) and _all_finite(full)):
-        raise InputError("dose planes must not contain NaN or infinite values")
-    r0, s0 = _axis(axes_reference[0], reference.shape[0], "reference axis 0")
-    r1, s1 = _axis(axes_reference[1], reference.shape[1], "reference axis 1")
-    o0, e0 = _axis(axes_evaluation[0], full.shape[0], "evaluated axis 0")
-    o1, e1 = _axis(axes_evaluation[1], full.shape[1], "evaluated axis 1")
+    reference, full, ((r0, s0), (r1, s1)), ((o0, e0), (o1, e1)) = _checked_doses(
+        axes_reference, dose_reference, axes_evaluation, dose_evaluation, 2
+    )
     distances = search_distances(criteria)
-
-    norm = float(reference.max()) if criteria.global_normalisation is None else float(criteria.global_normalisation)
-    gamma = np.full(reference.shape, np.nan)
-    if norm <= 0:
-        return GammaResult(gamma, criteria, 0, 0)
-    points = np.flatnonzero(reference.ravel() >= criteria.cutoff_percent / 100 * norm)
+    norm, points = _cutoff_points(reference, criteria)
     if points.size == 0:
-        return GammaResult(gamma, criteria, 0, 0)
+        return GammaResult(np.full(reference.shape, np.nan), criteria, 0, 0)
     p0, p1 = np.divmod(points, reference.shape[1])
     u0 = (r0 + s0 * p0 - o0) / e0
     u1 = (r1 + s1 * p1 - o1) / e1
@@ -166,18 +200,14 @@ def gamma_2d(
     # dose of each point then divides the squared difference).
     unit = criteria.dose_percent / 100 * (1.0 if criteria.local else norm)
     grid = PaddedGrid(full[lo[0] : hi[0], lo[1] : hi[1]] / unit, pad=max(k0_max, k1_max))
-    ref_values = reference.ravel()[points]
-    searching = Points(
-        position=np.arange(points.size),
-        ref=ref_values / unit,
-        # A local-gamma point with zero reference dose gets an infinite factor, as in pymedphys.
-        factor=np.divide(1.0, ref_values**2, out=np.full(points.size, np.inf), where=ref_values != 0)
-        if criteria.local
-        else None,
+    searching = Points.start(
+        reference.ravel()[points],
+        unit,
+        criteria.local,
         cell=grid.index(cc0 - lo[0], cc1 - lo[1]),
         centre_inside=None if on_nodes else centre_inside,
-        mm0=None if on_nodes else r0 + s0 * p0.astype(np.float64),
-        mm1=None if on_nodes else r1 + s1 * p1.astype(np.float64),
+        group=None,
+        mm=None if on_nodes else np.stack([r0 + s0 * p0.astype(np.float64), r1 + s1 * p1.astype(np.float64)]),
     )
     axis0, axis1 = (np.asarray(a, dtype=np.float64) for a in axes_evaluation)
     geometry = (
@@ -188,7 +218,4 @@ def gamma_2d(
     )
     edges = (float(axis0[0]), float(axis0[-1]), float(axis1[0]), float(axis1[-1]))
     squared = search(grid, searching, distances, criteria, (e0, e1), geometry, edges)
-    values = np.where(np.isinf(squared), np.nan, np.minimum(np.sqrt(squared), criteria.max_gamma))
-    gamma.ravel()[points] = values
-    finite = np.isfinite(values)
-    return GammaResult(gamma, criteria, int(finite.sum()), int((values[finite] <= 1.0).sum()))
+    return _gamma_result(reference.shape, points, squared, criteria)

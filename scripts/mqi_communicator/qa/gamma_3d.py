@@ -14,21 +14,26 @@ squared; where the reference points share one position relative to the evaluated
 gather and a few small matrix products per sphere (qa/gamma_sphere.py). Two exact bounds from
 the minimum/maximum of the evaluated dose over the window that holds a sphere (or the whole
 search) skip a sphere for a point, or end its search, when they prove it cannot lower what the
-point reports (the logic of qa/gamma_search.py, in three dimensions).
+point reports (the search 2-D and 3-D share, qa/gamma_common.py).
 """
 
 from __future__ import annotations
 
-import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from mqi_communicator.errors import InputError
-from mqi_communicator.qa.gamma import Criteria, GammaResult, _all_finite, _axis, search_distances
-from mqi_communicator.qa.gamma_search import WindowBounds, _shell_step
+from mqi_communicator.qa.gamma import (
+    Criteria,
+    GammaResult,
+    _checked_doses,
+    _cutoff_points,
+    _gamma_result,
+    search_distances,
+)
+from mqi_communicator.qa.gamma_common import Points, Shell, search
 from mqi_communicator.qa.gamma_sphere import (
     PaddedVolume,
     min_square_difference_at_nodes,
@@ -40,41 +45,6 @@ from mqi_communicator.qa.gamma_sphere import (
 _NODE_CHUNK = 4096  # reference points whose spheres are interpolated at once on the nodes (~2 MB per row)
 _MAX_FRACTIONS = 64  # distinct positions of the reference points between nodes that get stencils
 _CHUNK = 1 << 20  # (sphere points x reference points) evaluated at once off the nodes (~8 MB per array)
-_BOUND_MIN_SPHERE = 12  # smaller spheres are cheaper to evaluate than to bound
-_BOUND_MIN_SPARED = 0.1  # a bound that spares fewer of the points is paused ...
-_BOUND_PAUSE = 4  # ... for this many spheres
-_RETIRE_GAIN = 8  # each point the whole search's windows end early saves tens of sphere points
-
-
-@dataclass
-class _Points:
-    """The reference points still searching, as parallel arrays (compressed as points finish):
-    index among all points, reference dose, gamma squared so far, local-gamma factor, flat index
-    of the node they start from, and either which of the shared fractions they sit at or
-    (off the nodes' paths) their positions in mm."""
-
-    position: np.ndarray
-    ref: np.ndarray
-    factor: np.ndarray | None
-    cell: np.ndarray
-    centre_inside: np.ndarray | None
-    group: np.ndarray | None
-    mm: np.ndarray | None  # (3, points)
-    squared: np.ndarray = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.squared = np.full(self.position.size, np.inf)
-
-    def select(self, keep: np.ndarray) -> _Points:
-        chosen = copy.copy(self)
-        for name, value in vars(self).items():
-            if value is not None:
-                setattr(chosen, name, value[..., keep])
-        return chosen
-
-    @property
-    def size(self) -> int:
-        return int(self.position.size)
 
 
 @dataclass(frozen=True)
@@ -99,27 +69,13 @@ def gamma_3d(
     """Gamma of `dose_evaluation` against `dose_reference` (3-D, axes as pymedphys takes them);
     `subset` (a boolean mask of the reference grid) limits it to those points above the cutoff,
     as pymedphys' `random_subset` does with the points it draws."""
-    reference = np.asarray(dose_reference, dtype=np.float64)
-    full = np.asarray(dose_evaluation, dtype=np.float64)
-    if reference.ndim != 3 or full.ndim != 3:
-        raise InputError("gamma_3d takes two 3-D dose volumes")
-    if not (_all_finite(reference) and _all_finite(full)):
-        raise InputError("dose volumes must not contain NaN or infinite values")
-    ref_axes = [_axis(axes_reference[a], reference.shape[a], f"reference axis {a}") for a in range(3)]
-    eval_axes = [_axis(axes_evaluation[a], full.shape[a], f"evaluated axis {a}") for a in range(3)]
+    reference, full, ref_axes, eval_axes = _checked_doses(
+        axes_reference, dose_reference, axes_evaluation, dose_evaluation, 3
+    )
     distances = search_distances(criteria)
-    norm = float(reference.max()) if criteria.global_normalisation is None else float(criteria.global_normalisation)
-    gamma = np.full(reference.shape, np.nan)
-    if norm <= 0:
-        return GammaResult(gamma, criteria, 0, 0)
-    above = reference >= criteria.cutoff_percent / 100 * norm
-    if subset is not None:
-        if np.shape(subset) != reference.shape:
-            raise InputError(f"subset has shape {np.shape(subset)}, the reference {reference.shape}")
-        above &= np.asarray(subset, dtype=bool)
-    points = np.flatnonzero(above.ravel())
+    norm, points = _cutoff_points(reference, criteria, subset)
     if points.size == 0:
-        return GammaResult(gamma, criteria, 0, 0)
+        return GammaResult(np.full(reference.shape, np.nan), criteria, 0, 0)
     indices = np.unravel_index(points, reference.shape)
     mm = np.stack([ref_axes[a][0] + ref_axes[a][1] * indices[a] for a in range(3)])
     u = [(mm[a] - eval_axes[a][0]) / eval_axes[a][1] for a in range(3)]
@@ -147,14 +103,10 @@ def gamma_3d(
     # dose of each point then divides the squared difference).
     unit = criteria.dose_percent / 100 * (1.0 if criteria.local else norm)
     volume = PaddedVolume(full[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] / unit, pad=max(reach))
-    ref_values = reference.ravel()[points]
-    searching = _Points(
-        position=np.arange(points.size),
-        ref=ref_values / unit,
-        # A local-gamma point with zero reference dose gets an infinite factor, as in pymedphys.
-        factor=np.divide(1.0, ref_values**2, out=np.full(points.size, np.inf), where=ref_values != 0)
-        if criteria.local
-        else None,
+    searching = Points.start(
+        reference.ravel()[points],
+        unit,
+        criteria.local,
         cell=volume.index(*(b - low for b, low in zip(base, lo, strict=True))),
         centre_inside=None if shared else inside,
         group=group if shared else None,
@@ -167,11 +119,15 @@ def gamma_3d(
         edges=tuple((float(a[0]), float(a[-1])) for a in axes),
         fractions=_group_means(fractions, group, count) if shared else None,
     )
-    squared = _search(volume, searching, distances, criteria, geometry)
-    values = np.where(np.isinf(squared), np.nan, np.minimum(np.sqrt(squared), criteria.max_gamma))
-    gamma.ravel()[points] = values
-    finite = np.isfinite(values)
-    return GammaResult(gamma, criteria, int(finite.sum()), int((values[finite] <= 1.0).sum()))
+    squared = search(
+        volume,
+        searching,
+        distances,
+        criteria,
+        lambda distance, step: _sphere_shell(volume, distance, step, criteria, geometry),
+        lambda radius: _half_widths(radius, geometry),
+    )
+    return _gamma_result(reference.shape, points, squared, criteria)
 
 
 def _fraction_groups(fractions: np.ndarray) -> tuple[np.ndarray, int]:
@@ -201,8 +157,31 @@ def _group_means(fractions: np.ndarray, group: np.ndarray, count: int) -> tuple[
     return tuple((float(means[0][g]), float(means[1][g]), float(means[2][g])) for g in range(count))
 
 
+def _sphere_shell(volume: PaddedVolume, distance: float, step: float, criteria: Criteria, geometry: _Geometry) -> Shell:
+    """The sphere at `distance` as a shell of the shared search (qa/gamma_common.py)."""
+    offsets = sphere(distance, step)
+    max_squared = criteria.max_gamma**2
+
+    def min_square_differences(todo: Points, distance_term: float) -> np.ndarray:
+        # What could still lower a point's gamma: a squared difference below this (none yet
+        # found: anything, which decides between max_gamma and NaN).
+        wanted = np.minimum(todo.squared, max_squared) - distance_term
+        if todo.factor is not None:
+            wanted /= todo.factor
+        wanted[np.isinf(todo.squared)] = np.inf
+        return _min_square_differences(volume, todo, distance, step, offsets, geometry, wanted)
+
+    return Shell(offsets[0].size, min_square_differences)
+
+
 def _min_square_differences(
-    volume: PaddedVolume, todo: _Points, distance: float, step: float, geometry: _Geometry, wanted: np.ndarray
+    volume: PaddedVolume,
+    todo: Points,
+    distance: float,
+    step: float,
+    offsets: tuple[np.ndarray, np.ndarray, np.ndarray],
+    geometry: _Geometry,
+    wanted: np.ndarray,
 ) -> np.ndarray:
     """min over the sphere at `distance` of the squared scaled dose difference, per point:
     exact where below `wanted` (what could still lower the point's gamma), else at least that."""
@@ -219,7 +198,6 @@ def _min_square_differences(
                 )
         return squared
     assert todo.mm is not None
-    offsets = sphere(distance, step)
     chunk = max(1, _CHUNK // offsets[0].size)
     for start in range(0, todo.size, chunk):
         span = slice(start, start + chunk)
@@ -233,88 +211,6 @@ def _min_square_differences(
                 volume, geometry.origin, geometry.steps, geometry.edges, positions, todo.ref[span]
             )
     return squared
-
-
-def _search(
-    volume: PaddedVolume, points: _Points, distances: list[float], criteria: Criteria, geometry: _Geometry
-) -> np.ndarray:
-    """Gamma squared of every point (inf where no evaluated dose is within reach), uncapped."""
-    result = np.full(points.size, np.inf)
-    windows: WindowBounds | None = None
-    reach: tuple[np.ndarray, np.ndarray] | None = None  # window bounds of the whole search
-    bound_again = 0
-    max_squared = criteria.max_gamma**2
-    for index, distance in enumerate(distances):
-        if points.size == 0:
-            break
-        step = _shell_step(distances, index, criteria)
-        distance_term = (distance / criteria.distance_mm) ** 2
-        sphere_size = sphere(distance, step)[0].size
-        todo = points
-        # As in 2-D: a lower bound of |D_eval - D_ref| over the window holding the sphere lets a
-        # point that cannot go below min(its gamma, max_gamma) skip this sphere (exact); tried
-        # where many points are at max_gamma so far, paused for a few spheres when it spares few.
-        at_max = np.count_nonzero(points.squared >= max_squared)
-        worth = None
-        if index >= bound_again and sphere_size >= _BOUND_MIN_SPHERE and at_max * sphere_size > volume.flat.size:
-            windows = windows or WindowBounds(volume)
-            bound = _squared_bound(points, *windows.grow_to(*_half_widths(distance, geometry)))
-            bound += distance_term
-            worth = ~(bound >= np.minimum(points.squared, max_squared))  # NaN: evaluate
-            spared = points.size - np.count_nonzero(worth)
-            if spared < _BOUND_MIN_SPARED * points.size:
-                bound_again = index + _BOUND_PAUSE
-            if spared:
-                todo = points.select(worth)
-        if todo.size:
-            # What could still lower a point's gamma: a squared difference below this (none
-            # yet found: anything, which decides between max_gamma and NaN).
-            wanted = np.minimum(todo.squared, max_squared) - distance_term
-            if todo.factor is not None:
-                wanted /= todo.factor
-            wanted[np.isinf(todo.squared)] = np.inf
-            squared = _min_square_differences(volume, todo, distance, step, geometry, wanted)
-            if todo.factor is not None:
-                squared *= todo.factor
-            squared += distance_term
-            if todo is points:
-                np.fmin(points.squared, squared, out=points.squared)
-            else:
-                points.squared[worth] = np.fmin(todo.squared, squared)
-        # A point is final once no later sphere can bring it below min(its gamma, max_gamma).
-        if index + 1 == len(distances):
-            break
-        reported = np.minimum(points.squared, max_squared)
-        next_term = (distances[index + 1] / criteria.distance_mm) ** 2
-        final = reported <= next_term
-        if reach is None and index == 0 and np.count_nonzero(reported == max_squared) * _RETIRE_GAIN > volume.flat.size:
-            reach = WindowBounds(volume).grow_to(*_half_widths(distances[-1], geometry))
-        if reach is not None:
-            bound = _squared_bound(points, *reach)
-            bound[np.isinf(points.squared)] = 0.0  # not evaluated yet: may still find a dose
-            bound += next_term
-            by_bound = (bound >= reported) & ~final
-            if np.count_nonzero(by_bound) < _BOUND_MIN_SPARED * points.size:
-                reach = None  # no longer pays: the points left can get close to their dose
-            final |= by_bound
-        if final.any():
-            result[points.position[final]] = points.squared[final]
-            points = points.select(~final)
-    result[points.position] = points.squared
-    return result
-
-
-def _squared_bound(points: _Points, low: np.ndarray, high: np.ndarray) -> np.ndarray:
-    """Lower bound of the points' squared (scaled) dose difference over windows with these
-    minima and maxima (zero for a point whose node is off the grid)."""
-    bound = np.maximum(np.take(low, points.cell) - points.ref, points.ref - np.take(high, points.cell))
-    np.maximum(bound, 0.0, out=bound)
-    if points.centre_inside is not None:
-        bound[~points.centre_inside] = 0.0
-    np.square(bound, out=bound)
-    if points.factor is not None:
-        bound *= points.factor
-    return bound
 
 
 def _half_widths(radius_mm: float, geometry: _Geometry) -> tuple[int, ...]:

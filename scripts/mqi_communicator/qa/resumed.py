@@ -21,12 +21,7 @@ from mqi_communicator.qa import delivery
 
 
 def check_beam(
-    beam: Beam,
-    deliveries: Sequence[Mapping[str, Any]],
-    case_dir: Path,
-    calibration: ptn.RoomCalibration,
-    range_factors: list[float],
-    tol: dict[str, Any],
+    beam: Beam, deliveries: Sequence[Mapping[str, Any]], case_dir: Path, room: delivery.RoomCheck
 ) -> dict[str, Any]:
     """`delivery.check_beam` on the fraction's deliveries (intake manifest entries), each layer
     handed over as a delivery of its own: its one log, or the union of a resumed layer's logs."""
@@ -59,7 +54,7 @@ def check_beam(
                     "ptn": [entry],
                 }
             )
-        result = delivery.check_beam(beam, view, case_dir, calibration, range_factors, tol)
+        result = delivery.check_beam(beam, view, case_dir, room)
     for layer in result.get("layers", []):
         if isinstance(layer, dict) and layer.get("ptn") in sources:
             layer["ptn"] = sources[layer["ptn"]]

@@ -26,11 +26,11 @@ import scipy
 
 from mqi_communicator import __version__, cli, settings
 from mqi_communicator.files import sha256_of, write_atomic
-from mqi_communicator.formats import contracts, ptn
+from mqi_communicator.formats import contracts
 from mqi_communicator.formats.contracts import IntakeManifest, ManifestBeam
 from mqi_communicator.formats.plan import Plan, read_plan
 from mqi_communicator.qa import calibration as dose_calibration
-from mqi_communicator.qa import report_pdf, resumed, sheet, signoff_record, verdict, volume
+from mqi_communicator.qa import delivery, report_pdf, resumed, sheet, signoff_record, verdict, volume
 from mqi_communicator.qa.tps_dose import (
     TpsDoseProblem,
     beam_dose_check,
@@ -109,7 +109,7 @@ def assess(
     folder = tps_folder(manifest, qa)
     candidates = find_tps_doses(folder) if folder.is_dir() else []
     delivered_by_beam = {_referenced_beam(p): p for p in rtdoses}
-    calibration = ptn.RoomCalibration.from_config(config["rooms"][manifest["room"]])
+    room = delivery.RoomCheck.from_config(config, manifest["room"])
     deliveries = {d["folder"]: d for d in manifest["deliveries"]}
     inputs = {str(plan_path): sha256_of(plan_path)}
     beams, figures = [], {}
@@ -155,9 +155,7 @@ def assess(
                 inputs[str(case_dir / d["folder"] / p["file"])] = p["sha256"]
         record["dose"] = dose
         # A layer interrupted and resumed is checked whole (docs/fractions.md).
-        record["delivery"] = resumed.check_beam(
-            beam, mine, case_dir, calibration, config["monitor_range_factors"], qa["delivery"]
-        )
+        record["delivery"] = resumed.check_beam(beam, mine, case_dir, room)
         record["verdict"] = verdict.worst([dose["verdict"], record["delivery"]["verdict"]])
         beams.append(record)
     result = {

@@ -18,7 +18,8 @@ cutoff; anything else is ERROR with the reason, never a comparison.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 from scipy.interpolate import RegularGridInterpolator
@@ -29,6 +30,32 @@ from mqi_communicator.qa.tps_dose import Plane
 ORDER = ("PASS", "REVIEW", "NOT ASSESSED", "FAIL", "ERROR")
 NORMALISATION_REGION_PERCENT = 90.0
 PLANE_POSITION_TOLERANCE_MM = 0.5
+GAMMA_CRITERIA = ("primary", "secondary")
+
+
+class DoseGrid(Protocol):
+    """What a comparison needs of a dose, plane (`tps_dose.Plane`) or volume (`volume.Volume`)."""
+
+    dose: np.ndarray
+    units: str
+    notes: list[str]
+
+
+@dataclass(frozen=True)
+class Scaled:
+    """The delivered dose brought onto the TPS grid: the units (TPS, delivered), the notes on the
+    comparison, the TPS maximum, the factor the delivered dose is scaled by (1 unless a dose is
+    RELATIVE) and the mean dose difference (percent) over the TPS high-dose region."""
+
+    units: tuple[str, str]
+    notes: list[str]
+    peak: float
+    scale: float
+    mean_diff: float
+
+    @property
+    def relative(self) -> bool:
+        return "RELATIVE" in self.units
 
 
 def worst(verdicts: list[str]) -> str:
@@ -102,65 +129,63 @@ def compare(tps: Plane, delivered: Plane, qa: dict[str, Any], dose_scale: dict[s
     problem = geometry_problem(tps, delivered, float(qa["gamma"]["cutoff_percent"]))
     if problem:
         return error(problem)
-    notes = list(tps.notes)
-    relative = "RELATIVE" in (tps.units, delivered.units)
     on_tps = resample(delivered, tps.row_mm, tps.col_mm)
-    peak = float(tps.dose.max())
-    if np.isnan(on_tps[tps.dose >= qa["gamma"]["cutoff_percent"] / 100 * peak]).any():
-        return error("the TPS dose above the cutoff reaches outside the delivered dose grid")
-    scale = relative_scale(tps.dose, on_tps, tps.units, notes) if relative else 1.0
-    if scale is None:
-        return error("the delivered dose is zero where the TPS dose is highest")
-    evaluated = delivered.dose * scale
-    high = tps.dose >= qa["high_dose_region_percent"] / 100 * peak
-    mean_diff = float(100.0 * (on_tps[high].mean() * scale - tps.dose[high].mean()) / tps.dose[high].mean())
-    primary = gamma_2d(
-        (tps.row_mm, tps.col_mm),
-        tps.dose,
-        (delivered.row_mm, delivered.col_mm),
-        evaluated,
-        criteria_from(qa, "primary"),
-    )
-    secondary = gamma_2d(
-        (tps.row_mm, tps.col_mm),
-        tps.dose,
-        (delivered.row_mm, delivered.col_mm),
-        evaluated,
-        criteria_from(qa, "secondary"),
+    scaled = scaled_to_tps(tps, delivered, on_tps, qa, "grid")
+    if isinstance(scaled, str):
+        return error(scaled)
+    evaluated = delivered.dose * scaled.scale
+    primary, secondary = (
+        gamma_2d(
+            (tps.row_mm, tps.col_mm),
+            tps.dose,
+            (delivered.row_mm, delivered.col_mm),
+            evaluated,
+            criteria_from(qa, which),
+        )
+        for which in GAMMA_CRITERIA
     )
     arrays = {
         "gamma": primary.gamma,
         "tps": tps,
-        "delivered_on_tps": on_tps * scale,
-        "units": f"{tps.units}; delivered scaled x{scale:.4g}" if relative else tps.units,
+        "delivered_on_tps": on_tps * scaled.scale,
+        "units": f"{tps.units}; delivered scaled x{scaled.scale:.4g}" if scaled.relative else tps.units,
     }
     return dose_result(
-        primary,
-        secondary,
-        mean_diff,
+        (primary, secondary),
+        scaled,
         qa,
-        units=(tps.units, delivered.units),
         dose_scale=dose_scale,
-        scale=scale,
-        notes=notes,
-        peak=peak,
         evaluation=f"2-D gamma on the plane at depth {qa['plane_depth_mm']:g} mm",
         arrays=arrays,
         points="points",
     )
 
 
+def scaled_to_tps(
+    tps: DoseGrid, delivered: DoseGrid, on_tps: np.ndarray, qa: dict[str, Any], grid: str
+) -> Scaled | str:
+    """The delivered dose resampled on the TPS grid (`on_tps`) made comparable, plane or volume
+    alike (scaled when a dose is RELATIVE), or why it cannot be (an ERROR's reason; `grid`
+    names the delivered grid in it)."""
+    notes = list(tps.notes)
+    relative = "RELATIVE" in (tps.units, delivered.units)
+    peak = float(tps.dose.max())
+    if np.isnan(on_tps[tps.dose >= qa["gamma"]["cutoff_percent"] / 100 * peak]).any():
+        return f"the TPS dose above the cutoff reaches outside the delivered dose {grid}"
+    scale = relative_scale(tps.dose, on_tps, tps.units, notes) if relative else 1.0
+    if scale is None:
+        return "the delivered dose is zero where the TPS dose is highest"
+    high = tps.dose >= qa["high_dose_region_percent"] / 100 * peak
+    mean_diff = float(100.0 * (on_tps[high].mean() * scale - tps.dose[high].mean()) / tps.dose[high].mean())
+    return Scaled((tps.units, delivered.units), notes, peak, scale, mean_diff)
+
+
 def dose_result(
-    primary: GammaResult,
-    secondary: GammaResult,
-    mean_diff: float,
+    gammas: tuple[GammaResult, GammaResult],
+    scaled: Scaled,
     qa: dict[str, Any],
     *,
-    units: tuple[str, str],
     dose_scale: dict[str, Any],
-    scale: float,
-    notes: list[str],
-    peak: float,
     evaluation: str,
     arrays: dict[str, Any],
     points: str,
@@ -168,9 +193,10 @@ def dose_result(
 ) -> dict[str, Any]:
     """The dose line's result, plane or volume alike: the TG-218 verdict, held at NOT ASSESSED
     at best when the dose scale is not verified, and the figure's numbers (`arrays`)."""
-    relative = "RELATIVE" in units
+    primary, secondary = gammas
+    relative, mean_diff = scaled.relative, scaled.mean_diff
     verdict, reasons = dose_verdict(primary, secondary, mean_diff, qa["thresholds"])
-    unverified = scale_not_verified(*units, dose_scale)
+    unverified = scale_not_verified(*scaled.units, dose_scale)
     if unverified:
         verdict = worst([verdict, "NOT ASSESSED"])
         reasons = [unverified, *reasons]
@@ -188,13 +214,13 @@ def dose_result(
         "evaluation": evaluation,
         "comparison": "relative" if relative else "absolute",
         "dose_scale_verified": not unverified,
-        "scale_applied": scale,
-        "notes": notes,
+        "scale_applied": scaled.scale,
+        "notes": scaled.notes,
         "gamma_primary": primary.summary(),
         "gamma_secondary": secondary.summary(),
         "mean_dose_difference_percent": round(mean_diff, 3),
         "high_dose_region_percent": qa["high_dose_region_percent"],
-        "tps_max": peak,
+        "tps_max": scaled.peak,
         "units": "RELATIVE" if relative else "GY",
         "_arrays": arrays,
     }

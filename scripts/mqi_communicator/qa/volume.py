@@ -23,7 +23,7 @@ from mqi_communicator.errors import InputError
 from mqi_communicator.formats.rtdose_read import read_rtdose_dose
 from mqi_communicator.qa.gamma_3d import gamma_3d
 from mqi_communicator.qa.tps_dose import Plane, TpsDoseProblem, check_frame, check_header
-from mqi_communicator.qa.verdict import criteria_from, dose_result, error, relative_scale
+from mqi_communicator.qa.verdict import GAMMA_CRITERIA, criteria_from, dose_result, error, scaled_to_tps
 
 
 @dataclass
@@ -130,31 +130,20 @@ def compare_volume(tps: Volume, delivered: Volume, qa: dict[str, Any], dose_scal
     problem = coverage_problem(tps, delivered, float(qa["gamma"]["cutoff_percent"]))
     if problem:
         return error(problem)
-    notes = list(tps.notes)
-    relative = "RELATIVE" in (tps.units, delivered.units)
     on_tps = resample(delivered, tps.axes)
-    peak = float(tps.dose.max())
-    if np.isnan(on_tps[tps.dose >= qa["gamma"]["cutoff_percent"] / 100 * peak]).any():
-        return error("the TPS dose above the cutoff reaches outside the delivered dose volume")
-    scale = relative_scale(tps.dose, on_tps, tps.units, notes) if relative else 1.0
-    if scale is None:
-        return error("the delivered dose is zero where the TPS dose is highest")
-    high = tps.dose >= qa["high_dose_region_percent"] / 100 * peak
-    mean_diff = float(100.0 * (on_tps[high].mean() * scale - tps.dose[high].mean()) / tps.dose[high].mean())
-    evaluated = delivered.dose * scale
-    primary = gamma_3d(tps.axes, tps.dose, delivered.axes, evaluated, criteria_from(qa, "primary"))
-    secondary = gamma_3d(tps.axes, tps.dose, delivered.axes, evaluated, criteria_from(qa, "secondary"))
-    arrays = _figure_arrays(tps, on_tps * scale, primary.gamma, relative, scale)
+    scaled = scaled_to_tps(tps, delivered, on_tps, qa, "volume")
+    if isinstance(scaled, str):
+        return error(scaled)
+    evaluated = delivered.dose * scaled.scale
+    primary, secondary = (
+        gamma_3d(tps.axes, tps.dose, delivered.axes, evaluated, criteria_from(qa, which)) for which in GAMMA_CRITERIA
+    )
+    arrays = _figure_arrays(tps, on_tps * scaled.scale, primary.gamma, scaled.relative, scaled.scale)
     return dose_result(
-        primary,
-        secondary,
-        mean_diff,
+        (primary, secondary),
+        scaled,
         qa,
-        units=(tps.units, delivered.units),
         dose_scale=dose_scale,
-        scale=scale,
-        notes=notes,
-        peak=peak,
         evaluation=f"3-D gamma over the volume ({primary.evaluated} voxels above the cutoff)",
         arrays=arrays,
         points="voxels (3-D)",

@@ -30,6 +30,7 @@ import re
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import NotRequired, TypedDict, Unpack
 
 import numpy as np
 import pydicom
@@ -140,6 +141,18 @@ def _character_set(plan_ds: Dataset, ds: Dataset) -> object:
     declared = plan_ds.get("SpecificCharacterSet")
     texts = [str(e.value) for e in ds.iterall() if e.VR in ("LO", "LT", "SH", "ST", "UT", "PN") and e.value]
     return declared if all(_encodable(t, declared) for t in texts) else UTF8_CHARACTER_SET
+
+
+class RtDoseOptions(TypedDict):
+    """The keyword arguments of `build_rtdose`, which `write_rtdose` hands on (their defaults and
+    meaning are `build_rtdose`'s)."""
+
+    beam_number: int | None
+    engine_label: str
+    calibrated: bool
+    dose_scale: NotRequired[float]
+    bits: NotRequired[int]
+    frame: NotRequired[str]
 
 
 def build_rtdose(
@@ -260,35 +273,17 @@ def _save_atomic(ds: Dataset, target: Path) -> None:
 
 
 def write_rtdose(
-    dose: np.ndarray,
-    grid: raw_dose.Grid,
-    plan_path: Path,
-    output: Path,
-    *,
-    beam_number: int | None,
-    engine_label: str,
-    calibrated: bool,
-    dose_scale: float = 1.0,
-    bits: int = 32,
-    frame: str = "beam",
+    dose: np.ndarray, grid: raw_dose.Grid, plan_path: Path, output: Path, **options: Unpack[RtDoseOptions]
 ) -> Path:
     """Write the RT Dose of `dose` (MOQUI raw order) and return its path.
 
     `output` is the file to write, or an existing directory to write `output_name(...)` into.
-    `beam_number` None writes a plan sum (one session of the treatment beams, `dose_reference`). `dose_scale` multiplies the
-    dose first (e.g. a Gy-per-unit calibration); `calibrated` selects DoseUnits GY over RELATIVE.
+    The options are `build_rtdose`'s: `beam_number` None writes a plan sum (one session of the
+    treatment beams, `dose_reference`); `dose_scale` multiplies the dose first (e.g. a Gy-per-unit
+    calibration); `calibrated` selects DoseUnits GY over RELATIVE.
     """
-    ds = build_rtdose(
-        dose,
-        grid,
-        Path(plan_path),
-        beam_number=beam_number,
-        engine_label=engine_label,
-        calibrated=calibrated,
-        dose_scale=dose_scale,
-        bits=bits,
-        frame=frame,
-    )
+    ds = build_rtdose(dose, grid, Path(plan_path), **options)
+    beam_number = options["beam_number"]
     output = Path(output)
     if output.is_dir():
         name = None
