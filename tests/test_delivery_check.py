@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from mqi_communicator.formats import moqui_csv, ptn
+from mqi_communicator.formats.log_csv import LogCsvEncoder
 from mqi_communicator.formats.plan import Beam, Layer, read_plan
-from mqi_communicator.interpret import LogTables
 from mqi_communicator.qa import delivery, spot_match
 from tests import casegen
 
@@ -93,8 +93,8 @@ def test_the_old_convention_mirrors_x_and_loses_28_percent_of_the_mu(
 def test_p2_writes_the_real_log_in_the_plan_frame(reference_data: Path, config: dict) -> None:
     rows, legacy = _reference_rows(reference_data)
     cal = ptn.RoomCalibration.from_config(config["rooms"]["G2"])
-    tables = LogTables.build(cal, config["monitor_range_factors"], 1.0, "rows")
-    written = moqui_csv.parse_values(tables.encode(rows.astype(np.uint16), RANGE_CODE))
+    encoder = LogCsvEncoder(cal, config["monitor_range_factors"], 1.0, "rows")
+    written = moqui_csv.parse_values(encoder.encode(rows.astype(np.uint16), RANGE_CODE).tobytes())
     assert written is not None
     values = written.reshape(-1, 4)
     np.testing.assert_allclose(values[:, 1], -legacy[:, 1], atol=1e-3)  # x mirrored into the plan frame

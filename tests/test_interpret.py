@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +13,7 @@ from mqi_communicator.files import sha256_of, stat_key
 from mqi_communicator.formats import moqui_csv, ptn
 from mqi_communicator.formats.plan import read_plan
 from mqi_communicator.intake.case import build_manifest
-from mqi_communicator.interpret import check_layout, interpret_case
+from mqi_communicator.interpret import check_layout, interpret_case, main
 from tests import casegen
 
 RANGE_FACTORS = [0.3404, 1.0, 2.978723404255319, 8.936170212765957, 26.80851063829787]
@@ -194,3 +196,61 @@ def test_ptn_roundtrip_and_size_check(tmp_path: Path) -> None:
     (tmp_path / "b.ptn").write_bytes(b"\x00" * 17)
     with pytest.raises(ValueError, match=r"b\.ptn: size 17 bytes is not a multiple of 16"):
         ptn.read_ptn(tmp_path / "b.ptn")
+
+
+def test_log_mode_start_up_reads_no_plan_and_validates_settings_once(tmp_path: Path, config: dict) -> None:
+    """Start-up is a large share of P2's run (docs/p2-speed.md): in log mode the plan is not read
+    with pydicom (the manifest has the beams' names and energies) and scipy is not imported; the
+    settings a rule passes for every case are validated once, jsonschema not even imported after."""
+    case = casegen.write_case(tmp_path / "scan", "c1")
+    manifest = tmp_path / "intake.json"
+    manifest.write_text(json.dumps(build_manifest(case, config)))
+    settings_json = json.dumps({name: config[name] for name in ("interpreter", "monitor_range_factors", "rooms")})
+    probe = (
+        "import sys\n"
+        "from mqi_communicator.interpret import main\n"
+        f"code = main(['--logdir', {str(case)!r}, '--manifest', {str(manifest)!r}, '--outputdir', sys.argv[1],"
+        f" '--settings', {settings_json!r}])\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'pydicom', 'scipy', 'jsonschema', 'yaml'}))\n"
+        "sys.exit(code)\n"
+    )
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
+    loaded = []
+    for run in ("first", "again"):
+        result = subprocess.run(
+            [sys.executable, "-c", probe, str(tmp_path / run)], capture_output=True, text=True, env=env, check=False
+        )
+        assert result.returncode == 0, result.stderr
+        loaded.append(result.stdout.strip().splitlines()[-1])
+    assert loaded == ["['jsonschema', 'yaml']", "[]"]
+    for layer in (tmp_path / "first" / "log").rglob("*.csv"):
+        assert layer.read_bytes() == (tmp_path / "again" / layer.relative_to(tmp_path / "first")).read_bytes()
+
+
+def test_a_file_that_cannot_be_written_fails_p2_naming_it(tmp_path: Path, config: dict, capsys) -> None:
+    """A layer file that cannot be written fails the step, naming the file, and leaves no half file."""
+    case = casegen.write_case(tmp_path / "scan", "c1")
+    manifest = tmp_path / "intake.json"
+    manifest.write_text(json.dumps(build_manifest(case, config)))
+    blocked = tmp_path / "out" / "log" / "2G90" / "03_130.00MeV.csv"
+    blocked.mkdir(parents=True)  # a folder where the layer file should go
+    args = ["--logdir", str(case), "--manifest", str(manifest), "--outputdir", str(tmp_path / "out")]
+    assert main(args) == 1
+    error = capsys.readouterr().err
+    assert "P2 FAILED for case c1: [Errno 21] Is a directory" in error and f"'{blocked}'" in error
+    assert not [p.name for p in blocked.parent.iterdir() if p.name.endswith(".tmp")]  # no half file left
+
+
+def test_manifest_without_layer_energies_reads_them_from_the_plan(tmp_path: Path, config: dict) -> None:
+    """intake.json's contract leaves energies_mev optional: P2 then takes them from the plan."""
+    case = casegen.write_case(tmp_path / "scan", "c1")
+    manifest = build_manifest(case, config)
+    interpret_case(manifest, config, tmp_path / "with")
+    for beam in manifest["beams"]:
+        del beam["energies_mev"]
+    interpret_case(manifest, config, tmp_path / "without")
+    written = sorted(p.relative_to(tmp_path / "with") for p in (tmp_path / "with").rglob("*.csv"))
+    assert written and written == sorted(
+        p.relative_to(tmp_path / "without") for p in (tmp_path / "without").rglob("*.csv")
+    )
+    assert all((tmp_path / "with" / p).read_bytes() == (tmp_path / "without" / p).read_bytes() for p in written)

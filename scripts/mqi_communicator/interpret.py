@@ -10,69 +10,27 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import shlex
-import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mqi_communicator import cli, settings
 from mqi_communicator.errors import CaseError
-from mqi_communicator.files import KnownDigests, write_atomic, write_json_atomic
+from mqi_communicator.files import KnownDigests, atomic_output, write_json_atomic
 from mqi_communicator.formats import contracts, moqui_csv, ptn
-from mqi_communicator.formats.plan import Beam, Layer, read_plan
-from mqi_communicator.intake.case import build_manifest
+from mqi_communicator.formats.log_csv import LogCsvEncoder
 from mqi_communicator.intake.fractions import layer_parts
 
-TABLE_SIZE = 1 << 16  # every possible uint16 raw value
+if TYPE_CHECKING:
+    from mqi_communicator.formats.plan import Beam, Layer
 
-
-@dataclass
-class LogTables:
-    """Byte-string tables from raw PTN values to CSV text, built once per case and room."""
-
-    x: np.ndarray
-    y: np.ndarray
-    counts: dict[int, np.ndarray]  # per DOSE1_RANGE code
-    time: np.ndarray
-    timegain_ms: float
-    layout: str
-
-    @classmethod
-    def build(
-        cls, calibration: ptn.RoomCalibration, range_factors: list[float], dividing: float, layout: str
-    ) -> LogTables:
-        raw = np.arange(TABLE_SIZE)
-        # x and y go through float32 exactly like mqi_interpreter's float32 columns.
-        x = moqui_csv.float_table(calibration.x_mm(raw), layout)
-        y = moqui_csv.float_table(calibration.y_mm(raw), layout)
-        counts = {
-            code: moqui_csv.int_table(np.rint(raw * factor / dividing))
-            for code, factor in enumerate(range_factors, start=1)
-        }
-        return cls(x=x, y=y, counts=counts, time=np.empty(0, "S1"), timegain_ms=calibration.timegain_ms, layout=layout)
-
-    def time_table(self, rows: int) -> np.ndarray:
-        if len(self.time) < rows:
-            self.time = moqui_csv.float_table(np.arange(max(rows, 2 * len(self.time))) * self.timegain_ms, self.layout)
-        return self.time
-
-    def encode(self, log: np.ndarray, range_code: int, first_row: int = 0) -> bytes:
-        """The rows' CSV text; `first_row` numbers them on after an earlier part of the layer."""
-        index = np.arange(first_row, first_row + len(log))
-        return moqui_csv.encode(
-            [
-                (self.time_table(first_row + len(log)), index),
-                (self.x, log[:, 0]),
-                (self.y, log[:, 1]),
-                (self.counts[range_code], log[:, 4]),
-            ],
-            self.layout,
-        )
+# Start-up is a large share of P2's time on a clinical case (docs/p2-speed.md): what only some
+# runs need is imported where it is used. Log mode never reads the plan with pydicom: the
+# manifest carries each beam's name and layer energies, read by intake from this very plan (P2
+# checks its sha256 first); only plan mode, which needs the spots, reads it.
 
 
 def _spot_samples(spot_mu: np.ndarray, calibration: ptn.RoomCalibration, config: dict[str, Any]) -> np.ndarray:
@@ -117,6 +75,31 @@ def plan_layer_samples(layer: Layer, calibration: ptn.RoomCalibration, config: d
     return moqui_csv.encode_values(time_ms, xy[:, 0], xy[:, 1], counts, interp["csv_layout"])
 
 
+def _read_log(path: Path, size: int) -> np.ndarray:
+    """A layer's PTN rows as logged (big-endian; the encoder needs no byte swap), checked against
+    the size intake recorded."""
+    data = path.read_bytes()
+    if len(data) != size:
+        raise CaseError(path, "changed since intake; run the case again")
+    return ptn.rows_of(data, path)
+
+
+class _OutputFiles:
+    """Writes P2's files atomically and records each one's sha256 (of the bytes in hand, hashed
+    where they are, not copied) in `known`: stage-in reports these digests instead of reading the
+    files again to hash them. (Writing and hashing in a second thread while the next layer is
+    encoded measured no faster on a loaded 2-core machine and cost CPU: docs/p2-speed.md.)"""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+        self.known = KnownDigests()
+
+    def write(self, path: Path, data: bytes | memoryview) -> None:
+        with atomic_output(path) as handle:
+            handle.write(data)
+        self.known.add(path, path.relative_to(self.out_dir).as_posix(), hashlib.sha256(data).hexdigest())
+
+
 def interpret_case(manifest: dict[str, Any], config: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     """Write the P2 layout for every simulated beam; returns a summary (files, samples)."""
     case_dir = Path(manifest["case_dir"])
@@ -124,72 +107,109 @@ def interpret_case(manifest: dict[str, Any], config: dict[str, Any], out_dir: Pa
     plan_bytes = plan_path.read_bytes()  # the bytes checked are the bytes copied
     if hashlib.sha256(plan_bytes).hexdigest() != manifest["plan"]["sha256"]:
         raise CaseError(plan_path, "changed since intake; run the case again")
-    plan = read_plan(plan_path)
     calibration = ptn.RoomCalibration.from_config(config["rooms"][manifest["room"]])
     layout = config["interpreter"]["csv_layout"]
-    # Every file written is recorded with its sha256 (of the bytes in hand) in the summary's
-    # "files": stage-in reports these digests instead of reading the files again to hash them.
-    known = KnownDigests()
-
-    def write_output(path: Path, data: bytes) -> None:
-        write_atomic(path, data)
-        known.add(path, path.relative_to(out_dir).as_posix(), hashlib.sha256(data).hexdigest())
-
-    write_output(out_dir / "plan" / plan_path.name, plan_bytes)
-    deliveries = {d["folder"]: d for d in manifest["deliveries"]}
-    tables: LogTables | None = None
-    summary: dict[str, Any] = {"case_id": manifest["case_id"], "mode": manifest["mode"], "layout": layout, "beams": []}
-    names = [b["sanitized_name"] for b in manifest["beams"] if b["simulate"]]
+    summary: dict[str, Any] = {"case_id": manifest["case_id"], "mode": manifest["mode"], "layout": layout}
+    simulated = [b for b in manifest["beams"] if b["simulate"]]
+    names = [b["sanitized_name"] for b in simulated]
     if len(names) != len(set(names)):
         raise CaseError(plan_path, f"two beams share a folder name after sanitizing: {names}")
-    for beam_entry in manifest["beams"]:
-        if not beam_entry["simulate"]:
-            continue
+    files = _OutputFiles(out_dir)
+    files.write(out_dir / "plan" / plan_path.name, plan_bytes)
+    if manifest["mode"] == "plan":
+        summary["beams"] = _plan_beams(plan_path, simulated, calibration, config, files)
+    else:
+        summary["beams"] = _log_beams(manifest, simulated, calibration, config, files)
+    summary["files"] = files.known.entries
+    return summary
+
+
+def _plan_beams(
+    plan_path: Path,
+    simulated: list[dict[str, Any]],
+    calibration: ptn.RoomCalibration,
+    config: dict[str, Any],
+    files: _OutputFiles,
+) -> list[dict[str, Any]]:
+    from mqi_communicator.formats.plan import read_plan
+
+    plan = read_plan(plan_path)
+    beams = []
+    for beam_entry in simulated:
         beam = plan.beam(beam_entry["number"])
         assert beam is not None  # intake checked every beam number against the plan
-        beam_dir = out_dir / "log" / beam_entry["sanitized_name"]
+        if refusal := plan_sample_refusal(beam, calibration, config):
+            raise CaseError(plan_path, refusal)
+        beam_dir = files.out_dir / "log" / beam_entry["sanitized_name"]
         beam_dir.mkdir(parents=True, exist_ok=True)
         written: list[dict[str, Any]] = []
-        if manifest["mode"] == "plan":
-            if refusal := plan_sample_refusal(beam, calibration, config):
-                raise CaseError(plan_path, refusal)
-            for number, layer in enumerate(beam.layers, start=1):
-                data = plan_layer_samples(layer, calibration, config)
-                name = moqui_csv.layer_file_name(number, layer.energy_mev, len(beam.layers))
-                write_output(beam_dir / name, data)
-                written.append({"file": name, "layer": number, "bytes": len(data)})
-        else:
-            if tables is None:
-                tables = LogTables.build(
-                    calibration, config["monitor_range_factors"], config["interpreter"]["dose_dividing_factor"], layout
-                )
-            simulated = [deliveries[folder] for folder in beam_entry["simulated_deliveries"]]
-            # A layer interrupted and resumed is logged in two deliveries: its CSV is both logs,
-            # in delivery order, its rows numbered on (docs/fractions.md).
-            for number, parts in layer_parts(simulated).items():
-                # The layer intake read from the PTN's name, never its sorted position.
-                chunks, samples = [], 0
-                for part in parts:
-                    path = case_dir / part.folder / part.file
-                    if path.stat().st_size != part.entry["size"]:
-                        raise CaseError(path, "changed since intake; run the case again")
-                    log = ptn.read_ptn(path)
-                    chunks.append(tables.encode(log, part.range_code, first_row=samples))
-                    samples += len(log)
-                data = moqui_csv.join(chunks, layout)
-                name = moqui_csv.layer_file_name(number, beam.layers[number - 1].energy_mev, len(beam.layers))
-                write_output(beam_dir / name, data)
-                written.append(
-                    {
-                        "file": name,
-                        "layer": number,
-                        "samples": samples,
-                        "ptn": " + ".join(f"{part.folder}/{part.file}" for part in parts),
-                    }
-                )
-        summary["beams"].append({"number": beam.number, "name": beam.name, "folder": beam_dir.name, "layers": written})
-    summary["files"] = known.entries
-    return summary
+        for number, layer in enumerate(beam.layers, start=1):
+            data = plan_layer_samples(layer, calibration, config)
+            name = moqui_csv.layer_file_name(number, layer.energy_mev, len(beam.layers))
+            files.write(beam_dir / name, data)
+            written.append({"file": name, "layer": number, "bytes": len(data)})
+        beams.append({"number": beam.number, "name": beam.name, "folder": beam_dir.name, "layers": written})
+    return beams
+
+
+def _plan_energies(manifest: dict[str, Any], beam_number: int) -> list[float]:
+    """A beam's layer energies from the plan, for a manifest that does not carry them (intake
+    writes them, read from this very plan; the contract leaves them optional)."""
+    from mqi_communicator.formats.plan import read_plan
+
+    beam = read_plan(Path(manifest["case_dir"]) / manifest["plan"]["path"]).beam(beam_number)
+    assert beam is not None  # intake checked every beam number against the plan
+    return [layer.energy_mev for layer in beam.layers]
+
+
+def _log_beams(
+    manifest: dict[str, Any],
+    simulated: list[dict[str, Any]],
+    calibration: ptn.RoomCalibration,
+    config: dict[str, Any],
+    files: _OutputFiles,
+) -> list[dict[str, Any]]:
+    case_dir = Path(manifest["case_dir"])
+    interp = config["interpreter"]
+    encoder = LogCsvEncoder(
+        calibration, config["monitor_range_factors"], interp["dose_dividing_factor"], interp["csv_layout"]
+    )
+    deliveries = {d["folder"]: d for d in manifest["deliveries"]}
+    beams = []
+    for beam_entry in simulated:
+        energies = beam_entry.get("energies_mev") or _plan_energies(manifest, beam_entry["number"])
+        beam_dir = files.out_dir / "log" / beam_entry["sanitized_name"]
+        beam_dir.mkdir(parents=True, exist_ok=True)
+        # A layer interrupted and resumed is logged in two deliveries: its CSV is both logs,
+        # in delivery order, its rows numbered on (docs/fractions.md). The layer number is the
+        # one intake read from the PTN's name, never its sorted position.
+        layers = [
+            (
+                number,
+                parts,
+                encoder.layer(
+                    [(_read_log(case_dir / p.folder / p.file, p.entry["size"]), p.range_code) for p in parts]
+                ),
+            )
+            for number, parts in layer_parts(deliveries[f] for f in beam_entry["simulated_deliveries"]).items()
+        ]
+        encoder.include([layer_rows for *_, layer_rows in layers])  # the beam's values formatted in one go
+        written = []
+        for number, parts, layer_rows in layers:
+            name = moqui_csv.layer_file_name(number, energies[number - 1], len(energies))
+            files.write(beam_dir / name, encoder.encode_layer(layer_rows).data)  # written and hashed in place
+            written.append(
+                {
+                    "file": name,
+                    "layer": number,
+                    "samples": len(layer_rows.x),
+                    "ptn": " + ".join(f"{part.folder}/{part.file}" for part in parts),
+                }
+            )
+        beams.append(
+            {"number": beam_entry["number"], "name": beam_entry["name"], "folder": beam_dir.name, "layers": written}
+        )
+    return beams
 
 
 def check_layout(manifest: dict[str, Any], out_dir: Path) -> None:
@@ -218,6 +238,9 @@ def check_layout(manifest: dict[str, Any], out_dir: Path) -> None:
 
 def run_external(manifest: dict[str, Any], config: dict[str, Any], out_dir: Path) -> None:
     """The clinic's mqi_interpreter through its own CLI, then the same layout check."""
+    import shlex
+    import subprocess
+
     exe = config["executables"]
     if not exe["mqi_interpreter"]:
         raise CaseError(None, "interpreter.mode is 'external' but executables.mqi_interpreter is empty")
@@ -252,7 +275,12 @@ def main(argv: list[str] | None = None) -> int:
 def _interpret(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     config = settings.load(args.settings)
-    manifest = contracts.read("intake", args.manifest) if args.manifest else build_manifest(args.logdir, config)
+    if args.manifest:
+        manifest = contracts.read("intake", args.manifest)
+    else:
+        from mqi_communicator.intake.case import build_manifest
+
+        manifest = build_manifest(args.logdir, config)
     if config["interpreter"]["mode"] == "external":
         run_external(manifest, config, args.outputdir)
         summary: dict[str, Any] = {"case_id": manifest["case_id"], "mode": "external"}

@@ -8,14 +8,13 @@ A person running a CLI by hand, from any folder, gets this project's `config/con
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
-
-import jsonschema
-import yaml
 
 from mqi_communicator.errors import InputError
 
@@ -23,10 +22,14 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SCHEMA_PATH = PROJECT_ROOT / "config" / "schema" / "config.schema.yaml"
 # What the CLIs use without --config: the project's own configuration, whatever the current folder.
 DEFAULT_CONFIG = PROJECT_ROOT / "config" / "config.yaml"
+# Validated configurations remembered (`validated`), at most this many.
+VALIDATED_KEPT = 64
 
 
 def _extend_with_defaults(validator_class: Any) -> Any:
     """A validator that fills in each property's `default`, like snakemake.utils.validate."""
+    import jsonschema
+
     validate_properties = validator_class.VALIDATORS["properties"]
 
     def set_defaults(validator: Any, properties: dict[str, Any], instance: Any, schema: Any) -> Any:
@@ -46,12 +49,19 @@ def _schema_text() -> str:
 
 def load_schema() -> dict[str, Any]:
     """The configuration schema (a fresh copy: the validator fills defaults from it)."""
-    schema: dict[str, Any] = yaml.safe_load(_schema_text())
+    import yaml
+
+    # libyaml's parser where PyYAML has it: the pure-Python one takes ~0.1 s for the schema.
+    schema: dict[str, Any] = yaml.load(_schema_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     return schema
 
 
 def validate(config: dict[str, Any]) -> dict[str, Any]:
     """Validate in place and fill defaults; raises ValueError naming the offending key."""
+    # jsonschema and yaml are imported here, not with the module: together ~0.1 s of start-up
+    # that a CLI whose configuration was validated before need not pay (`validated`).
+    import jsonschema
+
     schema = load_schema()
     validator = _extend_with_defaults(jsonschema.Draft202012Validator)(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
@@ -98,6 +108,8 @@ def template_problems(config: dict[str, Any]) -> list[str]:
 
 def load_yaml(path: Path) -> Any:
     """A YAML file; a syntax error is a ValueError naming the file, line and column."""
+    import yaml
+
     try:
         return yaml.safe_load(path.read_text())
     except yaml.MarkedYAMLError as exc:
@@ -179,7 +191,57 @@ def load(value: str) -> dict[str, Any]:
     runtime = os.environ.get(RUNTIME_VARIABLE)
     if runtime:
         _merge(loaded, json.loads(runtime))
-    return validate(loaded)
+    return validated(loaded)
+
+
+def validated_cache() -> Path:
+    """Where `validated` keeps what it validated: this user's cache folder."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mqi_communicator" / "validated-settings"
+
+
+def validated(config: dict[str, Any]) -> dict[str, Any]:
+    """`validate(config)`, remembered: the result for a configuration and schema validated
+    before is read back instead (a rule passes the same settings for every case, and importing
+    the validator is ~0.1 s of every CLI's start-up; docs/p2-speed.md). Only a valid configuration
+    is remembered, and only one that JSON keeps exactly; the key is the sha256 of the schema file
+    and of the configuration, so a change to either is validated again. The folder keeps the
+    `VALIDATED_KEPT` latest; anything unreadable there is validated again, and a folder that
+    cannot be written only means nothing is remembered."""
+    try:
+        text = json.dumps(config, sort_keys=True)
+        exact = json.loads(text) == config
+    except (TypeError, ValueError):
+        exact = False
+    try:
+        folder = validated_cache()
+    except RuntimeError:  # no home folder to keep it in
+        exact = False
+    if not exact:
+        return validate(config)
+    path = folder / (hashlib.sha256(_schema_text().encode() + b"\0" + text.encode()).hexdigest() + ".json")
+    with contextlib.suppress(OSError, ValueError):
+        remembered = json.loads(path.read_text())
+        if isinstance(remembered, dict):
+            return remembered
+    result = validate(config)
+    with contextlib.suppress(OSError, TypeError, ValueError):
+        result_text = json.dumps(result, sort_keys=True)
+        if json.loads(result_text) == result:
+            from mqi_communicator.files import write_atomic
+
+            write_atomic(path, result_text.encode())
+            _forget_oldest(folder)
+    return result
+
+
+def _forget_oldest(folder: Path) -> None:
+    entries = []
+    for entry in folder.glob("*.json"):
+        with contextlib.suppress(OSError):
+            entries.append((entry.stat().st_mtime, entry))
+    for _, entry in sorted(entries, reverse=True)[VALIDATED_KEPT:]:
+        with contextlib.suppress(OSError):
+            entry.unlink()
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -201,6 +263,8 @@ def site_config(configfile: str | Path | None, workdir: Path) -> str | Path | No
 def load_site(configfile: str | Path | None, workdir: Path | None = None) -> dict[str, Any]:
     """The configuration a workflow run uses: config/config.yaml, updated by the site's
     `--configfile` (merged key by key, as Snakemake does); relative paths from workdir."""
+    import yaml
+
     config = yaml.safe_load(DEFAULT_CONFIG.read_text()) or {}
     if configfile:
         path = Path(configfile)

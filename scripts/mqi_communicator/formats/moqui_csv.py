@@ -59,15 +59,6 @@ def _trim(strings: np.ndarray) -> np.ndarray:
     return strings.astype(f"S{width}")
 
 
-def join(chunks: Sequence[bytes], layout: str) -> bytes:
-    """Consecutive `encode` results as one file: rows run on; the single-line layout's one
-    closing newline stays at the end."""
-    kept = [chunk for chunk in chunks if chunk]
-    if layout == "single_line" and len(kept) > 1:
-        return b",".join(chunk[:-1] for chunk in kept) + b"\n"
-    return b"".join(kept)
-
-
 def encode(columns: Sequence[tuple[np.ndarray, np.ndarray]], layout: str) -> bytes:
     """Assemble rows from (table, index) pairs: row i, column k is `table_k[index_k[i]]`."""
     if layout not in LAYOUTS:

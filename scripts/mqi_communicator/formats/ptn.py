@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.spatial import cKDTree
 
 from mqi_communicator import cli
 from mqi_communicator.errors import InputError
@@ -145,6 +144,9 @@ def layer_problems(
             f"e.g. at ({x[first]:.1f}, {y[first]:.1f}) mm"
         )
     if len(planned_spots_mm):
+        # Imported here: scipy's import is ~0.3 s of start-up that P2, which never checks logs, need not pay.
+        from scipy.spatial import cKDTree
+
         distance, _ = cKDTree(np.asarray(planned_spots_mm, dtype=np.float64)).query(np.column_stack([x, y]))
         far = distance > float(checks["spot_distance_mm"])
         share = float(weight[far].sum() / weight.sum())
@@ -162,6 +164,16 @@ def check_size(path: Path) -> int:
     if size % ROW_BYTES:
         raise InputError(f"{path}: size {size} bytes is not a multiple of {ROW_BYTES} (8 big-endian uint16 per row)")
     return size // ROW_BYTES
+
+
+def rows_of(data: bytes, path: Path) -> np.ndarray:
+    """A PTN file's bytes as an (N, 8) big-endian uint16 view (no copy); `path` names the file
+    in the error when the size is not whole rows."""
+    if len(data) % ROW_BYTES:
+        raise InputError(
+            f"{path}: size {len(data)} bytes is not a multiple of {ROW_BYTES} (8 big-endian uint16 per row)"
+        )
+    return np.frombuffer(data, dtype=">u2").reshape(-1, 8)
 
 
 def read_ptn(path: Path) -> np.ndarray:

@@ -15,14 +15,17 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mqi_communicator.errors import CaseError
 from mqi_communicator.formats import ptn
-from mqi_communicator.formats.plan import Plan
-from mqi_communicator.intake.delivery_folders import Delivery
+
+if TYPE_CHECKING:
+    # Types only: P2 uses layer_parts, and reading plans (pydicom) costs its start-up ~0.1 s.
+    from mqi_communicator.formats.plan import Plan
+    from mqi_communicator.intake.delivery_folders import Delivery
 
 
 def continues(fraction_last_layer: int, start_layer: int, layer_count: int) -> bool:
