@@ -12,7 +12,7 @@ from mqi_communicator.intake.case import case_readiness
 from mqi_communicator.formats import contracts
 from mqi_communicator.formats.plan import find_plan, read_plan
 from mqi_communicator.rtdose.dose_frame import plan_sum_refusal_for
-from mqi_communicator.ops import disk_guard, recorder, state
+from mqi_communicator.ops import disk_guard, recorder, state, step_server
 from mqi_communicator.qa import calibration
 from mqi_communicator.qa.fraction_records import (
     pending as pending_fractions,
@@ -32,8 +32,10 @@ from mqi_communicator.settings import (
 for problem in path_problems(config) + template_problems(config):
     raise WorkflowError(f"invalid configuration: {problem}")
 
-# The Python that runs Snakemake (the project's venv) runs the package's CLIs too.
-PYTHON = sys.executable
+# The Python that runs Snakemake (the project's venv) runs the package's CLIs too, each started
+# through the step client: in a process forked from this run's step server when there is one
+# (started below), else as `python -m` (docs/end-to-end-speed.md).
+PYTHON = step_server.client_python()
 SCAN_DIR = Path(config["paths"]["local"]["scan_directory"])
 PROCESSING = config["paths"]["local"]["processing_directory"]
 RAW_OUTPUT = config["paths"]["local"]["raw_output_directory"]
@@ -358,3 +360,8 @@ def fraction_cases():
 
 
 FRACTIONS = fraction_cases()
+
+# One step server for this run's jobs, when jobs will run here (not for a dry run, a report, a
+# lint; not inside a SLURM job): the steps' imports are paid once (ops/step_server.py).
+if (CASES or FRACTIONS) and step_server.wanted(sys.argv):
+    STEP_SERVER = step_server.start()  # held (its lifeline open) until Snakemake exits

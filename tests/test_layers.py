@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "scripts" / "mqi_communicator"
 
 # Lowest first; the first part of a module's name below the package decides its layer.
 LAYERS: list[set[str]] = [
-    {"__init__", "__version__", "errors", "files", "settings", "cli"},
+    {"__init__", "__version__", "errors", "files", "settings", "cli", "step_client"},
     {"formats"},
     {"intake"},
     {"interpret", "moqui_input"},

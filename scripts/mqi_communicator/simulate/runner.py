@@ -18,13 +18,12 @@ import os
 import shlex
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from mqi_communicator import cli, settings
+from mqi_communicator import cli, settings, step_client
 from mqi_communicator.errors import TRANSIENT
 from mqi_communicator.files import sha256_of, write_json_atomic
 from mqi_communicator.formats.moqui_parameters import parse_parameter_file, render_parameter_file
@@ -36,7 +35,8 @@ BUILTIN = "builtin"
 def engine_command(tps_env: str) -> list[str]:
     """`builtin` is this package's engine run by the current Python (no PATH needed under cron)."""
     if tps_env == BUILTIN:
-        return [sys.executable, "-m", "mqi_communicator.simulate.engine"]
+        # Through the step client: forked from this run's step server when there is one.
+        return step_client.python_command("mqi_communicator.simulate.engine")
     return shlex.split(tps_env)
 
 
