@@ -15,12 +15,12 @@ import numpy as np
 import pydicom
 import pytest
 
+from mqi_communicator.cli import read_marker
 from mqi_communicator.errors import CaseError
 from mqi_communicator.formats import moqui_csv, ptn
 from mqi_communicator.formats.plan import read_plan
 from mqi_communicator.intake.case import build_manifest, case_readiness
 from mqi_communicator.interpret import interpret_case
-from mqi_communicator.ops.recorder import TRANSIENT_PATTERNS
 from mqi_communicator.simulate import engine
 from tests import casegen
 
@@ -291,9 +291,15 @@ def test_intake_cli_does_not_remember_a_waiting_case_as_failed(tmp_path: Path) -
     command = [sys.executable, "-m", "mqi_communicator.intake", "--case", str(late), "--output"]
     command += [str(tmp_path / "out" / "intake.json")]
     waiting = subprocess.run(command, capture_output=True, text=True, check=False)
-    # Said as waiting, which the run recorder counts as transient (the case is tried again).
+    # Said as waiting, and marked so for the run recorder (the case is tried again, not failed).
     assert waiting.returncode == 1 and "INTAKE WAITING for case late" in waiting.stderr
-    assert TRANSIENT_PATTERNS.search(waiting.stderr)
+    marker = read_marker(waiting.stderr)
+    assert marker is not None and (marker["kind"], marker["step"], marker["error"]) == (
+        "waiting",
+        "intake",
+        "CaseWaiting",
+    )
+    assert "waiting for deliveries" in marker["message"], marker
     shutil.move(parked, delivery)  # the logs arrive
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr

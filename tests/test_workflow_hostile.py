@@ -104,7 +104,8 @@ def test_dash_late_planned_and_flagged_cases(tmp_path: Path) -> None:
     output = again.stdout + again.stderr
     assert again.returncode != 0
     assert "incomplete: beam 3 ('2G90'): no delivery" in output
-    assert (work / "data" / "cases" / "late" / "intermediate" / "state" / "failed.json").is_file()
+    failed = json.loads((work / "data" / "cases" / "late" / "intermediate" / "state" / "failed.json").read_text())
+    assert failed["kind"] == "permanent" and failed["transient"] is False  # the case's own: waits for a change
     detail = full_log(again)
     assert "case_id=late" in detail and "case_id=good" not in detail and "case_id=-dash" not in detail
 

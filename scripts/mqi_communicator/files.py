@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from mqi_communicator.errors import InputError
+
 #: Mode of every file the pipeline writes: patient data, readable by its owner only.
 PRIVATE_FILE = 0o600
 #: In the name of every temporary file: which host wrote it (a temporary of a process that no
@@ -165,10 +167,10 @@ class KnownDigests:
                 isinstance(e, dict) and isinstance(e.get("sha256"), str) and len(e.get("stat_key", ())) == 4
                 for e in entries
             ):
-                raise ValueError("'files' is not a list of {path, sha256, stat_key}")
+                raise InputError("'files' is not a list of {path, sha256, stat_key}")
             return cls(entries)
         except (ValueError, TypeError) as exc:
-            raise ValueError(f"{path}: not a record of file digests: {exc}") from exc
+            raise InputError(f"{path}: not a record of file digests: {exc}") from exc
 
 
 def is_stream_of(stream: IO[Any], path: str | os.PathLike[str]) -> bool:

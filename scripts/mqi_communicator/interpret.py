@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mqi_communicator import settings
+from mqi_communicator import cli, settings
 from mqi_communicator.errors import CaseError
 from mqi_communicator.files import KnownDigests, atomic_output, write_json_atomic
 from mqi_communicator.formats import contracts, moqui_csv, ptn
@@ -269,25 +269,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--manifest", type=Path, help="intake.json from P1; built from --logdir when omitted")
     settings.add_argument(parser)
     parser.add_argument("--summary", type=Path, help="write a JSON summary of the files written")
-    args = parser.parse_args(argv)
-    started = time.perf_counter()
-    try:
-        config = settings.load(args.settings)
-        if args.manifest:
-            manifest = contracts.read("intake", args.manifest)
-        else:
-            from mqi_communicator.intake.case import build_manifest
+    return cli.run(parser, _interpret, argv, step="interpret", label="P2", subject=lambda a: f"case {a.logdir.name}")
 
-            manifest = build_manifest(args.logdir, config)
-        if config["interpreter"]["mode"] == "external":
-            run_external(manifest, config, args.outputdir)
-            summary: dict[str, Any] = {"case_id": manifest["case_id"], "mode": "external"}
-        else:
-            summary = interpret_case(manifest, config, args.outputdir)
-            check_layout(manifest, args.outputdir)
-    except (CaseError, ValueError, OSError) as exc:
-        print(f"P2 FAILED for case {args.logdir.name}: {exc}", file=sys.stderr)
-        return 1
+
+def _interpret(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    config = settings.load(args.settings)
+    if args.manifest:
+        manifest = contracts.read("intake", args.manifest)
+    else:
+        from mqi_communicator.intake.case import build_manifest
+
+        manifest = build_manifest(args.logdir, config)
+    if config["interpreter"]["mode"] == "external":
+        run_external(manifest, config, args.outputdir)
+        summary: dict[str, Any] = {"case_id": manifest["case_id"], "mode": "external"}
+    else:
+        summary = interpret_case(manifest, config, args.outputdir)
+        check_layout(manifest, args.outputdir)
     summary["seconds"] = round(time.perf_counter() - started, 3)
     if args.summary:
         write_json_atomic(args.summary, summary)

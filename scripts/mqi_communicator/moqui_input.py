@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mqi_communicator import settings
+from mqi_communicator import cli, settings
+from mqi_communicator.errors import InputError
 from mqi_communicator.files import write_atomic
 from mqi_communicator.formats import contracts
 from mqi_communicator.formats.contracts import IntakeManifest, ManifestBeam
@@ -63,7 +64,7 @@ def write_beam_input(
 ) -> Path:
     beam = next((b for b in manifest["beams"] if b["sanitized_name"] == beam_folder and b["simulate"]), None)
     if beam is None:
-        raise ValueError(f"case {manifest['case_id']}: no simulated beam with folder {beam_folder!r}")
+        raise InputError(f"case {manifest['case_id']}: no simulated beam with folder {beam_folder!r}")
     per_beam = beam_parameters(manifest, beam, p2_dir, logdir, output_dir, simulation)
     header = f"case {manifest['case_id']}, beam {beam['number']} ({beam['name']}), written by mqi_communicator"
     text = render_parameter_file(simulation["template"], per_beam, header=header)
@@ -86,16 +87,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--logdir", type=Path, required=True, help="the beam's logFilePath to lay out")
     parser.add_argument("--output-dir", type=Path, required=True, help="the beam's OutputDir")
     settings.add_argument(parser)
-    args = parser.parse_args(argv)
-    try:
-        config = settings.load(args.settings)
-        manifest = contracts.read_manifest(args.manifest)
-        path = write_beam_input(
-            manifest, args.beam, args.p2, args.parameters, args.logdir, args.output_dir, config["simulation"]
-        )
-    except (ValueError, OSError, KeyError) as exc:
-        print(f"MOQUI input FAILED for beam {args.beam}: {exc}", file=sys.stderr)
-        return 1
+    return cli.run(
+        parser, _moqui_input, argv, step="moqui_input", label="MOQUI input", subject=lambda a: f"beam {a.beam}"
+    )
+
+
+def _moqui_input(args: argparse.Namespace) -> int:
+    config = settings.load(args.settings)
+    manifest = contracts.read_manifest(args.manifest)
+    path = write_beam_input(
+        manifest, args.beam, args.p2, args.parameters, args.logdir, args.output_dir, config["simulation"]
+    )
     print(f"wrote {path}")
     return 0
 

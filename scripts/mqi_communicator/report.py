@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from mqi_communicator import cli
 from mqi_communicator.files import write_atomic
 from mqi_communicator.formats import contracts
 from mqi_communicator.formats.contracts import IntakeManifest
@@ -181,19 +182,18 @@ def main(argv: list[str] | None = None) -> int:
     summary.add_argument("--qa", type=Path, help="the case's qa.json (its verdict goes into the summary)")
     summary.add_argument("--manifest", type=Path, help="the case's intake.json (mode and labels)")
     summary.add_argument("--output", type=Path, required=True)
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "figure":
-            dose_figure(args.rtdose, args.title, args.output)
-        elif args.command == "table":
-            labels = contracts.read_manifest(args.manifest).get("labels", []) if args.manifest else None
-            beam_table(args.records, args.rtdoses, args.output, labels)
-        else:
-            manifest = contracts.read_manifest(args.manifest) if args.manifest else None
-            case_summary(args.case, args.records, args.rtdoses, args.plan_dose, args.output, args.qa, manifest)
-    except (OSError, ValueError, KeyError) as exc:
-        print(f"report failed: {exc}", file=sys.stderr)
-        return 1
+    return cli.run(parser, _report, argv, step="report", label="REPORT", subject=lambda a: a.command)
+
+
+def _report(args: argparse.Namespace) -> int:
+    if args.command == "figure":
+        dose_figure(args.rtdose, args.title, args.output)
+    elif args.command == "table":
+        labels = contracts.read_manifest(args.manifest).get("labels", []) if args.manifest else None
+        beam_table(args.records, args.rtdoses, args.output, labels)
+    else:
+        manifest = contracts.read_manifest(args.manifest) if args.manifest else None
+        case_summary(args.case, args.records, args.rtdoses, args.plan_dose, args.output, args.qa, manifest)
     return 0
 
 

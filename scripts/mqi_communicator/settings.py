@@ -16,6 +16,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from mqi_communicator.errors import InputError
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SCHEMA_PATH = PROJECT_ROOT / "config" / "schema" / "config.schema.yaml"
 # What the CLIs use without --config: the project's own configuration, whatever the current folder.
@@ -68,7 +70,7 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
         for error in errors:
             key = ".".join(str(p) for p in error.absolute_path) or "(top level)"
             lines.append(f"config key '{key}': {error.message}")
-        raise ValueError("invalid configuration:\n  " + "\n  ".join(lines))
+        raise InputError("invalid configuration:\n  " + "\n  ".join(lines))
     return config
 
 
@@ -113,7 +115,7 @@ def load_yaml(path: Path) -> Any:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
-        raise ValueError(f"{where}: YAML syntax error: {exc.problem or exc.context}") from exc
+        raise InputError(f"{where}: YAML syntax error: {exc.problem or exc.context}") from exc
 
 
 def yaml_problem(path: str | Path) -> str | None:
@@ -182,10 +184,10 @@ def load(value: str) -> dict[str, Any]:
     changes a result, so never a rule's params) arrive in MQI_RUNTIME_SETTINGS and are merged on top."""
     inline = value.lstrip().startswith("{")
     if not inline and not Path(value).is_file():
-        raise ValueError(f"configuration file {Path(value).resolve()} not found (--config names another one)")
+        raise InputError(f"configuration file {Path(value).resolve()} not found (--config names another one)")
     loaded = json.loads(value) if inline else load_yaml(Path(value))
     if not isinstance(loaded, dict):
-        raise ValueError(f"{value}: configuration must be a mapping")
+        raise InputError(f"{value}: configuration must be a mapping")
     runtime = os.environ.get(RUNTIME_VARIABLE)
     if runtime:
         _merge(loaded, json.loads(runtime))
@@ -269,7 +271,7 @@ def load_site(configfile: str | Path | None, workdir: Path | None = None) -> dic
         path = path if path.is_absolute() or workdir is None else workdir / path
         site = yaml.safe_load(path.read_text()) or {}
         if not isinstance(site, dict):
-            raise ValueError(f"{path}: configuration must be a mapping")
+            raise InputError(f"{path}: configuration must be a mapping")
         _merge(config, site)
     return validate(config)
 

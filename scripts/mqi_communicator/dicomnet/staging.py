@@ -25,6 +25,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag
 
+from mqi_communicator.errors import MqiError
 from mqi_communicator.files import atomic_output
 
 RT_ION_PLAN = "1.2.840.10008.5.1.4.1.1.481.8"
@@ -39,7 +40,7 @@ _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
-class StagingError(ValueError):
+class StagingError(MqiError, ValueError):
     """The object cannot be staged as it is (its content, not the disk): the sender must not retry it."""
 
 

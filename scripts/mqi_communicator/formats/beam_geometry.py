@@ -21,6 +21,8 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
+from mqi_communicator.errors import InputError
+
 # (keyword, record key, PS3.3 type in the first control point, number of values)
 FIELDS = (
     ("GantryAngle", "gantry_angle_deg", "1C", 1),
@@ -149,7 +151,7 @@ def _value(cp: Dataset, keyword: str, count: int) -> Value:
         return None
     values = [float(v) for v in raw] if isinstance(raw, Sequence) and not isinstance(raw, str) else [float(raw)]
     if len(values) != count:
-        raise ValueError(f"{keyword} has {len(values)} values, PS3.6 gives it {count}")
+        raise InputError(f"{keyword} has {len(values)} values, PS3.6 gives it {count}")
     return tuple(values) if count > 1 else values[0]
 
 
@@ -197,7 +199,7 @@ def read(plan_ds: Dataset, beam_number: int) -> BeamGeometry:
     value of the wrong multiplicity, named)."""
     beam = next((b for b in plan_ds.get("IonBeamSequence", []) if int(b.BeamNumber) == beam_number), None)
     if beam is None:
-        raise ValueError(f"no beam number {beam_number} in the plan")
+        raise InputError(f"no beam number {beam_number} in the plan")
     label = f"beam {beam_number} ({str(beam.get('BeamName', ''))!r})"
     cps = list(beam.get("IonControlPointSequence", []))
     first_cp = cps[0] if cps else Dataset()
@@ -230,7 +232,7 @@ def read(plan_ds: Dataset, beam_number: int) -> BeamGeometry:
                         )
                     current[keyword] = value
     except (ValueError, TypeError) as exc:
-        raise ValueError(f"{label}: {exc}") from exc
+        raise InputError(f"{label}: {exc}") from exc
     setup_number, position, setup_statements = _patient_setup(plan_ds, beam, label)
     return BeamGeometry(
         number=beam_number,

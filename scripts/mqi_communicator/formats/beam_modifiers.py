@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
 
+from mqi_communicator.errors import InputError
+
 # (count attribute, sequence, what a person calls it); PS3.3 C.8.8.25.
 OTHER_MODIFIERS = (
     ("NumberOfBlocks", "IonBlockSequence", "block"),
@@ -83,13 +85,13 @@ def read_range_shifters(beam: Dataset) -> list[RangeShifter]:
     items = list(beam.get("RangeShifterSequence", []))
     declared = _number(beam.get("NumberOfRangeShifters")) or 0
     if declared != len(items):
-        raise ValueError(f"{label}: NumberOfRangeShifters is {declared} but RangeShifterSequence holds {len(items)}")
+        raise InputError(f"{label}: NumberOfRangeShifters is {declared} but RangeShifterSequence holds {len(items)}")
     cps = list(beam.get("IonControlPointSequence", []))
     first = _settings(cps[0]) if cps else {}
     for cp in cps[1:]:
         for number, values in _settings(cp).items():
             if number in first and values != first[number]:
-                raise ValueError(
+                raise InputError(
                     f"{label}: range shifter {number} settings change at control point "
                     f"{cp.get('ControlPointIndex')}; only settings fixed for the whole beam are supported"
                 )
@@ -97,7 +99,7 @@ def read_range_shifters(beam: Dataset) -> list[RangeShifter]:
     for item in items:
         number = _number(item.get("RangeShifterNumber"))
         if number is None:
-            raise ValueError(f"{label}: a RangeShifterSequence item has no RangeShifterNumber")
+            raise InputError(f"{label}: a RangeShifterSequence item has no RangeShifterNumber")
         setting, distance, wet = first.get(number, ("", None, None))
         shifters.append(
             RangeShifter(

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal, NotRequired, TypedDict, cast
 
+from mqi_communicator.errors import MqiError
 from mqi_communicator.files import write_json_atomic
 
 SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
@@ -19,7 +20,7 @@ Contract = Literal["intake", "qa", "case_summary"]
 Verdict = Literal["PASS", "REVIEW", "NOT ASSESSED", "FAIL", "ERROR"]
 
 
-class ContractError(ValueError):
+class ContractError(MqiError, ValueError):
     """A case file that does not hold what its contract says; the message names file and key."""
 
 

@@ -43,6 +43,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import UID, generate_uid
 
+from mqi_communicator.errors import InputError
 from mqi_communicator.formats.plan import RT_ION_PLAN_SOP_CLASS
 
 PHANTOM = "PHANTOM"
@@ -92,7 +93,7 @@ def frame_of_reference(
         return FrameOfReference(phantom_frame_uid(plan_ds.SOPInstanceUID, gantry, couch, isocentre), PHANTOM, True)
     uid = str(plan_ds.get("FrameOfReferenceUID") or "")
     if not uid:
-        raise ValueError("plan has no FrameOfReferenceUID; the dose cannot be placed in the patient frame")
+        raise InputError("plan has no FrameOfReferenceUID; the dose cannot be placed in the patient frame")
     return FrameOfReference(uid, str(plan_ds.get("PositionReferenceIndicator") or ""), False)
 
 
@@ -140,7 +141,7 @@ def summation_for(
     (`plan_sum` False) or the plan sum of the treatment beams given. Raises ValueError when the
     beams are in no single fraction group of the plan."""
     if not plan_sum and len(beam_numbers) != 1:
-        raise ValueError(f"the dose of one beam references one beam, not {list(beam_numbers)}")
+        raise InputError(f"the dose of one beam references one beam, not {list(beam_numbers)}")
     wanted = set(beam_numbers)
     groups = _fraction_groups(plan_ds)
     if not groups:
@@ -148,8 +149,8 @@ def summation_for(
     holding = [(number, beams) for number, beams in groups if wanted <= beams]
     if not holding:
         if plan_sum:
-            raise ValueError(str(fraction_group_refusal(plan_ds, wanted)))
-        raise ValueError(f"beam {beam_numbers[0]} is referenced by no fraction group of the plan")
+            raise InputError(str(fraction_group_refusal(plan_ds, wanted)))
+        raise InputError(f"beam {beam_numbers[0]} is referenced by no fraction group of the plan")
     number, beams = holding[0]
     if plan_sum and beams & set(treatment_beams) == wanted:
         return Summation(FRACTION_SESSION, number, ())

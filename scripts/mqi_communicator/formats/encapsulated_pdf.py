@@ -18,6 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID, generate_uid
 
 from mqi_communicator import __version__
+from mqi_communicator.errors import InputError
 from mqi_communicator.files import atomic_output
 from mqi_communicator.formats.dicom_output import copy_patient_study, new_instance
 
@@ -29,9 +30,9 @@ SERIES_NUMBER = 900  # apart from the RT Doses' series (beam numbers, 999 for th
 def build(pdf: bytes, plan: Dataset, title: str, now: datetime.datetime | None = None) -> Dataset:
     """The Encapsulated PDF dataset of `pdf` for the patient and study of `plan`."""
     if not pdf.startswith(b"%PDF-"):
-        raise ValueError("not a PDF (no %PDF- header)")
+        raise InputError("not a PDF (no %PDF- header)")
     if "StudyInstanceUID" not in plan:
-        raise ValueError("the plan has no StudyInstanceUID")
+        raise InputError("the plan has no StudyInstanceUID")
     now = now or datetime.datetime.now()
     digest = hashlib.sha256(pdf).hexdigest()
     sop_uid = generate_uid(entropy_srcs=["mqi_communicator QA report", digest])
@@ -71,7 +72,7 @@ def write_for_plan(pdf_path: Path, plan_path: Path, target: Path, title: str) ->
         plan = dcmread(plan_path, stop_before_pixels=True)
         ds = build(pdf_path.read_bytes(), plan, title)
     except (OSError, ValueError) as exc:
-        raise ValueError(f"{pdf_path} / {plan_path}: no Encapsulated PDF ({exc})") from exc
+        raise InputError(f"{pdf_path} / {plan_path}: no Encapsulated PDF ({exc})") from exc
     with atomic_output(target, durable=True) as handle:
         ds.save_as(handle, enforce_file_format=True)
     return ds

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mqi_communicator.errors import InputError
 from mqi_communicator.formats import moqui_csv
 from mqi_communicator.formats.ptn import RoomCalibration
 
@@ -164,9 +165,9 @@ class LogCsvEncoder:
         self, calibration: RoomCalibration, range_factors: Sequence[float], dividing: float, layout: str
     ) -> None:
         if layout not in moqui_csv.LAYOUTS:
-            raise ValueError(f"unknown CSV layout {layout!r}; expected one of {moqui_csv.LAYOUTS}")
+            raise InputError(f"unknown CSV layout {layout!r}; expected one of {moqui_csv.LAYOUTS}")
         if len(range_factors) != RANGE_CODES:
-            raise ValueError(
+            raise InputError(
                 f"monitor_range_factors: {len(range_factors)} factors, one per DOSE1_RANGE code 1-5 needed"
             )
         self.layout = layout
@@ -188,7 +189,7 @@ class LogCsvEncoder:
         run on, numbered on from the first part's first row."""
         for _, code in parts:
             if not 1 <= code <= RANGE_CODES:
-                raise ValueError(f"DOSE1_RANGE {code} is not a monitor range code 1-{RANGE_CODES}")
+                raise InputError(f"DOSE1_RANGE {code} is not a monitor range code 1-{RANGE_CODES}")
         return LayerRows(
             x=_column(parts, 0), y=_column(parts, 1), count=_column(parts, 4, [(c - 1) * RAW_VALUES for _, c in parts])
         )

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mqi_communicator.errors import InputError
+
 LAYOUTS = ("rows", "single_line")
 LAYER_FILE_PATTERN = re.compile(r"^(\d+)_(.+)MeV\.csv$")
 
@@ -34,7 +36,7 @@ def layer_file_name(layer_index: int, energy_mev: float, layer_count: int = 0) -
 def energy_of_file_name(name: str) -> float:
     match = LAYER_FILE_PATTERN.match(name)
     if not match:
-        raise ValueError(f"{name}: not a MOQUI layer file name (<NN>_<energy>MeV.csv)")
+        raise InputError(f"{name}: not a MOQUI layer file name (<NN>_<energy>MeV.csv)")
     return float(match.group(2))
 
 
@@ -60,7 +62,7 @@ def _trim(strings: np.ndarray) -> np.ndarray:
 def encode(columns: Sequence[tuple[np.ndarray, np.ndarray]], layout: str) -> bytes:
     """Assemble rows from (table, index) pairs: row i, column k is `table_k[index_k[i]]`."""
     if layout not in LAYOUTS:
-        raise ValueError(f"unknown CSV layout {layout!r}; expected one of {LAYOUTS}")
+        raise InputError(f"unknown CSV layout {layout!r}; expected one of {LAYOUTS}")
     if len(columns) == 0:
         return b""
     n = len(columns[0][1])
@@ -105,9 +107,9 @@ def read_layer(path: Path) -> np.ndarray:
     try:
         values = np.array(text.split(b","), dtype=np.float64)
     except ValueError as exc:
-        raise ValueError(f"{path}: not a MOQUI CSV ({exc})") from exc
+        raise InputError(f"{path}: not a MOQUI CSV ({exc})") from exc
     if values.size % 4:
-        raise ValueError(f"{path}: {values.size} values is not a multiple of 4 (time, x, y, count)")
+        raise InputError(f"{path}: {values.size} values is not a multiple of 4 (time, x, y, count)")
     return values.reshape(-1, 4)
 
 
@@ -261,5 +263,5 @@ def read_layer_fast(path: Path) -> np.ndarray:
     if values is None:
         return read_layer(path)
     if values.size % 4:
-        raise ValueError(f"{path}: {values.size} values is not a multiple of 4 (time, x, y, count)")
+        raise InputError(f"{path}: {values.size} values is not a multiple of 4 (time, x, y, count)")
     return values.reshape(-1, 4)

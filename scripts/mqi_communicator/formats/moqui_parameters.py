@@ -24,6 +24,7 @@ import shutil
 from collections.abc import Iterator, Mapping, MutableMapping
 from pathlib import Path
 
+from mqi_communicator.errors import InputError
 from mqi_communicator.formats.plan import sanitize_beam_name
 
 SELECTIONS = ("index", "name")
@@ -76,10 +77,10 @@ def parse_parameters(text: str, source: str = "<parameters>") -> Parameters:
             continue
         parts = line.split(None, 1)
         if len(parts) < 2:
-            raise ValueError(f"{source}:{number}: key {parts[0]!r} has no value")
+            raise InputError(f"{source}:{number}: key {parts[0]!r} has no value")
         key, value = parts[0], parts[1].strip()
         if key.lower() in seen:
-            raise ValueError(f"{source}:{number}: key {key!r} already set on line {seen[key.lower()]}")
+            raise InputError(f"{source}:{number}: key {key!r} already set on line {seen[key.lower()]}")
         seen[key.lower()] = number
         params[key] = value
     return params
@@ -97,9 +98,9 @@ def format_value(key: str, value: object) -> str:
     elif isinstance(value, int | float | str | os.PathLike):
         text = str(value)
     else:
-        raise ValueError(f"parameter {key!r}: cannot write a {type(value).__name__} value ({value!r})")
+        raise InputError(f"parameter {key!r}: cannot write a {type(value).__name__} value ({value!r})")
     if not text.strip() or "\n" in text or "\r" in text:
-        raise ValueError(f"parameter {key!r}: value must be non-empty text on one line, got {text!r}")
+        raise InputError(f"parameter {key!r}: value must be non-empty text on one line, got {text!r}")
     return text.strip()
 
 
@@ -116,9 +117,9 @@ def render_parameter_file(
         seen: set[str] = set()
         for key, value in mapping.items():
             if not isinstance(key, str) or not _KEY.match(key):
-                raise ValueError(f"{source} key {key!r}: keys are single words without '#'")
+                raise InputError(f"{source} key {key!r}: keys are single words without '#'")
             if key.lower() in seen:
-                raise ValueError(f"{source} key {key!r} given twice (keys are case-insensitive)")
+                raise InputError(f"{source} key {key!r} given twice (keys are case-insensitive)")
             seen.add(key.lower())
             merged[key] = "" if value is None else format_value(key, value)
     lines = [f"# {line}" for line in (header or "MOQUI parameters written by mqi_communicator").splitlines()]
@@ -176,13 +177,13 @@ def validate_parameters(params: Mapping[str, object], source: str = "parameters"
     """Raise ValueError listing every problem (each naming its key); return quietly when fine."""
     problems = parameter_problems(params)
     if problems:
-        raise ValueError(f"{source}: " + "; ".join(problems))
+        raise InputError(f"{source}: " + "; ".join(problems))
 
 
 def _beam_folder_name(beam_csv_dir: Path, beam_name: str | None) -> str:
     name = sanitize_beam_name(beam_name) if beam_name is not None else beam_csv_dir.name
     if not SANITIZED_NAME.match(name):
-        raise ValueError(f"{beam_csv_dir}: folder name {name!r} is not a sanitized beam name ([A-Za-z0-9_-])")
+        raise InputError(f"{beam_csv_dir}: folder name {name!r} is not a sanitized beam name ([A-Za-z0-9_-])")
     return name
 
 
@@ -190,7 +191,7 @@ def _link_or_copy_files(source: Path, target: Path) -> None:
     target.mkdir()
     for entry in sorted(source.iterdir()):
         if not entry.is_file():
-            raise ValueError(f"{entry}: the beam's CSV folder must hold files only")
+            raise InputError(f"{entry}: the beam's CSV folder must hold files only")
         try:
             os.link(entry, target / entry.name)
         except OSError:
@@ -214,15 +215,15 @@ def prepare_beam_logdir(
     beside it, then swapped in), so it also picks up rewritten CSVs.
     """
     if selection not in SELECTIONS:
-        raise ValueError(f"log folder selection {selection!r}; expected one of {', '.join(SELECTIONS)}")
+        raise InputError(f"log folder selection {selection!r}; expected one of {', '.join(SELECTIONS)}")
     if beam_number < 1:
-        raise ValueError(f"BeamNumber {beam_number}: must be >= 1")
+        raise InputError(f"BeamNumber {beam_number}: must be >= 1")
     source = Path(beam_csv_dir)
     if not source.is_dir():
-        raise ValueError(f"{source}: beam CSV folder does not exist")
+        raise InputError(f"{source}: beam CSV folder does not exist")
     dest = Path(dest)
     if dest.resolve() == source.resolve() or dest.resolve() in source.resolve().parents:
-        raise ValueError(f"{dest}: the prepared log folder must not contain the beam's CSV folder {source}")
+        raise InputError(f"{dest}: the prepared log folder must not contain the beam's CSV folder {source}")
     name = _beam_folder_name(source, beam_name)
     dest.parent.mkdir(parents=True, exist_ok=True)
     build = dest.with_name(f".{dest.name}.build-{os.getpid()}")
@@ -254,11 +255,11 @@ def select_beam_logdir(log_file_path: Path, beam_number: int, beam_name: str, se
     entry at BeamNumber - 1) or a by-name build ("name": the sanitized beam name)."""
     folder = Path(log_file_path)
     if not folder.is_dir():
-        raise ValueError(f"logFilePath {folder}: not a directory")
+        raise InputError(f"logFilePath {folder}: not a directory")
     if selection == "index":
         entries = _sorted_entries(folder)
         if not 1 <= beam_number <= len(entries):
-            raise ValueError(
+            raise InputError(
                 f"logFilePath {folder}: BeamNumbers {beam_number} selects sorted entry index {beam_number - 1}, "
                 f"but the folder has {len(entries)} entries (the engine picks by index, not by name; "
                 "prepare the folder with moqui_input.prepare_beam_logdir)"
@@ -267,9 +268,9 @@ def select_beam_logdir(log_file_path: Path, beam_number: int, beam_name: str, se
     elif selection == "name":
         chosen = folder / sanitize_beam_name(beam_name)
         if not chosen.exists():
-            raise ValueError(f"logFilePath {folder}: no folder {chosen.name!r} for beam {beam_name!r}")
+            raise InputError(f"logFilePath {folder}: no folder {chosen.name!r} for beam {beam_name!r}")
     else:
-        raise ValueError(f"LogFileSelection {selection!r}; expected one of {', '.join(SELECTIONS)}")
+        raise InputError(f"LogFileSelection {selection!r}; expected one of {', '.join(SELECTIONS)}")
     if not chosen.is_dir():
-        raise ValueError(f"logFilePath {folder}: selected entry {chosen.name!r} is not a directory")
+        raise InputError(f"logFilePath {folder}: selected entry {chosen.name!r} is not a directory")
     return chosen

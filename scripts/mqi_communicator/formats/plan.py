@@ -17,7 +17,8 @@ from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from mqi_communicator.errors import CaseError
+from mqi_communicator import cli
+from mqi_communicator.errors import CaseError, InputError
 from mqi_communicator.formats.beam_modifiers import RangeShifter, other_modifiers, read_range_shifters
 from mqi_communicator.formats.plan_check import (
     PRIVATE_SPOT_POSITIONS,
@@ -185,7 +186,7 @@ def _control_point_spots(cp: Dataset) -> tuple[np.ndarray, np.ndarray]:
     else:
         return np.empty((0, 2)), np.empty(0)
     if positions.size != 2 * weights.size:
-        raise ValueError(
+        raise InputError(
             f"control point {cp.get('ControlPointIndex')}: {positions.size} spot coordinates for {weights.size} weights"
         )
     return positions.reshape(-1, 2), weights
@@ -204,7 +205,7 @@ def _layers(beam: Dataset, meterset: float | None) -> list[Layer]:
     for cp in cps:
         cp_energy = float(cp.NominalBeamEnergy) if "NominalBeamEnergy" in cp else energy
         if cp_energy is None:
-            raise ValueError(f"beam {beam.BeamNumber}: first control point has no NominalBeamEnergy")
+            raise InputError(f"beam {beam.BeamNumber}: first control point has no NominalBeamEnergy")
         weight = float(cp.get("CumulativeMetersetWeight") or 0.0)
         if energy is None or cp_energy != energy:
             layers.append(Layer(energy_mev=cp_energy, mu=0.0))
@@ -355,13 +356,12 @@ def main(argv: list[str] | None = None) -> int:
         description="Summarize an RT Ion Plan as JSON (beams, layers, spots).",
     )
     parser.add_argument("plan", type=Path, help="RT Ion Plan file or a case folder holding one")
-    args = parser.parse_args(argv)
-    try:
-        path = find_plan(args.plan) if args.plan.is_dir() else args.plan
-        plan = read_plan(path)
-    except CaseError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    return cli.run(parser, _summarize, argv, step="formats.plan", label="PLAN")
+
+
+def _summarize(args: argparse.Namespace) -> int:
+    path = find_plan(args.plan) if args.plan.is_dir() else args.plan
+    plan = read_plan(path)
     summary = asdict(plan)
     summary["path"] = str(plan.path)
     json.dump(summary, sys.stdout, indent=1)

@@ -16,6 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from mqi_communicator import cli
+from mqi_communicator.errors import InputError
+
 ROW_BYTES = 16
 COLUMNS = ("x", "y", "x_size", "y_size", "dose1", "dose2", "layer", "flags")
 FLAG_PLANNED_BEAM_ON = 1 << 15
@@ -49,7 +52,7 @@ class RoomCalibration:
         energies = tuple(float(e) for e in table.get("energies_mev", ()))
         factors = tuple(float(f) for f in table.get("factors", ()))
         if len(energies) != len(factors) or list(energies) != sorted(energies):
-            raise ValueError(
+            raise InputError(
                 "mu_per_count_energy_factor needs as many factors as energies_mev, energies ascending "
                 f"(got {len(energies)} energies, {len(factors)} factors)"
             )
@@ -91,7 +94,7 @@ def layer_number(path: Path) -> int:
     """The layer number in a PTN file's name, whatever its zero padding (`_7`, `_007`, `_120`)."""
     match = LAYER_NUMBER_PATTERN.search(path.name)
     if match is None:
-        raise ValueError(f"{path}: no layer number in the file name (expected <name>_<layer>.ptn)")
+        raise InputError(f"{path}: no layer number in the file name (expected <name>_<layer>.ptn)")
     return int(match.group(1))
 
 
@@ -159,7 +162,7 @@ def check_size(path: Path) -> int:
     """Number of rows; raises ValueError naming the file when the size is not whole rows."""
     size = path.stat().st_size
     if size % ROW_BYTES:
-        raise ValueError(f"{path}: size {size} bytes is not a multiple of {ROW_BYTES} (8 big-endian uint16 per row)")
+        raise InputError(f"{path}: size {size} bytes is not a multiple of {ROW_BYTES} (8 big-endian uint16 per row)")
     return size // ROW_BYTES
 
 
@@ -167,7 +170,7 @@ def rows_of(data: bytes, path: Path) -> np.ndarray:
     """A PTN file's bytes as an (N, 8) big-endian uint16 view (no copy); `path` names the file
     in the error when the size is not whole rows."""
     if len(data) % ROW_BYTES:
-        raise ValueError(
+        raise InputError(
             f"{path}: size {len(data)} bytes is not a multiple of {ROW_BYTES} (8 big-endian uint16 per row)"
         )
     return np.frombuffer(data, dtype=">u2").reshape(-1, 8)
@@ -183,9 +186,9 @@ def write_ptn(path: Path, rows: np.ndarray) -> None:
     """Write (N, 8) integer rows as a PTN file (used by the synthetic case generator)."""
     data = np.asarray(rows)
     if data.ndim != 2 or data.shape[1] != 8:
-        raise ValueError(f"PTN rows must be (N, 8), got {data.shape}")
+        raise InputError(f"PTN rows must be (N, 8), got {data.shape}")
     if data.min(initial=0) < 0 or data.max(initial=0) > 0xFFFF:
-        raise ValueError("PTN values must fit in uint16")
+        raise InputError("PTN values must fit in uint16")
     path.write_bytes(data.astype(">u2").tobytes())
 
 
@@ -195,12 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("ptn", type=Path)
     parser.add_argument("--head", type=int, default=5, help="rows to print")
-    args = parser.parse_args(argv)
-    try:
-        rows = read_ptn(args.ptn)
-    except (OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    return cli.run(parser, _show, argv, step="formats.ptn", label="PTN")
+
+
+def _show(args: argparse.Namespace) -> int:
+    rows = read_ptn(args.ptn)
     beam_on = (rows[:, 7] & FLAG_ACTUAL_BEAM_ON) != 0
     print(" ".join(COLUMNS))
     for row in rows[: args.head]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mqi_communicator.errors import InputError, MqiError
 from mqi_communicator.formats.beam_geometry import BeamGeometry
 
 
@@ -60,14 +61,14 @@ def grid_for(dosetype: str) -> Grid:
         return PLANE_2CM
     if dosetype == "3d":
         return PHANTOM_3D
-    raise ValueError(f"unknown dose type {dosetype!r}; expected 2d or 3d")
+    raise InputError(f"unknown dose type {dosetype!r}; expected 2d or 3d")
 
 
 def read_raw(path: str, grid: Grid) -> np.ndarray:
     """Read a raw dose file into an array of `grid.shape`; the size must match exactly."""
     data = np.fromfile(path, dtype="<f8")
     if data.size * 8 != grid.n_bytes:
-        raise ValueError(
+        raise InputError(
             f"{path}: {data.size * 8} bytes, expected {grid.n_bytes} for a {grid.nx}x{grid.ny}x{grid.nz} float64 grid"
         )
     return data.reshape(grid.shape)
@@ -90,7 +91,7 @@ CARDINAL_GANTRY = (0.0, 90.0, 180.0, 270.0)
 FRAMES = ("beam", "patient")
 
 
-class GeometryError(ValueError):
+class GeometryError(MqiError, ValueError):
     """A beam geometry the requested frame does not handle (the message says which and why)."""
 
 

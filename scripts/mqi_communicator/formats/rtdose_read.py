@@ -13,6 +13,8 @@ from typing import NamedTuple
 import numpy as np
 import pydicom
 
+from mqi_communicator.errors import InputError
+
 
 class DoseImage(NamedTuple):
     """An RT Dose read back: dose[frame, row, col] and the patient coordinate of each index.
@@ -32,7 +34,7 @@ class DoseImage(NamedTuple):
 def _axis_coordinates(origin: Sequence[float], direction: np.ndarray, steps: np.ndarray) -> tuple[str, np.ndarray]:
     axis = int(np.argmax(np.abs(direction)))
     if not np.isclose(abs(direction[axis]), 1.0, atol=1e-6):
-        raise ValueError(f"orientation {direction.tolist()} is not along a patient axis")
+        raise InputError(f"orientation {direction.tolist()} is not along a patient axis")
     return "xyz"[axis], float(origin[axis]) + direction[axis] * steps
 
 
@@ -61,10 +63,10 @@ def read_rtdose_dose(path: Path | str) -> DoseImage:
     row_axis, row_mm = _axis_coordinates(origin, col_dir, row_spacing * np.arange(pixels.shape[1]))
     offsets = np.asarray(_numbers(ds.get("GridFrameOffsetVector")) or [0.0])
     if offsets.size != n_frames:
-        raise ValueError(f"{path}: {offsets.size} frame offsets for {n_frames} frames")
+        raise InputError(f"{path}: {offsets.size} frame offsets for {n_frames} frames")
     frame_axis, frame_mm = _axis_coordinates(origin, normal, offsets)
     if offsets[0] != 0.0:  # absolute offsets (allowed for axial images only): the z of each frame
         if frame_axis != "z" or normal[2] < 0:
-            raise ValueError(f"{path}: absolute GridFrameOffsetVector on a non-axial image")
+            raise InputError(f"{path}: absolute GridFrameOffsetVector on a non-axial image")
         frame_mm = offsets
     return DoseImage(dose, col_mm, row_mm, frame_mm, col_axis + row_axis + frame_axis, str(ds.get("DoseUnits", "")))

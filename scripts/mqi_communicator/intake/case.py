@@ -22,8 +22,8 @@ from typing import Any
 
 import pydicom
 
-from mqi_communicator import settings
-from mqi_communicator.errors import CaseError
+from mqi_communicator import cli, settings
+from mqi_communicator.errors import CaseError, CaseWaiting
 from mqi_communicator.files import sha256_of
 from mqi_communicator.formats import beam_geometry, contracts
 from mqi_communicator.formats.beam_modifiers import builtin_engine_problems, shifter_labels
@@ -40,10 +40,6 @@ PLAN_MODE_MARKER = "_PLAN_MODE"
 PLAN_MODE_LINE = re.compile(r"^\s*source\s*[:=]\s*plan\s*$", re.IGNORECASE | re.MULTILINE)
 PLAN_BASED_LABEL = "PLAN-BASED"
 FLAGGED_LABEL = "FLAGGED"
-
-
-class CaseWaiting(CaseError):
-    """The case is incomplete but still within its wait: not a failure to remember."""
 
 
 def plan_mode_declared(case_dir: Path, ready_marker: str) -> bool:
@@ -296,27 +292,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--case", type=Path, required=True, help="the case folder (read only)")
     parser.add_argument("--output", type=Path, required=True, help="manifest to write (intake.json)")
     settings.add_argument(parser)
-    args = parser.parse_args(argv)
-    try:
-        config = settings.load(args.settings)
-        manifest = build_manifest(args.case, config)
-    except CaseWaiting as exc:
-        # Not recorded as a failure: the workflow keeps the case waiting (visibly) until the
-        # deliveries arrive or the wait ends, and then runs intake again.
-        print(f"INTAKE WAITING for case {args.case.name}: {exc}", file=sys.stderr)
-        return 1
-    except (CaseError, ValueError) as exc:
-        print(f"INTAKE FAILED for case {args.case.name}: {exc}", file=sys.stderr)
-        return 1
+    # A case still waiting for deliveries (CaseWaiting) says WAITING: the recorder keeps it
+    # waiting, not failed, until the deliveries arrive or the wait ends (docs/failures.md).
+    return cli.run(parser, _intake, argv, step="intake", label="INTAKE", subject=lambda a: f"case {a.case.name}")
+
+
+def _intake(args: argparse.Namespace) -> int:
+    manifest = build_manifest(args.case, settings.load(args.settings))
     # What the results are made of: later runs compare it to tell a changed case (case_inputs).
     manifest["inputs"] = content_record(args.case)
     for warning in manifest["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
-    try:
-        contracts.write("intake", args.output, manifest)
-    except contracts.ContractError as exc:
-        print(f"INTAKE FAILED for case {args.case.name}: {exc}", file=sys.stderr)
-        return 1
+    contracts.write("intake", args.output, manifest)
     simulated = [b["name"] for b in manifest["beams"] if b["simulate"]]
     print(f"case {manifest['case_id']}: room {manifest['room']}, mode {manifest['mode']}, beams {simulated}")
     return 0

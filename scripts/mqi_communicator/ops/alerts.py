@@ -76,11 +76,15 @@ def _alert(kind: str, subject: str, what: str, todo: str, case_id: str | None = 
     return Alert(kind, subject, "\n".join([what, "", *facts, "", f"What to do: {todo}", ""]), case_id, details)
 
 
-def case_failed(case_id: str, step: str, reason: str, log: str | Path | None) -> Alert:
+def case_failed(case_id: str, step: str, reason: str, log: str | Path | None, *, software: bool = False) -> Alert:
+    """`software`: a bug in mqi_communicator, not the case's fault (docs/failures.md)."""
     what = (
         f"Case {case_id} failed at step {step}. It is not retried until a file of the case changes or a retry is asked."
     )
     todo = f"read the log; fix the case folder (or the cause, e.g. the cluster), then run `bin/mqi retry {case_id}`."
+    if software:
+        what = f"Case {case_id} met a software fault (a bug, not the case's fault) at step {step}; the log has the traceback."
+        todo = f"report the traceback; after the fix the next runs retry it (or run `bin/mqi retry {case_id}`)."
     return _alert(
         "case_failed", f"case {case_id} failed at {step}", what, todo, case_id, step=step, reason=reason, log=log
     )

@@ -20,7 +20,9 @@ from logging import LogRecord
 from pathlib import Path
 from typing import Any
 
+from mqi_communicator import cli
 from mqi_communicator.dicomnet import outbox
+from mqi_communicator.errors import KINDS, PERMANENT, SOFTWARE, TRANSIENT, WAITING
 from mqi_communicator.files import write_json_atomic
 from mqi_communicator.intake import fraction_watch
 from mqi_communicator.intake.case_inputs import stat_fingerprint
@@ -35,13 +37,16 @@ _SEEN_LATER: list[tuple[Path, fraction_watch.Seen]] = []
 # status tells a case this run takes from one the next run takes (docs/operations.md#during-a-run).
 _PLANNED: list[str] = []
 
-# A failure that a later run may not meet again: the network, the scheduler, a node, a signal.
+# Only for a step that never said what kind its failure is (no `mqi-failure` marker in its log,
+# mqi_communicator.cli): what the scheduler, the kernel or the network print when our process was
+# killed or never ran, and the remote job's own lines (docs/failures.md#without-a-marker).
 TRANSIENT_PATTERNS = re.compile(
     r"unreachable|connection (?:refused|reset|timed out)|timed? ?out|temporar|NODE_FAIL|PREEMPTED|"
     r"BOOT_FAIL|CANCELLED|slurmstepd: error|Broken pipe|No route to host|Resource temporarily unavailable|"
-    r"Name or service not known|killed by signal|OUT_OF_ME|INTAKE WAITING",
+    r"Name or service not known|killed by signal|OUT_OF_ME",
     re.IGNORECASE,
 )
+TRACEBACK = "Traceback (most recent call last):"
 SLURM_SUBMITTED = re.compile(r"Job (\d+) has been submitted with SLURM jobid (\d+)")
 FINAL_RULE = "case_summary"
 JOBS_FAILED = "At least one job did not complete successfully"
@@ -73,19 +78,46 @@ def run_plan_path(workdir: Path) -> Path:
     return workdir / ".mqi" / "run_plan.json"
 
 
-def failure_reason(log_paths: list[str], fallback: str) -> str:
-    """The lines of a step's log that say what went wrong (the steps print `... FAILED ...: why`)."""
+def _log_texts(log_paths: list[str]) -> list[str]:
+    texts = []
     for log in log_paths:
         try:
-            lines = [line.rstrip() for line in Path(log).read_text(errors="replace").splitlines() if line.strip()]
+            texts.append(Path(log).read_text(errors="replace"))
         except OSError:
             continue
-        marked = [i for i, line in enumerate(lines) if re.search(r"FAILED|Error|error:|ERROR", line)]
+    return texts
+
+
+def failure_reason(log_paths: list[str], fallback: str) -> str:
+    """The lines of a step's log that say what went wrong (the steps print `... FAILED ...: why`)."""
+    for text in _log_texts(log_paths):
+        lines = [line.rstrip() for line in text.splitlines() if line.strip() and not cli.is_marker(line)]
+        # After a traceback (a software fault) the step's own FAILED line says it shortest.
+        said = [i for i, line in enumerate(lines) if TRACEBACK in text and " FAILED" in line]
+        marked = said or [i for i, line in enumerate(lines) if re.search(r"FAILED|Error|error:|ERROR", line)]
         if marked:
             return "\n".join(lines[marked[0] : marked[0] + 8])
         if lines:
             return "\n".join(lines[-5:])
     return fallback
+
+
+def failure_kind(log_paths: list[str], reason: str) -> str:
+    """waiting / transient / permanent / software: what the step's marker says; without one, a
+    job that left no log is transient, a Python traceback a software fault, the scheduler's and
+    the network's words transient, anything else permanent (docs/failures.md)."""
+    texts = _log_texts(log_paths)
+    if not texts:
+        return TRANSIENT
+    for text in texts:
+        marker = cli.read_marker(text)
+        if marker is not None and marker["kind"] in KINDS:
+            return str(marker["kind"])
+    if TRANSIENT_PATTERNS.search(reason):
+        return TRANSIENT
+    if any(TRACEBACK in text for text in texts):
+        return SOFTWARE
+    return PERMANENT
 
 
 def _say(message: str) -> None:
@@ -249,21 +281,24 @@ class RunRecorder:
         fingerprint = stat_fingerprint(case_dir) if case_dir.is_dir() else ""
         processing = layout.processing(wildcards_case)
         previous = state.Failure.read(processing / state.FAILED)
+        kind = failure_kind(logs, reason)
         attempts = previous.attempts + 1 if previous and previous.fingerprint == fingerprint else 1
-        transient = bool(TRANSIENT_PATTERNS.search(reason)) or not any(Path(log).is_file() for log in logs)
         failure = state.Failure(
             step=job["rule"],
             beam=job.get("beam"),
             reason=reason,
             log=logs[0] if logs else "",
             time=time.time(),
-            attempts=attempts,
-            transient=transient,
+            attempts=0 if kind == WAITING else attempts,  # waiting is no attempt: nothing failed
+            transient=kind != PERMANENT,  # read by records' older readers: tried again by itself
             fingerprint=fingerprint,
+            kind=kind,
         )
         write_json_atomic(processing / state.FAILED, asdict(failure))
         (processing / state.RETRY).unlink(missing_ok=True)
-        if not transient or attempts >= layout.max_attempts:
+        # Someone is told of a case's own fault and of a bug at once, of a transient failure once
+        # the attempts are spent, of a case still waiting never.
+        if kind in (PERMANENT, SOFTWARE) or (kind == TRANSIENT and attempts >= layout.max_attempts):
             self._alert_failed(wildcards_case, failure)
 
     def _case_finished(self, case_id: str) -> None:
@@ -324,7 +359,8 @@ class RunRecorder:
     def _alert_failed(self, case_id: str, failure: state.Failure) -> None:
         layout = self.layout
         assert layout is not None and _CONFIG is not None
-        alert = alerts.case_failed(case_id, failure.step, failure.reason, failure.log)
+        software = failure.kind_of == SOFTWARE
+        alert = alerts.case_failed(case_id, failure.step, failure.reason, failure.log, software=software)
         key = f"failed:{failure.step}:{failure.fingerprint}"
         alerts.notify_once(alert, layout.processing(case_id) / state.ALERTS, key, _CONFIG["alerts"])
 

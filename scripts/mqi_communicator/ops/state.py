@@ -1,7 +1,7 @@
 """A case's state, kept in the case's own processing folder: the files are the truth.
 
     <processing>/case_summary.json   the case finished; it is final (never a target again)
-    <processing>/state/failed.json   the last failure: step, reason, log, attempts, transient or not
+    <processing>/state/failed.json   the last failure: step, reason, log, attempts, its kind
     <processing>/state/running.json  jobs of the case the current run has started (the run recorder)
     <processing>/state/retry         someone asked for a retry (`bin/mqi retry CASE`)
     <processing>/state/changed.json  a finished case's input files changed after it finished
@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mqi_communicator.errors import KINDS, PERMANENT, SOFTWARE, TRANSIENT, WAITING
 from mqi_communicator.files import read_json_object as read_json  # the name the ops modules read state by
 from mqi_communicator.intake.case_inputs import is_ready, stat_fingerprint
 from mqi_communicator.intake.fraction_watch import needs_scan
@@ -92,6 +93,9 @@ class Failure:
     fingerprint: str
     beam: str | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    # waiting / transient / permanent / software (docs/failures.md). Records written before it
+    # existed have only `transient`: `kind_of` reads them as transient or permanent.
+    kind: str = ""
 
     @classmethod
     def read(cls, path: Path) -> Failure | None:
@@ -103,6 +107,12 @@ class Failure:
         except TypeError:
             return None
 
+    @property
+    def kind_of(self) -> str:
+        if self.kind in KINDS:
+            return self.kind
+        return TRANSIENT if self.transient else PERMANENT
+
 
 def retry_decision(layout: Layout, case_dir: Path, failure: Failure) -> tuple[bool, str]:
     """Whether a failed case runs again now, and why (or why not)."""
@@ -111,9 +121,13 @@ def retry_decision(layout: Layout, case_dir: Path, failure: Failure) -> tuple[bo
         return True, "a retry was requested"
     if stat_fingerprint(case_dir) != failure.fingerprint:
         return True, "a file of the case changed since it failed"
-    if failure.transient and failure.attempts < layout.max_attempts:
-        return True, f"transient failure, attempt {failure.attempts + 1} of {layout.max_attempts}"
-    if failure.transient:
+    kind = failure.kind_of
+    if kind == WAITING:  # bounded: past application.delivery_wait_seconds intake fails it for good
+        return True, "still waiting for its deliveries"
+    if kind in (TRANSIENT, SOFTWARE) and failure.attempts < layout.max_attempts:
+        what = "software fault" if kind == SOFTWARE else "transient failure"
+        return True, f"{what}, attempt {failure.attempts + 1} of {layout.max_attempts}"
+    if kind in (TRANSIENT, SOFTWARE):
         return False, f"failed {failure.attempts} times (application.max_attempts); waiting for a change or a retry"
     return False, "waits for a change of the case or `bin/mqi retry`"
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from mqi_communicator.errors import MqiError
 from mqi_communicator.files import write_atomic
 
 ENGINES = ("builtin", "moqui")
@@ -35,7 +36,7 @@ HEADER = (
 )
 
 
-class CalibrationError(ValueError):
+class CalibrationError(MqiError, ValueError):
     """A calibration record or derivation that cannot be used (the message says why)."""
 
 

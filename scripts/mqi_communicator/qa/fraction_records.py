@@ -25,7 +25,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from mqi_communicator import __version__, settings
+from mqi_communicator import __version__, cli, settings
 from mqi_communicator.errors import CaseError
 from mqi_communicator.files import sha256_of, write_json_atomic
 from mqi_communicator.formats.plan import Plan, find_plan, read_plan
@@ -171,13 +171,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fraction", type=int, required=True, help="the fraction's number (1 = the first)")
     parser.add_argument("--output", type=Path, required=True, help="<processing>/fractions/<n>.json")
     settings.add_argument(parser)
-    args = parser.parse_args(argv)
-    try:
-        config = settings.load(args.settings)
-        record = record_fraction(args.case, args.output, args.fraction, config)
-    except (CaseError, ValueError, OSError) as exc:
-        print(f"FRACTION CHECK FAILED for case {args.case.name}: {exc}", file=sys.stderr)
-        return 1
+    return cli.run(
+        parser,
+        _fraction_check,
+        argv,
+        step="qa.fraction_records",
+        label="FRACTION CHECK",
+        subject=lambda a: f"case {a.case.name}",
+    )
+
+
+def _fraction_check(args: argparse.Namespace) -> int:
+    record = record_fraction(args.case, args.output, args.fraction, settings.load(args.settings))
     print(f"case {record['case_id']} fraction {record['fraction']}: {record['verdict']}")
     for beam in record["beams"]:
         reasons = "; ".join(beam["delivery"].get("reasons", []))

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from mqi_communicator.errors import InputError
 from mqi_communicator.qa.gamma_common import Points
 from mqi_communicator.qa.gamma_search import PaddedGrid, search
 
@@ -48,11 +49,11 @@ class Criteria:
 
     def __post_init__(self) -> None:
         if not (self.dose_percent > 0 and self.distance_mm > 0):
-            raise ValueError(f"gamma criteria must be positive, not {self.dose_percent}%/{self.distance_mm} mm")
+            raise InputError(f"gamma criteria must be positive, not {self.dose_percent}%/{self.distance_mm} mm")
         if not self.max_gamma >= 1:
-            raise ValueError(f"max_gamma must be at least 1 (pass/fail is decided at 1), not {self.max_gamma}")
+            raise InputError(f"max_gamma must be at least 1 (pass/fail is decided at 1), not {self.max_gamma}")
         if self.interp_fraction < 1:
-            raise ValueError(f"interp_fraction must be at least 1, not {self.interp_fraction}")
+            raise InputError(f"interp_fraction must be at least 1, not {self.interp_fraction}")
 
     @property
     def label(self) -> str:
@@ -105,11 +106,11 @@ def search_distances(criteria: Criteria) -> list[float]:
 def _axis(values: Any, size: int, name: str) -> tuple[float, float]:
     axis = np.asarray(values, dtype=np.float64)
     if axis.ndim != 1 or axis.size != size or size < 2:
-        raise ValueError(f"{name} axis has {axis.size} values for {size} pixels (at least 2 needed)")
+        raise InputError(f"{name} axis has {axis.size} values for {size} pixels (at least 2 needed)")
     steps = np.diff(axis)
     # As np.allclose(steps, steps[0], rtol=1e-6, atol=1e-9), without its overhead (a hot path).
     if not (steps > 0).all() or np.abs(steps - steps[0]).max() > 1e-9 + 1e-6 * abs(steps[0]):
-        raise ValueError(f"{name} axis must be ascending and evenly spaced")
+        raise InputError(f"{name} axis must be ascending and evenly spaced")
     return float(axis[0]), float(steps[0])
 
 
@@ -127,9 +128,9 @@ def _checked_doses(
     reference = np.asarray(dose_reference, dtype=np.float64)
     full = np.asarray(dose_evaluation, dtype=np.float64)
     if reference.ndim != ndim or full.ndim != ndim:
-        raise ValueError(f"gamma_{ndim}d takes two {ndim}-D dose {kind}")
+        raise InputError(f"gamma_{ndim}d takes two {ndim}-D dose {kind}")
     if not (_all_finite(reference) and _all_finite(full)):
-        raise ValueError(f"dose {kind} must not contain NaN or infinite values")
+        raise InputError(f"dose {kind} must not contain NaN or infinite values")
     ref_axes = [_axis(axes_reference[a], reference.shape[a], f"reference axis {a}") for a in range(ndim)]
     eval_axes = [_axis(axes_evaluation[a], full.shape[a], f"evaluated axis {a}") for a in range(ndim)]
     return reference, full, ref_axes, eval_axes
@@ -147,7 +148,7 @@ def _cutoff_points(
     above = reference >= criteria.cutoff_percent / 100 * norm
     if subset is not None:
         if np.shape(subset) != reference.shape:
-            raise ValueError(f"subset has shape {np.shape(subset)}, the reference {reference.shape}")
+            raise InputError(f"subset has shape {np.shape(subset)}, the reference {reference.shape}")
         above &= np.asarray(subset, dtype=bool)
     return norm, np.flatnonzero(above.ravel())
 

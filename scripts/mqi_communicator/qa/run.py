@@ -24,7 +24,7 @@ import numpy as np
 import pydicom
 import scipy
 
-from mqi_communicator import __version__, settings
+from mqi_communicator import __version__, cli, settings
 from mqi_communicator.files import sha256_of, write_atomic
 from mqi_communicator.formats import contracts
 from mqi_communicator.formats.contracts import IntakeManifest, ManifestBeam
@@ -201,14 +201,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sheet", type=Path, required=True, help="QA sheet (HTML) to write")
     parser.add_argument("--pdf", type=Path, help="also write the PDF QA report here (docs/qa-report-pdf.md)")
     parser.add_argument("--figures", type=Path, help="also write qa_<beam>.png here (for the Snakemake report)")
-    args = parser.parse_args(argv)
-    try:
-        config = settings.load(args.settings)
-        manifest = contracts.read_manifest(args.manifest)
-        result, figures = assess(manifest, args.rtdoses, config, args.engine, json.loads(args.calibration))
-    except (OSError, ValueError, KeyError) as exc:
-        print(f"QA failed: {exc}", file=sys.stderr)
-        return 1
+    return cli.run(parser, _qa, argv, step="qa.run", label="QA")
+
+
+def _qa(args: argparse.Namespace) -> int:
+    config = settings.load(args.settings)
+    manifest = contracts.read_manifest(args.manifest)
+    result, figures = assess(manifest, args.rtdoses, config, args.engine, json.loads(args.calibration))
     if args.figures is not None:
         for beam in manifest["beams"]:
             if beam["name"] in figures:
@@ -219,11 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"QA failed: {exc}", file=sys.stderr)
         return 1
     # Signatures of earlier results of the case (kept by a reprocess) show as VOID (docs/sign-off.md).
-    try:
-        records = signoff_record.read_records(signoff_record.folder_for(args.json) / signoff_record.RECORD)
-    except ValueError as exc:
-        print(f"QA failed: {exc}", file=sys.stderr)
-        return 1
+    records = signoff_record.read_records(signoff_record.folder_for(args.json) / signoff_record.RECORD)
     signoff_lines = signoff_record.block_lines(records, sha256_of(args.json))
     sheet.write_sheet(args.sheet, result, figures, signoff_lines)
     if args.pdf is not None:

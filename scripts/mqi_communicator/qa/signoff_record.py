@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mqi_communicator.errors import InputError
+
 FOLDER = "signoff"
 RECORD = "signoff.jsonl"
 ACCEPT, REJECT = "accept", "reject"
@@ -39,9 +41,9 @@ def read_records(record: Path) -> list[dict[str, Any]]:
         try:
             entry = json.loads(line)
         except ValueError as exc:
-            raise ValueError(f"{record}: line {number} is not JSON ({exc})") from exc
+            raise InputError(f"{record}: line {number} is not JSON ({exc})") from exc
         if not isinstance(entry, dict) or entry.get("decision") not in (ACCEPT, REJECT) or "qa_sha256" not in entry:
-            raise ValueError(f"{record}: line {number} is not a sign-off entry")
+            raise InputError(f"{record}: line {number} is not a sign-off entry")
         records.append(entry)
     return records
 

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import pydicom
 
+from mqi_communicator.errors import InputError, MqiError
 from mqi_communicator.formats import raw_dose
 from mqi_communicator.formats.plan import READ_ERRORS
 from mqi_communicator.formats.rtdose_read import read_rtdose_dose
@@ -50,7 +51,7 @@ PLAN_SUMMATIONS = ("PLAN", "FRACTION_SESSION")
 SESSION_SUMMATIONS = ("BEAM_SESSION", "FRACTION_SESSION")
 
 
-class TpsDoseProblem(Exception):
+class TpsDoseProblem(MqiError):
     """Why a beam cannot be assessed: `kind` is "NOT ASSESSED" (nothing to compare) or "ERROR"."""
 
     def __init__(self, kind: str, reason: str) -> None:
@@ -77,7 +78,7 @@ def _read_header(path: Path) -> pydicom.Dataset:
     try:
         return pydicom.dcmread(path, stop_before_pixels=True)
     except (*READ_ERRORS, AttributeError) as exc:
-        raise ValueError(f"cannot read DICOM (cut short or damaged?): {exc}") from exc
+        raise InputError(f"cannot read DICOM (cut short or damaged?): {exc}") from exc
 
 
 def _header(path: Path) -> pydicom.Dataset | None:

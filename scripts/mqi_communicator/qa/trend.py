@@ -31,6 +31,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from mqi_communicator import cli
 from mqi_communicator.files import write_atomic, write_json_atomic
 from mqi_communicator.qa.trend_points import STRATUM_FIELDS, UNKNOWN, order, points, update_ledger
 
@@ -156,18 +157,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--figure", type=Path, required=True)
     parser.add_argument("--json", type=Path, required=True)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # checked first: a usage error (exit 2), as argparse's own
     if args.min_cases < 2 or args.window < args.min_cases:
         parser.error(f"--min-cases {args.min_cases} must be >= 2 and <= --window {args.window}")
-    try:
-        if args.ledger:
-            all_points = update_ledger(args.ledger, args.qa, args.history)
-        else:
-            all_points = points(sorted({*args.qa, *(Path(p) for p in glob.glob(args.history or ""))}))
-        result = trend(all_points, args.min_cases, args.window)
-    except (OSError, ValueError, KeyError) as exc:
-        print(f"trend failed: {exc}", file=sys.stderr)
-        return 1
+    return cli.run(parser, _trend, argv, step="qa.trend", label="TREND")
+
+
+def _trend(args: argparse.Namespace) -> int:
+    if args.ledger:
+        all_points = update_ledger(args.ledger, args.qa, args.history)
+    else:
+        all_points = points(sorted({*args.qa, *(Path(p) for p in glob.glob(args.history or ""))}))
+    result = trend(all_points, args.min_cases, args.window)
     write_json_atomic(args.json, result)
     write_atomic(args.figure, figure(result))
     return 0

@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from mqi_communicator.errors import InputError
 from mqi_communicator.files import write_atomic
 
 UNKNOWN = "unknown"
@@ -119,16 +120,16 @@ def points(qa_files: list[Path]) -> list[dict[str, Any]]:
         try:
             qa = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
-            raise ValueError(f"{path}: unreadable QA result ({exc})") from exc
+            raise InputError(f"{path}: unreadable QA result ({exc})") from exc
         intake = path.parent.parent / "intake.json"
         try:
             manifest = json.loads(intake.read_text()) if intake.is_file() else None
         except (OSError, ValueError) as exc:
-            raise ValueError(f"{intake}: unreadable intake manifest ({exc})") from exc
+            raise InputError(f"{intake}: unreadable intake manifest ({exc})") from exc
         try:
             out.extend(beam_points(qa, manifest))
         except (KeyError, TypeError) as exc:
-            raise ValueError(f"{path}: not a QA result ({type(exc).__name__}: {exc})") from exc
+            raise InputError(f"{path}: not a QA result ({type(exc).__name__}: {exc})") from exc
     return sorted(out, key=order)
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import pydicom
 from scipy.interpolate import RegularGridInterpolator
 
+from mqi_communicator.errors import InputError
 from mqi_communicator.formats.rtdose_read import read_rtdose_dose
 from mqi_communicator.qa.gamma_3d import gamma_3d
 from mqi_communicator.qa.tps_dose import Plane, TpsDoseProblem, check_frame, check_header
@@ -61,9 +62,9 @@ def load_volume(path: Path, factor: float = 1.0, notes: list[str] | None = None)
     try:
         image = read_rtdose_dose(path)
     except (ValueError, AttributeError, KeyError) as exc:
-        raise ValueError(f"{path.name}: cannot read the dose grid ({exc})") from exc
+        raise InputError(f"{path.name}: cannot read the dose grid ({exc})") from exc
     if image.dose.shape[0] < 2 or image.axes != "xyz":
-        raise ValueError(
+        raise InputError(
             f"{path.name}: not an axial dose volume ({image.dose.shape[0]} frame(s) along patient "
             f"{image.axes[2]}); 3-D gamma needs frames along z, rows along y, columns along x"
         )

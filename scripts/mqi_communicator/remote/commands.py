@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import paramiko
 
+from mqi_communicator.errors import InputError
 from mqi_communicator.remote import fastpath
 from mqi_communicator.remote.connection import COMPRESSION, Connection
 from mqi_communicator.remote.errors import CommandTimeout, TransferError
@@ -183,7 +184,7 @@ def zstd_wanted(compression: str, remote_tools: frozenset[str], where: str) -> b
     """Whether data streams go zstd-compressed: ``compression`` (see `COMPRESSION`) given the
     server's tools. "zstd" without zstd on the server is an error naming the host."""
     if compression not in COMPRESSION:
-        raise ValueError(f"compression must be one of {COMPRESSION}, not {compression!r}")
+        raise InputError(f"compression must be one of {COMPRESSION}, not {compression!r}")
     if compression == "none":
         return False
     if "zstd" in remote_tools:

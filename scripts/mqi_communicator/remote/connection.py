@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 import paramiko
 
+from mqi_communicator.errors import InputError
 from mqi_communicator.remote import fastpath
 from mqi_communicator.remote.errors import TRANSIENT_ERRNOS, TRANSIENT_TEXT, AuthError, TransferError, describe
 from mqi_communicator.remote.hostkeys import changed_key_error, known_hosts_name, load_known_hosts
@@ -334,7 +335,7 @@ def connect(
     `COMPRESSION` ("auto" compresses when the server has zstd).
     """
     if compression not in COMPRESSION:
-        raise ValueError(f"compression must be one of {COMPRESSION}, not {compression!r}")
+        raise InputError(f"compression must be one of {COMPRESSION}, not {compression!r}")
     target = Target(
         host=host,
         port=int(port),

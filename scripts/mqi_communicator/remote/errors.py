@@ -5,16 +5,20 @@ from __future__ import annotations
 import errno
 import signal
 
+from mqi_communicator.errors import PERMANENT, TRANSIENT, MqiError
 from mqi_communicator.simulate.outcome import SimulationError
 
 
-class TransferError(Exception):
+class TransferError(MqiError):
     """A transfer or remote command failed. ``transient``: a retry later may succeed."""
 
     def __init__(self, message: str, *, transient: bool = False) -> None:
-        super().__init__(message)
-        self.transient = transient
+        super().__init__(message, kind=TRANSIENT if transient else PERMANENT)
         self.attempts = 1  #: how many times the operation was tried
+
+    @property
+    def transient(self) -> bool:
+        return self.failure_kind == TRANSIENT
 
 
 class HostKeyError(TransferError):
@@ -67,7 +71,7 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-class RemoteJobError(Exception):
+class RemoteJobError(MqiError):
     """The beam cannot be run as asked (bad input, another controller, config): exit 4."""
 
 
@@ -75,17 +79,23 @@ class JobFailed(SimulationError):
     """The job ran (or was cancelled for max wait) and the beam failed: exit 1."""
 
 
-class Stopped(Exception):
-    """A stop signal arrived (SIGTERM/SIGINT)."""
+class Stopped(MqiError):
+    """A stop signal arrived (SIGTERM/SIGINT): the run was stopped, the case is not at fault."""
+
+    failure_kind = TRANSIENT
 
     def __init__(self, signum: int) -> None:
         super().__init__(f"stopped by {signal.Signals(signum).name}")
         self.signum = signum
 
 
-class WaitLimit(Exception):
+class WaitLimit(MqiError):
     """The job is not finished within the wall-clock limit."""
 
+    failure_kind = TRANSIENT
 
-class Unreachable(Exception):
+
+class Unreachable(MqiError):
     """The cluster did not answer for longer than the unreachable limit."""
+
+    failure_kind = TRANSIENT

@@ -227,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TransferError as exc:
         log(f"REMOTE JOB ERROR: {exc}")
         return EXIT_UNREACHABLE if exc.transient else EXIT_ERROR
-    except (RemoteJobError, ValueError, KeyError, OSError) as exc:
+    except (RemoteJobError, ValueError, OSError) as exc:  # a KeyError, TypeError ... is a bug: its traceback
         log(f"REMOTE JOB ERROR: {exc}")
         return EXIT_ERROR
     finally:

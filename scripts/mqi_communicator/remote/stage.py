@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mqi_communicator import settings
+from mqi_communicator import cli, settings
+from mqi_communicator.errors import InputError
 from mqi_communicator.files import KnownDigests, write_atomic, write_json_atomic
 from mqi_communicator.remote.commands import absolute, remote_home, run
 from mqi_communicator.remote.connection import Connection, connect_from_config
@@ -70,7 +71,7 @@ def remote_parameters(local_in: Path, processing: Path, remote_root: str, remote
         if key in params:
             value = params[key]
             if not value.startswith(local_root):
-                raise ValueError(f"{local_in}: {key} {value} is not under the case's processing folder {local_root}")
+                raise InputError(f"{local_in}: {key} {value} is not under the case's processing folder {local_root}")
             moved[key] = remote_root + value[len(local_root) :]
     text = render_parameter_file(params, moved, header=f"remote copy of {local_in.name}")
     validate_parameters(parse_parameters(text, f"{local_in} (remote copy)"), str(local_in))
@@ -165,19 +166,18 @@ def main(argv: list[str] | None = None) -> int:
     down.add_argument("--record", type=Path, required=True)
     for p in (up, down):
         settings.add_argument(p)
-    args = parser.parse_args(argv)
-    try:
-        config = settings.load(args.settings)
-        if args.command == "stage-in":
-            summary = stage_in(config, args.case, args.processing, args.beams, args.report)
-            sent = len(summary["upload"]["uploaded"])
-            print(f"staged case {args.case} to {summary['host']}:{summary['remote_root']} ({sent} files sent)")
-        else:
-            record = stage_out(config, args.result, args.output_raw, args.record)
-            print(f"downloaded {record['engine_output']} ({record['bytes']} bytes, sha256 verified)")
-    except (TransferError, ValueError, OSError, KeyError) as exc:
-        print(f"{args.command.upper()} FAILED: {exc}", file=sys.stderr)
-        return 1
+    return cli.run(parser, _stage, argv, step="remote.stage", label="STAGE", subject=lambda a: a.command)
+
+
+def _stage(args: argparse.Namespace) -> int:
+    config = settings.load(args.settings)
+    if args.command == "stage-in":
+        summary = stage_in(config, args.case, args.processing, args.beams, args.report)
+        sent = len(summary["upload"]["uploaded"])
+        print(f"staged case {args.case} to {summary['host']}:{summary['remote_root']} ({sent} files sent)")
+    else:
+        record = stage_out(config, args.result, args.output_raw, args.record)
+        print(f"downloaded {record['engine_output']} ({record['bytes']} bytes, sha256 verified)")
     return 0
 
 

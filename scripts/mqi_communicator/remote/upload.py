@@ -25,6 +25,7 @@ from typing import Any
 
 import paramiko
 
+from mqi_communicator.errors import InputError
 from mqi_communicator.files import PRIVATE_FILE, KnownDigests, sha256_of, stat_key
 from mqi_communicator.remote import fastpath
 from mqi_communicator.remote.commands import ask_tools, execute, home_relative, remote_tools, sh_command, use_zstd
@@ -215,7 +216,7 @@ METHODS = ("auto", "tar", "sftp")
 
 def _checked_source(path: str | os.PathLike[str], method: str, *, folder: bool) -> str:
     if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, not {method!r}")
+        raise InputError(f"method must be one of {METHODS}, not {method!r}")
     local = os.fspath(path)
     if not (os.path.isdir(local) if folder else os.path.isfile(local)):
         raise TransferError(f"{local} is not a {'directory' if folder else 'file'}")

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import re
-import sys
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -37,12 +36,11 @@ import numpy as np
 import pydicom
 from pydicom.charset import convert_encodings, encode_string
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, generate_uid
 from pydicom.valuerep import format_number_as_ds
 
-from mqi_communicator import __version__
-from mqi_communicator.errors import CaseError
+from mqi_communicator import __version__, cli
+from mqi_communicator.errors import CaseError, InputError
 from mqi_communicator.files import atomic_output
 from mqi_communicator.formats import beam_geometry, dose_reference, raw_dose
 from mqi_communicator.formats.dicom_output import copy_patient_study, new_instance
@@ -72,7 +70,7 @@ def sum_doses(paths: Iterable[Path | str], grid: raw_dose.Grid) -> np.ndarray:
         dose = raw_dose.read_raw(str(path), grid)
         total = dose.copy() if total is None else total + dose
     if total is None:
-        raise ValueError("no raw dose files to sum")
+        raise InputError("no raw dose files to sum")
     return total
 
 
@@ -92,11 +90,11 @@ def _quantize(dose: np.ndarray, bits: int) -> tuple[np.ndarray, str]:
 def _check_dose(dose: np.ndarray, grid: raw_dose.Grid) -> np.ndarray:
     dose = np.asarray(dose, dtype=np.float64)
     if dose.shape != grid.shape:
-        raise ValueError(f"dose has shape {dose.shape}, expected {grid.shape} (nz, ny, nx) for this grid")
+        raise InputError(f"dose has shape {dose.shape}, expected {grid.shape} (nz, ny, nx) for this grid")
     if not np.all(np.isfinite(dose)):
-        raise ValueError("dose contains NaN or infinite values")
+        raise InputError("dose contains NaN or infinite values")
     if dose.size and float(dose.min()) < 0.0:
-        raise ValueError(f"dose contains negative values (min {float(dose.min()):g}); RT Dose pixels are unsigned")
+        raise InputError(f"dose contains negative values (min {float(dose.min()):g}); RT Dose pixels are unsigned")
     return dose
 
 
@@ -173,9 +171,9 @@ def build_rtdose(
     `frame` ("beam" or "patient", see `raw_dose.beam_axes`); a plan sum is refused (CaseError)
     unless the plan's treatment beams share one geometry."""
     if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, not {bits}")
+        raise InputError(f"bits must be one of {SUPPORTED_BITS}, not {bits}")
     if not (np.isfinite(dose_scale) and dose_scale > 0):
-        raise ValueError(f"dose_scale must be a positive number, not {dose_scale}")
+        raise InputError(f"dose_scale must be a positive number, not {dose_scale}")
     dose = _check_dose(dose, grid) * float(dose_scale)
     plan = read_plan(Path(plan_path))
     plan_ds = pydicom.dcmread(plan_path, stop_before_pixels=True)
@@ -337,36 +335,39 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    return cli.run(_parser(), _rtdose, argv, step="rtdose", label="RT DOSE", subject=_rtdose_subject)
+
+
+def _rtdose_subject(args: argparse.Namespace) -> str:
+    return "the plan sum" if args.sum is not None else str(args.input.name)
+
+
+def _rtdose(args: argparse.Namespace) -> int:
     grid = raw_dose.grid_for(args.dosetype)
-    try:
-        plan = read_plan(args.plan)
-        if args.sum is not None:
-            if args.beam_number is not None:
-                raise CaseError(None, "--beam-number applies to --input, not to a --sum plan dose")
-            beam_number = None
-            dose = _read_all(args.sum, grid, args.dosetype)
-        else:
-            beam_number = args.beam_number
-            if beam_number is None:
-                beam_number = _beam_from_file_name(plan, args.input)
-            dose = _read_all([args.input], grid, args.dosetype)
-        target = args.output / output_name(None if beam_number is None else _select_beam(plan, beam_number).name)
-        written = write_rtdose(
-            dose,
-            grid,
-            args.plan,
-            target,
-            beam_number=beam_number,
-            engine_label=args.engine_label,
-            calibrated=args.calibrated,
-            dose_scale=args.dose_scale,
-            bits=args.bits,
-            frame=args.frame,
-        )
-    except (CaseError, ValueError, OSError, InvalidDicomError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    plan = read_plan(args.plan)
+    if args.sum is not None:
+        if args.beam_number is not None:
+            raise CaseError(None, "--beam-number applies to --input, not to a --sum plan dose")
+        beam_number = None
+        dose = _read_all(args.sum, grid, args.dosetype)
+    else:
+        beam_number = args.beam_number
+        if beam_number is None:
+            beam_number = _beam_from_file_name(plan, args.input)
+        dose = _read_all([args.input], grid, args.dosetype)
+    target = args.output / output_name(None if beam_number is None else _select_beam(plan, beam_number).name)
+    written = write_rtdose(
+        dose,
+        grid,
+        args.plan,
+        target,
+        beam_number=beam_number,
+        engine_label=args.engine_label,
+        calibrated=args.calibrated,
+        dose_scale=args.dose_scale,
+        bits=args.bits,
+        frame=args.frame,
+    )
     print(written)
     return 0
 

@@ -50,7 +50,7 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 
 from mqi_communicator import __version__
-from mqi_communicator.errors import CaseError
+from mqi_communicator.errors import CaseError, InputError, MqiError
 from mqi_communicator.files import write_atomic
 from mqi_communicator.formats.beam_modifiers import builtin_engine_problems, shifters_in_beam
 from mqi_communicator.formats.moqui_csv import energy_of_file_name, read_layer_fast
@@ -93,7 +93,7 @@ TRUNCATE = 4.0  # gaussian_filter's kernel radius in sigmas
 SIGMA_STEP = 1.005  # 3-D: depths whose filter sigma agree within 0.5 % share one convolution
 
 
-class EngineError(Exception):
+class EngineError(MqiError):
     """A problem the engine reports as `ERROR: <message>` before exiting non-zero."""
 
 
@@ -151,7 +151,7 @@ def compute_dose(
     """Dose (relative Gy, see module docstring) on `grid`, shape (len(depths_mm), ny, nx).
     `shifters`: the range shifters in the beam, (WET mm, isocentre distance mm) each."""
     if grid.spacing_mm[0] != grid.spacing_mm[1]:
-        raise ValueError("the engine needs square pixels")
+        raise InputError("the engine needs square pixels")
     spacing = grid.spacing_mm[0]
     pixel_area_cm2 = spacing * spacing / 100.0
     wet_mm = sum(wet for wet, _ in shifters)

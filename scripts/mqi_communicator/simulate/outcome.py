@@ -9,12 +9,14 @@ from __future__ import annotations
 import posixpath
 from collections.abc import Sequence
 
+from mqi_communicator.errors import MqiError
+
 FAILURE_MARKERS = ("FATAL ERROR", "ERROR:", "Segmentation fault")
 SUCCESS_MARKERS = ("Total execution time:", "Time taken by MC engine:", "Simlulation finalizing..")
 RAW_PATTERN = "*_Dose.raw"
 
 
-class SimulationError(Exception):
+class SimulationError(MqiError):
     """The engine run failed; the message says how (exit code, marker, missing output, timeout)."""
 
 

@@ -18,14 +18,14 @@ import os
 import shlex
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from mqi_communicator import settings, step_client
-from mqi_communicator.files import is_stream_of, sha256_of, write_json_atomic
+from mqi_communicator import cli, settings, step_client
+from mqi_communicator.errors import TRANSIENT
+from mqi_communicator.files import sha256_of, write_json_atomic
 from mqi_communicator.formats.moqui_parameters import parse_parameter_file, render_parameter_file
 from mqi_communicator.simulate.outcome import RAW_PATTERN, SimulationError, judge_run
 
@@ -71,7 +71,9 @@ def exclusive_gpu(devices: Sequence[int], lock_dir: Path, wait_seconds: float) -
                 handle.close()
             return
         if time.monotonic() > deadline:
-            raise SimulationError(f"no free GPU among {list(devices)} after {wait_seconds:.0f} s (locks in {lock_dir})")
+            raise SimulationError(
+                f"no free GPU among {list(devices)} after {wait_seconds:.0f} s (locks in {lock_dir})", kind=TRANSIENT
+            )
         time.sleep(0.5)
 
 
@@ -96,14 +98,16 @@ def run_engine(command: list[str], parameter_file: Path, moqui_dir: Path, log: T
 
     def stop(signum: int, _frame: object) -> None:
         _terminate(process)
-        raise SimulationError(f"stopped by signal {signal.Signals(signum).name}; engine terminated")
+        raise SimulationError(f"stopped by signal {signal.Signals(signum).name}; engine terminated", kind=TRANSIENT)
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         return process.wait(timeout)
     except subprocess.TimeoutExpired:
         _terminate(process)
-        raise SimulationError(f"engine still running after the {timeout:.0f} s timeout; killed") from None
+        raise SimulationError(
+            f"engine still running after the {timeout:.0f} s timeout; killed", kind=TRANSIENT
+        ) from None
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -189,18 +193,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     settings.add_argument(parser)
     parser.epilog = "--timeout, --gpu-devices, --gpu-lock-dir: default simulation.* of the configuration"
-    args = parser.parse_args(argv)
-    try:
-        if None in (args.timeout, args.gpu_devices, args.gpu_lock_dir):
-            _operational_defaults(args, settings.load(args.settings)["simulation"])
-        record = simulate(args)
-    except (SimulationError, ValueError, KeyError, OSError) as exc:
-        message = f"SIMULATION FAILED for {args.input.name}: {exc}"
-        print(message, file=sys.stderr, flush=True)
-        if not is_stream_of(sys.stderr, args.log):  # the workflow sends stderr to the log: said there already
-            with contextlib.suppress(OSError), open(args.log, "a") as log:
-                log.write(message + "\n")
-        return 1
+    # The workflow appends stderr to the engine's log; run by hand, the log gets the lines too.
+    return cli.run(
+        parser,
+        _simulate,
+        argv,
+        step="simulate",
+        label="SIMULATION",
+        subject=lambda a: a.input.name,
+        log_of=lambda a: a.log,
+    )
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    if None in (args.timeout, args.gpu_devices, args.gpu_lock_dir):
+        _operational_defaults(args, settings.load(args.settings)["simulation"])
+    record = simulate(args)
     write_json_atomic(args.record, record)
     print(f"{args.input.name}: {record['engine_output']} on GPU {record['gpu']} in {record['seconds']} s")
     return 0
