@@ -276,6 +276,14 @@ def load_site(configfile: str | Path | None, workdir: Path | None = None) -> dic
     return validate(config)
 
 
+def add_site_arguments(parser: argparse.ArgumentParser, *, beside_workdir: bool = False) -> None:
+    """The operator commands' `--configfile` and `--workdir` (`bin/mqi ...`). `beside_workdir`:
+    the default config is the work folder's own, else the project's (the runner's housekeeping)."""
+    default = "WORKDIR/config/config.yaml, else the project's" if beside_workdir else "config/config.yaml"
+    parser.add_argument("--configfile", default=None, help=f"the site's config (default: {default})")
+    parser.add_argument("--workdir", type=Path, default=Path.cwd(), help="where the workflow runs (default: here)")
+
+
 def add_argument(parser: argparse.ArgumentParser) -> None:
     """The CLIs' `--config` option (`--settings`, as the rules pass it, is the same option)."""
     parser.add_argument(

@@ -109,10 +109,7 @@ def alert(config: dict[str, Any], workdir: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--configfile", default=None, help="the site's config (default: WORKDIR/config/config.yaml, else the project's)"
-    )
-    parser.add_argument("--workdir", type=Path, default=Path.cwd(), help="where the workflow runs (default: here)")
+    settings.add_site_arguments(parser, beside_workdir=True)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("check", help="Say whether new cases are held back; exit 1 if they are.")
     sub.add_parser("alert", help="check, and alert once when cases are held back (and once when no longer).")

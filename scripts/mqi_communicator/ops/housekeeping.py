@@ -16,10 +16,7 @@ PROG = "python -m mqi_communicator.ops.housekeeping"
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--configfile", default=None, help="the site's config (default: WORKDIR/config/config.yaml, else the project's)"
-    )
-    parser.add_argument("--workdir", type=Path, default=Path.cwd(), help="where the workflow runs (default: here)")
+    settings.add_site_arguments(parser, beside_workdir=True)
     parser.add_argument("--dry-run", action="store_true", help="the run was a dry run: no disk guard alert")
     parser.add_argument("--failed-log", type=Path, help="this run's Snakemake log, of a failed run (kept longer)")
     parser.add_argument("--runner-log", type=Path, help="the file the runner's output is appended to (rotated)")

@@ -287,13 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--output", type=Path, default=DEFAULT_OUTPUT, help=f"the page's folder (default: {DEFAULT_OUTPUT})"
     )
-    parser.add_argument("--configfile", default=None, help="the site's config (default: config/config.yaml)")
-    parser.add_argument("--workdir", type=Path, default=Path.cwd(), help="where the workflow runs (default: here)")
+    settings.add_site_arguments(parser)
     args = parser.parse_args(argv)
-    workdir = args.workdir.resolve()
     try:
-        config = settings.load_site(args.configfile, workdir)
-        layout = state.Layout.from_config(config, workdir)
+        workdir, _, layout = state.open_site(args)
         if not layout.scan_dir.is_dir():
             raise ValueError(f"the scan folder {layout.scan_dir} (paths.local.scan_directory) is not a folder")
         page = write(layout, workdir, args.output)

@@ -238,13 +238,10 @@ def main(argv: list[str] | None = None) -> int:
         "runs do this themselves (docs/retention.md).",
     )
     parser.add_argument("cases", nargs="*", help="prune these finished cases now, whatever their age")
-    parser.add_argument("--configfile", default=None, help="the site's config (default: config/config.yaml)")
-    parser.add_argument("--workdir", type=Path, default=Path.cwd(), help="where the workflow runs (default: here)")
+    settings.add_site_arguments(parser)
     args = parser.parse_args(argv)
-    workdir = args.workdir.resolve()
     try:
-        config = settings.load_site(args.configfile, workdir)
-        layout = state.Layout.from_config(config, workdir)
+        workdir, config, layout = state.open_site(args)
         if args.cases:
             freed = {case: prune_case(layout, workdir, case) for case in args.cases}
         else:

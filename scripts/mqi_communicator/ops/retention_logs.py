@@ -163,10 +163,7 @@ def prune(workdir: Path, policy: Policy, failed_log: Path | None = None, runner_
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--configfile", default=None, help="the site's config (default: WORKDIR/config/config.yaml, else the project's)"
-    )
-    parser.add_argument("--workdir", type=Path, default=Path.cwd(), help="where the workflow runs (default: here)")
+    settings.add_site_arguments(parser, beside_workdir=True)
     sub = parser.add_subparsers(dest="command", required=True)
     prune_command = sub.add_parser("prune", help="Prune Snakemake's run logs; rotate the runner's log.")
     prune_command.add_argument("--failed-log", type=Path, help="this run's Snakemake log, of a failed run")

@@ -97,8 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--by", required=True, help="who signs (name as it appears on the report)")
     parser.add_argument("--comment", default="", help="the reviewer's comment (needed for a non-PASS, see config)")
     parser.add_argument("--reject", action="store_true", help="reject the result instead of accepting it")
-    parser.add_argument("--configfile", default=None, help="the site's config (default: config/config.yaml)")
-    parser.add_argument("--workdir", type=Path, default=Path.cwd(), help="where the workflow runs (default: here)")
+    settings.add_site_arguments(parser)
     args = parser.parse_args(argv)
     try:
         config = settings.load_site(args.configfile, args.workdir)

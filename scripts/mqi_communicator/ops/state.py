@@ -13,6 +13,7 @@ the number of finished cases (`targets`).
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mqi_communicator import settings
 from mqi_communicator.errors import KINDS, PERMANENT, SOFTWARE, TRANSIENT, WAITING
 from mqi_communicator.files import read_json_object as read_json  # the name the ops modules read state by
 from mqi_communicator.intake.case_inputs import is_ready, stat_fingerprint
@@ -217,3 +219,11 @@ def headline(reason: str, case_dir: Path | None = None) -> str:
     if case_dir is not None:
         chosen = chosen.replace(f"{case_dir}/", "").replace(f"{case_dir}: ", "")
     return chosen
+
+
+def open_site(args: argparse.Namespace) -> tuple[Path, dict[str, Any], Layout]:
+    """An operator command's work folder, site config and case layout, from its `--workdir`
+    and `--configfile` (settings.add_site_arguments)."""
+    workdir = args.workdir.resolve()
+    config = settings.load_site(args.configfile, workdir)
+    return workdir, config, Layout.from_config(config, workdir)

@@ -284,8 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m mqi_communicator.ops.status",
         description="Every case's state, read from the case folders (works during a run); `bin/mqi status`.",
     )
-    parser.add_argument("--configfile", default=None, help="the site's config (default: config/config.yaml)")
-    parser.add_argument("--workdir", type=Path, default=Path.cwd(), help="where the workflow runs (default: here)")
+    settings.add_site_arguments(parser)
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--failed", action="store_true", help="only failed, retrying and changed cases")
     parser.add_argument("--since", type=float, metavar="HOURS", help="only cases that changed state in the last HOURS")
@@ -295,10 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--watch", action="store_true", help="refresh live until Ctrl-C")
     parser.add_argument("--interval", type=float, default=2.0, help="--watch refresh period in seconds")
     args = parser.parse_args(argv)
-    workdir = args.workdir.resolve()
     try:
-        config = settings.load_site(args.configfile, workdir)
-        layout = state.Layout.from_config(config, workdir)
+        workdir, config, layout = state.open_site(args)
     except (OSError, ValueError) as exc:
         print(f"mqi status: {exc}", file=sys.stderr)
         return 2

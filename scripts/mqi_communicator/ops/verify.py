@@ -88,13 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("cases", nargs="*", help="case ids (default: --sweep)")
     parser.add_argument("--sweep", type=int, metavar="N", help="check the next N cases in turn (the timer's runner)")
     parser.add_argument("--all", action="store_true", help="check every case")
-    parser.add_argument("--configfile", default=None, help="the site's config (default: config/config.yaml)")
-    parser.add_argument("--workdir", type=Path, default=Path.cwd(), help="where the workflow runs (default: here)")
+    settings.add_site_arguments(parser)
     args = parser.parse_args(argv)
-    workdir = args.workdir.resolve()
     try:
-        config = settings.load_site(args.configfile, workdir)
-        layout = state.Layout.from_config(config, workdir)
+        workdir, config, layout = state.open_site(args)
         if args.cases or args.all:
             names = args.cases or [e.name for e in state.case_dirs(layout.scan_dir)]
             found = {case: changed for case in names if (changed := verify_case(layout, case, config["alerts"]))}
