@@ -13,5 +13,5 @@ echo "== snakemake --lint"; python tests/infra/workflow_lint.py  # the conda lin
 # In parallel, one line per finished test; the tests that share the SLURM/sshd test servers or an
 # expensive module fixture run in order on one worker (tests/conftest.py). Extra arguments go to
 # pytest (e.g. ./test.sh tests/test_cli.py, or -n 0 for one process).
-echo "== pytest (about 17 min on 2 cores)"
+echo "== pytest (about 15 min on 2 cores)"
 pytest -n auto --dist loadgroup -v --durations=10 "$@"
