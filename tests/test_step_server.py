@@ -207,3 +207,33 @@ def test_a_server_that_died_leaves_the_steps_to_python(tmp_path: Path, server: s
     done = step("exit", "4", cwd=tmp_path, env={step_server.TIMES_VARIABLE: str(times)})
     assert done.returncode == 4
     assert not served(times)
+
+
+def test_folders_of_killed_servers_are_removed_and_live_ones_kept(tmp_path: Path) -> None:
+    """A run killed outright leaves its server's folder; the next server removes it, never one
+    whose socket a process still holds, nor one just made (a server still starting)."""
+    import socket
+
+    def server_folder(name: str, age_s: float) -> tuple[Path, socket.socket]:
+        folder = tmp_path / f"{step_server.FOLDER_PREFIX}{name}"
+        folder.mkdir()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(folder / "socket"))
+        listener.listen(1)
+        old = time.time() - age_s
+        os.utime(folder, (old, old))
+        return folder, listener
+
+    killed, dead = server_folder("killed", 3600)
+    dead.close()  # the socket file stays, bound by nobody: what SIGKILL leaves
+    live, listening = server_folder("live", 3600)
+    starting, young = server_folder("starting", 1)
+    young.close()
+    other = tmp_path / "unrelated"
+    other.mkdir()
+    try:
+        assert step_server.remove_stale_folders(str(tmp_path)) == 1
+        assert not killed.exists()
+        assert live.is_dir() and starting.is_dir() and other.is_dir()
+    finally:
+        listening.close()

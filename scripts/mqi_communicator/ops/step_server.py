@@ -106,9 +106,43 @@ class Started:
         self.process.wait()
 
 
+FOLDER_PREFIX = "mqi-steps-"
+# A folder this young may belong to a server that is starting (made, socket not bound yet).
+STALE_AFTER_S = 60.0
+
+
+def remove_stale_folders(parent: str | None = None) -> int:
+    """Remove this user's server folders that a run killed outright (SIGKILL, power cut) left
+    behind: their socket is bound by no process any more (/proc/net/unix). Returns how many."""
+    try:
+        with open("/proc/net/unix") as table:
+            bound = {
+                fields[-1] for fields in (line.split() for line in table.read().splitlines()[1:]) if len(fields) > 7
+            }
+    except OSError:
+        return 0  # not Linux, or /proc hidden: leave everything
+    removed = 0
+    with contextlib.suppress(OSError), os.scandir(parent or tempfile.gettempdir()) as entries:
+        for entry in entries:
+            if not entry.name.startswith(FOLDER_PREFIX):
+                continue
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            young = time.time() - info.st_mtime < STALE_AFTER_S
+            if info.st_uid != os.getuid() or young or os.path.join(entry.path, "socket") in bound:
+                continue
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed += 1
+    return removed
+
+
 def start() -> Started:
-    """Start a server for this process and set MQI_STEP_SERVER for the jobs it starts."""
-    folder = tempfile.mkdtemp(prefix="mqi-steps-")  # mode 0700
+    """Start a server for this process and set MQI_STEP_SERVER for the jobs it starts (after
+    removing what servers of killed runs left in the temporary folder)."""
+    remove_stale_folders()
+    folder = tempfile.mkdtemp(prefix=FOLDER_PREFIX)  # mode 0700
     path = os.path.join(folder, "socket")
     lifeline_read, lifeline_write = os.pipe()  # neither end is inherited by the jobs
     # Listening before the server has started: a step that comes early waits in the backlog.
