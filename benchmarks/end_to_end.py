@@ -40,30 +40,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
+from history import RUSAGE_WRAPPER  # noqa: E402
 from p2_interpret import clinical_case  # noqa: E402
 from results_log import append_result  # noqa: E402
 
 from tests.workflow import write_calibration_record  # noqa: E402
 
 TARGET_IDLE_S, TARGET_BUSY_S = 4.0, 6.0
-# Runs Snakemake in this child process and reports the controller's and its jobs' CPU apart.
-RUSAGE_WRAPPER = """
-import json, os, resource, sys, time
-started = time.time()
-from snakemake.cli import main
-try:
-    main(sys.argv[2:])
-except SystemExit as exc:
-    code = exc.code
-else:
-    code = 0
-me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-with open(sys.argv[1], "w") as f:
-    json.dump({"started": started, "controller": me.ru_utime + me.ru_stime,
-               "jobs": kids.ru_utime + kids.ru_stime, "rc": code,
-               "env": {k: v for k, v in os.environ.items() if k.startswith("MQI_")}}, f)
-sys.exit(code or 0)
-"""
 
 
 def run_once(template: Path, root: Path, server: bool) -> dict:

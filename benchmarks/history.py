@@ -32,9 +32,11 @@ from results_log import recorded  # benchmarks/, beside this file
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "scripts")]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
-# Runs Snakemake in this process's child and reports the controller's and its jobs' CPU apart.
+# Runs Snakemake in this process's child and reports the controller's and its jobs' CPU apart,
+# when it started, and the MQI_ environment its jobs got (benchmarks/end_to_end.py uses it too).
 RUSAGE_WRAPPER = """
-import json, resource, sys
+import json, os, resource, sys, time
+started = time.time()
 from snakemake.cli import main
 try:
     main(sys.argv[2:])
@@ -44,7 +46,9 @@ else:
     code = 0
 me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
 with open(sys.argv[1], "w") as f:
-    json.dump({"controller": me.ru_utime + me.ru_stime, "jobs": kids.ru_utime + kids.ru_stime, "rc": code}, f)
+    json.dump({"started": started, "controller": me.ru_utime + me.ru_stime,
+               "jobs": kids.ru_utime + kids.ru_stime, "rc": code,
+               "env": {k: v for k, v in os.environ.items() if k.startswith("MQI_")}}, f)
 sys.exit(code or 0)
 """
 

@@ -20,21 +20,9 @@ from mqi_communicator.intake.case_inputs import stat_fingerprint
 from mqi_communicator.ops import recorder, state, status
 from mqi_communicator.ops.status import NEXT_RUN_TAKES_IT, THIS_RUN_TAKES_IT
 from tests import casegen
-from tests.workflow import REPO, SNAKEMAKE, write_config
+from tests.workflow import REPO, SNAKEMAKE, status_json, write_config
 
 CASES = ("case_a", "case_b", "case_c", "case_d")
-
-
-def status_json(work: Path) -> dict:
-    run = subprocess.run(
-        [sys.executable, "-m", "mqi_communicator.ops.status", "--configfile", "test-config.yaml", "--json", "--all"],
-        cwd=work,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    )
-    return json.loads(run.stdout)
 
 
 def watch(work: Path, run: subprocess.Popen[str], seen: list[dict]) -> None:

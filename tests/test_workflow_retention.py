@@ -19,7 +19,7 @@ import pydicom
 
 from mqi_communicator.ops import retention
 from tests import casegen
-from tests.workflow import REPO, full_log, snakemake, tree_digest, write_config
+from tests.workflow import REPO, full_log, snakemake, status_json, tree_digest, write_config
 
 MQI = str(REPO / "bin" / "mqi")
 REGENERABLE = re.compile(r"^(intermediate/moqui_csv/|intermediate/moqui/|raw/[^/]+_Dose\.raw$|raw/[^/]+\.moqui/)")
@@ -45,17 +45,6 @@ def age_queue(work: Path, days: float) -> None:
 
 def mqi(work: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([MQI, *args, "--configfile", "test-config.yaml"], cwd=work, capture_output=True, text=True)
-
-
-def status(work: Path) -> dict:
-    run = subprocess.run(
-        [sys.executable, "-m", "mqi_communicator.ops.status", "--configfile", "test-config.yaml", "--json", "--all"],
-        cwd=work,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return json.loads(run.stdout)
 
 
 def dose_grid(path: Path) -> tuple[bytes, str]:
@@ -155,7 +144,7 @@ def test_retention_zero_prunes_at_once_and_archive_moves_a_case_that_status_and_
     named = {urlsafe_b64decode(p.name).decode(): p.name for p in metadata.iterdir()}
     old_metadata = {name for path, name in named.items() if f"/{old}/" in path}
     assert old_metadata
-    verdicts = {c["case_id"]: c["verdict"] for c in status(work)["cases"]}
+    verdicts = {c["case_id"]: c["verdict"] for c in status_json(work)["cases"]}
 
     dest = tmp_path / "archive"
     archived = mqi(work, "archive", "--older-than", "30", str(dest))
@@ -175,7 +164,7 @@ def test_retention_zero_prunes_at_once_and_archive_moves_a_case_that_status_and_
 
     # Status counts it, with its verdict; the trend ledger keeps its points, and the trend drawn
     # from the ledger (as rule qa_trend does) still has them.
-    report = status(work)
+    report = status_json(work)
     assert report["total"] == 2
     entry = next(c for c in report["cases"] if c["case_id"] == old)
     assert entry["state"] == "archived" and entry["verdict"] == verdicts[old] and entry["log"] == str(dest / old)

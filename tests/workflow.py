@@ -64,6 +64,19 @@ def full_log(run: subprocess.CompletedProcess[str]) -> str:
     return Path(named[0]).read_text()
 
 
+def status_json(work: Path) -> dict:
+    """`bin/mqi status --json --all` of a test work folder (its test-config.yaml), parsed."""
+    run = subprocess.run(
+        [sys.executable, "-m", "mqi_communicator.ops.status", "--configfile", "test-config.yaml", "--json", "--all"],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    return json.loads(run.stdout)
+
+
 def tree_digest(root: Path) -> dict[str, str]:
     """Content hash and mtime of every file, to prove a tree was not modified."""
     return {
