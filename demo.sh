@@ -18,5 +18,6 @@ Done. Per case, under data/cases/<case_id>/:
   intermediate/case_summary.json           what was computed, per beam, and the QA verdict
   intermediate/qa/qa_sheet.html, qa.json   the QA sheet (README: "Reading the QA sheet")
 Report: report.html (dose maps, profiles, beam tables, QA sheets, QA trend). Logs: logs/<case_id>/
-The built-in engine is an analytical pencil-beam approximation, not Monte Carlo; its doses are RELATIVE.
+The built-in engine is an analytical pencil-beam approximation, not Monte Carlo; its doses are in Gy
+through the shipped calibration of the built-in engine (config/calibration.yaml; docs/qa.md).
 MSG
